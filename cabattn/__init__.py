@@ -1,0 +1,4 @@
+"""cabattn: block-sparse attention and KV-cache eviction methods, measured by perplexity."""
+from . import ops, reference
+from .grid import BlockGrid, auto_block_size, realised_density, token_budget
+from .stats import ProtocolStats

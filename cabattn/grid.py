@@ -1,0 +1,72 @@
+"""Token budgets and the block grid of one window (METHODS.md section 0)."""
+import math
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZES = (16, 32, 64, 128)
+CAUSAL_SELECTIONS = ("strict", "block")
+
+
+def auto_block_size(length: int) -> int:
+    """The power of two nearest length / 64, clamped to 16..128 (about 64 blocks a window)."""
+    target = max(length / 64, 1.0)
+    nearest = 2 ** round(math.log2(target))
+    return int(min(max(nearest, BLOCK_SIZES[0]), BLOCK_SIZES[-1]))
+
+
+def token_budget(length: int, sparsity: float, k_min: int = 64) -> int:
+    """K = max(k_min, floor((1 - s) * L)), never more than L."""
+    return min(length, max(k_min, math.floor((1.0 - sparsity) * length)))
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """The blocks of one window and each query-block row's budget."""
+    length: int
+    block_size: int
+    budget: int  # K, in tokens
+    causal_selection: str = "strict"
+
+    @property
+    def num_blocks(self) -> int:
+        return (self.length + self.block_size - 1) // self.block_size
+
+    @property
+    def shift(self) -> int:
+        """How many rows back a row's selection rule looks: 1 for strict, 0 for block."""
+        return 1 if self.causal_selection == "strict" else 0
+
+    def row_budget(self, device=None) -> torch.Tensor:
+        """k_b = min(I + 1, ceil(K / B)) blocks for each query-block row I, int32 [M]."""
+        rows = torch.arange(self.num_blocks, device=device, dtype=torch.int32)
+        return torch.clamp(rows + 1, max=math.ceil(self.budget / self.block_size))
+
+    def rule_budget(self, device=None) -> torch.Tensor:
+        """Blocks the method's rule picks for row I from candidates 0..I-shift, the source
+        row's own diagonal included; 0 where the source row does not exist (int32 [M])."""
+        return torch.clamp(self.row_budget(device) - self.shift, min=0)
+
+    def max_count(self) -> int:
+        return int(self.row_budget().max())
+
+    def block_lengths(self, device=None) -> torch.Tensor:
+        """Tokens in each block (the last one may be partial), int64 [M]."""
+        starts = torch.arange(self.num_blocks, device=device) * self.block_size
+        return torch.clamp(self.length - starts, max=self.block_size)
+
+
+def realised_density(block_count: torch.Tensor, block_index: torch.Tensor,
+                     grid: BlockGrid) -> float:
+    """Kept (query, key) pairs / causal pairs of a layout, over every batch row and head."""
+    sizes = grid.block_lengths(block_count.device).double()
+    slots = torch.arange(block_index.shape[-1], device=block_count.device)
+    valid = slots < block_count[..., None].long()
+    idx = block_index.long().clamp(min=0)
+    rows = torch.arange(grid.num_blocks, device=block_count.device)[:, None]
+    off_diag = valid & (idx < rows)
+    on_diag = valid & (idx == rows)
+    key_tokens = (sizes[idx] * off_diag).sum(-1)
+    kept = (sizes * key_tokens).sum() + (on_diag.any(-1) * sizes * (sizes + 1) / 2).sum()
+    causal = grid.length * (grid.length + 1) / 2 * block_count.shape[0] * block_count.shape[1]
+    return float(kept / causal)

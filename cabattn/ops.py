@@ -1,0 +1,102 @@
+"""The Python face of the compiled operators: the only module that calls torch.ops.cabattn.
+
+Each function documents its contract; cabattn.reference holds the plain-PyTorch definition the
+kernels are tested against. The C++ side validates devices, dtypes, shapes and contiguity and
+raises errors that name the bad argument. The fake implementations let torch.compile trace
+through the operators without running them.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the operators)
+from .reference import (ADDITIVE, GLOBAL_MINMAX, MAX_L2, MEAN, MULTIPLICATIVE, ROW_MINMAX,
+                        num_blocks)
+
+__all__ = ["coarsen", "block_scores", "frc_scores", "select_blocks", "block_sparse_attention",
+           "attention_with_scores", "kv_compact_", "MAX_L2", "MEAN", "ADDITIVE",
+           "MULTIPLICATIVE", "ROW_MINMAX", "GLOBAL_MINMAX"]
+
+_ops = torch.ops.cabattn
+
+
+def coarsen(x: torch.Tensor, block_size: int, mode: int = MAX_L2) -> torch.Tensor:
+    """Block representatives [B, H, M, d] of x [B, H, L, d] (max-L2 token or mean)."""
+    return _ops.coarsen(x, block_size, mode)
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float):
+    """(Sblk, Gblk) [B, Hq, M, M] float32: block sum and max of the causal softmax, one QK pass."""
+    return _ops.block_scores(q, k, block_size, scale)
+
+
+def frc_scores(qc: torch.Tensor, kc: torch.Tensor, scale: float, lam: float,
+               formula: int = ADDITIVE, normalization: int = ROW_MINMAX) -> torch.Tensor:
+    """Block curvature F [B, Hq, M, M] float32 from coarse queries and keys (METHODS.md 2.3)."""
+    return _ops.frc_scores(qc, kc, scale, lam, formula, normalization)
+
+
+def select_blocks(score1, score2, n_recent, n_sink, n_score1, n_score2, shift: int,
+                  max_count: int):
+    """(block_count [B, H, M], block_index [B, H, M, max_count]) int32; see reference."""
+    return _ops.select_blocks(score1, score2, n_recent, n_sink, n_score1, n_score2, shift,
+                              max_count)
+
+
+def block_sparse_attention(q, k, v, block_count, block_index, block_size: int, scale: float):
+    """(out [B, Hq, L, d], lse [B, Hq, L] float32) attending only to the layout's key blocks."""
+    return _ops.block_sparse_attention(q, k, v, block_count, block_index, block_size, scale)
+
+
+def attention_with_scores(q, k, v, scale: float):
+    """(out, lse, mass [B, Hkv, Lk] float32) for a chunk of queries against cache + chunk."""
+    return _ops.attention_with_scores(q, k, v, scale)
+
+
+def kv_compact_(x: torch.Tensor, keep: torch.Tensor) -> None:
+    """In place x[b, h, :K] = x[b, h, keep[b, h]] for sorted unique int64 keep [B, H, K]."""
+    _ops.kv_compact_(x, keep)
+
+
+@torch.library.register_fake("cabattn::coarsen")
+def _(x, block_size, mode):
+    b, h, length, d = x.shape
+    return x.new_empty(b, h, num_blocks(length, block_size), d)
+
+
+@torch.library.register_fake("cabattn::block_scores")
+def _(q, k, block_size, scale):
+    b, h, length, _ = q.shape
+    m = num_blocks(length, block_size)
+    shape = (b, h, m, m)
+    return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("cabattn::frc_scores")
+def _(qc, kc, scale, lam, formula, normalization):
+    b, h, m, _ = qc.shape
+    return qc.new_empty(b, h, m, m, dtype=torch.float32)
+
+
+@torch.library.register_fake("cabattn::select_blocks")
+def _(score1, score2, n_recent, n_sink, n_score1, n_score2, shift, max_count):
+    ref = score1 if score1 is not None else score2
+    b, h, m = ref.shape[0], ref.shape[1], n_recent.shape[0]
+    return (n_recent.new_empty(b, h, m, dtype=torch.int32),
+            n_recent.new_empty(b, h, m, max_count, dtype=torch.int32))
+
+
+@torch.library.register_fake("cabattn::block_sparse_attention")
+def _(q, k, v, block_count, block_index, block_size, scale):
+    b, h, length, _ = q.shape
+    return torch.empty_like(q), q.new_empty(b, h, length, dtype=torch.float32)
+
+
+@torch.library.register_fake("cabattn::attention_with_scores")
+def _(q, k, v, scale):
+    b, h, lq, _ = q.shape
+    return (torch.empty_like(q), q.new_empty(b, h, lq, dtype=torch.float32),
+            k.new_empty(b, k.shape[1], k.shape[2], dtype=torch.float32))
+
+
+@torch.library.register_fake("cabattn::kv_compact_")
+def _(x, keep):
+    return None

@@ -1,0 +1,81 @@
+// Input checks and small helpers shared by the CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu)
+// kernels. Every check names the operator, the argument and the valid values, so a caller
+// sees what is wrong without reading the kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace cabattn {
+
+inline int64_t num_blocks(int64_t length, int64_t block_size) {
+  return (length + block_size - 1) / block_size;
+}
+
+inline void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank,
+                       const char* layout) {
+  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must be ", rank, "-D ", layout, ", got shape ",
+              t.sizes());
+}
+
+inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
+              " must be contiguous (call .contiguous() first); got strides ", t.strides());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device(), "; move them to one device");
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
+                        at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", want, ", got ",
+              t.scalar_type());
+}
+
+// Attention inputs: float32, float16 or bfloat16 (float64 too on the CPU, for references).
+inline void check_attention_dtype(const char* op, const char* name, const at::Tensor& t) {
+  auto s = t.scalar_type();
+  bool ok = s == at::kFloat || s == at::kHalf || s == at::kBFloat16 ||
+            (s == at::kDouble && t.device().is_cpu());
+  TORCH_CHECK(ok, op, ": ", name, " has dtype ", s,
+              "; supported: float32, float16, bfloat16 (and float64 on the CPU)");
+}
+
+// q [B, Hq, Lq, d] and k, v [B, Hkv, Lk, d]: same dtype and device, contiguous, Hq a multiple
+// of Hkv (grouped-query attention), matching batch and head dim.
+inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v) {
+  check_rank(op, "q", q, 4, "[batch, q_heads, length, head_dim]");
+  check_rank(op, "k", k, 4, "[batch, kv_heads, length, head_dim]");
+  check_rank(op, "v", v, 4, "[batch, kv_heads, length, head_dim]");
+  check_attention_dtype(op, "q", q);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
+  check_same_device(op, "k", k, q, "q");
+  check_same_device(op, "v", v, q, "q");
+  check_contiguous(op, "q", q);
+  check_contiguous(op, "k", k);
+  check_contiguous(op, "v", v);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0), op, ": batch of q (", q.size(0), ") and k (", k.size(0),
+              ") differ");
+  TORCH_CHECK(q.size(3) == k.size(3), op, ": head_dim of q (", q.size(3), ") and k (", k.size(3),
+              ") differ");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q_heads (", q.size(1),
+              ") must be a multiple of kv_heads (", k.size(1), ")");
+}
+
+inline void check_block_size(const char* op, int64_t block_size) {
+  TORCH_CHECK(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128, op,
+              ": block_size ", block_size, " is not supported; valid: 16, 32, 64, 128");
+}
+
+}  // namespace cabattn
