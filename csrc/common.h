@@ -47,30 +47,36 @@ inline void check_attention_dtype(const char* op, const char* name, const at::Te
               "; supported: float32, float16, bfloat16 (and float64 on the CPU)");
 }
 
-// q [B, Hq, Lq, d] and k, v [B, Hkv, Lk, d]: same dtype and device, contiguous, Hq a multiple
-// of Hkv (grouped-query attention), matching batch and head dim.
-inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
-                      const at::Tensor& v) {
+// q [B, Hq, Lq, d] and k [B, Hkv, Lk, d]: same dtype and device, contiguous, Hq a multiple of
+// Hkv (grouped-query attention), matching batch and head dim.
+inline void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k) {
   check_rank(op, "q", q, 4, "[batch, q_heads, length, head_dim]");
   check_rank(op, "k", k, 4, "[batch, kv_heads, length, head_dim]");
-  check_rank(op, "v", v, 4, "[batch, kv_heads, length, head_dim]");
   check_attention_dtype(op, "q", q);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-              ", ", v.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": q and k must share one dtype, got ",
+              q.scalar_type(), " and ", k.scalar_type());
   check_same_device(op, "k", k, q, "q");
-  check_same_device(op, "v", v, q, "q");
   check_contiguous(op, "q", q);
   check_contiguous(op, "k", k);
-  check_contiguous(op, "v", v);
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(),
-              " and ", v.sizes());
   TORCH_CHECK(q.size(0) == k.size(0), op, ": batch of q (", q.size(0), ") and k (", k.size(0),
               ") differ");
   TORCH_CHECK(q.size(3) == k.size(3), op, ": head_dim of q (", q.size(3), ") and k (", k.size(3),
               ") differ");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q_heads (", q.size(1),
               ") must be a multiple of kv_heads (", k.size(1), ")");
+}
+
+// check_qk, plus v [B, Hkv, Lk, d] of k's shape, dtype and device, contiguous.
+inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v) {
+  check_qk(op, q, k);
+  check_rank(op, "v", v, 4, "[batch, kv_heads, length, head_dim]");
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), op, ": v must have q's dtype ",
+              q.scalar_type(), ", got ", v.scalar_type());
+  check_same_device(op, "v", v, q, "q");
+  check_contiguous(op, "v", v);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(),
+              " and ", v.sizes());
 }
 
 inline void check_block_size(const char* op, int64_t block_size) {
