@@ -45,12 +45,12 @@ def wheel_cuda_includes() -> list:
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]  # torch >= 2.10 headers require C++20
     if not cuda_wanted():
         return CppExtension("cabattn._C", sources, extra_compile_args={"cxx": cxx},
                             include_dirs=[os.path.join(HERE, "csrc")], py_limited_api=False)
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
     print(f"cabattn: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST="
