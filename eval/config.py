@@ -1,0 +1,350 @@
+"""Experiment configuration: the dataclasses, YAML loading and validation (METHODS.md section 6).
+
+The field names follow the original benchmark (ExperimentConfig, ModelConfig,
+ContextLengthSweepConfig, SparsitySweepConfig, create_quick_test) so its YAML files and Python
+calls keep working. `validate()` checks every value that can be checked without loading a model
+(names, ranges, files, hub access, context lengths against the model's positions), and reports
+all problems at once.
+"""
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+
+from .hub import hub_reachable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+QUICK_TEST_YAML = CONFIG_DIR / "quick_test.yaml"
+ICML_FULL_YAML = CONFIG_DIR / "icml_full.yaml"
+DEFAULT_OUTPUT_DIR = "results/perplexity"
+
+PROTOCOLS = ("mask", "kv")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+# Parameters of the protocols themselves; every other key of `method_params` belongs to a method.
+PROTOCOL_PARAMS = ("block_size", "causal_selection", "k_min", "kv_chunk")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # eval.models.DEFAULT_MODEL, a name, hub id or local folder
+    torch_dtype: str = "auto"  # float16 on CUDA, float32 on the CPU
+    device: str = "auto"  # cuda when present
+    max_length: Optional[int] = None  # optional cap on the context lengths of this experiment
+    trust_remote_code: bool = False  # hub code never runs unless asked
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ContextLengthSweepConfig:
+    """PPL vs context length at one sparsity (Figure 4)."""
+    enabled: bool = True
+    context_lengths: list = field(default_factory=lambda: [512, 1024, 2048, 4096])
+    fixed_sparsity: float = 0.9
+
+
+@dataclass
+class SparsitySweepConfig:
+    """PPL vs sparsity at one context length (Figure 8, Table 3)."""
+    enabled: bool = True
+    sparsity_levels: list = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    fixed_context_length: int = 4096
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "perplexity_benchmark"
+    description: str = "Language model perplexity under sparse attention / KV eviction"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    datasets: list = field(default_factory=lambda: ["wikitext-103"])
+    methods: list = field(default_factory=lambda: ["dense", "h2o", "cab_v4"])
+    # {method: {param: value}} (METHODS.md section 3); the protocol parameters below apply to all.
+    method_params: dict = field(default_factory=dict)
+    context_length_sweep: ContextLengthSweepConfig = field(
+        default_factory=ContextLengthSweepConfig)
+    sparsity_sweep: SparsitySweepConfig = field(default_factory=SparsitySweepConfig)
+    protocol: str = "mask"
+    block_size: Union[str, int] = "auto"
+    causal_selection: str = "strict"
+    kv_chunk: int = 1
+    max_windows: Optional[int] = None  # windows per cell, evenly spaced over the corpus
+    data_file: Optional[str] = None  # a local .txt/.jsonl/.parquet corpus
+    text_field: str = "text"
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    # Replacement values used when the Hugging Face hub cannot be reached (the quick test).
+    offline_fallback: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def cells_needed(self) -> list:
+        """Every (context length, sparsity) point of the two sweeps."""
+        points = []
+        if self.context_length_sweep.enabled:
+            s = self.context_length_sweep.fixed_sparsity
+            points += [(int(L), float(s)) for L in self.context_length_sweep.context_lengths]
+        if self.sparsity_sweep.enabled:
+            L = self.sparsity_sweep.fixed_context_length
+            points += [(int(L), float(s)) for s in self.sparsity_sweep.sparsity_levels]
+        return points
+
+    def context_lengths(self) -> list:
+        return sorted({L for L, _ in self.cells_needed()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from mappings (YAML) with clear errors for unknown keys and wrong types.
+
+def _build(cls, data, where: str):
+    if data is None:
+        return cls()
+    if is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(known)}")
+    nested = {"model": ModelConfig, "context_length_sweep": ContextLengthSweepConfig,
+              "sparsity_sweep": SparsitySweepConfig}
+    values = {}
+    for key, value in data.items():
+        if key in nested and cls is ExperimentConfig:
+            value = _build(nested[key], value, f"{where}.{key}")
+        values[key] = value
+    return cls(**values)
+
+
+def experiment_from_dict(data: dict, where: str = "config") -> ExperimentConfig:
+    return _build(ExperimentConfig, data, where)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Nested dict update: mappings merge key by key, everything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path) -> list:
+    """The experiments of a YAML (or JSON) file: one experiment mapping, or
+    `experiments: [...]` (the original BenchmarkConfig layout) whose entries may share
+    `defaults:`. Raises ConfigError naming the file for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got "
+                          f"{type(data).__name__}")
+    if "experiments" in data:
+        defaults = data.get("defaults") or {}
+        extra = sorted(set(data) - {"experiments", "defaults"})
+        if extra:
+            raise ConfigError(f"{path}: unknown top-level key(s) {extra} next to 'experiments'; "
+                              "valid: experiments, defaults")
+        return [experiment_from_dict(_merge(defaults, exp), f"{path}: experiments[{i}]")
+                for i, exp in enumerate(data["experiments"])]
+    return [experiment_from_dict(data, str(path))]
+
+
+def apply_offline_fallback(config: ExperimentConfig, hub_online: bool) -> tuple:
+    """(config to run, note saying which variant was chosen). The fallback block replaces the
+    hub model and corpora by the embedded offline ones when the hub is unreachable."""
+    if config.offline_fallback is None:
+        return config, None
+    if hub_online:
+        return config, "the Hugging Face hub is reachable: running the original configuration"
+    merged = _merge(config.to_dict(), config.offline_fallback)
+    merged["offline_fallback"] = None
+    fallback = experiment_from_dict(merged, f"{config.name}.offline_fallback")
+    note = ("the Hugging Face hub is unreachable: running the offline defaults "
+            f"(model {fallback.model.name}, datasets {', '.join(fallback.datasets)}) instead of "
+            f"the original (model {config.model.name}, datasets {', '.join(config.datasets)})")
+    return fallback, note
+
+
+def quick_test_config(hub_online: Optional[bool] = None) -> tuple:
+    """(configs/quick_test.yaml, on its offline defaults when the hub is unreachable; a note
+    saying which variant was chosen)."""
+    online = hub_reachable() if hub_online is None else hub_online
+    return apply_offline_fallback(load_config(QUICK_TEST_YAML)[0], online)
+
+
+def create_quick_test(hub_online: Optional[bool] = None) -> ExperimentConfig:
+    """The quick test (original API); the variant chosen is noted in `description`."""
+    config, note = quick_test_config(hub_online)
+    config.description = f"{config.description} ({note})"
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every check that needs no model weights.
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_context_lengths(config: ExperimentConfig, problems: list) -> None:
+    lengths = []
+    sweeps = [("context_length_sweep.context_lengths", config.context_length_sweep.context_lengths)]
+    sweeps.append(("sparsity_sweep.fixed_context_length",
+                   [config.sparsity_sweep.fixed_context_length]))
+    for where, values in sweeps:
+        if not isinstance(values, (list, tuple)) or not values:
+            problems.append(f"{where} must be a non-empty list of integers, got {values!r}")
+            continue
+        for L in values:
+            if not isinstance(L, int) or isinstance(L, bool) or L < 2:
+                problems.append(f"{where}: context length {L!r} must be an integer >= 2")
+            else:
+                lengths.append(L)
+    cap = config.model.max_length
+    if cap is not None:
+        for L in sorted(set(lengths)):
+            if L > cap:
+                problems.append(f"context length {L} exceeds model.max_length {cap}")
+
+
+def _check_sparsities(config: ExperimentConfig, problems: list) -> None:
+    values = [("context_length_sweep.fixed_sparsity", config.context_length_sweep.fixed_sparsity)]
+    levels = config.sparsity_sweep.sparsity_levels
+    if not isinstance(levels, (list, tuple)) or not levels:
+        problems.append(f"sparsity_sweep.sparsity_levels must be a non-empty list, got {levels!r}")
+        levels = []
+    values += [("sparsity_sweep.sparsity_levels", s) for s in levels]
+    for where, s in values:
+        if not _is_number(s) or not (0.0 <= s < 1.0) or math.isnan(s):
+            problems.append(f"{where}: sparsity {s!r} is outside [0, 1) (0 = dense, 0.9 = keep "
+                            "10% of the causal pairs)")
+
+
+def _check_choice(problems: list, where: str, value, choices) -> None:
+    if value not in choices:
+        problems.append(f"{where} {value!r} is not one of: {', '.join(map(str, choices))}")
+
+
+def _check_methods(config: ExperimentConfig, problems: list) -> None:
+    from cabattn import methods as registry
+    from cabattn.grid import BLOCK_SIZES, CAUSAL_SELECTIONS
+
+    names = registry.available()
+    if not config.methods:
+        problems.append("no methods given; valid: " + ", ".join(names))
+    for name in config.methods:
+        if name not in names:
+            problems.append(f"unknown method {name!r}; valid methods: {', '.join(names)}")
+    if not isinstance(config.method_params, dict):
+        problems.append(f"method_params must map a method to its parameters, got "
+                        f"{config.method_params!r}")
+        return
+    for name, params in config.method_params.items():
+        if name not in names:
+            problems.append(f"method_params: unknown method {name!r}; valid methods: "
+                            f"{', '.join(names)}")
+        elif not isinstance(params, dict):
+            problems.append(f"method_params.{name} must be a mapping, got {params!r}")
+    for name in config.methods:
+        if name in names and isinstance(config.method_params.get(name, {}), dict):
+            try:
+                registry.get_method(name, **config.method_params.get(name, {}))
+            except (ValueError, TypeError) as err:
+                problems.append(f"method {name!r}: {err}")
+    if config.block_size != "auto" and config.block_size not in BLOCK_SIZES:
+        problems.append(f"block_size {config.block_size!r} is not supported; valid: auto, "
+                        + ", ".join(map(str, BLOCK_SIZES)))
+    _check_choice(problems, "causal_selection", config.causal_selection, CAUSAL_SELECTIONS)
+
+
+def _check_datasets(config: ExperimentConfig, problems: list) -> None:
+    from eval import data
+
+    if not config.datasets:
+        problems.append("no datasets given; valid: " + ", ".join(data.available_datasets()))
+    for name in config.datasets:
+        try:
+            data.validate_dataset(name, data_file=config.data_file)
+        except (ValueError, FileNotFoundError, OSError) as err:
+            problems.append(str(err))
+
+
+def model_max_positions(model: ModelConfig) -> int:
+    """The longest context the model allows, read from its configuration alone (no weights)."""
+    from transformers import AutoConfig
+
+    from . import models
+
+    if model.name == models.DEFAULT_MODEL:
+        gguf = models.default_model_gguf()
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        local = Path(model.name).is_dir()
+        config = AutoConfig.from_pretrained(model.name, trust_remote_code=model.trust_remote_code,
+                                            local_files_only=local or not hub_reachable())
+    return models.max_positions(config)
+
+
+def _check_model(config: ExperimentConfig, problems: list) -> None:
+    """Context lengths against the model's positions."""
+    try:
+        positions = model_max_positions(config.model)
+    except (ValueError, OSError, RuntimeError) as err:
+        problems.append(f"model {config.model.name!r} cannot be used: {err}")
+        return
+    for L in config.context_lengths():
+        if L > positions:
+            problems.append(f"context length {L} exceeds what model {config.model.name!r} "
+                            f"allows ({positions} positions)")
+
+
+def validate(config: ExperimentConfig, check_model: bool = True) -> None:
+    """Raise ConfigError listing every problem; loads no weights."""
+    problems = []
+    if not isinstance(config.name, str) or not config.name or "/" in config.name:
+        problems.append(f"name {config.name!r} must be a non-empty file name without '/'")
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool):
+        problems.append(f"seed {config.seed!r} must be an integer")
+    _check_choice(problems, "protocol", config.protocol, PROTOCOLS)
+    _check_choice(problems, "model.torch_dtype", config.model.torch_dtype, DTYPES)
+    device = str(config.model.device)
+    if device not in DEVICES and not device.startswith("cuda:"):
+        problems.append(f"model.device {device!r} is not one of: {', '.join(DEVICES)}, cuda:N")
+    elif device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            problems.append(f"model.device {device!r} was asked for but no CUDA device is "
+                            "present; use --device cpu or auto")
+    if not isinstance(config.kv_chunk, int) or isinstance(config.kv_chunk, bool) \
+            or config.kv_chunk < 1:
+        problems.append(f"kv_chunk {config.kv_chunk!r} must be an integer >= 1")
+    if config.max_windows is not None and (not isinstance(config.max_windows, int)
+                                           or config.max_windows < 1):
+        problems.append(f"max_windows {config.max_windows!r} must be an integer >= 1 or null")
+    if config.data_file is not None and not Path(config.data_file).is_file():
+        problems.append(f"data file {config.data_file!r} does not exist")
+    if not (config.context_length_sweep.enabled or config.sparsity_sweep.enabled):
+        problems.append("both sweeps are disabled: nothing to run")
+    _check_context_lengths(config, problems)
+    _check_sparsities(config, problems)
+    _check_methods(config, problems)
+    _check_datasets(config, problems)
+    if check_model and not problems:
+        _check_model(config, problems)
+    if problems:
+        raise ConfigError(f"invalid configuration {config.name!r}:\n  - " + "\n  - ".join(problems))

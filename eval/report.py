@@ -1,0 +1,300 @@
+"""python -m eval.report RESULTS.json: Figure 4, Figure 8 and Table 3 of a results file.
+
+- Figure 4: perplexity vs context length at the fixed sparsity, one panel per dataset.
+- Figure 8: perplexity vs realised density (kept / causal query-key pairs) from the sparsity
+  sweep: the accuracy-compute frontier, one panel per dataset.
+- Table 3: method x sparsity at the fixed context length, PPL and its change vs dense, as
+  markdown and LaTeX.
+Figures are PNG and PDF, written next to the results file as <stem>_figure4.png and so on.
+"""
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .results import CorruptFileError, read_json
+
+DENSITY_TICKS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class Point:
+    dataset: str
+    method: str
+    sweep: str
+    context_length: int
+    sparsity: float
+    result: dict
+
+    @property
+    def perplexity(self):
+        return self.result.get("perplexity")
+
+
+def load_results(path) -> dict:
+    results = read_json(path)
+    if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+        raise CorruptFileError(f"{path} is not a results file: it has no 'results' mapping")
+    return results
+
+
+def points(results: dict) -> list:
+    """Every cell of a results dict, with its context length and sparsity made explicit
+    (files written by eval.run carry them in R; hand-made ones may only have the sweep keys)."""
+    config = results.get("config", {})
+    fixed_s = config.get("context_length_sweep", {}).get("fixed_sparsity")
+    fixed_L = config.get("sparsity_sweep", {}).get("fixed_context_length")
+    out = []
+    for dataset, methods in results["results"].items():
+        for method, sweeps in methods.items():
+            for sweep, cells in sweeps.items():
+                for key, r in cells.items():
+                    r = r or {"perplexity": None, "error": "missing result"}
+                    if sweep == "context_length_sweep":
+                        L, s = int(key), r.get("sparsity", fixed_s)
+                    else:
+                        L, s = r.get("context_length", fixed_L), float(key)
+                    s = 0.0 if method == "dense" else s
+                    out.append(Point(dataset, method, sweep, L, s, r))
+    return out
+
+
+def dense_perplexity(all_points: list, dataset: str, context_length: int):
+    """The dense PPL of (dataset, L): recorded with the cell, else any dense cell there."""
+    for p in all_points:
+        if (p.dataset == dataset and p.context_length == context_length
+                and (p.method == "dense" or p.sparsity == 0.0) and p.perplexity is not None):
+            return p.perplexity
+    return None
+
+
+def delta_vs_dense(all_points: list, p: Point):
+    dense = p.result.get("dense_perplexity") or dense_perplexity(all_points, p.dataset,
+                                                                 p.context_length)
+    if p.perplexity is None or not dense:
+        return None
+    return p.perplexity / dense - 1
+
+
+def _datasets(all_points):
+    return list(dict.fromkeys(p.dataset for p in all_points))
+
+
+def _methods(all_points):
+    return list(dict.fromkeys(p.method for p in all_points))
+
+
+def _style(methods):
+    import matplotlib.pyplot as plt
+    colors = plt.get_cmap("tab10").colors
+    markers = "osD^v<>pX*"
+    return {m: dict(color="black" if m == "dense" else colors[i % len(colors)],
+                    marker="*" if m == "dense" else markers[i % len(markers)],
+                    linestyle="--" if m == "dense" else "-")
+            for i, m in enumerate(methods)}
+
+
+def _log_if_wide(ax, values, axis="y"):
+    """Log scale when the values span more than a factor of 3 (a blown-up method would
+    otherwise flatten every other curve)."""
+    values = [v for v in values if v]
+    if values and max(values) / min(values) > 3:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+
+
+def _panels(n):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 0.6, 4.2), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, stem: Path, suffix: str) -> list:
+    paths = []
+    for ext in ("png", "pdf"):
+        path = stem.with_name(f"{stem.name}_{suffix}.{ext}")
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def figure4(results: dict, stem: Path) -> list:
+    """PPL vs context length at the fixed sparsity, one panel per dataset."""
+    import matplotlib.pyplot as plt
+    pts = [p for p in points(results) if p.sweep == "context_length_sweep"]
+    if not pts:
+        return []
+    datasets, methods = _datasets(pts), _methods(pts)
+    style = _style(methods)
+    fig, axes = _panels(len(datasets))
+    for ax, dataset in zip(axes, datasets):
+        plotted = []
+        for method in methods:
+            cells = sorted((p.context_length, p.perplexity) for p in pts
+                           if p.dataset == dataset and p.method == method
+                           and p.perplexity is not None)
+            if cells:
+                xs, ys = zip(*cells)
+                ax.plot(xs, ys, label=method, **style[method])
+                plotted += ys
+        lengths = sorted({p.context_length for p in pts if p.dataset == dataset})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.minorticks_off()
+        _log_if_wide(ax, plotted)
+        ax.set_title(dataset)
+        ax.set_xlabel("context length L (tokens)")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.grid(True, alpha=0.3)
+    sparsity = results.get("config", {}).get("context_length_sweep", {}).get("fixed_sparsity")
+    fig.suptitle(f"Figure 4: perplexity vs context length (sparsity s = {sparsity}; "
+                 "dense ignores s)")
+    _legend(fig, axes)
+    paths = _save(fig, stem, "figure4")
+    plt.close(fig)
+    return paths
+
+
+def _legend(fig, axes):
+    handles, labels = {}, {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    labels = list(handles)
+    fig.legend([handles[k] for k in labels], labels, loc="center left",
+               bbox_to_anchor=(1.0, 0.5), frameon=False, title="method")
+
+
+def figure8(results: dict, stem: Path) -> list:
+    """PPL vs realised density over the sparsity sweep: the accuracy-compute frontier."""
+    import matplotlib.pyplot as plt
+    pts = [p for p in points(results) if p.sweep == "sparsity_sweep"
+           and p.perplexity is not None and p.result.get("density") is not None]
+    if not pts:
+        return []
+    datasets, methods = _datasets(pts), _methods(pts)
+    style = _style(methods)
+    fig, axes = _panels(len(datasets))
+    for ax, dataset in zip(axes, datasets):
+        plotted = []
+        for method in methods:
+            cells = sorted((p.result["density"], p.perplexity, p.sparsity) for p in pts
+                           if p.dataset == dataset and p.method == method)
+            if not cells:
+                continue
+            xs, ys, ss = zip(*cells)
+            ax.plot(xs, ys, label=method, **style[method])
+            plotted += ys
+            if method != "dense":
+                for x, y, s in zip(xs, ys, ss):
+                    if s > 0:
+                        ax.annotate(f"s={s:g}", (x, y), textcoords="offset points",
+                                    xytext=(4, 3), fontsize=7, color=style[method]["color"])
+        ax.set_xscale("log")
+        densities = [p.result["density"] for p in pts if p.dataset == dataset]
+        ticks = [t for t in DENSITY_TICKS if min(densities) / 1.5 <= t <= 1.0]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        _log_if_wide(ax, plotted)
+        lengths = sorted({p.context_length for p in pts if p.dataset == dataset})
+        ax.set_title(f"{dataset} (L = {', '.join(map(str, lengths))})")
+        ax.set_xlabel("realised density (kept / causal query-key pairs)")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("Figure 8: perplexity vs realised attention density (accuracy-compute "
+                 "frontier)")
+    _legend(fig, axes)
+    paths = _save(fig, stem, "figure8")
+    plt.close(fig)
+    return paths
+
+
+def table3_rows(results: dict) -> tuple:
+    """(sparsity levels, rows): a row is (dataset, L, method, [cell text per level]); a cell
+    is 'PPL (+x.x%)' against dense at the same L, 'failed' or '-' when not run."""
+    all_points = points(results)
+    pts = [p for p in all_points if p.sweep == "sparsity_sweep"]
+    levels = sorted({p.sparsity for p in pts if p.method != "dense"} | {0.0}) if pts else []
+    rows = []
+    for dataset in _datasets(pts):
+        for method in _methods([p for p in pts if p.dataset == dataset]):
+            mine = [p for p in pts if p.dataset == dataset and p.method == method]
+            by_level = {p.sparsity: p for p in mine}
+            cells = []
+            for s in levels:
+                p = by_level.get(s)
+                if p is None:
+                    cells.append("-")
+                elif p.perplexity is None:
+                    cells.append("failed")
+                elif method == "dense" or s == 0.0:
+                    cells.append(f"{p.perplexity:.3f}")
+                else:
+                    delta = delta_vs_dense(all_points, p)
+                    cells.append(f"{p.perplexity:.3f} ({delta * 100:+.1f}%)" if delta is not None
+                                 else f"{p.perplexity:.3f}")
+            L = sorted({p.context_length for p in mine})
+            rows.append((dataset, ",".join(map(str, L)), method, cells))
+    return levels, rows
+
+
+def table3_markdown(results: dict) -> str:
+    levels, rows = table3_rows(results)
+    head = ["dataset", "L", "method"] + [f"s={s:g}" for s in levels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([d, L, m, *cells]) + " |" for d, L, m, cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _tex(text: str) -> str:
+    return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%") \
+        .replace("&", r"\&").replace("#", r"\#")
+
+
+def table3_latex(results: dict) -> str:
+    levels, rows = table3_rows(results)
+    head = ["Dataset", "$L$", "Method"] + [f"$s={s:g}$" for s in levels]
+    lines = [r"% Table 3: perplexity (change vs dense at the same context length)",
+             r"\begin{tabular}{ll l" + "r" * len(levels) + "}", r"\toprule",
+             " & ".join(head) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex(x) for x in [d, L, m, *cells]) + r" \\" for d, L, m, cells in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def make_report(results_path, output_dir=None) -> list:
+    """Write the figures (PNG + PDF) and Table 3 (.md + .tex); return the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    results_path = Path(results_path)
+    results = load_results(results_path)
+    folder = Path(output_dir) if output_dir else results_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / results_path.stem
+    paths = figure4(results, stem) + figure8(results, stem)
+    for suffix, text in (("md", table3_markdown(results)), ("tex", table3_latex(results))):
+        path = stem.with_name(f"{stem.name}_table3.{suffix}")
+        path.write_text(text)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a results JSON written by python -m eval.run")
+    parser.add_argument("--output-dir", help="where to write (default: beside the results)")
+    args = parser.parse_args(argv)
+    try:
+        paths = make_report(args.results, args.output_dir)
+    except CorruptFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    print()
+    print(table3_markdown(load_results(args.results)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Tiny stand-ins for the harness tests: a random 2-layer Llama with a byte-level BPE tokenizer
+trained on a small local text, saved as an ordinary model folder (`--model FOLDER`), and the
+text itself (`--data-file`). Building both takes about a second."""
+from pathlib import Path
+
+import torch
+
+WORDS = ("the of and to in is was for on that with as by at from his her it an are were "
+         "which this be or had not but have they one all their been has who more when will "
+         "river city music station king army church school war year team album film").split()
+
+
+def write_text(path: Path, num_paragraphs: int = 60, seed: int = 0) -> Path:
+    """Pseudo-English paragraphs (deterministic), separated by blank lines."""
+    g = torch.Generator().manual_seed(seed)
+    paragraphs = []
+    for _ in range(num_paragraphs):
+        idx = torch.randint(len(WORDS), (80,), generator=g).tolist()
+        paragraphs.append(" ".join(WORDS[i] for i in idx).capitalize() + ".")
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
+
+
+def make_tiny_model(folder: Path, text_file: Path, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM (2 layers, GQA 4/2 heads, 512 positions) and its tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(text_file)], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,97 @@
+"""eval.report on a small hand-made results file: figures, Table 3 in markdown and LaTeX."""
+import json
+
+import pytest
+
+from eval import report
+
+
+def _r(ppl, density, L, s, **extra):
+    return {"perplexity": ppl, "cross_entropy": None, "density": density, "context_length": L,
+            "sparsity": s, **extra}
+
+
+@pytest.fixture
+def results_file(tmp_path):
+    results = {
+        "config": {"context_length_sweep": {"fixed_sparsity": 0.9},
+                   "sparsity_sweep": {"fixed_context_length": 1024}},
+        "results": {
+            "brown": {
+                "dense": {"context_length_sweep": {"512": _r(30.0, 1.0, 512, 0.0),
+                                                   "1024": _r(25.0, 1.0, 1024, 0.0)},
+                          "sparsity_sweep": {"0.0": _r(25.0, 1.0, 1024, 0.0)}},
+                "h2o": {"context_length_sweep": {"512": _r(33.0, 0.2, 512, 0.9),
+                                                 "1024": _r(27.5, 0.11, 1024, 0.9)},
+                        "sparsity_sweep": {"0.0": _r(25.0, 1.0, 1024, 0.0),
+                                           "0.5": _r(25.5, 0.52, 1024, 0.5),
+                                           "0.9": _r(27.5, 0.11, 1024, 0.9)}},
+                "cab_v4": {"context_length_sweep": {"512": _r(32.0, 0.2, 512, 0.9),
+                                                    "1024": None},
+                           "sparsity_sweep": {"0.0": _r(25.0, 1.0, 1024, 0.0),
+                                              "0.5": {"perplexity": None, "error": "boom"},
+                                              "0.9": _r(30.0, 0.11, 1024, 0.9)}},
+            },
+            "pd-books": {
+                "dense": {"context_length_sweep": {"512": _r(40.0, 1.0, 512, 0.0)},
+                          "sparsity_sweep": {"0.0": _r(38.0, 1.0, 1024, 0.0)}},
+                "h2o": {"context_length_sweep": {"512": _r(44.0, 0.2, 512, 0.9)},
+                        "sparsity_sweep": {"0.9": _r(41.8, 0.11, 1024, 0.9)}},
+            },
+        },
+    }
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_report_writes_every_file(results_file):
+    paths = report.make_report(results_file)
+    names = sorted(p.name for p in paths)
+    assert names == sorted(f"demo_{stem}" for stem in (
+        "figure4.png", "figure4.pdf", "figure8.png", "figure8.pdf", "table3.md", "table3.tex"))
+    for p in paths:
+        data = p.read_bytes()
+        assert len(data) > 1000 or p.suffix in (".md", ".tex")
+        if p.suffix == ".png":
+            assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        if p.suffix == ".pdf":
+            assert data[:5] == b"%PDF-"
+
+
+def test_table3_rows_and_deltas(results_file):
+    md = (results_file.parent / "demo_table3.md")
+    report.make_report(results_file)
+    lines = md.read_text().splitlines()
+    assert lines[0] == "| dataset | L | method | s=0 | s=0.5 | s=0.9 |"
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line for line in lines[2:]}
+    assert set(rows) == {("brown", "1024", "dense"), ("brown", "1024", "h2o"),
+                         ("brown", "1024", "cab_v4"), ("pd-books", "1024", "dense"),
+                         ("pd-books", "1024", "h2o")}
+    # Delta against dense at the same dataset and context length: 27.5 / 25 - 1 = +10.0%.
+    assert "27.500 (+10.0%)" in rows[("brown", "1024", "h2o")]
+    assert "30.000 (+20.0%)" in rows[("brown", "1024", "cab_v4")]
+    assert "failed" in rows[("brown", "1024", "cab_v4")]
+    assert "41.800 (+10.0%)" in rows[("pd-books", "1024", "h2o")]
+    # A sparsity that was not run is a dash, not a number.
+    assert rows[("pd-books", "1024", "h2o")].count("| - ") == 2
+    tex = (results_file.parent / "demo_table3.tex").read_text()
+    assert r"cab\_v4" in tex and r"27.500 (+10.0\%)" in tex and r"\begin{tabular}" in tex
+    assert tex.count(r" \\") == 1 + len(rows)  # header + one line per row
+
+
+def test_figure_points_skip_failures(results_file):
+    results = report.load_results(results_file)
+    pts = report.points(results)
+    ok = [p for p in pts if p.perplexity is not None]
+    assert len(pts) == 17 and len(ok) == 15
+    h2o = [p for p in pts if p.method == "h2o" and p.sweep == "context_length_sweep"]
+    assert {(p.dataset, p.context_length, p.sparsity) for p in h2o} == {
+        ("brown", 512, 0.9), ("brown", 1024, 0.9), ("pd-books", 512, 0.9)}
+
+
+def test_report_cli_names_a_corrupt_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"results": {"brown": ')
+    assert report.main([str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err

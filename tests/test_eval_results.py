@@ -1,0 +1,77 @@
+"""Results files: strict JSON, atomic writes, the cell store, and clear errors for corrupt files."""
+import json
+import math
+import os
+
+import pytest
+
+from eval import results
+from eval.results import CellStore, CorruptFileError
+
+
+def test_strict_json_refuses_nan_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "r.json"
+    results.write_json_atomic(path, {"perplexity": 12.5})
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError):
+            results.write_json_atomic(path, {"perplexity": bad})
+    assert json.loads(path.read_text()) == {"perplexity": 12.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporary left over
+
+
+def test_atomic_write_replaces_whole_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    results.write_json_atomic(path, {"a": list(range(1000))})
+    # A crash during the write (here: fsync fails) must leave the previous file intact.
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        results.write_json_atomic(path, {"a": "new"})
+    assert json.loads(path.read_text()) == {"a": list(range(1000))}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_read_json_rejects_nan_literal(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('{"perplexity": NaN}')
+    with pytest.raises(CorruptFileError, match=str(path)):
+        results.read_json(path)
+
+
+def test_finite_or_none():
+    assert results.finite_or_none(1.5) == 1.5
+    assert results.finite_or_none(math.nan) is None
+    assert results.finite_or_none(math.inf) is None
+    assert results.finite_or_none(None) is None
+
+
+def _key(**changes):
+    key = {"dataset": "brown", "method": "h2o", "sparsity": 0.9, "context_length": 1024,
+           "params": {"h2o_recent_ratio": 0.5}, "block_size": 16}
+    return {**key, **changes}
+
+
+def test_cell_store_roundtrip_and_keying(tmp_path):
+    store = CellStore(tmp_path / "cells")
+    assert store.get(_key()) is None and len(store) == 0
+    store.put(_key(), {"perplexity": 20.0})
+    assert store.get(_key()) == {"perplexity": 20.0}
+    # Key order does not matter; any defining value does.
+    assert store.get(dict(reversed(list(_key().items())))) == {"perplexity": 20.0}
+    for change in ({"sparsity": 0.5}, {"block_size": 32}, {"params": {"h2o_recent_ratio": 0.4}}):
+        assert store.get(_key(**change)) is None
+    # A second store over the same folder (a resumed process) sees the cell.
+    assert CellStore(tmp_path / "cells").get(_key()) == {"perplexity": 20.0}
+    assert len(store) == 1 and store.clear() == 1 and store.get(_key()) is None
+
+
+def test_corrupt_cell_file_is_named(tmp_path):
+    store = CellStore(tmp_path / "cells")
+    path = store.put(_key(), {"perplexity": 20.0})
+    path.write_text('{"key": {"dataset": "bro')  # truncated by hand
+    with pytest.raises(CorruptFileError) as err:
+        store.get(_key())
+    assert str(path) in str(err.value) and "--fresh" in str(err.value)
+    # A valid JSON file under the wrong name (not this cell's result) is corrupt as well.
+    path.write_text(json.dumps({"key": _key(sparsity=0.5), "result": {}}))
+    with pytest.raises(CorruptFileError, match="does not hold the result"):
+        store.get(_key())
