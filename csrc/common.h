@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -82,6 +84,89 @@ inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
 inline void check_block_size(const char* op, int64_t block_size) {
   TORCH_CHECK(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128, op,
               ": block_size ", block_size, " is not supported; valid: 16, 32, 64, 128");
+}
+
+inline void check_scale(const char* op, double scale) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a positive finite number, "
+              "got ", scale);
+}
+
+// A block layout for q [B, Hq, L, d] cut into M blocks: block_count int32 [B, Hq, M] and
+// block_index int32 [B, Hq, M, max_count], contiguous, on q's device. Shapes only; the CPU
+// kernels also check the values with check_block_layout_values.
+inline void check_block_layout(const char* op, const at::Tensor& q, const at::Tensor& block_count,
+                               const at::Tensor& block_index, int64_t blocks) {
+  check_rank(op, "block_count", block_count, 3, "[batch, q_heads, blocks]");
+  check_rank(op, "block_index", block_index, 4, "[batch, q_heads, blocks, max_count]");
+  check_dtype(op, "block_count", block_count, at::kInt);
+  check_dtype(op, "block_index", block_index, at::kInt);
+  check_same_device(op, "block_count", block_count, q, "q");
+  check_same_device(op, "block_index", block_index, q, "q");
+  check_contiguous(op, "block_count", block_count);
+  check_contiguous(op, "block_index", block_index);
+  const std::vector<int64_t> want{q.size(0), q.size(1), blocks};
+  TORCH_CHECK(block_count.sizes() == at::IntArrayRef(want), op, ": block_count must have shape ",
+              at::IntArrayRef(want), " = [batch, q_heads, ceil(length / block_size)], got ",
+              block_count.sizes());
+  TORCH_CHECK(block_index.sizes().slice(0, 3) == at::IntArrayRef(want) && block_index.size(3) > 0,
+              op, ": block_index must have shape [", want[0], ", ", want[1], ", ", want[2],
+              ", max_count >= 1], got ", block_index.sizes());
+}
+
+// Values of a CPU block layout: row I keeps 1..min(I + 1, max_count) blocks, listed strictly
+// ascending within 0..I (padding after the count is ignored).
+inline void check_block_layout_values(const char* op, const at::Tensor& block_count,
+                                      const at::Tensor& block_index) {
+  TORCH_CHECK(block_count.device().is_cpu(), op, ": check_block_layout_values reads CPU tensors");
+  const int64_t rows = block_count.numel(), blocks = block_count.size(2);
+  const int64_t max_count = block_index.size(3);
+  const int32_t* count = block_count.const_data_ptr<int32_t>();
+  const int32_t* index = block_index.const_data_ptr<int32_t>();
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t I = row % blocks, c = count[row];
+    TORCH_CHECK(c >= 1 && c <= std::min(I + 1, max_count), op, ": block_count[",
+                row / blocks / block_count.size(1), ", ", row / blocks % block_count.size(1), ", ",
+                I, "] = ", c, "; a row I keeps 1..min(I + 1, max_count = ", max_count,
+                ") blocks");
+    const int32_t* idx = index + row * max_count;
+    for (int64_t slot = 0; slot < c; ++slot) {
+      TORCH_CHECK(idx[slot] >= 0 && idx[slot] <= I && (slot == 0 || idx[slot] > idx[slot - 1]),
+                  op, ": block_index[", row / blocks / block_count.size(1), ", ",
+                  row / blocks % block_count.size(1), ", ", I, "] lists ",
+                  at::IntArrayRef(std::vector<int64_t>(idx, idx + c)),
+                  "; the first block_count entries must be strictly ascending within 0..", I);
+    }
+  }
+}
+
+// The CPU kernels' exp passes are compiled once per x86 vector ISA (the loader picks the best
+// the CPU has) from plain loops the compiler vectorises.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CABATTN_VECTOR_CLONES \
+  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define CABATTN_VECTOR_CLONES
+#endif
+
+// exp(x) for x <= 0 within about 2 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6
+// polynomial, 2^n from the exponent bits), branch-free so loops over it vectorise. Below -87 it
+// returns exp(-87) ~ 1.6e-38 instead of underflowing to 0.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &bits, sizeof(float));
+  return p * two_to_n;
 }
 
 }  // namespace cabattn
