@@ -393,6 +393,11 @@ class PerplexityBenchmarkRunner:
                 self.outcomes[spec] = self.outcome(spec)
                 self.write("running")
         except KeyboardInterrupt:
+            # A cell may have reached the store just before the interrupt arrived.
+            for spec in specs:
+                stored = None if spec in self.outcomes else self.store.get(self.cell_key(spec))
+                if stored is not None:
+                    self.outcomes[spec] = stored
             self.write("interrupted")
             self.say(f"interrupted: {len(self.computed) + len(self.reused)} finished cells are "
                      f"kept in {self.store.folder}; rerun the same command to resume")
@@ -552,6 +557,8 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
     for name, value in simple.items():
         if value is not None:
             setattr(cfg, name, value)
+    if args.data_file is not None and args.datasets is None:
+        cfg.datasets = [Path(args.data_file).stem]
     if args.model is not None:
         model.name, model.max_length = args.model, None
     if args.dtype is not None:

@@ -3,6 +3,7 @@ trained on a small local text, saved as an ordinary model folder (`--model FOLDE
 text itself (`--data-file`). Building both takes about a second."""
 from pathlib import Path
 
+import pytest
 import torch
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an are were "
@@ -43,3 +44,28 @@ def make_tiny_model(folder: Path, text_file: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    return write_text(tmp_path_factory.mktemp("text") / "tiny.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_text) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", tiny_text)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run far faster on one thread, above all on a loaded shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_run_args(model: Path, text: Path, output_dir: Path, *extra) -> list:
+    """Command-line arguments of a small run on the tiny model and text."""
+    return ["--model", str(model), "--data-file", str(text), "--output-dir", str(output_dir),
+            "--name", "tiny", "--yes", *extra]
