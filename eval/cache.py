@@ -1,0 +1,57 @@
+"""The one cache folder that models and data share, and safe ways to fill it.
+
+Everything in it is safetensors, .npy or JSON (never pickle) and is written atomically: a
+reader sees a finished file or none. A per-entry lock keeps two processes (a test run and a
+benchmark, say) from fetching or converting the same thing at once.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+
+CACHE_ENV = "CABATTN_CACHE"
+
+
+def cache_dir(override=None) -> Path:
+    """override, else $CABATTN_CACHE, else ~/.cache/cabattn; created if missing."""
+    path = Path(override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cabattn")
+    path = path.expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock named after path (path + '.lock') while filling path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside path; on success it replaces path in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, ensure_ascii=False))
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
