@@ -1,0 +1,178 @@
+"""A bounded, evicting KV cache on transformers' Cache API (the kv protocol's storage).
+
+Each layer preallocates room for `budget + chunk` entries per KV head, so a chunk is appended
+by copying into the buffer and eviction compacts the buffer in place with ops.kv_compact_:
+nothing is reallocated or rebuilt per token. Keys, values, absolute positions and the H2O mass
+accumulator live in parallel buffers and are always compacted together, so entry i of each
+describes the same token. Each KV head has its own keep set.
+
+The layer also keeps, per query head, the coarse (largest-L2) query of every absolute block
+seen so far: the block statistic block-level kv rules (cab_v3/cab_v4) score cached blocks with.
+"""
+import math
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import ops
+from .methods.base import KVState
+
+
+class EvictingLayer(CacheLayerMixin):
+    """One layer's cache: preallocated buffers plus the live length `length`.
+
+    `keys` / `values` (the attributes transformers reads) are always views of the live
+    entries [B, Hkv, length, d].
+    """
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, capacity: int, block_size: int, num_blocks: int):
+        super().__init__()
+        self.capacity = capacity
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.length = 0
+        self.key_buffer = self.value_buffer = None
+        self.position_buffer = self.mass_buffer = None
+        self.block_query_buffer = self.block_query_norm = None
+        self.blocks_seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty(b, h, self.capacity, d)
+        self.value_buffer = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self.position_buffer = torch.empty(b, h, self.capacity, dtype=torch.long,
+                                           device=self.device)
+        self.mass_buffer = torch.empty(b, h, self.capacity, dtype=torch.float32,
+                                       device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               positions: Optional[torch.Tensor] = None, **kwargs):
+        """Appends a chunk [B, Hkv, c, d] whose absolute positions are `positions` [B, c];
+        returns the live keys and values, the chunk last."""
+        if positions is None:
+            raise ValueError("EvictingLayer.update needs the chunk's absolute positions; call "
+                             "it through KVEvictionCache after KVEvictionCache.begin_chunk")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, chunk = self.length, key_states.shape[2]
+        end = start + chunk
+        if end > self.capacity:
+            raise RuntimeError(f"appending {chunk} entries to a cache holding {start} of "
+                               f"{self.capacity}: the cache must be evicted to its budget first")
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.position_buffer[:, :, start:end] = positions[:, None, :]
+        self.mass_buffer[:, :, start:end] = 0.0
+        self._set_length(end)
+        return self.keys, self.values
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self.key_buffer[:, :, :length]
+        self.values = self.value_buffer[:, :, :length]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.position_buffer[:, :, :self.length]
+
+    @property
+    def mass(self) -> torch.Tensor:
+        return self.mass_buffer[:, :, :self.length]
+
+    def add_mass(self, mass: torch.Tensor) -> None:
+        """Adds the attention each live entry received from the latest chunk ([B, Hkv, n])."""
+        self.mass_buffer[:, :, :self.length] += mass
+
+    def note_queries(self, query: torch.Tensor, first_position: int) -> None:
+        """Folds a chunk of post-RoPE queries [B, Hq, c, d] at absolute positions
+        first_position.. into the largest-L2 query of each block (first on ties)."""
+        b, h, chunk, d = query.shape
+        if self.block_query_buffer is None:
+            self.block_query_buffer = query.new_zeros(b, h, self.num_blocks, d)
+            # -1 < any squared norm, so a block's first query always wins
+            self.block_query_norm = torch.full((b, h, self.num_blocks), -1.0,
+                                               dtype=torch.float64, device=query.device)
+        norms = query.double().square().sum(-1)
+        last = first_position + chunk - 1
+        for block in range(first_position // self.block_size, last // self.block_size + 1):
+            lo = max(block * self.block_size, first_position) - first_position
+            hi = min((block + 1) * self.block_size, last + 1) - first_position
+            if hi - lo == 1:
+                best_norm, best_query = norms[:, :, lo], query[:, :, lo]
+            else:
+                best_norm, arg = norms[:, :, lo:hi].max(-1)  # max returns the first maximum
+                best_query = query[:, :, lo:hi].gather(
+                    2, arg[:, :, None, None].expand(b, h, 1, d)).squeeze(2)
+            # strictly greater: an earlier query of the block wins a tie
+            better = best_norm > self.block_query_norm[:, :, block]
+            self.block_query_norm[:, :, block] = torch.where(
+                better, best_norm, self.block_query_norm[:, :, block])
+            self.block_query_buffer[:, :, block] = torch.where(
+                better[..., None], best_query, self.block_query_buffer[:, :, block])
+        self.blocks_seen = last // self.block_size + 1
+
+    def state(self, budget: int, scale: float, layer_idx: int, window_idx: int,
+              seed: int) -> KVState:
+        """What a kv rule reads: views of the live entries, no copies."""
+        return KVState(keys=self.keys, positions=self.positions, mass=self.mass,
+                       block_queries=self.block_query_buffer[:, :, :self.blocks_seen],
+                       budget=budget, block_size=self.block_size, scale=scale,
+                       layer_idx=layer_idx, window_idx=window_idx, seed=seed)
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keeps entries keep [B, Hkv, n'] (sorted, unique, int64) of every head, in place."""
+        keep = keep.contiguous()
+        for buffer in (self.key_buffer, self.value_buffer, self.position_buffer,
+                       self.mass_buffer):
+            ops.kv_compact_(buffer, keep)
+        self._set_length(keep.shape[-1])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        self.length = 0
+        self.blocks_seen = 0
+        if self.is_initialized:
+            self._set_length(0)
+        if self.block_query_norm is not None:
+            self.block_query_norm.fill_(-1.0)
+            self.block_query_buffer.zero_()
+
+
+class KVEvictionCache(Cache):
+    """Per-layer EvictingLayers for one window of `length` tokens streamed with a budget of
+    `budget` entries per KV head and chunks of at most `chunk` tokens.
+
+    Before each forward, `begin_chunk(positions)` tells the cache the absolute positions of
+    the tokens the forward appends (transformers' update() does not pass them).
+    """
+
+    def __init__(self, num_layers: int, budget: int, chunk: int, block_size: int, length: int):
+        if budget < 1 or chunk < 1:
+            raise ValueError(f"budget ({budget}) and chunk ({chunk}) must be at least 1")
+        self.budget, self.chunk, self.length = budget, chunk, length
+        num_blocks = math.ceil(length / block_size)
+        super().__init__(layers=[EvictingLayer(budget + chunk, block_size, num_blocks)
+                                 for _ in range(num_layers)])
+        self.chunk_positions: Optional[torch.Tensor] = None
+
+    def begin_chunk(self, positions: torch.Tensor) -> None:
+        """positions [B, c] int64: absolute positions of the next forward's tokens."""
+        self.chunk_positions = positions
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states,
+                                             positions=self.chunk_positions)
