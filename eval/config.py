@@ -6,6 +6,7 @@ calls keep working. `validate()` checks every value that can be checked without 
 (names, ranges, files, hub access, context lengths against the model's positions), and reports
 all problems at once.
 """
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -284,18 +285,19 @@ def _check_datasets(config: ExperimentConfig, problems: list) -> None:
             problems.append(str(err))
 
 
-def model_max_positions(model: ModelConfig) -> int:
-    """The longest context the model allows, read from its configuration alone (no weights)."""
+@functools.lru_cache(maxsize=8)
+def model_max_positions(name: str, trust_remote_code: bool = False) -> int:
+    """The longest context a model allows, read from its configuration alone (no weights)."""
     from transformers import AutoConfig
 
     from . import models
 
-    if model.name == models.DEFAULT_MODEL:
+    if name == models.DEFAULT_MODEL:
         gguf = models.default_model_gguf()
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
-        local = Path(model.name).is_dir()
-        config = AutoConfig.from_pretrained(model.name, trust_remote_code=model.trust_remote_code,
+        local = Path(name).is_dir()
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
                                             local_files_only=local or not hub_reachable())
     return models.max_positions(config)
 
@@ -303,7 +305,7 @@ def model_max_positions(model: ModelConfig) -> int:
 def _check_model(config: ExperimentConfig, problems: list) -> None:
     """Context lengths against the model's positions."""
     try:
-        positions = model_max_positions(config.model)
+        positions = model_max_positions(config.model.name, config.model.trust_remote_code)
     except (ValueError, OSError, RuntimeError) as err:
         problems.append(f"model {config.model.name!r} cannot be used: {err}")
         return

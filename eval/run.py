@@ -158,6 +158,13 @@ class PerplexityBenchmarkRunner:
         from cabattn.methods import get_method
         return dict(get_method(method, **self.config.method_params.get(method, {})).config)
 
+    def protocol_params(self) -> dict:
+        """The parameter only one protocol has: strict/block selection (mask) or the streaming
+        chunk (kv)."""
+        if self.config.protocol == "kv":
+            return {"kv_chunk": self.config.kv_chunk}
+        return {"causal_selection": self.config.causal_selection}
+
     def data_identity(self):
         """What identifies a --data-file's content in a cell key: path, size, modification."""
         if self.config.data_file is None:
@@ -176,10 +183,7 @@ class PerplexityBenchmarkRunner:
                "sparsity": spec.sparsity}
         if spec.method != "dense":
             key.update(protocol=cfg.protocol, block_size=self.block_size(spec.context_length),
-                       causal_selection=cfg.causal_selection,
-                       params=self.method_params(spec.method))
-            if cfg.protocol == "kv":
-                key["kv_chunk"] = cfg.kv_chunk
+                       params=self.method_params(spec.method), **self.protocol_params())
         return key
 
     # -- computing --------------------------------------------------------------------------
@@ -220,11 +224,9 @@ class PerplexityBenchmarkRunner:
             return contextlib.nullcontext(None)
         import cabattn
         cfg = self.config
-        extra = {"kv_chunk": cfg.kv_chunk} if cfg.protocol == "kv" else {}
         return cabattn.apply(self.loaded.model, method=spec.method, sparsity=spec.sparsity,
                              protocol=cfg.protocol, block_size=self.block_size(spec.context_length),
-                             causal_selection=cfg.causal_selection, **extra,
-                             **cfg.method_params.get(spec.method, {}))
+                             **self.protocol_params(), **cfg.method_params.get(spec.method, {}))
 
     def evaluate(self, spec: RunSpec) -> dict:
         """Teacher-forced NLL of every window under the cell's attention; R without deltas."""
@@ -263,9 +265,8 @@ class PerplexityBenchmarkRunner:
         result.update(
             density=protocol_stats["density"] if sparse else 1.0,
             block_size=self.block_size(spec.context_length) if sparse else None,
-            causal_selection=self.config.causal_selection if sparse else None,
             protocol=self.config.protocol if sparse else "dense",
-            kv_chunk=self.config.kv_chunk if sparse and self.config.protocol == "kv" else None,
+            **{name: value if sparse else None for name, value in self.protocol_params().items()},
             params=self.method_params(spec.method) if sparse else {},
             selection_seconds=protocol_stats["selection_seconds"] if sparse else 0.0,
             attention_seconds=protocol_stats["attention_seconds"] if sparse else None,
@@ -473,7 +474,8 @@ back, not recomputed); --fresh recomputes everything.""")
                    help="corpora (offline: enwiki-sample pd-books brown; hub: wikitext-103 "
                         "wikitext-2 c4 pg19)")
     g.add_argument("--data-file", metavar="PATH",
-                   help="a local .txt, .jsonl or .parquet corpus")
+                   help="a local .txt, .jsonl or .parquet corpus, labelled in the results by "
+                        "--datasets NAME or else by the file's stem")
     g.add_argument("--text-field", metavar="FIELD", help="text column of --data-file (text)")
     g.add_argument("--methods", nargs="+", metavar="NAME",
                    help="dense h2o cab_v4 cab_v3 streaming_llm local_strided random")
