@@ -349,7 +349,7 @@ class PerplexityBenchmarkRunner:
             status=status, started=self.started,
             written=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             notes=self.notes, command=self.command, resolved_device=self.device,
-            resolved_dtype=self.dtype,
+            resolved_dtype=self.dtype, torch_threads=torch.get_num_threads(),
             block_sizes={str(L): self.block_size(L) for L in self.config.context_lengths()},
             cells_computed=len(self.computed), cells_reused=len(self.reused),
             versions={"python": platform.python_version(), "torch": torch.__version__,
@@ -433,6 +433,16 @@ def _method_param(text: str) -> tuple:
     return method, name, yaml.safe_load(value)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def _block_size(text: str):
     if text == "auto":
         return text
@@ -513,6 +523,9 @@ back, not recomputed); --fresh recomputes everything.""")
                    help="smollm2-135m (offline default), a hub id or a local folder")
     g.add_argument("--dtype", choices=DTYPES, help="auto: float16 on CUDA, float32 on the CPU")
     g.add_argument("--device", metavar="DEVICE", help=f"{', '.join(DEVICES)} or cuda:N")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 is often faster on "
+                        "a machine that other jobs keep busy)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own code to run (off by default)")
     g.add_argument("--seed", type=int, help="seed for bootstrap intervals and random (42)")
@@ -635,6 +648,9 @@ def main(argv=None) -> int:
     if not _confirm(args):
         print("aborted")
         return EXIT_CONFIG
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
     # A plain `kill` then ends the run like Ctrl-C: the partial results are written first.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     status = EXIT_OK
