@@ -160,8 +160,13 @@ def load_config(path) -> list:
         if extra:
             raise ConfigError(f"{path}: unknown top-level key(s) {extra} next to 'experiments'; "
                               "valid: experiments, defaults")
+        experiments = data["experiments"]
+        if not isinstance(experiments, list) or not all(isinstance(e, dict) for e in experiments):
+            raise ConfigError(f"{path}: 'experiments' must be a list of mappings")
+        if not isinstance(defaults, dict):
+            raise ConfigError(f"{path}: 'defaults' must be a mapping")
         return [experiment_from_dict(_merge(defaults, exp), f"{path}: experiments[{i}]")
-                for i, exp in enumerate(data["experiments"])]
+                for i, exp in enumerate(experiments)]
     return [experiment_from_dict(data, str(path))]
 
 
