@@ -94,26 +94,26 @@ class EvictingLayer(CacheLayerMixin):
         b, h, chunk, d = query.shape
         if self.block_query_buffer is None:
             self.block_query_buffer = query.new_zeros(b, h, self.num_blocks, d)
-            # -1 < any squared norm, so a block's first query always wins
+            # -1 < any norm, so a block's first query always wins
             self.block_query_norm = torch.full((b, h, self.num_blocks), -1.0,
-                                               dtype=torch.float64, device=query.device)
-        norms = query.double().square().sum(-1)
+                                               dtype=torch.float32, device=query.device)
+        norms = torch.linalg.vector_norm(query, dim=-1, dtype=torch.float32)
         last = first_position + chunk - 1
         for block in range(first_position // self.block_size, last // self.block_size + 1):
             lo = max(block * self.block_size, first_position) - first_position
             hi = min((block + 1) * self.block_size, last + 1) - first_position
-            if hi - lo == 1:
+            if hi - lo == 1:  # token-by-token streaming: one query, nothing to reduce
                 best_norm, best_query = norms[:, :, lo], query[:, :, lo]
             else:
                 best_norm, arg = norms[:, :, lo:hi].max(-1)  # max returns the first maximum
                 best_query = query[:, :, lo:hi].gather(
                     2, arg[:, :, None, None].expand(b, h, 1, d)).squeeze(2)
+            stored_norm = self.block_query_norm[:, :, block]
+            stored_query = self.block_query_buffer[:, :, block]
             # strictly greater: an earlier query of the block wins a tie
-            better = best_norm > self.block_query_norm[:, :, block]
-            self.block_query_norm[:, :, block] = torch.where(
-                better, best_norm, self.block_query_norm[:, :, block])
-            self.block_query_buffer[:, :, block] = torch.where(
-                better[..., None], best_query, self.block_query_buffer[:, :, block])
+            better = best_norm > stored_norm
+            stored_norm.copy_(torch.where(better, best_norm, stored_norm))
+            stored_query.copy_(torch.where(better[..., None], best_query, stored_query))
         self.blocks_seen = last // self.block_size + 1
 
     def state(self, budget: int, scale: float, layer_idx: int, window_idx: int,

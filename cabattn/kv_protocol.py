@@ -130,6 +130,7 @@ class KVProtocol:
         self.k_min, self.seed = k_min, seed
         self.stats = ProtocolStats()
         self.budget = 0  # K of the window being scored
+        self.cache: Optional[KVEvictionCache] = None  # the window being (or last) scored
         self.windows_seen = 0
         self._saved = None
 
@@ -173,8 +174,8 @@ class KVProtocol:
         batch, length = input_ids.shape
         self.budget = token_budget(length, self.sparsity, self.k_min)
         block_size = auto_block_size(length) if self.block_size == "auto" else self.block_size
-        cache = KVEvictionCache(model.config.num_hidden_layers, self.budget, self.kv_chunk,
-                                block_size, length)
+        self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
+                                             self.kv_chunk, block_size, length)
         stream = _WindowStream(self, cache, self.windows_seen)
         prefill = min(self.budget, length)
         spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, length))
