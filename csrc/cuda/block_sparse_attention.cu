@@ -1,0 +1,118 @@
+// CUDA kernel of cabattn::block_sparse_attention: one thread block per (batch, query head,
+// query tile), the tile inside one query block, walking only the key blocks of that block's
+// CSR row (attention_tile.cuh does the FlashAttention-2 style work).
+#include "attention_tile.cuh"
+
+namespace cabattn {
+namespace cuda {
+namespace {
+
+constexpr const char* kOp = "cabattn::block_sparse_attention";
+
+struct SparseParams {
+  int64_t q_heads, kv_heads, length;
+  int block_size, num_blocks, max_count, tiles_per_block;
+  float scale_log2;
+};
+
+template <typename T, int D, int TC>
+__global__ void __launch_bounds__(kTileThreads)
+block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
+                              const T* __restrict__ v, const int* __restrict__ block_count,
+                              const int* __restrict__ block_index, T* __restrict__ out,
+                              float* __restrict__ lse, SparseParams p) {
+  using G = TileGeometry<T, D, TC>;
+  extern __shared__ __align__(16) char smem[];
+  const int64_t batch = blockIdx.z, head = blockIdx.y;
+  const int query_block = blockIdx.x / p.tiles_per_block;
+  const int64_t row0 =
+      int64_t(query_block) * p.block_size + int64_t(blockIdx.x % p.tiles_per_block) * G::kRows;
+  if (row0 >= p.length) return;  // the unused tail of a partial last block
+
+  const int64_t bh = batch * p.q_heads + head;
+  const int64_t kv_bh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
+  const int64_t layout_row = bh * p.num_blocks + query_block;
+  LayoutKeys keys;
+  keys.index = block_index + layout_row * p.max_count;
+  keys.count = min(max(block_count[layout_row], 0), p.max_count);
+  keys.block_size = p.block_size;
+  keys.num_blocks = p.num_blocks;
+  keys.length = p.length;
+  flash_forward_tile<T, D, TC>(q + bh * p.length * D, k + kv_bh * p.length * D,
+                               v + kv_bh * p.length * D, out + bh * p.length * D,
+                               lse + bh * p.length, row0, p.length, /*causal_offset=*/0,
+                               p.scale_log2, keys, smem);
+}
+
+template <typename T, int D, int TC>
+void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const at::Tensor& block_count, const at::Tensor& block_index, at::Tensor& out,
+            at::Tensor& lse, SparseParams p) {
+  using G = TileGeometry<T, D, TC>;
+  p.tiles_per_block = p.block_size / G::kRows;
+  const dim3 grid(p.num_blocks * p.tiles_per_block, q.size(1), q.size(0));
+  const size_t smem = flash_forward_smem_bytes<T, D, TC>();
+  auto kernel = block_sparse_attention_kernel<T, D, TC>;
+  set_dynamic_smem(kOp, kernel, smem);
+  kernel<<<grid, G::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), block_count.data_ptr<int>(),
+      block_index.data_ptr<int>(), out.data_ptr<T>(), lse.data_ptr<float>(), p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_count,
+    const at::Tensor& block_index, int64_t block_size, double scale) {
+  check_qkv(kOp, q, k, v);
+  check_cuda(kOp, "q", q);
+  check_block_size(kOp, block_size);
+  TORCH_CHECK(k.size(2) == q.size(2), kOp, ": q has ", q.size(2), " tokens but k has ", k.size(2),
+              "; the layout is over one window, so they must match");
+  const int64_t batch = q.size(0), q_heads = q.size(1), length = q.size(2);
+  const int64_t blocks = num_blocks(length, block_size);
+  // Shapes only: checking the values would cost a device-to-host copy. The kernel skips
+  // counts and indices out of range (a device-side assert fires for a bad index).
+  check_block_layout(kOp, q, block_count, block_index, blocks);
+  check_scale(kOp, scale);
+  check_aligned16(kOp, "q", q);
+  check_aligned16(kOp, "k", k);
+  check_aligned16(kOp, "v", v);
+
+  const at::cuda::CUDAGuard guard(q.device());
+  auto out = at::empty_like(q);
+  auto lse = at::empty({batch, q_heads, length}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+
+  SparseParams p;
+  p.q_heads = q_heads;
+  p.kv_heads = k.size(1);
+  p.length = length;
+  p.block_size = static_cast<int>(block_size);
+  p.num_blocks = static_cast<int>(blocks);
+  p.max_count = static_cast<int>(block_index.size(3));
+  p.tiles_per_block = 1;
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+
+  CABATTN_DISPATCH_ATTENTION_TYPES(q.scalar_type(), kOp, [&] {
+    CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
+      // The query tile must stay inside one query block: 16 rows for block_size 16, 32 for
+      // 32, 64 otherwise.
+      if (block_size == 16) {
+        launch<scalar_t, kHeadDim, 32>(q, k, v, block_count, block_index, out, lse, p);
+      } else if (block_size == 32) {
+        launch<scalar_t, kHeadDim, 16>(q, k, v, block_count, block_index, out, lse, p);
+      } else {
+        launch<scalar_t, kHeadDim, 8>(q, k, v, block_count, block_index, out, lse, p);
+      }
+    });
+  });
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace cabattn
+
+TORCH_LIBRARY_IMPL(cabattn, CUDA, m) {
+  m.impl("block_sparse_attention", &cabattn::cuda::block_sparse_attention_cuda);
+}

@@ -1,0 +1,102 @@
+// Helpers shared by the CUDA kernels (csrc/cuda/*.cu): launch setup, dtype dispatch, warp
+// reductions and 4-wide loads that turn float, half and bfloat16 into float4.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+
+namespace cabattn {
+namespace cuda {
+
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernel, got ",
+              t.device());
+}
+
+// The kernels move 16-byte chunks; a contiguous view that starts inside its storage can break
+// that alignment.
+inline void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+              " must start on a 16-byte boundary (it is a view with a storage offset; "
+              "call .clone() first)");
+}
+
+// Kernels with more than 48 KiB of dynamic shared memory must opt in; fail clearly when the
+// device cannot give that much.
+template <typename Kernel>
+inline void set_dynamic_smem(const char* op, Kernel kernel, size_t bytes) {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= static_cast<size_t>(optin), op, ": needs ", bytes,
+              " bytes of shared memory per block, the device allows ", optin,
+              " (use a larger block_size or a shorter sequence)");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+// float32, float16, bfloat16 (the CUDA attention dtypes); `scalar_t` is the c10 type.
+#define CABATTN_DISPATCH_ATTENTION_TYPES(TYPE, NAME, ...)            \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// head_dim 64 and 128 only; `kHeadDim` is the constant.
+#define CABATTN_DISPATCH_HEAD_DIM(OP, D, ...)                                             \
+  [&] {                                                                                   \
+    if ((D) == 64) {                                                                      \
+      constexpr int kHeadDim = 64;                                                        \
+      return __VA_ARGS__();                                                               \
+    } else if ((D) == 128) {                                                              \
+      constexpr int kHeadDim = 128;                                                       \
+      return __VA_ARGS__();                                                               \
+    }                                                                                     \
+    TORCH_CHECK(false, OP, ": head_dim ", (D), " is not supported by the CUDA kernel; "   \
+                "supported: 64, 128");                                                    \
+  }()
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Pack4 {
+  T v[4];
+};
+
+// Four consecutive elements (4-element aligned) as float4.
+template <typename T>
+__device__ __forceinline__ float4 load4(const T* p) {
+  const Pack4<T> pk = *reinterpret_cast<const Pack4<T>*>(p);
+  return make_float4(static_cast<float>(pk.v[0]), static_cast<float>(pk.v[1]),
+                     static_cast<float>(pk.v[2]), static_cast<float>(pk.v[3]));
+}
+
+// Reductions over `width` consecutive lanes (a power of two <= 32, groups aligned to it). The
+// xor butterfly leaves the bitwise-same result in every lane of the group.
+template <int width>
+__device__ __forceinline__ float group_max(float x) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset /= 2)
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+template <int width>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset /= 2)
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+}  // namespace cuda
+}  // namespace cabattn

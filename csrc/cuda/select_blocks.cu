@@ -1,0 +1,238 @@
+// CUDA kernel of cabattn::select_blocks: one thread block per (batch, head, query-block row).
+// The row's forced blocks (diagonal, recent, sink) are marked in shared memory; each top-k
+// picks the n best free candidates by a bitonic sort of (score descending, index ascending)
+// in shared memory, so ties go to the lower index exactly as in the reference; a warp ballot
+// then writes the kept blocks as a sorted, -1 padded CSR row.
+#include "cuda_common.cuh"
+
+#include <limits>
+
+namespace cabattn {
+namespace cuda {
+namespace {
+
+constexpr const char* kOp = "cabattn::select_blocks";
+constexpr int kThreads = 256;
+
+struct SelectParams {
+  int64_t heads, num_blocks;
+  int shift, max_count, sort_size;  // sort_size: num_blocks rounded up to a power of two
+};
+
+// Status the host reads after the launch: the largest count any row wanted, and whether a row
+// needed a score tensor that was not given.
+struct SelectStatus {
+  int max_row_count;
+  int missing_score;
+};
+
+__device__ __forceinline__ bool ranks_before(double value_a, int index_a, double value_b,
+                                             int index_b) {
+  if (index_a < 0) return false;  // non-candidates sort last
+  if (index_b < 0) return true;
+  return value_a > value_b || (value_a == value_b && index_a < index_b);
+}
+
+// Marks in `kept` the n best candidates of `scores` (a row of M values) among columns 0..src
+// not yet kept.
+template <typename S>
+__device__ void keep_top(const S* scores, int n, int src, int M, int sort_size,
+                         unsigned char* kept, double* values, int* indices) {
+  int free = 0;
+  for (int base = 0; base < M; base += kThreads) {
+    const int j = base + threadIdx.x;
+    free += __syncthreads_count(j < M && j <= src && !kept[j]);
+  }
+  n = min(n, free);
+  if (n <= 0) return;
+  for (int j = threadIdx.x; j < sort_size; j += kThreads) {
+    const bool candidate = j < M && j <= src && !kept[j];
+    values[j] = candidate ? static_cast<double>(scores[j]) : 0.0;
+    indices[j] = candidate ? j : -1;
+  }
+  __syncthreads();
+  for (int size = 2; size <= sort_size; size *= 2) {
+    for (int stride = size / 2; stride > 0; stride /= 2) {
+      for (int i = threadIdx.x; i < sort_size; i += kThreads) {
+        const int partner = i ^ stride;
+        if (partner <= i) continue;
+        const bool ascending = (i & size) == 0;
+        const bool swap = ascending
+                              ? ranks_before(values[partner], indices[partner], values[i],
+                                             indices[i])
+                              : ranks_before(values[i], indices[i], values[partner],
+                                             indices[partner]);
+        if (swap) {
+          const double v = values[i];
+          values[i] = values[partner];
+          values[partner] = v;
+          const int x = indices[i];
+          indices[i] = indices[partner];
+          indices[partner] = x;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int r = threadIdx.x; r < n; r += kThreads) kept[indices[r]] = 1;
+  __syncthreads();
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads)
+select_blocks_kernel(const S* __restrict__ score1, const S* __restrict__ score2,
+                     const int* __restrict__ n_recent, const int* __restrict__ n_sink,
+                     const int* __restrict__ n_score1, const int* __restrict__ n_score2,
+                     int* __restrict__ block_count, int* __restrict__ block_index,
+                     SelectStatus* __restrict__ status, SelectParams p) {
+  extern __shared__ __align__(16) char smem[];
+  const int M = static_cast<int>(p.num_blocks);
+  double* values = reinterpret_cast<double*>(smem);
+  int* indices = reinterpret_cast<int*>(values + p.sort_size);
+  unsigned char* kept = reinterpret_cast<unsigned char*>(indices + p.sort_size);
+
+  const int row = blockIdx.x;
+  const int64_t bh = int64_t(blockIdx.z) * p.heads + blockIdx.y;
+  const int src = row - p.shift;
+  const int recent = n_recent[row], sink = n_sink[row];
+  for (int j = threadIdx.x; j < M; j += kThreads) {
+    const bool eligible = src >= 0 && j <= src;
+    kept[j] = j == row || (eligible && (j > src - recent || j < sink));
+  }
+  __syncthreads();
+
+  if (src >= 0) {
+    const S* rows[2] = {score1, score2};
+    const int wanted[2] = {n_score1[row], n_score2[row]};
+    for (int s = 0; s < 2; ++s) {
+      if (wanted[s] <= 0) continue;
+      if (rows[s] == nullptr) {
+        if (threadIdx.x == 0) atomicExch(&status->missing_score, 1);
+        continue;
+      }
+      keep_top(rows[s] + (bh * M + src) * int64_t(M), wanted[s], src, M, p.sort_size, kept,
+               values, indices);
+    }
+  }
+
+  // Warp 0 writes the kept columns in ascending order.
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int* out = block_index + (bh * M + row) * int64_t(p.max_count);
+    int count = 0;
+    for (int base = 0; base < M; base += 32) {
+      const int j = base + lane;
+      const bool keep = j < M && kept[j];
+      const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+      const int slot = count + __popc(ballot & ((1u << lane) - 1u));
+      if (keep && slot < p.max_count) out[slot] = j;
+      count += __popc(ballot);
+    }
+    for (int slot = count + lane; slot < p.max_count; slot += 32) out[slot] = -1;
+    if (lane == 0) {
+      block_count[bh * M + row] = min(count, p.max_count);
+      atomicMax(&status->max_row_count, count);
+    }
+  }
+}
+
+void check_counts(const char* name, const at::Tensor& t, int64_t blocks, const at::Tensor& ref) {
+  check_rank(kOp, name, t, 1, "[num_blocks]");
+  check_dtype(kOp, name, t, at::kInt);
+  check_same_device(kOp, name, t, ref, "n_recent");
+  check_contiguous(kOp, name, t);
+  TORCH_CHECK(t.size(0) == blocks, kOp, ": ", name, " has ", t.size(0),
+              " entries but n_recent has ", blocks, "; one per query-block row");
+}
+
+std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
+    const std::optional<at::Tensor>& score1, const std::optional<at::Tensor>& score2,
+    const at::Tensor& n_recent, const at::Tensor& n_sink, const at::Tensor& n_score1,
+    const at::Tensor& n_score2, int64_t shift, int64_t max_count) {
+  TORCH_CHECK(score1.has_value() || score2.has_value(), kOp,
+              ": give at least one of score1, score2 (they set the batch and head shape)");
+  check_cuda(kOp, "n_recent", n_recent);
+  const int64_t blocks = n_recent.dim() == 1 ? n_recent.size(0) : -1;
+  check_counts("n_recent", n_recent, blocks, n_recent);
+  check_counts("n_sink", n_sink, blocks, n_recent);
+  check_counts("n_score1", n_score1, blocks, n_recent);
+  check_counts("n_score2", n_score2, blocks, n_recent);
+  TORCH_CHECK(shift == 0 || shift == 1, kOp, ": shift ", shift,
+              " is not supported; valid: 1 (strict causal selection), 0 (block)");
+  TORCH_CHECK(max_count >= 1 && max_count <= std::numeric_limits<int>::max(), kOp,
+              ": max_count must be >= 1, got ", max_count);
+  TORCH_CHECK(blocks <= 8192, kOp, ": ", blocks, " blocks per row is more than this kernel's "
+              "8192; use a larger block_size");
+
+  const at::Tensor& ref = score1.has_value() ? *score1 : *score2;
+  const char* ref_name = score1.has_value() ? "score1" : "score2";
+  for (const auto* score : {&score1, &score2}) {
+    if (!score->has_value()) continue;
+    const char* name = score == &score1 ? "score1" : "score2";
+    const at::Tensor& s = **score;
+    check_rank(kOp, name, s, 4, "[batch, heads, num_blocks, num_blocks]");
+    check_same_device(kOp, name, s, n_recent, "n_recent");
+    check_contiguous(kOp, name, s);
+    TORCH_CHECK(s.scalar_type() == ref.scalar_type(), kOp, ": score1 and score2 must share a "
+                "dtype, got ", s.scalar_type(), " and ", ref.scalar_type());
+    TORCH_CHECK(s.size(0) == ref.size(0) && s.size(1) == ref.size(1) && s.size(2) == blocks &&
+                    s.size(3) == blocks,
+                kOp, ": ", name, " must have shape [", ref.size(0), ", ", ref.size(1), ", ",
+                blocks, ", ", blocks, "] (like ", ref_name, ", num_blocks from n_recent), got ",
+                s.sizes());
+  }
+  const auto dtype = ref.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              kOp, ": scores have dtype ", dtype, "; supported: float32, float64, float16, "
+              "bfloat16");
+
+  const at::cuda::CUDAGuard guard(n_recent.device());
+  const int64_t batch = ref.size(0), heads = ref.size(1);
+  auto count = at::empty({batch, heads, blocks}, n_recent.options());
+  auto index = at::empty({batch, heads, blocks, max_count}, n_recent.options());
+  if (count.numel() == 0) return {count, index};
+  TORCH_CHECK(heads <= 65535 && batch <= 65535, kOp, ": batch and heads must be <= 65535");
+
+  SelectParams p;
+  p.heads = heads;
+  p.num_blocks = blocks;
+  p.shift = static_cast<int>(std::min<int64_t>(shift, std::numeric_limits<int>::max()));
+  p.max_count = static_cast<int>(max_count);
+  p.sort_size = 1;
+  while (p.sort_size < blocks) p.sort_size *= 2;
+  const size_t smem = size_t(p.sort_size) * (sizeof(double) + sizeof(int)) + blocks;
+
+  auto status = at::zeros({2}, n_recent.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(blocks, heads, batch);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] {
+    auto kernel = select_blocks_kernel<scalar_t>;
+    set_dynamic_smem(kOp, kernel, smem);
+    kernel<<<grid, kThreads, smem, stream>>>(
+        score1.has_value() ? score1->data_ptr<scalar_t>() : nullptr,
+        score2.has_value() ? score2->data_ptr<scalar_t>() : nullptr, n_recent.data_ptr<int>(),
+        n_sink.data_ptr<int>(), n_score1.data_ptr<int>(), n_score2.data_ptr<int>(),
+        count.data_ptr<int>(), index.data_ptr<int>(),
+        reinterpret_cast<SelectStatus*>(status.data_ptr<int>()), p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // One small device-to-host copy so that a bad budget raises here, like on the CPU, instead
+  // of a silently truncated layout.
+  const auto host = status.cpu();
+  const int max_row_count = host.data_ptr<int>()[0];
+  TORCH_CHECK(host.data_ptr<int>()[1] == 0, kOp, ": a row asks for n_score1/n_score2 > 0 but "
+              "that score tensor is None");
+  TORCH_CHECK(max_row_count <= max_count, kOp, ": a row keeps ", max_row_count,
+              " blocks, more than max_count=", max_count);
+  return {count, index};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace cabattn
+
+TORCH_LIBRARY_IMPL(cabattn, CUDA, m) {
+  m.impl("select_blocks", &cabattn::cuda::select_blocks_cuda);
+}
