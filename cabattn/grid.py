@@ -56,17 +56,42 @@ class BlockGrid:
         return torch.clamp(self.length - starts, max=self.block_size)
 
 
-def realised_density(block_count: torch.Tensor, block_index: torch.Tensor,
-                     grid: BlockGrid) -> float:
-    """Kept (query, key) pairs / causal pairs of a layout, over every batch row and head."""
+def kept_pairs(block_count: torch.Tensor, block_index: torch.Tensor,
+               grid: BlockGrid) -> torch.Tensor:
+    """Kept (query, key) pairs of a layout per batch row and head, float64 [B, H]."""
     sizes = grid.block_lengths(block_count.device).double()
     slots = torch.arange(block_index.shape[-1], device=block_count.device)
     valid = slots < block_count[..., None].long()
     idx = block_index.long().clamp(min=0)
     rows = torch.arange(grid.num_blocks, device=block_count.device)[:, None]
-    off_diag = valid & (idx < rows)
-    on_diag = valid & (idx == rows)
-    key_tokens = (sizes[idx] * off_diag).sum(-1)
-    kept = (sizes * key_tokens).sum() + (on_diag.any(-1) * sizes * (sizes + 1) / 2).sum()
-    causal = grid.length * (grid.length + 1) / 2 * block_count.shape[0] * block_count.shape[1]
-    return float(kept / causal)
+    key_tokens = (sizes[idx] * (valid & (idx < rows))).sum(-1)
+    diagonal = (valid & (idx == rows)).any(-1) * sizes * (sizes + 1) / 2
+    return (sizes * key_tokens + diagonal).sum(-1)
+
+
+def causal_pairs(length: int) -> float:
+    return length * (length + 1) / 2
+
+
+def realised_density(block_count: torch.Tensor, block_index: torch.Tensor,
+                     grid: BlockGrid) -> float:
+    """Kept (query, key) pairs / causal pairs of a layout, over every batch row and head."""
+    kept = kept_pairs(block_count, block_index, grid)
+    return float(kept.sum() / (causal_pairs(grid.length) * kept.numel()))
+
+
+def check_options(sparsity, block_size="auto", k_min: int = 64,
+                  causal_selection: str = "strict") -> None:
+    """Rejects out-of-range protocol options before any model work, naming the valid ones."""
+    if (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+            or not 0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity {sparsity!r} is outside [0, 1) (0 = dense, 0.9 = keep 10% "
+                         "of the tokens)")
+    if block_size != "auto" and block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size!r} is not supported; valid: auto, "
+                         + ", ".join(map(str, BLOCK_SIZES)))
+    if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
+        raise ValueError(f"k_min {k_min!r} must be a positive integer")
+    if causal_selection not in CAUSAL_SELECTIONS:
+        raise ValueError(f"causal_selection {causal_selection!r} is not valid; valid: "
+                         + ", ".join(CAUSAL_SELECTIONS))

@@ -9,13 +9,13 @@ talk to this interface, so adding a method touches neither the protocols nor the
   block-sparse attention over it.
 - kv protocol: `kv_keep(state)` returns, for one layer's cache, the entries each KV head keeps.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar, Optional
 
 import torch
 
-from ..grid import BlockGrid
+from ..grid import BlockGrid, token_budget
 
 
 @dataclass
@@ -36,7 +36,8 @@ class BlockPlan:
 @dataclass
 class MaskContext:
     """What a mask rule may read for one layer and window: post-RoPE q [B, Hq, L, d] and
-    k [B, Hkv, L, d], the block grid, and block statistics computed on first use."""
+    k [B, Hkv, L, d], the block grid, the attention scale, and the oracle block statistics,
+    computed on first use."""
     q: torch.Tensor
     k: torch.Tensor
     grid: BlockGrid
@@ -44,30 +45,15 @@ class MaskContext:
     layer_idx: int = 0
     window_idx: int = 0
     seed: int = 42
-    pooling: int = 0  # ops.MAX_L2 or ops.MEAN
-    stats_used: set = field(default_factory=set)
-
-    @cached_property
-    def coarse_q(self) -> torch.Tensor:
-        from .. import ops
-        self.stats_used.add("coarse")
-        return ops.coarsen(self.q, self.grid.block_size, self.pooling)
-
-    @cached_property
-    def coarse_k(self) -> torch.Tensor:
-        from .. import ops
-        self.stats_used.add("coarse")
-        return ops.coarsen(self.k, self.grid.block_size, self.pooling)
 
     @cached_property
     def block_scores(self):
         """(Sblk, Gblk) of the dense softmax: oracle statistics, one QK^T pass."""
         from .. import ops
-        self.stats_used.add("oracle")
         return ops.block_scores(self.q, self.k, self.grid.block_size, self.scale)
 
     def generator(self) -> torch.Generator:
-        """A generator seeded by (seed, window, layer), for randomised rules."""
+        """A CPU generator seeded by (seed, window, layer), for randomised rules."""
         g = torch.Generator(device="cpu")
         g.manual_seed(hash((self.seed, self.window_idx, self.layer_idx)) & 0x7FFFFFFF)
         return g
@@ -122,6 +108,31 @@ class Method:
     def validate(self) -> None:
         pass
 
+    def _check_ratio(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_number(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{self.name}: {name}={value!r} must be a number in [0, 1]")
+
+    def _check_non_negative(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"{self.name}: {name}={value!r} must be a number >= 0")
+
+    def _check_positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{self.name}: {name}={value!r} must be a positive integer")
+
+    def _check_choice(self, name: str, choices) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"{self.name}: {name}={value!r} is not valid; valid choices: "
+                             f"{', '.join(map(str, choices))}")
+
+    def token_budget(self, length: int, sparsity: float, k_min: int = 64) -> int:
+        """K for a window of `length` tokens; a method that ignores sparsity overrides it."""
+        return token_budget(length, sparsity, k_min)
+
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         raise NotImplementedError
 
@@ -132,3 +143,7 @@ class Method:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args})"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

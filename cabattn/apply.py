@@ -1,0 +1,33 @@
+"""cabattn.apply: run a Hugging Face model under a method, with either protocol.
+
+    with cabattn.apply(model, method="cab_v4", sparsity=0.9) as stats:
+        loss = model(input_ids, labels=input_ids).loss
+    stats.density
+"""
+from contextlib import contextmanager
+from typing import Union
+
+from .methods import Method
+from .sparse import resolve_method
+
+PROTOCOLS = ("mask", "kv")
+
+
+@contextmanager
+def apply(model, method: Union[str, Method] = "dense", sparsity: float = 0.0,
+          protocol: str = "mask", **options):
+    """Context manager yielding cabattn.ProtocolStats. Options are the protocol's (block_size,
+    k_min, seed; causal_selection for mask; kv_chunk, positions for kv) and the method's own
+    parameters (see cabattn.methods.get_method). Everything is validated before the model is
+    touched; the model's own attention is restored on exit, also after an exception."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if protocol == "mask":
+        from .mask_protocol import MaskProtocol as Protocol
+    else:
+        from .kv_protocol import KVProtocol as Protocol
+    names = Protocol.OPTIONS
+    protocol_options = {k: v for k, v in options.items() if k in names}
+    method = resolve_method(method, **{k: v for k, v in options.items() if k not in names})
+    with Protocol(model, method, sparsity, **protocol_options) as stats:
+        yield stats

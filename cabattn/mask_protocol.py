@@ -1,0 +1,106 @@
+"""The mask protocol inside a Hugging Face model (METHODS.md 1.2).
+
+Every attention layer runs through one function registered with transformers'
+AttentionInterface: it selects key blocks from that layer's post-RoPE q and k with the method's
+rule and runs ops.block_sparse_attention. The protocol object is attached to each attention
+module while active, so the registered function knows which method and sparsity to use.
+"""
+import torch
+from transformers import AttentionInterface
+
+from . import ops
+from .grid import causal_pairs, check_options, kept_pairs
+from .methods import Method
+from .sparse import make_grid, plan_layout
+from .stats import ProtocolStats
+
+ATTENTION_NAME = "cabattn_mask"
+_ATTRIBUTE = "_cabattn_mask_protocol"
+
+
+def _mask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    **kwargs):
+    protocol = getattr(module, _ATTRIBUTE, None)
+    if protocol is None:
+        raise RuntimeError("the cabattn mask attention runs only inside cabattn.apply(...)")
+    return protocol.attend(module, query, key, value, attention_mask, scaling)
+
+
+AttentionInterface.register(ATTENTION_NAME, _mask_attention)
+
+
+def attention_modules(model):
+    """The modules transformers calls the attention function from (they carry layer_idx)."""
+    return [m for m in model.modules()
+            if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "scaling")]
+
+
+class MaskProtocol:
+    """Context manager: inside it, the model's attention is the method's block-sparse
+    attention; __enter__ returns the ProtocolStats that every forward adds to."""
+    OPTIONS = ("block_size", "k_min", "causal_selection", "seed")
+
+    def __init__(self, model, method: Method, sparsity: float, block_size="auto",
+                 k_min: int = 64, causal_selection: str = "strict", seed: int = 42):
+        check_options(sparsity, block_size, k_min, causal_selection)
+        self.model, self.method, self.sparsity = model, method, float(sparsity)
+        self.block_size, self.k_min, self.causal_selection = block_size, k_min, causal_selection
+        self.seed = seed
+        self.windows_seen = 0
+        self.stats = ProtocolStats(oracle_selection=method.oracle)
+        self._saved = None
+
+    def __enter__(self) -> ProtocolStats:
+        modules = attention_modules(self.model)
+        if not modules:
+            raise ValueError(f"{type(self.model).__name__} has no attention modules that use "
+                             "transformers' attention-function registry")
+        self._saved = self.model.config._attn_implementation
+        for module in modules:
+            setattr(module, _ATTRIBUTE, self)
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        return self.stats
+
+    def __exit__(self, *exc):
+        self.model.set_attn_implementation(self._saved)
+        for module in attention_modules(self.model):
+            if hasattr(module, _ATTRIBUTE):
+                delattr(module, _ATTRIBUTE)
+        self._saved = None
+        return False
+
+    def attend(self, module, query, key, value, attention_mask, scaling):
+        length = query.shape[2]
+        if key.shape[2] != length:
+            raise ValueError(
+                f"the mask protocol scores one teacher-forced forward per window (queries = "
+                f"keys), got {length} queries against {key.shape[2]} cached keys; use "
+                "protocol='kv' for cached decoding")
+        if attention_mask is not None and not _is_plain_causal(attention_mask, length):
+            raise ValueError("the mask protocol scores unpadded windows; got an attention mask "
+                             "that is not plain causal (padding?); pass input_ids without "
+                             "padding or an attention_mask of ones")
+        scale = module.scaling if scaling is None else scaling
+        layer_idx = module.layer_idx
+        if layer_idx == 0:
+            self.windows_seen += 1
+        q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+        grid = make_grid(self.method, length, self.sparsity, self.block_size, self.k_min,
+                         self.causal_selection)
+        with torch.no_grad(), self.stats.timing("selection"):
+            layout = plan_layout(self.method, q, k, grid, scale, layer_idx,
+                                 self.windows_seen - 1, self.seed)
+        with self.stats.timing("attention"):
+            out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
+                                                grid.block_size, scale)
+        kept = kept_pairs(layout.block_count, layout.block_index, grid).sum(0)
+        self.stats.add_pairs(layer_idx, kept, torch.full_like(kept, causal_pairs(length)
+                                                              * q.shape[0]))
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _is_plain_causal(mask: torch.Tensor, length: int) -> bool:
+    """True for a causal mask with nothing else masked (bool keep-mask or float 0/-inf)."""
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    return bool((keep[..., -length:, -length:] == causal).all())

@@ -1,0 +1,104 @@
+"""cab_v4 and cab_v3: curvature-aware block selection (METHODS.md 2.3 and 3).
+
+cab_v4 takes a share (magnitude_ratio) of each row's picks by the oracle block maximum Gblk
+and the rest by block Forman-Ricci curvature; cab_v3 uses curvature alone (no oracle pass).
+"""
+import math
+
+import torch
+
+from .. import ops
+from . import register
+from .base import BlockPlan, KVState, MaskContext, Method
+from .common import round_ratio
+
+FORMULAS = {"additive": ops.ADDITIVE, "multiplicative": ops.MULTIPLICATIVE}
+NORMALIZATIONS = {"row_minmax": ops.ROW_MINMAX, "global_minmax": ops.GLOBAL_MINMAX}
+POOLINGS = {"max_l2": ops.MAX_L2, "mean": ops.MEAN}
+SELECTIONS = ("high", "low")
+
+
+@register
+class CabV4(Method):
+    name = "cab_v4"
+    params = {"magnitude_ratio": 0.5, "lambda_redundancy": 0.3, "temperature": 1.0,
+              "frc_formula": "additive", "frc_select": "high", "normalization": "row_minmax",
+              "pooling": "max_l2"}
+    oracle = True
+
+    def validate(self) -> None:
+        self._check_ratio("magnitude_ratio")
+        self._check_non_negative("lambda_redundancy")
+        self._check_non_negative("temperature")
+        self._check_choice("frc_formula", tuple(FORMULAS))
+        self._check_choice("frc_select", SELECTIONS)
+        self._check_choice("normalization", tuple(NORMALIZATIONS))
+        self._check_choice("pooling", tuple(POOLINGS))
+
+    def curvature(self, coarse_q: torch.Tensor, coarse_k: torch.Tensor, scale: float):
+        """FRC [B, Hq, M, M] oriented so that higher is better for the chosen frc_select."""
+        frc = ops.frc_scores(coarse_q, coarse_k, scale * self.temperature,
+                             self.lambda_redundancy, FORMULAS[self.frc_formula],
+                             NORMALIZATIONS[self.normalization])
+        return frc if self.frc_select == "high" else -frc
+
+    def mask_plan(self, ctx: MaskContext) -> BlockPlan:
+        bs, mode = ctx.grid.block_size, POOLINGS[self.pooling]
+        frc = self.curvature(ops.coarsen(ctx.q, bs, mode), ops.coarsen(ctx.k, bs, mode),
+                             ctx.scale)
+        rule = ctx.grid.rule_budget(ctx.q.device)
+        picks = (rule - 1).clamp(min=0)
+        by_magnitude = round_ratio(picks, self.magnitude_ratio)
+        zeros = torch.zeros_like(rule)
+        magnitude = ctx.block_scores[1] if bool(by_magnitude.any()) else None
+        return BlockPlan(n_recent=rule.clamp(max=1), n_sink=zeros, n_score1=by_magnitude,
+                         n_score2=picks - by_magnitude, score1=magnitude, score2=frc)
+
+    def kv_keep(self, state: KVState) -> torch.Tensor:
+        """Whole blocks of block_size tokens (by absolute position); the newest, possibly
+        partial, block always stays. The mask rule runs for the newest query block over the
+        cached key blocks: magnitude = received mass of a block, curvature from the blocks'
+        coarse queries and keys; a KV head scores a block by the mean over its query heads."""
+        b, h, n = state.positions.shape
+        bs = state.block_size
+        newest_block = state.positions[..., -1:] // bs
+        in_newest = int((state.positions[0, 0] // bs == newest_block[0, 0]).sum())
+        whole = (n - in_newest) // bs  # cached whole blocks, contiguous in the cache
+        room = (state.budget - in_newest) // bs
+        if whole <= room:
+            return torch.arange(n, device=state.positions.device).expand(b, h, n).contiguous()
+        mode = POOLINGS[self.pooling]
+        keys_whole = state.keys[:, :, :whole * bs].contiguous()
+        coarse_k = torch.cat([ops.coarsen(keys_whole, bs, mode),
+                              ops.coarsen(state.keys[:, :, whole * bs:].contiguous(), bs, mode)],
+                             dim=2)
+        group = state.block_queries.shape[1] // h
+        block_ids = state.positions[:, :, :whole * bs:bs] // bs  # [B, Hkv, whole]
+        ids_per_q_head = block_ids.repeat_interleave(group, dim=1)
+        d = state.block_queries.shape[-1]
+        coarse_q = torch.cat([
+            state.block_queries.gather(2, ids_per_q_head[..., None].expand(-1, -1, -1, d)),
+            state.block_queries.gather(2, (newest_block.repeat_interleave(group, dim=1)
+                                           )[..., None].expand(-1, -1, -1, d))], dim=2)
+        frc = self.curvature(coarse_q.contiguous(), coarse_k.contiguous(), state.scale)
+        frc_newest = frc[:, :, -1, :whole].view(b, h, group, whole).mean(2)
+        received = state.mass[:, :, :whole * bs].view(b, h, whole, bs).sum(-1)
+        by_magnitude = int(math.floor(room * self.magnitude_ratio + 0.5))
+        kept = torch.zeros(b, h, whole, dtype=torch.bool, device=state.positions.device)
+        if by_magnitude:
+            kept.scatter_(-1, received.topk(by_magnitude, dim=-1).indices, True)
+        rest = frc_newest.float().masked_fill(kept, float("-inf"))
+        if room - by_magnitude:
+            kept.scatter_(-1, rest.topk(room - by_magnitude, dim=-1).indices, True)
+        token_kept = torch.cat([kept.repeat_interleave(bs, dim=-1),
+                                torch.ones(b, h, n - whole * bs, dtype=torch.bool,
+                                           device=kept.device)], dim=-1)
+        return token_kept.nonzero()[:, 2].view(b, h, -1)
+
+
+@register
+class CabV3(CabV4):
+    name = "cab_v3"
+    params = {k: v for k, v in CabV4.params.items() if k != "magnitude_ratio"}
+    oracle = False
+    magnitude_ratio = 0.0

@@ -1,0 +1,31 @@
+"""h2o (Heavy-Hitter Oracle): a recent window plus the keys that received most attention."""
+import math
+
+import torch
+
+from . import register
+from .base import BlockPlan, KVState, MaskContext, Method
+from .common import ceil_ratio, keep_recent_and_top
+
+
+@register
+class H2O(Method):
+    name = "h2o"
+    params = {"h2o_recent_ratio": 0.5}
+    oracle = True
+
+    def validate(self) -> None:
+        self._check_ratio("h2o_recent_ratio")
+
+    def mask_plan(self, ctx: MaskContext) -> BlockPlan:
+        # c_I(J): attention mass key block J has received from query blocks 0..I.
+        received = ctx.block_scores[0].cumsum(dim=-2)
+        rule = ctx.grid.rule_budget(ctx.q.device)
+        recent = torch.where(rule > 0, ceil_ratio(rule, self.h2o_recent_ratio).clamp(min=1), 0)
+        zeros = torch.zeros_like(rule)
+        return BlockPlan(n_recent=recent, n_sink=zeros, n_score1=rule - recent, n_score2=zeros,
+                         score1=received)
+
+    def kv_keep(self, state: KVState) -> torch.Tensor:
+        recent = math.ceil(self.h2o_recent_ratio * state.budget)
+        return keep_recent_and_top(state.mass, recent, state.budget - recent)

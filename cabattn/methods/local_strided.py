@@ -1,0 +1,71 @@
+"""local_strided: a local window plus evenly strided history (Sparse Transformer style)."""
+import math
+
+import torch
+
+from . import register
+from .base import BlockPlan, KVState, MaskContext, Method
+from .common import ceil_ratio, keep_mask_indices
+
+PATTERNS = ("budget", "fixed")
+
+
+@register
+class LocalStrided(Method):
+    name = "local_strided"
+    params = {"pattern": "budget", "local_window": 256, "stride": 64}
+
+    def validate(self) -> None:
+        self._check_choice("pattern", PATTERNS)
+        self._check_positive_int("local_window")
+        self._check_positive_int("stride")
+
+    def token_budget(self, length: int, sparsity: float, k_min: int = 64) -> int:
+        if self.pattern == "fixed":  # the fixed pattern ignores s
+            return length
+        return super().token_budget(length, sparsity, k_min)
+
+    def mask_plan(self, ctx: MaskContext) -> BlockPlan:
+        grid = ctx.grid
+        m, bs = grid.num_blocks, grid.block_size
+        rule = grid.rule_budget()
+        # score1[src, J] = 1 marks the strided history blocks of source row src.
+        strided = torch.zeros(m, m)
+        if self.pattern == "fixed":
+            holds_multiple = (torch.arange(m) * bs + bs - 1) // self.stride > (
+                torch.arange(m) * bs - 1) // self.stride
+            strided[:, holds_multiple] = 1.0
+            recent = torch.full((m,), math.ceil(self.local_window / bs), dtype=torch.int32)
+            recent = torch.where(rule > 0, recent, 0)
+            n_strided = (strided.tril() > 0).sum(-1).int().roll(grid.shift)
+        else:
+            recent = ceil_ratio(rule, 0.5)
+            n_strided = rule - recent
+            for row in range(grid.shift, m):
+                src, n = row - grid.shift, int(n_strided[row])
+                if n > 0:  # evenly spaced over 0..src-recent, block 0 included
+                    last = src - int(recent[row])
+                    picks = torch.linspace(0, last, n).round().long() if n > 1 else torch.zeros(1).long()
+                    strided[src, picks] = 1.0
+        device = ctx.q.device
+        zeros = torch.zeros(m, dtype=torch.int32, device=device)
+        scores = strided.to(device).expand(ctx.q.shape[0], ctx.q.shape[1], m, m).contiguous()
+        return BlockPlan(n_recent=recent.to(device), n_sink=zeros, n_score1=n_strided.to(device),
+                         n_score2=zeros, score1=scores)
+
+    def kv_keep(self, state: KVState) -> torch.Tensor:
+        if self.pattern == "fixed":
+            raise ValueError("local_strided pattern='fixed' is a mask-protocol pattern (it "
+                             "ignores the budget); the kv protocol needs pattern='budget'")
+        n = state.positions.shape[-1]
+        recent = math.ceil(state.budget / 2)
+        index = torch.arange(n, device=state.positions.device)
+        # History = positions before the recent window; keep its multiples of the smallest
+        # power-of-two stride whose multiples fit the rest of the budget.
+        history = int(state.positions[0, 0, n - recent])
+        stride = 1
+        while math.ceil(history / stride) > state.budget - recent:
+            stride *= 2
+        keep = (index >= n - recent) | ((state.positions % stride == 0) &
+                                        (state.positions < history))
+        return keep_mask_indices(keep)

@@ -1,0 +1,28 @@
+"""random: the diagonal plus uniformly drawn blocks (mask) or tokens (kv); seeded."""
+import torch
+
+from . import register
+from .base import BlockPlan, KVState, MaskContext, Method
+
+
+@register
+class Random(Method):
+    name = "random"
+
+    def mask_plan(self, ctx: MaskContext) -> BlockPlan:
+        rule = ctx.grid.rule_budget(ctx.q.device)
+        b, h, m = ctx.q.shape[0], ctx.q.shape[1], ctx.grid.num_blocks
+        # Seeded by (seed, window, layer); every head and row draws its own numbers.
+        draws = torch.rand(b, h, m, m, generator=ctx.generator()).to(ctx.q.device)
+        recent = rule.clamp(max=1)
+        zeros = torch.zeros_like(rule)
+        return BlockPlan(n_recent=recent, n_sink=zeros, n_score1=rule - recent, n_score2=zeros,
+                         score1=draws)
+
+    def kv_keep(self, state: KVState) -> torch.Tensor:
+        b, h, n = state.positions.shape
+        device = state.positions.device
+        draws = torch.rand(b, h, n - 1, generator=state.generator()).to(device)
+        older = draws.topk(min(state.budget, n) - 1, dim=-1).indices
+        newest = torch.full((b, h, 1), n - 1, device=device, dtype=older.dtype)
+        return torch.cat([older, newest], dim=-1).sort(dim=-1).values

@@ -1,0 +1,88 @@
+"""Block selection and block-sparse attention for any registered method (the mask protocol's
+core, usable on plain tensors).
+
+    out = cabattn.sparse_attention(q, k, v, "cab_v3", sparsity=0.9)
+    layout = cabattn.select_blocks(q, k, "h2o", sparsity=0.9); layout.density
+
+The method only says how to pick (a BlockPlan); this module turns any plan into a layout with
+ops.select_blocks, so no method has a branch here.
+"""
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from . import ops
+from .grid import BlockGrid, auto_block_size, check_options, realised_density
+from .methods import BlockPlan, MaskContext, Method, get_method
+
+
+@dataclass
+class Layout:
+    """A padded CSR block layout (see cabattn.reference) and the grid it was made on."""
+    block_count: torch.Tensor  # int32 [B, Hq, M]
+    block_index: torch.Tensor  # int32 [B, Hq, M, max_count]
+    grid: BlockGrid
+
+    @property
+    def density(self) -> float:
+        return realised_density(self.block_count, self.block_index, self.grid)
+
+
+def resolve_method(method: Union[str, Method], **params) -> Method:
+    if isinstance(method, Method):
+        if params:
+            raise ValueError(f"parameters {sorted(params)} were given with an already built "
+                             f"method {method!r}; pass them to its constructor instead")
+        return method
+    return get_method(method, **params)
+
+
+def make_grid(method: Method, length: int, sparsity: float, block_size="auto",
+              k_min: int = 64, causal_selection: str = "strict") -> BlockGrid:
+    size = auto_block_size(length) if block_size == "auto" else int(block_size)
+    return BlockGrid(length, size, method.token_budget(length, sparsity, k_min), causal_selection)
+
+
+def layout_from_plan(plan: BlockPlan, grid: BlockGrid, batch: int, heads: int,
+                     device) -> Layout:
+    score1, score2 = plan.score1, plan.score2
+    if score1 is None and score2 is None:  # position-only rules: the op still needs [B, H]
+        score1 = torch.zeros(batch, heads, grid.num_blocks, grid.num_blocks, device=device)
+    picks = 1 + plan.n_recent + plan.n_sink + plan.n_score1 + plan.n_score2
+    rows = torch.arange(1, grid.num_blocks + 1, device=picks.device)
+    max_count = int(torch.minimum(picks, rows).max())
+    count, index = ops.select_blocks(score1, score2, plan.n_recent.int(), plan.n_sink.int(),
+                                     plan.n_score1.int(), plan.n_score2.int(), grid.shift,
+                                     max_count)
+    return Layout(count, index, grid)
+
+
+def plan_layout(method: Method, q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, scale: float,
+                layer_idx: int = 0, window_idx: int = 0, seed: int = 42) -> Layout:
+    ctx = MaskContext(q, k, grid, scale, layer_idx, window_idx, seed)
+    return layout_from_plan(method.mask_plan(ctx), grid, q.shape[0], q.shape[1], q.device)
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, method: Union[str, Method], sparsity: float,
+                  *, block_size="auto", k_min: int = 64, causal_selection: str = "strict",
+                  scale: float = None, seed: int = 42, **params) -> Layout:
+    """The layout `method` picks for q [B, Hq, L, d], k [B, Hkv, L, d] at `sparsity`."""
+    check_options(sparsity, block_size, k_min, causal_selection)
+    method = resolve_method(method, **params)
+    grid = make_grid(method, q.shape[2], sparsity, block_size, k_min, causal_selection)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return plan_layout(method, q, k, grid, scale, seed=seed)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     method: Union[str, Method], sparsity: float, *, block_size="auto",
+                     k_min: int = 64, causal_selection: str = "strict", scale: float = None,
+                     seed: int = 42, **params) -> torch.Tensor:
+    """Causal attention [B, Hq, L, d] over the key blocks `method` selects at `sparsity`."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    layout = select_blocks(q, k, method, sparsity, block_size=block_size, k_min=k_min,
+                           causal_selection=causal_selection, scale=scale, seed=seed, **params)
+    out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
+                                        layout.grid.block_size, scale)
+    return out
