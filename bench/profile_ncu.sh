@@ -5,7 +5,7 @@
 #
 #   bench/profile_ncu.sh [length] [head_dim] [kept_blocks]     (driver defaults: 16384 128 L/1280)
 #
-# BUILD_DIR (default build-cmake) and CMAKE_CUDA_ARCHITECTURES (default 90) pick the build;
+# BUILD_DIR (default build-cmake) and TORCH_CUDA_ARCH_LIST (default 9.0) pick the build;
 # the ncu report is left in $BUILD_DIR/block_sparse_attention.ncu-rep for the GUI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 BUILD=${BUILD_DIR:-build-cmake}
 if [ ! -x "$BUILD/ncu_driver" ]; then
   cmake -S . -B "$BUILD" -G Ninja -DCABATTN_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_CUDA_ARCHITECTURES="${CMAKE_CUDA_ARCHITECTURES:-90}" \
+    -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
     -DCMAKE_PREFIX_PATH="$($PY -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
   cmake --build "$BUILD" --parallel "$(nproc)" --target ncu_driver
 fi
