@@ -16,8 +16,9 @@ def auto_block_size(length: int) -> int:
 
 
 def token_budget(length: int, sparsity: float, k_min: int = 64) -> int:
-    """K = max(k_min, floor((1 - s) * L)), never more than L."""
-    return min(length, max(k_min, math.floor((1.0 - sparsity) * length)))
+    """K = max(k_min, floor((1 - s) * L)), never more than L. The product is rounded to 9
+    decimals first: (1 - 0.9) * 1000 is 99.99999999999997 in floating point, and K is 100."""
+    return min(length, max(k_min, math.floor(round((1.0 - sparsity) * length, 9))))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,193 @@
+"""The method registry and the mask rules on plain tensors (cabattn.sparse_attention)."""
+import math
+
+import pytest
+import torch
+
+import cabattn
+from cabattn import methods
+from cabattn.grid import BlockGrid, kept_pairs
+from cabattn.methods import KVState
+
+ALL = methods.available()
+SPARSE = [m for m in ALL if m != "dense"]
+
+
+def qkv(length=300, heads=6, kv_heads=2, dim=32, batch=2, device="cpu"):
+    q = torch.randn(batch, heads, length, dim, device=device)
+    k = torch.randn(batch, kv_heads, length, dim, device=device)
+    v = torch.randn(batch, kv_heads, length, dim, device=device)
+    return q, k, v
+
+
+def causal_sdpa(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True)
+
+
+def test_registry_lists_every_method():
+    assert ALL == sorted(["dense", "h2o", "cab_v4", "cab_v3", "streaming_llm", "local_strided",
+                          "random"])
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("nope", {}, "valid methods: cab_v3, cab_v4, dense"),
+    ("h2o", {"h2o_recent_ratio": 1.5}, "h2o_recent_ratio=1.5 must be a number in [0, 1]"),
+    ("cab_v4", {"lambda_redundancy": -0.1}, "lambda_redundancy=-0.1 must be a number >= 0"),
+    ("cab_v4", {"magnitude_ratio": -1}, "magnitude_ratio=-1 must be a number in [0, 1]"),
+    ("cab_v3", {"magnitude_ratio": 0.5}, "has no parameter(s) ['magnitude_ratio']"),
+    ("cab_v3", {"frc_select": "middle"}, "valid choices: high, low"),
+    ("local_strided", {"pattern": "dilated"}, "valid choices: budget, fixed"),
+    ("streaming_llm", {"n_sink": -4}, "n_sink=-4 must be an integer >= 0"),
+])
+def test_bad_method_parameters_name_the_valid_choices(name, params, message):
+    with pytest.raises(ValueError) as err:
+        methods.get_method(name, **params)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sparsity": 1.0}, "sparsity 1.0 is outside [0, 1)"),
+    ({"sparsity": -0.1}, "sparsity -0.1 is outside [0, 1)"),
+    ({"sparsity": 0.5, "block_size": 48}, "valid: auto, 16, 32, 64, 128"),
+    ({"sparsity": 0.5, "causal_selection": "future"}, "valid: strict, block"),
+    ({"sparsity": 0.5, "k_min": 0}, "k_min 0 must be a positive integer"),
+])
+def test_bad_options_are_rejected(options, message):
+    q, k, v = qkv(length=64)
+    with pytest.raises(ValueError) as err:
+        cabattn.sparse_attention(q, k, v, "h2o", **options)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("selection", ["strict", "block"])
+@pytest.mark.parametrize("name", ALL)
+def test_sparsity_zero_is_dense(name, selection, device):
+    q, k, v = qkv(device=device)
+    out = cabattn.sparse_attention(q, k, v, name, 0.0, causal_selection=selection)
+    torch.testing.assert_close(out, causal_sdpa(q, k, v), atol=2e-5, rtol=1e-5)
+
+
+def expected_density(grid: BlockGrid) -> float:
+    """Every row keeps exactly k_b blocks; every kept off-diagonal block is a whole block."""
+    sizes = grid.block_lengths().double()
+    off_diagonal = (grid.row_budget().double() - 1) * grid.block_size
+    kept = (sizes * off_diagonal + sizes * (sizes + 1) / 2).sum()
+    return float(kept / (grid.length * (grid.length + 1) / 2))
+
+
+@pytest.mark.parametrize("selection", ["strict", "block"])
+@pytest.mark.parametrize("name", SPARSE)
+def test_density_matches_the_budget(name, selection):
+    q, k, _ = qkv(length=1000)
+    layout = cabattn.select_blocks(q, k, name, 0.9, causal_selection=selection)
+    grid = layout.grid
+    assert (grid.block_size, grid.budget) == (16, 100)
+    rows = grid.row_budget().expand_as(layout.block_count)
+    assert torch.equal(layout.block_count, rows)
+    assert layout.density == pytest.approx(expected_density(grid), rel=1e-12)
+    assert 0.1 < layout.density < 0.2
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_strict_selection_never_sees_the_future(name):
+    q, k, v = qkv(length=400)
+    cut = 137  # inside a block: tokens of the same block after the cut change too
+    out = cabattn.sparse_attention(q, k, v, name, 0.9)
+    for t in (q, k, v):
+        t[:, :, cut:] = torch.randn_like(t[:, :, cut:])
+    changed = cabattn.sparse_attention(q, k, v, name, 0.9)
+    assert torch.equal(out[:, :, :cut], changed[:, :, :cut])
+    assert not torch.equal(out[:, :, cut:], changed[:, :, cut:])
+
+
+def test_block_selection_can_see_its_own_block():
+    """The documented difference of causal_selection='block': a row's pick may depend on
+    later tokens of its own block, so the output before a cut can change."""
+    torch.manual_seed(1)
+    q, k, v = qkv(length=400)
+    cut = 200 + 3
+    out = cabattn.sparse_attention(q, k, v, "cab_v3", 0.9, causal_selection="block")
+    q[:, :, cut:] *= 50
+    changed = cabattn.sparse_attention(q, k, v, "cab_v3", 0.9, causal_selection="block")
+    assert not torch.equal(out[:, :, cut - 3:cut], changed[:, :, cut - 3:cut])
+
+
+def test_cab_v3_and_cab_v4_pick_differently():
+    q, k, _ = qkv(length=1000)
+    v3 = cabattn.select_blocks(q, k, "cab_v3", 0.9)
+    v4 = cabattn.select_blocks(q, k, "cab_v4", 0.9)
+    assert not torch.equal(v3.block_index, v4.block_index)
+
+
+def test_h2o_keeps_its_recent_window():
+    q, k, _ = qkv(length=1000)
+    layout = cabattn.select_blocks(q, k, "h2o", 0.9, h2o_recent_ratio=0.5)
+    rows = torch.arange(layout.grid.num_blocks)
+    k_b = layout.grid.row_budget()
+    # strict: rule of row I-1 with k_b - 1 blocks keeps ceil(0.5 (k_b - 1)) recent + diagonal
+    for row in range(20, layout.grid.num_blocks):
+        recent = math.ceil(0.5 * (int(k_b[row]) - 1))
+        kept = set(layout.block_index[0, 0, row, :layout.block_count[0, 0, row]].tolist())
+        assert set(range(row - recent, row + 1)) <= kept
+    assert rows.numel() == layout.grid.num_blocks
+
+
+def test_random_is_seeded():
+    q, k, _ = qkv(length=600)
+    a = cabattn.select_blocks(q, k, "random", 0.9, seed=1).block_index
+    b = cabattn.select_blocks(q, k, "random", 0.9, seed=1).block_index
+    c = cabattn.select_blocks(q, k, "random", 0.9, seed=2).block_index
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_kept_pairs_counts_the_token_mask():
+    q, k, _ = qkv(length=300, batch=1)
+    layout = cabattn.select_blocks(q, k, "cab_v3", 0.8)
+    mask = cabattn.reference.layout_to_mask(layout.block_count, layout.block_index, 300,
+                                            layout.grid.block_size)
+    assert torch.equal(kept_pairs(layout.block_count, layout.block_index, layout.grid),
+                       mask.sum((-1, -2)).double())
+
+
+def kv_state(n=200, budget=96, batch=2, kv_heads=2, group=3, dim=16, block_size=16):
+    blocks = math.ceil(n / block_size)
+    return KVState(keys=torch.randn(batch, kv_heads, n, dim),
+                   positions=torch.arange(n).expand(batch, kv_heads, n).contiguous(),
+                   mass=torch.rand(batch, kv_heads, n),
+                   block_queries=torch.randn(batch, kv_heads * group, blocks, dim),
+                   budget=budget, block_size=block_size, scale=dim ** -0.5)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_kv_keep_is_sorted_unique_within_budget_and_keeps_the_newest(name):
+    state = kv_state()
+    keep = methods.get_method(name).kv_keep(state)
+    assert keep.dtype == torch.int64 and keep.shape[:2] == (2, 2)
+    assert 1 <= keep.shape[2] <= state.budget
+    assert bool((keep.diff(dim=-1) > 0).all())
+    assert bool((keep[..., -1] == state.positions.shape[-1] - 1).all())
+
+
+def test_kv_keep_h2o_keeps_a_heavy_hitter_and_the_recent_window():
+    state = kv_state()
+    state.mass[:, 1, 7] = 1e6
+    keep = methods.get_method("h2o").kv_keep(state)
+    assert bool((keep[:, 1] == 7).any(-1).all())
+    assert set(range(200 - 48, 200)) <= set(keep[0, 0].tolist())
+
+
+def test_kv_keep_streaming_llm_keeps_sinks_and_recent():
+    keep = methods.get_method("streaming_llm", n_sink=4).kv_keep(kv_state())
+    assert keep[0, 0].tolist() == [0, 1, 2, 3] + list(range(200 - 92, 200))
+
+
+def test_kv_keep_cab_evicts_whole_blocks():
+    state = kv_state(n=200, budget=96)  # 12 whole blocks + 8 newest tokens; room for 5
+    for name in ("cab_v3", "cab_v4"):
+        keep = methods.get_method(name).kv_keep(state)
+        assert keep.shape[-1] == 5 * 16 + 8
+        blocks = keep[..., :80].view(2, 2, 5, 16)
+        assert bool((blocks % 16 == torch.arange(16)).all())
+        assert keep[0, 0, -8:].tolist() == list(range(192, 200))
