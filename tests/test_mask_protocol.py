@@ -1,0 +1,96 @@
+"""The mask protocol inside a (tiny, random) Llama model through cabattn.apply."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import cabattn
+from cabattn import methods
+
+SPARSE = [m for m in methods.available() if m != "dense"]
+LENGTH = 600  # budget at s = 0.9: k_min = 64 tokens, 4 blocks of 16 per row
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (1, LENGTH), generator=torch.Generator().manual_seed(0))
+
+
+def loss(model, ids, **apply_args):
+    with torch.no_grad():
+        if not apply_args:
+            return model(ids, labels=ids).loss.item()
+        with cabattn.apply(model, **apply_args) as stats:
+            return model(ids, labels=ids).loss.item(), stats
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_sparsity_zero_gives_the_dense_loss(model, ids, name):
+    sparse, stats = loss(model, ids, method=name, sparsity=0.0)
+    assert sparse == pytest.approx(loss(model, ids), rel=1e-5)
+    assert stats.density == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_sparse_methods_change_the_loss_at_their_budget(model, ids, name):
+    sparse, stats = loss(model, ids, method=name, sparsity=0.9)
+    assert sparse != pytest.approx(loss(model, ids), rel=1e-4)
+    layout = cabattn.select_blocks(torch.randn(1, 4, LENGTH, 16), torch.randn(1, 2, LENGTH, 16),
+                                   name, 0.9)
+    assert stats.density == pytest.approx(layout.density, rel=1e-9)
+    assert set(stats.layer_head_density()) == {0, 1}
+    assert stats.selection_seconds > 0 and stats.attention_seconds > 0
+    assert stats.oracle_selection == methods.get_method(name).oracle
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_strict_selection_logits_before_a_token_ignore_it(model, ids, name):
+    cut = 250
+    changed = ids.clone()
+    changed[0, cut] = (changed[0, cut] + 1) % 256
+    logits = []
+    for window in (ids, changed):  # one context each: random draws per (seed, window, layer)
+        with torch.no_grad(), cabattn.apply(model, method=name, sparsity=0.9):
+            logits.append(model(window).logits)
+    before, after = logits
+    torch.testing.assert_close(before[:, :cut], after[:, :cut], rtol=0, atol=1e-6)
+    assert not torch.allclose(before[:, cut:], after[:, cut:])
+
+
+def test_the_model_attention_is_restored(model, ids):
+    original = model.config._attn_implementation
+    with cabattn.apply(model, method="cab_v3", sparsity=0.5):
+        assert model.config._attn_implementation == "cabattn_mask"
+    assert model.config._attn_implementation == original
+    with pytest.raises(ZeroDivisionError):
+        with cabattn.apply(model, method="h2o", sparsity=0.5):
+            1 / 0
+    assert model.config._attn_implementation == original
+    assert loss(model, ids) == pytest.approx(loss(model, ids))
+
+
+def test_bad_arguments_fail_before_touching_the_model(model):
+    original = model.config._attn_implementation
+    for kwargs, message in [({"method": "cab_v5"}, "valid methods"),
+                            ({"method": "h2o", "sparsity": 1.2}, "outside [0, 1)"),
+                            ({"method": "h2o", "protocol": "tokens"}, "valid: mask, kv"),
+                            ({"method": "h2o", "lambda_redundancy": 0.3}, "no parameter")]:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+            with cabattn.apply(model, **kwargs):
+                pass
+        assert model.config._attn_implementation == original
+
+
+def test_cached_decoding_points_to_the_kv_protocol(model, ids):
+    with torch.no_grad(), cabattn.apply(model, method="h2o", sparsity=0.5):
+        out = model(ids[:, :100], use_cache=True)
+        with pytest.raises(ValueError, match="protocol='kv'"):
+            model(ids[:, 100:101], past_key_values=out.past_key_values, use_cache=True)
