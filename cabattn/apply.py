@@ -4,6 +4,7 @@
         loss = model(input_ids, labels=input_ids).loss
     stats.density
 """
+import inspect
 from contextlib import contextmanager
 from typing import Union
 
@@ -26,8 +27,12 @@ def apply(model, method: Union[str, Method] = "dense", sparsity: float = 0.0,
         from .mask_protocol import MaskProtocol as Protocol
     else:
         from .kv_protocol import KVProtocol as Protocol
-    names = Protocol.OPTIONS
+    # The protocol's own options are the named keyword parameters of its constructor.
+    names = {name for name, p in inspect.signature(Protocol).parameters.items()
+             if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY} - {
+        "model", "method", "sparsity"}
     protocol_options = {k: v for k, v in options.items() if k in names}
     method = resolve_method(method, **{k: v for k, v in options.items() if k not in names})
+    method.check_protocol(protocol)
     with Protocol(model, method, sparsity, **protocol_options) as stats:
         yield stats

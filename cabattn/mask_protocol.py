@@ -38,8 +38,6 @@ def attention_modules(model):
 class MaskProtocol:
     """Context manager: inside it, the model's attention is the method's block-sparse
     attention; __enter__ returns the ProtocolStats that every forward adds to."""
-    OPTIONS = ("block_size", "k_min", "causal_selection", "seed")
-
     def __init__(self, model, method: Method, sparsity: float, block_size="auto",
                  k_min: int = 64, causal_selection: str = "strict", seed: int = 42):
         check_options(sparsity, block_size, k_min, causal_selection)

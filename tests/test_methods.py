@@ -191,3 +191,107 @@ def test_kv_keep_cab_evicts_whole_blocks():
         blocks = keep[..., :80].view(2, 2, 5, 16)
         assert bool((blocks % 16 == torch.arange(16)).all())
         assert keep[0, 0, -8:].tolist() == list(range(192, 200))
+
+
+# -- rules and checks added with the local_strided / random / cab kv fixes ----------------------
+
+@pytest.mark.parametrize("name, params, message", [
+    ("cab_v3", {"temperature": 0}, "temperature=0 must be a number > 0"),
+    ("cab_v3", {"frc_formula": "x"}, "valid choices: additive, multiplicative"),
+    ("cab_v3", {"normalization": "l2"}, "valid choices: row_minmax, global_minmax"),
+    ("cab_v3", {"pooling": "min"}, "valid choices: max_l2, mean"),
+    ("h2o", {"lambda_redundancy": 0.3}, "its parameters are: h2o_recent_ratio"),
+    ("local_strided", {"stride": 0}, "stride=0 must be a positive integer"),
+])
+def test_more_bad_parameters_name_the_valid_choices(name, params, message):
+    with pytest.raises(ValueError) as err:
+        methods.get_method(name, **params)
+    assert message in str(err.value)
+
+
+def test_register_makes_a_new_method_usable_without_touching_the_protocols():
+    @methods.register
+    class RecentOnly(methods.Method):
+        name = "test_recent_only"
+
+        def mask_plan(self, ctx):
+            rule = ctx.grid.rule_budget(ctx.q.device)
+            zeros = torch.zeros_like(rule)
+            return methods.BlockPlan(n_recent=rule, n_sink=zeros, n_score1=zeros,
+                                     n_score2=zeros)
+    try:
+        assert "test_recent_only" in methods.available()
+        q, k, _ = qkv(length=400)
+        layout = cabattn.select_blocks(q, k, "test_recent_only", 0.9)
+        window = cabattn.select_blocks(q, k, "streaming_llm", 0.9, n_sink=0)
+        assert torch.equal(layout.block_index, window.block_index)
+    finally:
+        del methods.METHODS["test_recent_only"]
+
+
+@pytest.mark.parametrize("selection", ["strict", "block"])
+def test_fixed_pattern_is_window_plus_strided_blocks(selection):
+    q, k, _ = qkv(length=1024, batch=1)
+    budget = cabattn.select_blocks(q, k, "local_strided", 0.9, causal_selection=selection)
+    fixed = cabattn.select_blocks(q, k, "local_strided", 0.9, pattern="fixed",
+                                  causal_selection=selection)
+    # B = 16: a 256-token window is 16 blocks; a multiple of 64 starts every 4th block.
+    for row in (3, 16, 40, 63):
+        kept = set(fixed.block_index[0, 0, row, :fixed.block_count[0, 0, row]].tolist())
+        window = set(range(max(row - 15, 0), row + 1))
+        assert kept == window | set(range(0, row + 1, 4)), row
+    assert fixed.density > budget.density
+
+
+def test_random_strict_draws_every_pick_from_the_earlier_blocks():
+    """k_b - 1 uniform draws from 0..I-1 (the previous block is not forced)."""
+    q, k, _ = qkv(length=1000, batch=1)
+    layout = cabattn.select_blocks(q, k, "random", 0.9)
+    rows = torch.arange(layout.grid.num_blocks)
+    previous_kept = (layout.block_index[0, :, 20:] == rows[20:, None] - 1).any(-1)
+    assert previous_kept.float().mean() < 0.5  # 6 of 19..62 candidates, not always
+
+
+def test_cab_v4_without_magnitude_is_cab_v3_and_frc_directions_differ():
+    q, k, _ = qkv(length=1000)
+    v3 = cabattn.select_blocks(q, k, "cab_v3", 0.9).block_index
+    assert torch.equal(v3, cabattn.select_blocks(q, k, "cab_v4", 0.9,
+                                                 magnitude_ratio=0.0).block_index)
+    assert not torch.equal(v3, cabattn.select_blocks(q, k, "cab_v3", 0.9,
+                                                     frc_select="low").block_index)
+
+
+def test_dense_kv_keeps_everything():
+    state = kv_state()
+    assert torch.equal(methods.get_method("dense").kv_keep(state),
+                       torch.arange(200).expand(2, 2, 200))
+
+
+def test_kv_keep_local_strided_uses_the_smallest_power_of_two_stride_that_fits():
+    keep = methods.get_method("local_strided").kv_keep(kv_state(n=200, budget=40))
+    # last 20 entries; history 0..179 must fit 20 entries: stride 16 (12 entries), not 8 (23).
+    assert keep[1, 1].tolist() == list(range(0, 180, 16)) + list(range(180, 200))
+    with pytest.raises(ValueError, match="pattern='budget'"):
+        methods.get_method("local_strided", pattern="fixed").kv_keep(kv_state())
+
+
+def test_kv_keep_random_is_seeded_and_per_head():
+    state = kv_state()
+    rule = methods.get_method("random")
+    a, b = rule.kv_keep(state), rule.kv_keep(state)
+    assert torch.equal(a, b) and a.shape[-1] == state.budget
+    assert not torch.equal(a[0, 0], a[0, 1])
+    state.seed = 7
+    assert not torch.equal(rule.kv_keep(state), a)
+
+
+def test_kv_keep_cab_v4_keeps_the_block_with_most_received_mass():
+    state = kv_state(n=200, budget=40)  # 12 whole blocks + 8 newest tokens; room for 2
+    state.mass[:, 0, 32:48] = 100.0  # block 2 of KV head 0
+    keep = methods.get_method("cab_v4").kv_keep(state)  # round(0.5 * 2) = 1 pick by mass
+    assert bool((keep[:, 0] == 32).any(-1).all())
+
+
+def test_kv_keep_cab_rejects_a_budget_smaller_than_the_newest_block():
+    with pytest.raises(ValueError, match="block_size <= K"):
+        methods.get_method("cab_v3").kv_keep(kv_state(n=200, budget=6))

@@ -118,6 +118,11 @@ class Method:
         if not _is_number(value) or value < 0:
             raise ValueError(f"{self.name}: {name}={value!r} must be a number >= 0")
 
+    def _check_positive(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_number(value) or value <= 0:
+            raise ValueError(f"{self.name}: {name}={value!r} must be a number > 0")
+
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -132,6 +137,10 @@ class Method:
     def token_budget(self, length: int, sparsity: float, k_min: int = 64) -> int:
         """K for a window of `length` tokens; a method that ignores sparsity overrides it."""
         return token_budget(length, sparsity, k_min)
+
+    def check_protocol(self, protocol: str) -> None:
+        """Raises ValueError when this configuration has no rule for `protocol` ("mask" or
+        "kv"); called before a protocol touches the model."""
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         raise NotImplementedError

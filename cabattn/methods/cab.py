@@ -29,7 +29,7 @@ class CabV4(Method):
     def validate(self) -> None:
         self._check_ratio("magnitude_ratio")
         self._check_non_negative("lambda_redundancy")
-        self._check_non_negative("temperature")
+        self._check_positive("temperature")
         self._check_choice("frc_formula", tuple(FORMULAS))
         self._check_choice("frc_select", SELECTIONS)
         self._check_choice("normalization", tuple(NORMALIZATIONS))
@@ -63,6 +63,14 @@ class CabV4(Method):
         bs = state.block_size
         newest_block = state.positions[..., -1:] // bs
         in_newest = int((state.positions[0, 0] // bs == newest_block[0, 0]).sum())
+        if in_newest > state.budget:
+            raise ValueError(f"{self.name} keeps whole blocks of block_size={bs} tokens, but "
+                             f"the budget K={state.budget} cannot hold the newest block "
+                             f"({in_newest} tokens); use a block_size <= K or a lower sparsity")
+        if (n - in_newest) % bs:
+            raise RuntimeError(f"{self.name}: the cache of layer {state.layer_idx} holds "
+                               f"{n - in_newest} entries before its newest block, not whole "
+                               f"blocks of {bs}; it must only ever be evicted by whole blocks")
         whole = (n - in_newest) // bs  # cached whole blocks, contiguous in the cache
         room = (state.budget - in_newest) // bs
         if whole <= room:

@@ -32,12 +32,19 @@ class LocalStrided(Method):
         # score1[src, J] = 1 marks the strided history blocks of source row src.
         strided = torch.zeros(m, m)
         if self.pattern == "fixed":
-            holds_multiple = (torch.arange(m) * bs + bs - 1) // self.stride > (
-                torch.arange(m) * bs - 1) // self.stride
+            starts = torch.arange(m) * bs
+            ends = starts + grid.block_lengths() - 1  # the last block may be partial
+            holds_multiple = ends // self.stride > (starts - 1) // self.stride
             strided[:, holds_multiple] = 1.0
-            recent = torch.full((m,), math.ceil(self.local_window / bs), dtype=torch.int32)
-            recent = torch.where(rule > 0, recent, 0)
-            n_strided = (strided.tril() > 0).sum(-1).int().roll(grid.shift)
+            # The window counts the diagonal, which strict selection adds outside the rule.
+            window = max(math.ceil(self.local_window / bs) - grid.shift, 0)
+            recent = torch.where(rule > 0, window, 0).int()
+            # Strided blocks older than the window: strided blocks J <= src - recent.
+            strided_upto = torch.cumsum(holds_multiple.int(), 0)
+            src = torch.arange(m) - grid.shift
+            oldest_recent = src - recent
+            n_strided = torch.where((rule > 0) & (oldest_recent >= 0),
+                                    strided_upto[oldest_recent.clamp(min=0)], 0).int()
         else:
             recent = ceil_ratio(rule, 0.5)
             n_strided = rule - recent
@@ -53,10 +60,13 @@ class LocalStrided(Method):
         return BlockPlan(n_recent=recent.to(device), n_sink=zeros, n_score1=n_strided.to(device),
                          n_score2=zeros, score1=scores)
 
-    def kv_keep(self, state: KVState) -> torch.Tensor:
-        if self.pattern == "fixed":
+    def check_protocol(self, protocol: str) -> None:
+        if protocol == "kv" and self.pattern == "fixed":
             raise ValueError("local_strided pattern='fixed' is a mask-protocol pattern (it "
                              "ignores the budget); the kv protocol needs pattern='budget'")
+
+    def kv_keep(self, state: KVState) -> torch.Tensor:
+        self.check_protocol("kv")
         n = state.positions.shape[-1]
         recent = math.ceil(state.budget / 2)
         index = torch.arange(n, device=state.positions.device)

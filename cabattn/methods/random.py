@@ -14,7 +14,9 @@ class Random(Method):
         b, h, m = ctx.q.shape[0], ctx.q.shape[1], ctx.grid.num_blocks
         # Seeded by (seed, window, layer); every head and row draws its own numbers.
         draws = torch.rand(b, h, m, m, generator=ctx.generator()).to(ctx.q.device)
-        recent = rule.clamp(max=1)
+        # k_b - 1 draws from the blocks before the diagonal: under strict selection the rule
+        # (budget k_b - 1) draws them all; under block selection its own diagonal is one pick.
+        recent = rule.clamp(max=1) if ctx.grid.shift == 0 else torch.zeros_like(rule)
         zeros = torch.zeros_like(rule)
         return BlockPlan(n_recent=recent, n_sink=zeros, n_score1=rule - recent, n_score2=zeros,
                          score1=draws)
