@@ -1,0 +1,260 @@
+// block_scores: Sblk (sum) and Gblk (max) of the dense causal softmax P per (query block, key
+// block) pair (METHODS.md 2.2), in one QK^T pass that never holds more than a
+// [block_size, kKeyChunk] tile of logits.
+//
+// For query row r and key block J it keeps the block-local max logit m_rJ and
+// s_rJ = sum_{j in J, j <= r} exp(logit_rj - m_rJ). With lse_r = logsumexp_J(m_rJ + log s_rJ):
+//   sum_{j in J} P_rj = s_rJ * exp(m_rJ - lse_r),   max_{j in J} P_rj = exp(m_rJ - lse_r),
+// so Sblk[I, J] and Gblk[I, J] are a sum and a max of those over the rows r of block I. The
+// per-block maxima make the scheme exact without a running max or any rescaling.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common.h"
+
+// ATen turns MKL's dynamic threading off, so an MKL call made inside at::parallel_for starts a
+// nested team of threads per call, which spin against ours. MKL's C API for a thread-local
+// thread count, declared weak: where the torch build exports no MKL it stays null and unused.
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
+
+namespace cabattn {
+namespace {
+
+// Single-threaded BLAS in the calling thread for the scope's lifetime.
+class SequentialBlasScope {
+ public:
+  SequentialBlasScope() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlasScope() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+
+ private:
+  int previous_ = 0;  // 0: the global setting
+};
+
+// Logits are computed in [kRowTile, kKeyChunk] tiles (512 KiB of float32, within a core's L2
+// cache). A row tile spans several query blocks when block_size < 128: GEMMs with 128 rows run
+// about twice as fast as 32-row ones, which outweighs the few masked logits it wastes.
+constexpr int64_t kRowTile = 128;
+constexpr int64_t kKeyChunk = 1024;
+static_assert(kKeyChunk % kRowTile == 0, "key chunks must start at row-tile boundaries");
+
+// The exp over the logits is this operator's whole non-GEMM cost, so the float32 row pass is
+// written with GCC vector types (16 floats: one AVX-512 register, two AVX2 or four SSE ones) and
+// compiled once per x86 vector ISA; the loader picks the best the CPU has.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CABATTN_VECTOR_CLONES \
+  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define CABATTN_VECTOR_CLONES
+#endif
+
+// The vector helpers are always inlined into the clones, so no vector value crosses a call
+// boundary and GCC's note about the AVX-512 calling convention does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+constexpr int kLanes = 16;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// exp(x) for x <= 0 within about 2 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6
+// polynomial, 2^n from the exponent bits). Below -87 it returns exp(-87) ~ 1.6e-38 instead of
+// underflowing, which no block sum or maximum can notice.
+[[gnu::always_inline]] inline vfloat exp_nonpositive(vfloat x) {
+  const vfloat floor_x = vfloat{} - 87.0f;
+  x = x < floor_x ? floor_x : x;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const vfloat r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  vfloat p = vfloat{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vint exponent = (__builtin_convertvector(n, vint) + 127) << 23;
+  return p * std::bit_cast<vfloat>(exponent);
+}
+
+// The lanes of x[0 .. min(size, kLanes)); missing ones read as -inf.
+[[gnu::always_inline]] inline vfloat load_lanes(const float* x, int64_t size) {
+  vfloat v;
+  if (size >= kLanes) {
+    std::memcpy(&v, x, sizeof(vfloat));  // a constant size: one unaligned vector load
+  } else {
+    v = vfloat{} - std::numeric_limits<float>::infinity();
+    std::memcpy(&v, x, size * sizeof(float));
+  }
+  return v;
+}
+
+// For one row of `count` logits cut into blocks of block_size: each block's max m[J] and
+// s[J] = sum exp(logit - m[J]).
+CABATTN_VECTOR_CLONES
+void row_block_stats(const float* logits, int64_t count, int64_t block_size, float* m,
+                     float* s) {
+  vint lane;
+  for (int t = 0; t < kLanes; ++t) lane[t] = t;
+  for (int64_t start = 0, block = 0; start < count; start += block_size, ++block) {
+    const int64_t size = std::min(block_size, count - start);
+    const float* x = logits + start;
+    vfloat lane_max = load_lanes(x, size);
+    for (int64_t j = kLanes; j < size; j += kLanes) {
+      const vfloat v = load_lanes(x + j, size - j);
+      lane_max = v > lane_max ? v : lane_max;
+    }
+    float block_max = lane_max[0];
+    for (int t = 1; t < kLanes; ++t) block_max = std::max(block_max, lane_max[t]);
+
+    vfloat lane_sum = {};
+    for (int64_t j = 0; j < size; j += kLanes) {
+      const vfloat e = exp_nonpositive(load_lanes(x + j, size - j) - block_max);
+      lane_sum += lane < static_cast<int32_t>(size - j) ? e : vfloat{};
+    }
+    float block_sum = 0.0f;
+    for (int t = 0; t < kLanes; ++t) block_sum += lane_sum[t];
+    m[block] = block_max;
+    s[block] = block_sum;
+  }
+}
+
+// float64 inputs exist for reference runs only: plain loops.
+void row_block_stats(const double* logits, int64_t count, int64_t block_size, double* m,
+                     double* s) {
+  for (int64_t start = 0, block = 0; start < count; start += block_size, ++block) {
+    const int64_t size = std::min(block_size, count - start);
+    const double* x = logits + start;
+    double block_max = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < size; ++j) block_max = std::max(block_max, x[j]);
+    double block_sum = 0.0;
+    for (int64_t j = 0; j < size; ++j) block_sum += std::exp(x[j] - block_max);
+    m[block] = block_max;
+    s[block] = block_sum;
+  }
+}
+
+// q_scaled [B, Hq, L, d] (softmax scale folded in) and k [B, Hkv, L, d], both contiguous in
+// acc_t; sum_out and max_out [B, Hq, M, M] float32, zero-filled (J > I stays zero).
+template <typename acc_t>
+void block_scores_kernel(const at::Tensor& q_scaled, const at::Tensor& k, int64_t block_size,
+                         float* sum_out, float* max_out) {
+  const int64_t batch = q_scaled.size(0), q_heads = q_scaled.size(1);
+  const int64_t length = q_scaled.size(2), dim = q_scaled.size(3), kv_heads = k.size(1);
+  const int64_t group = q_heads / kv_heads;
+  const int64_t blocks = num_blocks(length, block_size);
+  const int64_t tiles = num_blocks(length, kRowTile);
+  const acc_t* q_data = q_scaled.const_data_ptr<acc_t>();
+  const acc_t* k_data = k.const_data_ptr<acc_t>();
+  const auto options = q_scaled.options();
+
+  // Task t is a (batch, head, row tile) triple. Tile T costs about T + 1 key chunks, so each
+  // head's tiles are visited as 0, last, 1, last - 1, ...: the contiguous task ranges
+  // at::parallel_for hands to the threads then carry about equal work.
+  at::parallel_for(0, batch * q_heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    const SequentialBlasScope sequential_blas;
+    std::vector<acc_t> tile(kRowTile * kKeyChunk);
+    std::vector<acc_t> row_max(kRowTile * blocks), row_sum(kRowTile * blocks);
+    std::vector<double> block_sum(blocks), block_max(blocks), weight(blocks);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t head_index = task / tiles, pos = task % tiles;  // head_index = b * Hq + h
+      const int64_t row_tile = pos % 2 == 0 ? pos / 2 : tiles - 1 - pos / 2;
+      const int64_t b = head_index / q_heads, h = head_index % q_heads;
+      const int64_t first_row = row_tile * kRowTile;
+      const int64_t rows = std::min(kRowTile, length - first_row);
+      const int64_t key_end = first_row + rows;  // causal: keys up to the tile's last row
+      const acc_t* q_rows = q_data + (head_index * length + first_row) * dim;
+      const acc_t* k_head = k_data + ((b * kv_heads + h / group) * length) * dim;
+      const at::Tensor q_view =
+          at::from_blob(const_cast<acc_t*>(q_rows), {rows, dim}, options);
+
+      // Chunks start at multiples of kKeyChunk, tiles at multiples of kRowTile (which divides
+      // it), so every chunk starts at or before the tile's first row: each row sees >= 1 key.
+      for (int64_t chunk_start = 0; chunk_start < key_end; chunk_start += kKeyChunk) {
+        const int64_t keys = std::min(kKeyChunk, key_end - chunk_start);
+        at::Tensor logits = at::from_blob(tile.data(), {rows, keys}, options);
+        const at::Tensor k_view =
+            at::from_blob(const_cast<acc_t*>(k_head + chunk_start * dim), {keys, dim}, options);
+        at::mm_out(logits, q_view, k_view.t());
+        const int64_t chunk_block = chunk_start / block_size;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t visible = first_row + r + 1 - chunk_start;
+          row_block_stats(tile.data() + r * keys, std::min(keys, visible), block_size,
+                          row_max.data() + r * blocks + chunk_block,
+                          row_sum.data() + r * blocks + chunk_block);
+        }
+      }
+
+      // Per query block of the tile: each row's lse from its per-block (max, sum) pairs, then
+      // each key block's share of the row, summed and maxed over the block's rows.
+      for (int64_t block_row = 0; block_row < rows; block_row += block_size) {
+        const int64_t row_block = (first_row + block_row) / block_size;
+        const int64_t block_rows = std::min(block_size, rows - block_row);
+        std::fill(block_sum.begin(), block_sum.begin() + row_block + 1, 0.0);
+        std::fill(block_max.begin(), block_max.begin() + row_block + 1, 0.0);
+        for (int64_t r = block_row; r < block_row + block_rows; ++r) {
+          const acc_t* m = row_max.data() + r * blocks;
+          const acc_t* s = row_sum.data() + r * blocks;
+          double top = -std::numeric_limits<double>::infinity();
+          for (int64_t J = 0; J <= row_block; ++J) top = std::max(top, static_cast<double>(m[J]));
+          double total = 0.0;
+          for (int64_t J = 0; J <= row_block; ++J) {
+            weight[J] = std::exp(static_cast<double>(m[J]) - top);
+            total += s[J] * weight[J];
+          }
+          for (int64_t J = 0; J <= row_block; ++J) {
+            const double peak = weight[J] / total;  // exp(m_rJ - lse_r)
+            block_sum[J] += s[J] * peak;
+            block_max[J] = std::max(block_max[J], peak);
+          }
+        }
+        const int64_t out_row = (head_index * blocks + row_block) * blocks;
+        for (int64_t J = 0; J <= row_block; ++J) {
+          sum_out[out_row + J] = static_cast<float>(block_sum[J]);
+          max_out[out_row + J] = static_cast<float>(block_max[J]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> block_scores_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                    int64_t block_size, double scale) {
+  const char* op = "cabattn::block_scores";
+  check_qk(op, q, k);
+  check_block_size(op, block_size);
+  TORCH_CHECK(q.size(2) == k.size(2), op, ": q and k must have the same length (causal "
+              "self-attention), got ", q.size(2), " and ", k.size(2));
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a positive finite number, "
+              "got ", scale);
+  const int64_t blocks = num_blocks(q.size(2), block_size);
+  const auto out_options = q.options().dtype(at::kFloat);
+  at::Tensor sum_out = at::zeros({q.size(0), q.size(1), blocks, blocks}, out_options);
+  at::Tensor max_out = at::zeros({q.size(0), q.size(1), blocks, blocks}, out_options);
+  if (q.numel() == 0) return {sum_out, max_out};
+  // Compute in float32 (float64 for float64 inputs); half inputs are converted once here.
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor q_scaled = (q.to(acc) * scale).contiguous();
+  const at::Tensor k_acc = k.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "block_scores", [&] {
+    block_scores_kernel<scalar_t>(q_scaled, k_acc, block_size, sum_out.mutable_data_ptr<float>(),
+                                  max_out.mutable_data_ptr<float>());
+  });
+  return {sum_out, max_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cabattn, m) {
+  m.def("block_scores(Tensor q, Tensor k, int block_size, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cabattn, CPU, m) { m.impl("block_scores", &block_scores_cpu); }
+
+}  // namespace cabattn
