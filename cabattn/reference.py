@@ -93,8 +93,9 @@ def select_blocks(score1, score2, n_recent, n_sink, n_score1, n_score2, shift: i
     (shift 1 = strict causal selection, 0 = block) over candidates 0..src, in this order:
     the n_recent[I] most recent candidates (src, src-1, ...), the first n_sink[I] candidates,
     then the n_score1[I] highest score1[..., src, :] among those not yet kept, then the
-    n_score2[I] highest score2[..., src, :] likewise. Ties go to the lower index. The per-row
-    counts are int32 [M]; score1/score2 are float [B, H, M, M] or None when unused.
+    n_score2[I] highest score2[..., src, :] likewise. Ties go to the lower index; NaN ranks
+    as -inf. The per-row counts are int32 [M]; score1/score2 are float [B, H, M, M] or None
+    when unused.
     """
     ref = score1 if score1 is not None else score2
     b, h, m = ref.shape[0], ref.shape[1], n_recent.shape[0]
@@ -115,9 +116,14 @@ def select_blocks(score1, score2, n_recent, n_sink, n_score1, n_score2, shift: i
                 n = min(n, free)
                 if n <= 0:
                     continue
-                s = scores[..., src, :].double().masked_fill(~eligible | kept, float("-inf"))
-                order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :n]
-                kept.scatter_(-1, order, True)
+                s = scores[..., src, :].double()
+                s = torch.where(s.isnan(), float("-inf"), s)  # NaN ranks lowest, as -inf
+                by_score = torch.sort(s, dim=-1, descending=True, stable=True).indices
+                # Free candidates first, keeping the score order (a -inf candidate still beats
+                # an ineligible or already kept block).
+                free_first = torch.sort((eligible & ~kept).gather(-1, by_score).byte(), dim=-1,
+                                        descending=True, stable=True).indices
+                kept.scatter_(-1, by_score.gather(-1, free_first[..., :n]), True)
         c = int(kept[0, 0].sum())
         if c > max_count:
             raise ValueError(f"row {row} keeps {c} blocks, more than max_count={max_count}")
