@@ -213,3 +213,34 @@ def test_a_failed_fetch_names_its_command_and_output(tmp_path):
         run_fetch_command(command, tmp_path)
     assert "exited 3" in str(error.value) and "no such package" in str(error.value)
     assert "sys.exit(3)" in str(error.value)
+
+
+def test_hub_sources_are_joined_as_the_spec_says(tokenizer, monkeypatch, tmp_path):
+    """The hub is unreachable here: a stand-in for datasets.load_dataset checks what we ask
+    for and how the rows are joined (wikitext and c4 one stream, pg19 one document a book)."""
+    import datasets
+
+    asked = []
+    line = "The quick brown fox jumps over the lazy dog and runs back home again. " * 10
+
+    def fake_load_dataset(path, *args, **kwargs):
+        asked.append((path, args, kwargs))
+        return datasets.Dataset.from_dict({"text": [f"{i} {line}" for i in range(1200)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
+    rows = [f"{i} {line}" for i in range(1200)]
+    L = 128
+    for name, joined in (("wikitext-2", ["\n\n".join(rows)]), ("c4", ["\n\n".join(rows[:1000])]),
+                         ("pg19", rows)):
+        windows = data.load_windows(name, tokenizer, L, cache_dir=tmp_path)
+        expected = []
+        for text in joined:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            expected.extend(ids[start:start + L] for start in range(0, len(ids) - L + 1, L))
+        assert windows.input_ids.tolist() == expected, name
+    assert asked[0][:2] == ("Salesforce/wikitext", ("wikitext-2-raw-v1",))
+    assert asked[0][2]["split"] == "test"
+    assert asked[1][0] == "allenai/c4"
+    assert asked[1][2]["data_files"] == {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+    assert asked[2][0] == "deepmind/pg19" and asked[2][2]["split"] == "test"
