@@ -21,9 +21,9 @@ from transformers import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
-from .grid import BLOCK_SIZES, auto_block_size, token_budget
+from .grid import BLOCK_SIZES, auto_block_size
 from .kv_cache import KVEvictionCache
-from .methods.base import Method
+from .methods import Method, get_method
 from .reference import default_scale
 from .stats import ProtocolStats
 
@@ -87,7 +87,8 @@ class KVProtocol:
     result of each window; __enter__ returns the ProtocolStats the windows add to.
 
     method: a Method instance, or a registered method name built with **method_params.
-    sparsity: s in [0, 1), budget K = token_budget(L, s, k_min) per KV head and layer.
+    sparsity: s in [0, 1); the budget per KV head and layer is
+    K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything).
     kv_chunk: tokens per streaming step (1 = exact token-by-token streaming).
     positions: "absolute" (every token keeps its true position).
     block_size: "auto" (auto_block_size(L)) or one of 16, 32, 64, 128: the block the
@@ -120,11 +121,11 @@ class KVProtocol:
                 raise ValueError(f"method parameters {sorted(method_params)} were given with "
                                  f"an already built method {method!r}; pass them to it instead")
         elif isinstance(method, str):
-            from .methods import build_method  # the registry (cabattn/methods/__init__.py)
-            method = build_method(method, **method_params)
+            method = get_method(method, **method_params)
         else:
             raise TypeError(f"method must be a cabattn Method or a method name, got "
                             f"{type(method).__name__}")
+        method.check_protocol("kv")
         self.model, self.method, self.sparsity = model, method, float(sparsity)
         self.kv_chunk, self.positions, self.block_size = kv_chunk, positions, block_size
         self.k_min, self.seed = k_min, seed
@@ -172,7 +173,7 @@ class KVProtocol:
                              "padding (zeros)")
         model = self.model
         batch, length = input_ids.shape
-        self.budget = token_budget(length, self.sparsity, self.k_min)
+        self.budget = self.method.token_budget(length, self.sparsity, self.k_min)
         block_size = auto_block_size(length) if self.block_size == "auto" else self.block_size
         self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
                                              self.kv_chunk, block_size, length)

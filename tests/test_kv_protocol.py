@@ -160,7 +160,7 @@ def test_cache_after_every_eviction(model, ids, name, chunk):
     """At most K entries per KV head, sorted unique keep sets, original positions (layer 0's
     cached keys and values are the dense pass's at those positions)."""
     keys, values = dense_kv(model, ids)
-    recorder = Recorder(registry.build_method(name), keys, values, chunk)
+    recorder = Recorder(registry.get_method(name), keys, values, chunk)
     protocol = KVProtocol(model, recorder, SPARSITY, kv_chunk=chunk, k_min=K_MIN)
     recorder.protocol = protocol
     with protocol as stats, torch.no_grad():
@@ -176,7 +176,7 @@ def test_cache_after_every_eviction(model, ids, name, chunk):
 
 
 def test_h2o_keeps_recent_window_and_heavy_hitter():
-    method = registry.build_method("h2o")
+    method = registry.get_method("h2o")
     budget, n, b, h = 10, 16, 1, 2
     mass = torch.rand(b, h, n) * 0.1
     mass[0, 0, 3] = 50.0  # a heavy hitter in head 0 only
