@@ -174,6 +174,9 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32).eval()
+    # Under the lock, any staging folder left beside this one is from a killed conversion.
+    for stale in folder.parent.glob(f".{folder.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         # Without this the saved config would claim GGUF quantisation and need the .gguf again.
@@ -184,8 +187,12 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         write_json(staging / "cabattn_source.json",
                    {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size})
         _check_conversion(model, tokenizer, staging)
+        # mkdtemp (0700) and safetensors (0600) would hide a shared cache from other users.
+        os.chmod(staging, 0o755)
+        for written in staging.iterdir():
+            os.chmod(written, 0o644)
         if folder.exists():
-            shutil.rmtree(folder)  # an incomplete folder left by a killed conversion
+            shutil.rmtree(folder)  # damaged: its model.safetensors is gone
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -279,14 +279,14 @@ def hub_corpus(name: str) -> Corpus:
         rows = datasets.load_dataset("allenai/c4", data_files={"validation": shard},
                                      split="validation")
         return Corpus(name, f"allenai/c4 {shard}, first 1000 documents; one stream",
-                      rows.select(range(1000))["text"], per_document=False)
+                      list(rows.select(range(1000))["text"]), per_document=False)
     if name == "pg19":
         # The deepmind/pg19 loading script does not run on datasets >= 4; the hub's own
         # parquet conversion of it holds the same test split.
         rows = datasets.load_dataset("deepmind/pg19", revision="refs/convert/parquet",
                                      split="test")
         return Corpus(name, "deepmind/pg19 test (hub parquet conversion); one document "
-                      "per book", rows["text"], per_document=True)
+                      "per book", list(rows["text"]), per_document=True)
     raise DatasetError(f"{name!r} is not a hub dataset; choose one of {', '.join(HUB_DATASETS)}")
 
 
