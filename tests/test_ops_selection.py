@@ -61,7 +61,7 @@ def test_coarsen_max_l2_ties_go_to_first_token(device):
 
 @pytest.mark.parametrize("batch,kv_heads,ratio,length,block_size",
                          [(2, 2, 1, 100, 16), (1, 1, 3, 300, 32), (2, 1, 4, 200, 64),
-                          (1, 2, 3, 1200, 128)])
+                          (1, 1, 2, 1100, 128)])
 def test_block_scores_matches_reference(device, batch, kv_heads, ratio, length, block_size):
     for dtype in dtypes_for(device):
         q, k = gqa_inputs(device, dtype, batch, kv_heads, ratio, length, scale=1.5)

@@ -1,0 +1,99 @@
+"""Selection cost of the mask protocol against dense causal attention, on the CPU (fp32).
+
+One run, same threads, same q/k/v: q [1, 9, L, 64], k and v [1, 3, L, 64] (GQA 3), block size
+auto (cabattn.grid.auto_block_size: 32 at 2K, 128 at 8K). For each L it times
+  sdpa     torch's causal scaled_dot_product_attention (the dense forward's attention)
+  oracle   coarsen(q) + coarsen(k) + block_scores      (h2o / cab_v4 magnitude statistics)
+  frc      coarsen(q) + coarsen(k) + frc_scores + select_blocks (cab_v3 at s = 0.9)
+and prints each as a fraction of sdpa; block_scores costs one QK^T pass, so about 0.5 is the
+target. Appends a dated section to bench/RESULTS.md.
+
+  .venv/bin/python bench/bench_selection.py [--lengths 2048 8192] [--repeats 3]
+"""
+import argparse
+import datetime
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cabattn import ops  # noqa: E402
+from cabattn.grid import BlockGrid, auto_block_size, token_budget  # noqa: E402
+
+Q_HEADS, KV_HEADS, HEAD_DIM, SPARSITY = 9, 3, 64, 0.9
+
+
+def median_seconds(fn, repeats):
+    fn()  # warm-up: allocator, MKL and thread-pool start-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_length(length, repeats):
+    torch.manual_seed(0)
+    q = torch.randn(1, Q_HEADS, length, HEAD_DIM)
+    k = torch.randn(1, KV_HEADS, length, HEAD_DIM)
+    v = torch.randn(1, KV_HEADS, length, HEAD_DIM)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    block = auto_block_size(length)
+    grid = BlockGrid(length, block, token_budget(length, SPARSITY))
+    picks = grid.rule_budget()
+    zeros = torch.zeros_like(picks)
+
+    def sdpa():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                         enable_gqa=True)
+
+    def oracle():
+        ops.coarsen(q, block), ops.coarsen(k, block)
+        ops.block_scores(q, k, block, scale)
+
+    def frc():
+        curvature = ops.frc_scores(ops.coarsen(q, block), ops.coarsen(k, block), scale, 0.3)
+        ops.select_blocks(curvature, None, zeros, zeros, picks, zeros, grid.shift,
+                          grid.max_count())
+
+    times = {name: median_seconds(fn, repeats) for name, fn in
+             (("sdpa", sdpa), ("oracle", oracle), ("frc", frc))}
+    return block, times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    device = platform.processor() or platform.machine()
+    header = (f"q [1, {Q_HEADS}, L, {HEAD_DIM}], k/v [1, {KV_HEADS}, L, {HEAD_DIM}] fp32, CPU "
+              f"({device}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+              f"median of {args.repeats}; frc selects at s = {SPARSITY}, strict")
+    rows = ["| L | block | sdpa ms | coarsen+block_scores ms (/sdpa) "
+            "| coarsen+frc+select ms (/sdpa) |", "|---|---|---|---|---|"]
+    print(header)
+    for length in args.lengths:
+        block, t = bench_length(length, args.repeats)
+        rows.append(f"| {length} | {block} | {t['sdpa'] * 1e3:.1f} "
+                    f"| {t['oracle'] * 1e3:.1f} ({t['oracle'] / t['sdpa']:.2f}) "
+                    f"| {t['frc'] * 1e3:.2f} ({t['frc'] / t['sdpa']:.3f}) |")
+        print(rows[-1], flush=True)
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(ROOT / "bench" / "RESULTS.md", "a") as results:
+        results.write(f"\n## Selection cost vs dense SDPA (bench_selection.py), {stamp}\n\n"
+                      f"{header}\n\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
