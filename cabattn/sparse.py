@@ -70,6 +70,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, method: Union[str, Method], 
     """The layout `method` picks for q [B, Hq, L, d], k [B, Hkv, L, d] at `sparsity`."""
     check_options(sparsity, block_size, k_min, causal_selection)
     method = resolve_method(method, **params)
+    q, k = q.contiguous(), k.contiguous()  # e.g. [B, L, H, d] inputs transposed to [B, H, L, d]
     grid = make_grid(method, q.shape[2], sparsity, block_size, k_min, causal_selection)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return plan_layout(method, q, k, grid, scale, seed=seed)
@@ -83,6 +84,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     layout = select_blocks(q, k, method, sparsity, block_size=block_size, k_min=k_min,
                            causal_selection=causal_selection, scale=scale, seed=seed, **params)
-    out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
+    out, _ = ops.block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                        layout.block_count, layout.block_index,
                                         layout.grid.block_size, scale)
     return out

@@ -295,3 +295,12 @@ def test_kv_keep_cab_v4_keeps_the_block_with_most_received_mass():
 def test_kv_keep_cab_rejects_a_budget_smaller_than_the_newest_block():
     with pytest.raises(ValueError, match="block_size <= K"):
         methods.get_method("cab_v3").kv_keep(kv_state(n=200, budget=6))
+
+
+def test_transposed_inputs_are_accepted():
+    """Model code holds [B, L, H, d] and transposes: the public functions take such views."""
+    q, k, v = qkv(length=200)
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert not views[0].is_contiguous()
+    torch.testing.assert_close(cabattn.sparse_attention(*views, "cab_v4", 0.7),
+                               cabattn.sparse_attention(q, k, v, "cab_v4", 0.7), rtol=0, atol=0)
