@@ -1,8 +1,9 @@
 """The kv protocol on the real offline model (SmolLM2-135M) and real book text.
 
-One 512-token pd-books window at s = 0.9 (K = 64), chunks of 16 tokens to keep it to seconds
-on a CPU. StreamingLLM's attention sinks must matter the way the paper reports: without
-them the bounded cache loses the first tokens and perplexity climbs.
+At s = 0.9 (K = 64) with chunks of tokens, to keep it to about a minute on a CPU.
+StreamingLLM's attention sinks must matter the way the paper reports: without them the
+bounded cache loses the first tokens and perplexity climbs (one 512-token window, chunks of
+16). Every method gives a finite loss (one 256-token window, chunks of 32).
 """
 import math
 
@@ -12,7 +13,7 @@ import torch
 from cabattn import methods as registry
 from cabattn.kv_protocol import KVProtocol
 
-LENGTH, SPARSITY, CHUNK = 512, 0.9, 16
+SPARSITY = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -20,34 +21,35 @@ def smollm2():
     from eval.data import load_windows
     from eval.models import load_model
     loaded = load_model("smollm2-135m")
-    window = load_windows("pd-books", loaded.tokenizer, LENGTH, max_windows=1)
+    windows = {length: load_windows("pd-books", loaded.tokenizer, length, max_windows=1)
+               .input_ids[:1] for length in (256, 512)}
     # Streaming runs many small operations; on a shared CPU, OpenMP teams make them up to
     # ten times slower than one thread does.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield loaded.model, window.input_ids[:1]
+    yield loaded.model, windows
     torch.set_num_threads(threads)
 
 
-def kv_perplexity(model, ids, method, **params):
-    with KVProtocol(model, method, SPARSITY, kv_chunk=CHUNK, **params) as stats, \
+def kv_perplexity(model, ids, method, chunk, **params):
+    with KVProtocol(model, method, SPARSITY, kv_chunk=chunk, **params) as stats, \
             torch.inference_mode():
         loss = float(model(ids, labels=ids).loss)
     return math.exp(loss), stats.density
 
 
 def test_attention_sinks_lower_perplexity(smollm2):
-    model, ids = smollm2
-    with_sinks, density = kv_perplexity(model, ids, "streaming_llm", n_sink=4)
-    without_sinks, _ = kv_perplexity(model, ids, "streaming_llm", n_sink=0)
+    model, windows = smollm2
+    with_sinks, density = kv_perplexity(model, windows[512], "streaming_llm", 16, n_sink=4)
+    without_sinks, _ = kv_perplexity(model, windows[512], "streaming_llm", 16, n_sink=0)
     print(f"streaming_llm PPL: n_sink=4 {with_sinks:.2f}, n_sink=0 {without_sinks:.2f}, "
           f"density {density:.3f}")
-    assert with_sinks < 0.8 * without_sinks
+    assert with_sinks < 0.5 * without_sinks
 
 
 @pytest.mark.parametrize("name", sorted(set(registry.METHODS) - {"dense"}))
 def test_every_method_is_finite(smollm2, name):
-    model, ids = smollm2
-    ppl, density = kv_perplexity(model, ids, name)
+    model, windows = smollm2
+    ppl, density = kv_perplexity(model, windows[256], name, 32)
     print(f"{name}: PPL {ppl:.2f}, density {density:.3f}")
     assert math.isfinite(ppl) and 0 < density < 1
