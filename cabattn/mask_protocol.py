@@ -6,7 +6,8 @@ rule and runs ops.block_sparse_attention. The protocol object is attached to eac
 module while active, so the registered function knows which method and sparsity to use.
 """
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
 
 from . import ops
 from .grid import causal_pairs, check_options, kept_pairs
@@ -27,6 +28,10 @@ def _mask_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 
 AttentionInterface.register(ATTENTION_NAME, _mask_attention)
+# Without a mask function of its own, transformers hands a custom attention function None even
+# for a padded batch; sdpa's gives None for a plain causal batch and a boolean keep-mask
+# [B, 1, Lq, Lk] otherwise, which `attend` checks.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def attention_modules(model):

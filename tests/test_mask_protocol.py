@@ -94,3 +94,29 @@ def test_cached_decoding_points_to_the_kv_protocol(model, ids):
         out = model(ids[:, :100], use_cache=True)
         with pytest.raises(ValueError, match="protocol='kv'"):
             model(ids[:, 100:101], past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_a_padding_mask_is_rejected_and_an_all_ones_mask_is_causal(model, ids):
+    window = ids[:, :200]
+    with torch.no_grad(), cabattn.apply(model, method="cab_v4", sparsity=0.5):
+        plain = model(window, labels=window).loss.item()
+        ones = model(window, attention_mask=torch.ones_like(window), labels=window).loss.item()
+        padded = torch.ones_like(window)
+        padded[:, :10] = 0
+        with pytest.raises(ValueError, match="padding"):
+            model(window, attention_mask=padded)
+    assert ones == pytest.approx(plain, rel=1e-6)
+
+
+def test_kv_protocol_dispatch_and_mask_only_patterns(model, ids):
+    window = ids[:, :160]
+    with torch.no_grad(), cabattn.apply(model, method="streaming_llm", sparsity=0.5,
+                                        protocol="kv", kv_chunk=16, block_size=16) as stats:
+        streamed = model(window, labels=window).loss.item()
+    assert stats.density < 1.0 and streamed != pytest.approx(loss(model, window), rel=1e-6)
+    original = model.config._attn_implementation
+    with pytest.raises(ValueError, match="pattern='budget'"):
+        with cabattn.apply(model, method="local_strided", pattern="fixed", sparsity=0.5,
+                           protocol="kv"):
+            pass
+    assert model.config._attn_implementation == original
