@@ -226,7 +226,8 @@ class PerplexityBenchmarkRunner:
         cfg = self.config
         return cabattn.apply(self.loaded.model, method=spec.method, sparsity=spec.sparsity,
                              protocol=cfg.protocol, block_size=self.block_size(spec.context_length),
-                             **self.protocol_params(), **cfg.method_params.get(spec.method, {}))
+                             seed=cfg.seed, **self.protocol_params(),
+                             **cfg.method_params.get(spec.method, {}))
 
     def evaluate(self, spec: RunSpec) -> dict:
         """Teacher-forced NLL of every window under the cell's attention; R without deltas."""
