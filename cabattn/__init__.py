@@ -5,3 +5,4 @@ from .stats import ProtocolStats
 from . import methods
 from .apply import apply
 from .sparse import Layout, select_blocks, sparse_attention
+from .kv_protocol import KVProtocol
