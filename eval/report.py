@@ -97,9 +97,13 @@ def _style(methods):
 def _log_if_wide(ax, values, axis="y"):
     """Log scale when the values span more than a factor of 3 (a blown-up method would
     otherwise flatten every other curve)."""
+    from matplotlib.ticker import FormatStrFormatter
     values = [v for v in values if v]
     if values and max(values) / min(values) > 3:
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        target = ax.yaxis if axis == "y" else ax.xaxis
+        target.set_major_formatter(FormatStrFormatter("%g"))  # 60, not 6 x 10^1
+        target.set_minor_formatter(FormatStrFormatter("%g"))
 
 
 def _panels(n):
