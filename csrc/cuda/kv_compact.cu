@@ -70,7 +70,9 @@ void gather_rows_widest(void* dst, const void* src, const int64_t* keep, int64_t
   }
 }
 
-void kv_compact_cuda(at::Tensor& x, const at::Tensor& keep) {
+// x is const like the CPU kernel's signature (the dispatcher needs one C++ signature per op);
+// the schema's Tensor(a!) says it is written.
+void kv_compact_cuda(const at::Tensor& x, const at::Tensor& keep) {
   TORCH_CHECK(x.dim() >= 3, kOp, ": x must be [batch, heads, length, ...], got shape ",
               x.sizes());
   check_rank(kOp, "keep", keep, 3, "[batch, heads, kept]");
