@@ -45,9 +45,13 @@ def wheel_cuda_includes() -> list:
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-std=c++20"]  # torch >= 2.10 headers require C++20
+    # torch >= 2.10 headers require C++20. -fopenmp: at::parallel_for runs serially unless the
+    # extension itself is compiled with OpenMP (ATen/ParallelOpenMP.h keys on _OPENMP).
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    link = ["-fopenmp"]
     if not cuda_wanted():
         return CppExtension("cabattn._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link,
                             include_dirs=[os.path.join(HERE, "csrc")], py_limited_api=False)
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
@@ -57,6 +61,7 @@ def extension():
           f"{os.environ['TORCH_CUDA_ARCH_LIST']} with {CUDA_HOME}", file=sys.stderr)
     return CUDAExtension("cabattn._C", sources,
                          extra_compile_args={"cxx": cxx + ["-DCABATTN_WITH_CUDA"], "nvcc": nvcc},
+                         extra_link_args=link,
                          include_dirs=[os.path.join(HERE, "csrc")] + wheel_cuda_includes())
 
 

@@ -139,11 +139,13 @@ inline void check_block_layout_values(const char* op, const at::Tensor& block_co
   }
 }
 
-// The CPU kernels' exp passes are compiled once per x86 vector ISA (the loader picks the best
-// the CPU has) from plain loops the compiler vectorises.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The CPU kernels' exp passes are compiled once per x86 vector ISA level (the loader picks the
+// best the CPU has) from plain loops the compiler vectorises. ISA levels, not CPU names: a
+// clone for "arch=haswell" is only chosen on Intel Haswell-family CPUs (the resolver tests the
+// CPU model), never on an AVX2 AMD EPYC. Resolving ISA levels needs GCC 12.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define CABATTN_VECTOR_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CABATTN_VECTOR_CLONES
 #endif
