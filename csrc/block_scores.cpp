@@ -48,13 +48,7 @@ static_assert(kKeyChunk % kRowTile == 0, "key chunks must start at row-tile boun
 
 // The exp over the logits is this operator's whole non-GEMM cost, so the float32 row pass is
 // written with GCC vector types (16 floats: one AVX-512 register, two AVX2 or four SSE ones) and
-// compiled once per x86 vector ISA; the loader picks the best the CPU has.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CABATTN_VECTOR_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define CABATTN_VECTOR_CLONES
-#endif
+// compiled once per x86 vector ISA level (CABATTN_VECTOR_CLONES in common.h).
 
 // The vector helpers are always inlined into the clones, so no vector value crosses a call
 // boundary and GCC's note about the AVX-512 calling convention does not apply.
