@@ -291,26 +291,17 @@ def _check_datasets(config: ExperimentConfig, problems: list) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def model_max_positions(name: str, trust_remote_code: bool = False) -> int:
+def _model_max_positions(name: str, trust_remote_code: bool, cache_dir) -> int:
     """The longest context a model allows, read from its configuration alone (no weights)."""
-    from transformers import AutoConfig
-
     from . import models
-
-    if name == models.DEFAULT_MODEL:
-        gguf = models.default_model_gguf()
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    else:
-        local = Path(name).is_dir()
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
-                                            local_files_only=local or not hub_reachable())
-    return models.max_positions(config)
+    return models.max_positions(models.load_config(name, trust_remote_code, cache_dir))
 
 
 def _check_model(config: ExperimentConfig, problems: list) -> None:
     """Context lengths against the model's positions."""
     try:
-        positions = model_max_positions(config.model.name, config.model.trust_remote_code)
+        positions = _model_max_positions(config.model.name, config.model.trust_remote_code,
+                                         config.model.cache_dir)
     except (ValueError, OSError, RuntimeError) as err:
         problems.append(f"model {config.model.name!r} cannot be used: {err}")
         return
