@@ -1,0 +1,123 @@
+"""block_sparse_attention against dense causal SDPA and FlexAttention on the same layout.
+
+One run, same inputs: q [1, Hq, L, d], k/v [1, Hkv, L, d]; the layout is the random method's
+budget-matched one (K = max(64, floor((1-s) L)), block size auto). Prints time ratios against
+SDPA (flash on GPU) and appends a dated section to bench/RESULTS.md.
+
+  .venv/bin/python bench/bench_kernels.py                 # CPU, fp32, L 2K/8K, 9/3 heads, d 64
+  python bench/bench_kernels.py --device cuda             # GPU, bf16, L 4K/16K/32K, 32/8, d 128
+"""
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cabattn  # noqa: E402
+from cabattn import ops  # noqa: E402
+
+
+def median_seconds(fn, repeats, device):
+    def timed():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    timed()  # warm-up (allocator, thread pools, compilation)
+    return statistics.median(timed() for _ in range(repeats))
+
+
+def flex_runner(q, k, v, layout, scale):
+    """FlexAttention over the same key blocks (causal inside the diagonal), or a reason why not."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    except ImportError as err:
+        return None, f"n/a ({err})"
+    bs = layout.grid.block_size
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+    try:
+        # FlexAttention wants one index slot per key block: pad the CSR rows to M.
+        m = layout.grid.num_blocks
+        index = torch.nn.functional.pad(layout.block_index.clamp(min=0),
+                                        (0, m - layout.block_index.shape[-1]))
+        mask = BlockMask.from_kv_blocks(layout.block_count, index,
+                                        BLOCK_SIZE=bs, mask_mod=causal,
+                                        seq_lengths=(q.shape[2], k.shape[2]))
+        compiled = torch.compile(flex_attention)
+        group = q.shape[1] // k.shape[1]
+
+        def run():
+            return compiled(q, k, v, block_mask=mask, scale=scale, enable_gqa=group > 1)
+        run()
+        return run, ""
+    except Exception as err:  # a benchmark column, not a test: say why and go on
+        return None, f"n/a ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--lengths", type=int, nargs="+")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.9, 0.95])
+    parser.add_argument("--head-dim", type=int)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    lengths = args.lengths or ([4096, 16384, 32768] if gpu else [2048, 8192])
+    q_heads, kv_heads = (32, 8) if gpu else (9, 3)
+    dim = args.head_dim or (128 if gpu else 64)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    scale = dim ** -0.5
+    card = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    header = (f"q [1, {q_heads}, L, {dim}], k/v [1, {kv_heads}, L, {dim}] {dtype}, {args.device} "
+              f"({card}), threads {torch.get_num_threads()}, torch {torch.__version__}, "
+              f"median of {args.repeats}")
+    rows = ["| L | s | density | sdpa ms | block-sparse ms (speed-up) | flex ms (block-sparse / flex) |",
+            "|---|---|---|---|---|---|"]
+    print(header)
+    for length in lengths:
+        q = torch.randn(1, q_heads, length, dim, device=args.device, dtype=dtype)
+        k = torch.randn(1, kv_heads, length, dim, device=args.device, dtype=dtype)
+        v = torch.randn(1, kv_heads, length, dim, device=args.device, dtype=dtype)
+        dense = median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=True), args.repeats, args.device)
+        for sparsity in args.sparsities:
+            layout = cabattn.select_blocks(q, k, "random", sparsity, scale=scale)
+            sparse = median_seconds(lambda: ops.block_sparse_attention(
+                q, k, v, layout.block_count, layout.block_index, layout.grid.block_size, scale),
+                args.repeats, args.device)
+            flex_cell = "skipped"
+            if not args.no_flex:
+                run, why = flex_runner(q, k, v, layout, scale)
+                if run is None:
+                    flex_cell = why
+                else:
+                    flex = median_seconds(run, args.repeats, args.device)
+                    flex_cell = f"{flex * 1e3:.1f} ({flex / sparse:.2f}x)"
+            row = (f"| {length} | {sparsity} | {layout.density:.3f} | {dense * 1e3:.1f} | "
+                   f"{sparse * 1e3:.1f} ({dense / sparse:.2f}x) | {flex_cell} |")
+            rows.append(row)
+            print(row, flush=True)
+    if not args.no_record:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(ROOT / "bench" / "RESULTS.md", "a") as out:
+            out.write(f"\n## block_sparse_attention vs SDPA and FlexAttention "
+                      f"(bench_kernels.py), {stamp}\n\n{header}\n\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
