@@ -8,11 +8,8 @@ SDPA (flash on GPU) and appends a dated section to bench/RESULTS.md.
   python bench/bench_kernels.py --device cuda             # GPU, bf16, L 4K/16K/32K, 32/8, d 128
 """
 import argparse
-import datetime
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,19 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import cabattn  # noqa: E402
 from cabattn import ops  # noqa: E402
-
-
-def median_seconds(fn, repeats, device):
-    def timed():
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    timed()  # warm-up (allocator, thread pools, compilation)
-    return statistics.median(timed() for _ in range(repeats))
+from bench_common import append_results, median_seconds  # noqa: E402
 
 
 def flex_runner(q, k, v, layout, scale):
@@ -113,10 +98,8 @@ def main():
             rows.append(row)
             print(row, flush=True)
     if not args.no_record:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "bench" / "RESULTS.md", "a") as out:
-            out.write(f"\n## block_sparse_attention vs SDPA and FlexAttention "
-                      f"(bench_kernels.py), {stamp}\n\n{header}\n\n" + "\n".join(rows) + "\n")
+        append_results("block_sparse_attention vs SDPA and FlexAttention (bench_kernels.py)",
+                       header, rows)
 
 
 if __name__ == "__main__":

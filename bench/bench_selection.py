@@ -11,12 +11,9 @@ target. Appends a dated section to bench/RESULTS.md.
   .venv/bin/python bench/bench_selection.py [--lengths 2048 8192] [--repeats 3]
 """
 import argparse
-import datetime
 import math
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,18 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from cabattn import ops  # noqa: E402
 from cabattn.grid import BlockGrid, auto_block_size, token_budget  # noqa: E402
+from bench_common import append_results, median_seconds  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, SPARSITY = 9, 3, 64, 0.9
-
-
-def median_seconds(fn, repeats):
-    fn()  # warm-up: allocator, MKL and thread-pool start-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_length(length, repeats):
@@ -89,10 +77,7 @@ def main():
                     f"| {t['frc'] * 1e3:.2f} ({t['frc'] / t['sdpa']:.3f}) |")
         print(rows[-1], flush=True)
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(ROOT / "bench" / "RESULTS.md", "a") as results:
-        results.write(f"\n## Selection cost vs dense SDPA (bench_selection.py), {stamp}\n\n"
-                      f"{header}\n\n" + "\n".join(rows) + "\n")
+    append_results("Selection cost vs dense SDPA (bench_selection.py)", header, rows)
 
 
 if __name__ == "__main__":
