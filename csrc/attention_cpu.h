@@ -21,7 +21,57 @@
 
 #include "common.h"
 
+// ATen turns MKL's dynamic threading off, so an MKL call made inside at::parallel_for starts a
+// nested team of threads per call, which spin against ours. MKL's C API for a thread-local
+// thread count, declared weak: where the torch build exports no MKL it stays null and unused.
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
+
 namespace cabattn {
+
+// Single-threaded BLAS in the calling thread for the scope's lifetime: every task body of an
+// at::parallel_for that runs GEMM tiles opens one.
+class SequentialBlasScope {
+ public:
+  SequentialBlasScope() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlasScope() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlasScope(const SequentialBlasScope&) = delete;
+  SequentialBlasScope& operator=(const SequentialBlasScope&) = delete;
+
+ private:
+  int previous_ = 0;  // 0: the global setting
+};
+
+// QK^T without a BLAS call: the keys are packed once per operator call into panels of
+// kKeyPanel keys, each [dim][kKeyPanel] (key index fastest), zero-padded past the last key, so a
+// register-tiled micro-kernel reads them with plain vector loads. A BLAS GEMM would repack its
+// operands and clear its output on every tile instead.
+constexpr int64_t kKeyPanel = 16;
+
+inline int64_t key_panels(int64_t keys) { return (keys + kKeyPanel - 1) / kKeyPanel; }
+
+// panels [key_panels(keys), dim, kKeyPanel] from k [keys, dim] (row-major, any input dtype).
+template <typename acc_t, typename scalar_t>
+void pack_key_panels(const scalar_t* k, int64_t keys, int64_t dim, acc_t* panels) {
+  for (int64_t p = 0; p < key_panels(keys); ++p) {
+    acc_t* panel = panels + p * dim * kKeyPanel;
+    for (int64_t t = 0; t < kKeyPanel; ++t) {
+      const int64_t key = p * kKeyPanel + t;
+      for (int64_t d = 0; d < dim; ++d)
+        panel[d * kKeyPanel + t] = key < keys ? static_cast<acc_t>(k[key * dim + d]) : acc_t(0);
+    }
+  }
+}
+
+// logits[r, j] = q[r, :] . key j for r < rows and j < count * kKeyPanel: q [rows, dim]
+// row-major, `count` consecutive panels, logits with row stride ld >= count * kKeyPanel.
+void qk_panels(const float* q, int64_t rows, int64_t dim, const float* panels, int64_t count,
+               float* logits, int64_t ld);
+void qk_panels(const double* q, int64_t rows, int64_t dim, const double* panels, int64_t count,
+               double* logits, int64_t ld);
 
 // Row passes over one logits row, float32 (vectorised) and float64.
 float row_max(const float* x, int64_t n);

@@ -44,6 +44,7 @@ void attention_with_scores_kernel(const at::Tensor& q, const at::Tensor& k, cons
   // carry about equal work. Small calls (decode) run on the calling thread.
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, group * query_block * keys_total));
   at::parallel_for(0, batch * kv_heads * query_blocks, grain, [&](int64_t begin, int64_t end) {
+    const SequentialBlasScope sequential_blas;
     FlashTile<acc_t> tile(group * query_block, max_keys, dim);
     std::vector<acc_t> k_chunk, v_chunk, mass;
     if (!std::is_same_v<acc_t, scalar_t>) {

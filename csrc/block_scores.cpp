@@ -10,112 +10,48 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
+#include "attention_cpu.h"
 #include "common.h"
-
-// ATen turns MKL's dynamic threading off, so an MKL call made inside at::parallel_for starts a
-// nested team of threads per call, which spin against ours. MKL's C API for a thread-local
-// thread count, declared weak: where the torch build exports no MKL it stays null and unused.
-extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
+#include "cpu_vector.h"
 
 namespace cabattn {
 namespace {
 
-// Single-threaded BLAS in the calling thread for the scope's lifetime.
-class SequentialBlasScope {
- public:
-  SequentialBlasScope() {
-    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SequentialBlasScope() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
-  }
-
- private:
-  int previous_ = 0;  // 0: the global setting
-};
-
 // Logits are computed in [kRowTile, kKeyChunk] tiles (512 KiB of float32, within a core's L2
-// cache). A row tile spans several query blocks when block_size < 128: GEMMs with 128 rows run
-// about twice as fast as 32-row ones, which outweighs the few masked logits it wastes.
+// cache) by the packed-key micro-kernel of attention_cpu.h. A row tile spans several query
+// blocks when block_size < 128: the few masked logits it wastes cost less than more, shorter
+// passes over the key panels.
 constexpr int64_t kRowTile = 128;
 constexpr int64_t kKeyChunk = 1024;
 static_assert(kKeyChunk % kRowTile == 0, "key chunks must start at row-tile boundaries");
-
-// The exp over the logits is this operator's whole non-GEMM cost, so the float32 row pass is
-// written with GCC vector types (16 floats: one AVX-512 register, two AVX2 or four SSE ones) and
-// compiled once per x86 vector ISA level (CABATTN_VECTOR_CLONES in common.h).
-
-// The vector helpers are always inlined into the clones, so no vector value crosses a call
-// boundary and GCC's note about the AVX-512 calling convention does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-constexpr int kLanes = 16;
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-// exp(x) for x <= 0 within about 2 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6
-// polynomial, 2^n from the exponent bits). Below -87 it returns exp(-87) ~ 1.6e-38 instead of
-// underflowing, which no block sum or maximum can notice.
-[[gnu::always_inline]] inline vfloat exp_nonpositive(vfloat x) {
-  const vfloat floor_x = vfloat{} - 87.0f;
-  x = x < floor_x ? floor_x : x;
-  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vfloat n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  const vfloat r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  vfloat p = vfloat{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vint exponent = (__builtin_convertvector(n, vint) + 127) << 23;
-  return p * std::bit_cast<vfloat>(exponent);
-}
-
-// The lanes of x[0 .. min(size, kLanes)); missing ones read as -inf.
-[[gnu::always_inline]] inline vfloat load_lanes(const float* x, int64_t size) {
-  vfloat v;
-  if (size >= kLanes) {
-    std::memcpy(&v, x, sizeof(vfloat));  // a constant size: one unaligned vector load
-  } else {
-    v = vfloat{} - std::numeric_limits<float>::infinity();
-    std::memcpy(&v, x, size * sizeof(float));
-  }
-  return v;
-}
+static_assert(kKeyChunk % kKeyPanel == 0, "key chunks must start at key-panel boundaries");
 
 // For one row of `count` logits cut into blocks of block_size: each block's max m[J] and
-// s[J] = sum exp(logit - m[J]).
+// s[J] = sum exp(logit - m[J]). The exp is this operator's whole non-GEMM cost, so the float32
+// pass uses the vector types of cpu_vector.h.
 CABATTN_VECTOR_CLONES
 void row_block_stats(const float* logits, int64_t count, int64_t block_size, float* m,
                      float* s) {
-  vint lane;
-  for (int t = 0; t < kLanes; ++t) lane[t] = t;
+  constexpr float lowest = -std::numeric_limits<float>::infinity();
   for (int64_t start = 0, block = 0; start < count; start += block_size, ++block) {
     const int64_t size = std::min(block_size, count - start);
     const float* x = logits + start;
-    vfloat lane_max = load_lanes(x, size);
-    for (int64_t j = kLanes; j < size; j += kLanes) {
-      const vfloat v = load_lanes(x + j, size - j);
+    vfloat lane_max = vfloat{} + lowest;
+    for (int64_t j = 0; j < size; j += kLanes) {
+      const vfloat v = load_lanes(x + j, size - j, lowest);
       lane_max = v > lane_max ? v : lane_max;
     }
-    float block_max = lane_max[0];
-    for (int t = 1; t < kLanes; ++t) block_max = std::max(block_max, lane_max[t]);
-
+    const float block_max = lanes_max(lane_max);
     vfloat lane_sum = {};
-    for (int64_t j = 0; j < size; j += kLanes) {
-      const vfloat e = exp_nonpositive(load_lanes(x + j, size - j) - block_max);
-      lane_sum += lane < static_cast<int32_t>(size - j) ? e : vfloat{};
-    }
-    float block_sum = 0.0f;
-    for (int t = 0; t < kLanes; ++t) block_sum += lane_sum[t];
+    for (int64_t j = 0; j < size; j += kLanes)
+      lane_sum += first_lanes(exp_nonpositive(load_lanes(x + j, size - j, lowest) - block_max),
+                              size - j);
     m[block] = block_max;
-    s[block] = block_sum;
+    s[block] = lanes_sum(lane_sum);
   }
 }
 
@@ -145,14 +81,18 @@ void block_scores_kernel(const at::Tensor& q_scaled, const at::Tensor& k, int64_
   const int64_t blocks = num_blocks(length, block_size);
   const int64_t tiles = num_blocks(length, kRowTile);
   const acc_t* q_data = q_scaled.const_data_ptr<acc_t>();
-  const acc_t* k_data = k.const_data_ptr<acc_t>();
-  const auto options = q_scaled.options();
+  const int64_t head_panels = key_panels(length) * dim * kKeyPanel;
+  std::vector<acc_t> panels(batch * kv_heads * head_panels);
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; ++head)
+      pack_key_panels(k.const_data_ptr<acc_t>() + head * length * dim, length, dim,
+                      panels.data() + head * head_panels);
+  });
 
   // Task t is a (batch, head, row tile) triple. Tile T costs about T + 1 key chunks, so each
   // head's tiles are visited as 0, last, 1, last - 1, ...: the contiguous task ranges
   // at::parallel_for hands to the threads then carry about equal work.
   at::parallel_for(0, batch * q_heads * tiles, 1, [&](int64_t begin, int64_t end) {
-    const SequentialBlasScope sequential_blas;
     std::vector<acc_t> tile(kRowTile * kKeyChunk);
     std::vector<acc_t> row_max(kRowTile * blocks), row_sum(kRowTile * blocks);
     std::vector<double> block_sum(blocks), block_max(blocks), weight(blocks);
@@ -164,22 +104,19 @@ void block_scores_kernel(const at::Tensor& q_scaled, const at::Tensor& k, int64_
       const int64_t rows = std::min(kRowTile, length - first_row);
       const int64_t key_end = first_row + rows;  // causal: keys up to the tile's last row
       const acc_t* q_rows = q_data + (head_index * length + first_row) * dim;
-      const acc_t* k_head = k_data + ((b * kv_heads + h / group) * length) * dim;
-      const at::Tensor q_view =
-          at::from_blob(const_cast<acc_t*>(q_rows), {rows, dim}, options);
+      const acc_t* head_keys = panels.data() + (b * kv_heads + h / group) * head_panels;
 
       // Chunks start at multiples of kKeyChunk, tiles at multiples of kRowTile (which divides
       // it), so every chunk starts at or before the tile's first row: each row sees >= 1 key.
       for (int64_t chunk_start = 0; chunk_start < key_end; chunk_start += kKeyChunk) {
         const int64_t keys = std::min(kKeyChunk, key_end - chunk_start);
-        at::Tensor logits = at::from_blob(tile.data(), {rows, keys}, options);
-        const at::Tensor k_view =
-            at::from_blob(const_cast<acc_t*>(k_head + chunk_start * dim), {keys, dim}, options);
-        at::mm_out(logits, q_view, k_view.t());
+        const int64_t ld = key_panels(keys) * kKeyPanel;  // whole panels, <= kKeyChunk
+        qk_panels(q_rows, rows, dim, head_keys + chunk_start * dim, key_panels(keys),
+                  tile.data(), ld);
         const int64_t chunk_block = chunk_start / block_size;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t visible = first_row + r + 1 - chunk_start;
-          row_block_stats(tile.data() + r * keys, std::min(keys, visible), block_size,
+          row_block_stats(tile.data() + r * ld, std::min(keys, visible), block_size,
                           row_max.data() + r * blocks + chunk_block,
                           row_sum.data() + r * blocks + chunk_block);
         }

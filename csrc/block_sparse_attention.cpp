@@ -40,6 +40,7 @@ void block_sparse_attention_kernel(const at::Tensor& q, const at::Tensor& k, con
   // 0, M-1, 1, M-2, ...: the contiguous task ranges at::parallel_for hands the threads then
   // carry about equal work.
   at::parallel_for(0, batch * q_heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    const SequentialBlasScope sequential_blas;
     FlashTile<acc_t> tile(block_size, max_keys, dim);
     std::vector<acc_t> k_chunk(max_keys * dim), v_chunk(max_keys * dim);
     for (int64_t task = begin; task < end; ++task) {

@@ -139,36 +139,4 @@ inline void check_block_layout_values(const char* op, const at::Tensor& block_co
   }
 }
 
-// The CPU kernels' exp passes are compiled once per x86 vector ISA level (the loader picks the
-// best the CPU has) from plain loops the compiler vectorises. ISA levels, not CPU names: a
-// clone for "arch=haswell" is only chosen on Intel Haswell-family CPUs (the resolver tests the
-// CPU model), never on an AVX2 AMD EPYC. Resolving ISA levels needs GCC 12.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define CABATTN_VECTOR_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CABATTN_VECTOR_CLONES
-#endif
-
-// exp(x) for x <= 0 within about 2 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6
-// polynomial, 2^n from the exponent bits), branch-free so loops over it vectorise. Below -87 it
-// returns exp(-87) ~ 1.6e-38 instead of underflowing to 0.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_to_n;
-  std::memcpy(&two_to_n, &bits, sizeof(float));
-  return p * two_to_n;
-}
-
 }  // namespace cabattn
