@@ -118,9 +118,12 @@ class EvictingLayer(CacheLayerMixin):
 
     def state(self, budget: int, scale: float, layer_idx: int, window_idx: int,
               seed: int) -> KVState:
-        """What a kv rule reads: views of the live entries, no copies."""
+        """What a kv rule reads: views of the live entries, no copies (block_queries is None
+        unless note_queries ran)."""
+        block_queries = (None if self.block_query_buffer is None
+                         else self.block_query_buffer[:, :, :self.blocks_seen])
         return KVState(keys=self.keys, positions=self.positions, mass=self.mass,
-                       block_queries=self.block_query_buffer[:, :, :self.blocks_seen],
+                       block_queries=block_queries,
                        budget=budget, block_size=self.block_size, scale=scale,
                        layer_idx=layer_idx, window_idx=window_idx, seed=seed)
 

@@ -68,7 +68,8 @@ class _WindowStream:
                                                  value.contiguous(), scale)
         middle = time.perf_counter()
         layer.add_mass(mass)
-        layer.note_queries(query, self.first_position)
+        if protocol.method.reads_block_queries:
+            layer.note_queries(query, self.first_position)
         chunk, length = query.shape[2], layer.length
         self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
         if length > protocol.budget:

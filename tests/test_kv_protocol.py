@@ -47,6 +47,7 @@ class Recorder(Method):
     def __init__(self, inner: Method, dense_keys, dense_values, chunk: int):
         super().__init__()
         self.inner, self.chunk = inner, chunk
+        self.reads_block_queries = inner.reads_block_queries
         self.dense_keys, self.dense_values = dense_keys, dense_values  # layer 0, [B, Hkv, L, d]
         self.protocol = None  # set once the protocol exists: the live cache is its .cache
         self.evictions = 0
@@ -173,6 +174,8 @@ def test_cache_after_every_eviction(model, ids, name, chunk):
     assert 0 < stats.density < 1
     for layer in protocol.cache.layers:
         assert layer.length <= budget
+        # coarse block queries are tracked exactly for the rules that read them
+        assert (layer.block_query_buffer is not None) == recorder.reads_block_queries
 
 
 def test_h2o_keeps_recent_window_and_heavy_hitter():

@@ -67,12 +67,13 @@ class KVState:
     mass [B, Hkv, n] float32 (attention each cached token has received since it entered, summed
     over the KV head's query heads: the H2O accumulator), block_queries [B, Hq, nb, d]: the
     coarse query of every absolute block (position // block_size) seen so far, the newest
-    possibly partial. The rule must keep at most `budget` entries per KV head.
+    possibly partial (None unless the method sets reads_block_queries). The rule must keep at
+    most `budget` entries per KV head.
     """
     keys: torch.Tensor
     positions: torch.Tensor
     mass: torch.Tensor
-    block_queries: torch.Tensor
+    block_queries: Optional[torch.Tensor]
     budget: int
     block_size: int
     scale: float
@@ -93,6 +94,9 @@ class Method:
     name: ClassVar[str]
     params: ClassVar[dict] = {}
     oracle: ClassVar[bool] = False  # selection reads the dense softmax (priced as a QK pass)
+    # kv rule reads KVState.block_queries; the cache tracks them (a few small ops per layer and
+    # chunk) only for methods that do.
+    reads_block_queries: ClassVar[bool] = False
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.params))

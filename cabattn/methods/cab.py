@@ -25,6 +25,7 @@ class CabV4(Method):
               "frc_formula": "additive", "frc_select": "high", "normalization": "row_minmax",
               "pooling": "max_l2"}
     oracle = True
+    reads_block_queries = True
 
     def validate(self) -> None:
         self._check_ratio("magnitude_ratio")
