@@ -15,7 +15,6 @@ done-when: h2o at s = 0.9, c = 1 on a 2048-token book window):
   .venv/bin/python bench/bench_kv.py --score --method h2o --length 2048 --sparsity 0.9 --chunk 1
 """
 import argparse
-import datetime
 import inspect
 import math
 import platform
@@ -28,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_common import append_results  # noqa: E402
 from cabattn.grid import token_budget  # noqa: E402
 from cabattn.kv_protocol import KVProtocol  # noqa: E402
 
@@ -84,8 +84,7 @@ def main(argv=None):
                    "runs many small operations, which OpenMP teams slow down on a shared CPU)")
     p.add_argument("--score", action="store_true", help="only score the window with the kv "
                    "protocol and print loss, PPL, density and timing")
-    p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
-    p.add_argument("--no-append", action="store_true", help="print only")
+    p.add_argument("--no-record", action="store_true", help="print only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, ids, what = load(args)
@@ -109,13 +108,10 @@ def main(argv=None):
 
     streamed = length - budget
     overhead_us = (c1 - plain) / (streamed * layers) * 1e6
-    lines = [
-        f"## kv protocol vs plain decode — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "",
-        f"{what}; L={length}, s={args.sparsity} (K={budget}, {streamed} streamed tokens), "
-        f"method {args.method}, CPU ({platform.processor() or platform.machine()}), "
-        f"{args.threads} threads, torch {torch.__version__}. One run each.",
-        "",
+    header = (f"{what}; L={length}, s={args.sparsity} (K={budget}, {streamed} streamed tokens), "
+              f"method {args.method}, CPU ({platform.processor() or platform.machine()}), "
+              f"{args.threads} threads, torch {torch.__version__}. One run each.")
+    rows = [
         "| run | seconds | loss | density | attention s | selection+eviction s |",
         "|---|---|---|---|---|---|",
         f"| plain decode (DynamicCache, no eviction) | {plain:.2f} | | 1 | | |",
@@ -127,14 +123,11 @@ def main(argv=None):
         f"- kv c=1 / plain decode: **{c1 / plain:.2f}x** (target <= 1.3x); overhead "
         f"{overhead_us:.0f} us per layer per streamed token",
         f"- kv c=1 / kv c={args.chunk}: **{c1 / cc:.1f}x** faster with chunks (target >= 8x)",
-        "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_append:
-        with open(args.results, "a") as f:
-            f.write("\n" + text)
-        print(f"appended to {args.results}")
+    print(header)
+    print("\n".join(rows))
+    if not args.no_record:
+        append_results("kv protocol vs plain decode (bench_kv.py)", header, rows)
 
 
 if __name__ == "__main__":

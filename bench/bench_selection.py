@@ -61,6 +61,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
 
     device = platform.processor() or platform.machine()
@@ -77,7 +78,8 @@ def main():
                     f"| {t['frc'] * 1e3:.2f} ({t['frc'] / t['sdpa']:.3f}) |")
         print(rows[-1], flush=True)
 
-    append_results("Selection cost vs dense SDPA (bench_selection.py)", header, rows)
+    if not args.no_record:
+        append_results("Selection cost vs dense SDPA (bench_selection.py)", header, rows)
 
 
 if __name__ == "__main__":
