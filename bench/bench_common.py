@@ -24,8 +24,12 @@ def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
     return statistics.median(timed() for _ in range(repeats))
 
 
-def append_results(title: str, header: str, rows: list) -> None:
-    """Appends a dated section (title, one line of set-up, a markdown table) to RESULTS.md."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(RESULTS, "a") as out:
-        out.write(f"\n## {title}, {stamp}\n\n{header}\n\n" + "\n".join(rows) + "\n")
+def report(title: str, header: str, rows: list, record: bool = True) -> None:
+    """Prints the table (one line of set-up, then markdown rows) and, when `record`, appends it
+    to RESULTS.md as a dated section."""
+    print(f"{header}\n" + "\n".join(rows))
+    if record:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(RESULTS, "a") as out:
+            out.write(f"\n## {title}, {stamp}\n\n{header}\n\n" + "\n".join(rows) + "\n")
+        print(f"appended to {RESULTS}")

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cabattn  # noqa: E402
-from bench_common import append_results  # noqa: E402
+from bench_common import report  # noqa: E402
 
 TARGETS = {"cab_v3": 0.7, "cab_v4": 0.95}
 
@@ -91,10 +91,8 @@ def main(argv=None):
                      f"{loss:.4f} ({math.exp(loss):.2f})", f"{stats.density:.3f}"]
         rows.append(f"| {name} | {seconds:.2f} | {seconds / dense:.2f} | {target} | "
                     + " | ".join(cells) + " |")
-    print(header)
-    print("\n".join(rows))
-    if not args.no_record:
-        append_results("Mask-protocol forward vs dense forward (bench_eval.py)", header, rows)
+    report("Mask-protocol forward vs dense forward (bench_eval.py)", header, rows,
+           record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import cabattn  # noqa: E402
 from cabattn import ops  # noqa: E402
-from bench_common import append_results, median_seconds  # noqa: E402
+from bench_common import median_seconds, report  # noqa: E402
 
 
 def flex_runner(q, k, v, layout, scale):
@@ -97,9 +97,8 @@ def main():
                    f"{sparse * 1e3:.1f} ({dense / sparse:.2f}x) | {flex_cell} |")
             rows.append(row)
             print(row, flush=True)
-    if not args.no_record:
-        append_results("block_sparse_attention vs SDPA and FlexAttention (bench_kernels.py)",
-                       header, rows)
+    report("block_sparse_attention vs SDPA and FlexAttention (bench_kernels.py)", header, rows,
+           record=not args.no_record)
 
 
 if __name__ == "__main__":

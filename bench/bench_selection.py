@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from cabattn import ops  # noqa: E402
 from cabattn.grid import BlockGrid, auto_block_size, token_budget  # noqa: E402
-from bench_common import append_results, median_seconds  # noqa: E402
+from bench_common import median_seconds, report  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, SPARSITY = 9, 3, 64, 0.9
 
@@ -78,8 +78,8 @@ def main():
                     f"| {t['frc'] * 1e3:.2f} ({t['frc'] / t['sdpa']:.3f}) |")
         print(rows[-1], flush=True)
 
-    if not args.no_record:
-        append_results("Selection cost vs dense SDPA (bench_selection.py)", header, rows)
+    report("Selection cost vs dense SDPA (bench_selection.py)", header, rows,
+           record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,6 @@ def _log_if_wide(ax, values, axis="y"):
         target.set_minor_formatter(FormatStrFormatter("%g"))
 
 
-def _panels(n):
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 0.6, 4.2), squeeze=False)
-    return fig, axes[0]
-
-
 def _save(fig, stem: Path, suffix: str) -> list:
     paths = []
     for ext in ("png", "pdf"):
@@ -121,16 +115,43 @@ def _save(fig, stem: Path, suffix: str) -> list:
     return paths
 
 
+def _legend(fig, axes):
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="center left",
+               bbox_to_anchor=(1.0, 0.5), frameon=False, title="method")
+
+
+def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> list:
+    """One perplexity panel per dataset of pts, one legend, PNG and PDF. draw(ax, dataset,
+    methods, style) plots a panel's methods, sets its x axis and title, and returns the
+    perplexities it plotted (they decide whether the y axis is logarithmic)."""
+    import matplotlib.pyplot as plt
+    datasets, methods = _datasets(pts), _methods(pts)
+    style = _style(methods)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets) + 0.6, 4.2),
+                             squeeze=False)
+    axes = axes[0]
+    for ax, dataset in zip(axes, datasets):
+        _log_if_wide(ax, draw(ax, dataset, methods, style))
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    _legend(fig, axes)
+    paths = _save(fig, stem, suffix)
+    plt.close(fig)
+    return paths
+
+
 def figure4(results: dict, stem: Path) -> list:
     """PPL vs context length at the fixed sparsity, one panel per dataset."""
-    import matplotlib.pyplot as plt
     pts = [p for p in points(results) if p.sweep == "context_length_sweep"]
     if not pts:
         return []
-    datasets, methods = _datasets(pts), _methods(pts)
-    style = _style(methods)
-    fig, axes = _panels(len(datasets))
-    for ax, dataset in zip(axes, datasets):
+
+    def draw(ax, dataset, methods, style):
         plotted = []
         for method in methods:
             cells = sorted((p.context_length, p.perplexity) for p in pts
@@ -144,41 +165,23 @@ def figure4(results: dict, stem: Path) -> list:
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(L) for L in lengths])
         ax.minorticks_off()
-        _log_if_wide(ax, plotted)
         ax.set_title(dataset)
         ax.set_xlabel("context length L (tokens)")
-        ax.set_ylabel("perplexity (lower is better)")
-        ax.grid(True, alpha=0.3)
+        return plotted
+
     sparsity = results.get("config", {}).get("context_length_sweep", {}).get("fixed_sparsity")
-    fig.suptitle(f"Figure 4: perplexity vs context length (sparsity s = {sparsity}; "
-                 "dense ignores s)")
-    _legend(fig, axes)
-    paths = _save(fig, stem, "figure4")
-    plt.close(fig)
-    return paths
-
-
-def _legend(fig, axes):
-    handles, labels = {}, {}
-    for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
-    labels = list(handles)
-    fig.legend([handles[k] for k in labels], labels, loc="center left",
-               bbox_to_anchor=(1.0, 0.5), frameon=False, title="method")
+    return _perplexity_figure(pts, stem, "figure4", "Figure 4: perplexity vs context length "
+                              f"(sparsity s = {sparsity}; dense ignores s)", draw)
 
 
 def figure8(results: dict, stem: Path) -> list:
     """PPL vs realised density over the sparsity sweep: the accuracy-compute frontier."""
-    import matplotlib.pyplot as plt
     pts = [p for p in points(results) if p.sweep == "sparsity_sweep"
            and p.perplexity is not None and p.result.get("density") is not None]
     if not pts:
         return []
-    datasets, methods = _datasets(pts), _methods(pts)
-    style = _style(methods)
-    fig, axes = _panels(len(datasets))
-    for ax, dataset in zip(axes, datasets):
+
+    def draw(ax, dataset, methods, style):
         plotted = []
         for method in methods:
             cells = sorted((p.result["density"], p.perplexity, p.sparsity) for p in pts
@@ -198,18 +201,13 @@ def figure8(results: dict, stem: Path) -> list:
         ticks = [t for t in DENSITY_TICKS if min(densities) / 1.5 <= t <= 1.0]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
-        _log_if_wide(ax, plotted)
         lengths = sorted({p.context_length for p in pts if p.dataset == dataset})
         ax.set_title(f"{dataset} (L = {', '.join(map(str, lengths))})")
         ax.set_xlabel("realised density (kept / causal query-key pairs)")
-        ax.set_ylabel("perplexity (lower is better)")
-        ax.grid(True, alpha=0.3)
-    fig.suptitle("Figure 8: perplexity vs realised attention density (accuracy-compute "
-                 "frontier)")
-    _legend(fig, axes)
-    paths = _save(fig, stem, "figure8")
-    plt.close(fig)
-    return paths
+        return plotted
+
+    return _perplexity_figure(pts, stem, "figure8", "Figure 8: perplexity vs realised "
+                              "attention density (accuracy-compute frontier)", draw)
 
 
 def table3_rows(results: dict) -> tuple:
