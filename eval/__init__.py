@@ -1,1 +1,22 @@
-"""The perplexity harness: models, data, metrics and the benchmark runner (METHODS.md 4-6)."""
+"""The perplexity harness: models, data, metrics and the benchmark runner (METHODS.md 4-6).
+
+The original benchmark's Python API, by its original names:
+
+    from eval import create_quick_test, run_benchmark
+    results = run_benchmark(create_quick_test())
+
+ExperimentConfig, ModelConfig, create_quick_test (eval.config) and run_benchmark,
+PerplexityBenchmarkRunner (eval.run) are imported on first use, so that `python -m eval.run`
+does not find eval.run already imported by its own package.
+"""
+import importlib
+
+_API = {"ExperimentConfig": "config", "ModelConfig": "config", "create_quick_test": "config",
+        "run_benchmark": "run", "PerplexityBenchmarkRunner": "run"}
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,6 +35,16 @@ def test_quick_test_offline_fallback():
     assert "reachable" in online.description
 
 
+def test_original_python_api_names():
+    import eval
+    assert eval.run_benchmark is run.run_benchmark
+    assert eval.PerplexityBenchmarkRunner is run.PerplexityBenchmarkRunner
+    assert eval.create_quick_test is cfg.create_quick_test
+    assert eval.ExperimentConfig is cfg.ExperimentConfig and eval.ModelConfig is cfg.ModelConfig
+    with pytest.raises(AttributeError, match="no attribute 'run_benchmarks'"):
+        eval.run_benchmarks
+
+
 def test_icml_and_ablation_yaml_values():
     (icml,) = cfg.load_config(cfg.ICML_FULL_YAML)
     assert icml.model.name == "meta-llama/Llama-2-7b-hf"
