@@ -46,7 +46,8 @@ def validate_dataset(name: str, data_file=None) -> None:
     if name in HUB_DATASETS and not hub_reachable():
         raise DatasetError(f"dataset {name!r} comes from the Hugging Face hub, which is "
                            f"unreachable from here; use an offline corpus "
-                           f"({', '.join(OFFLINE_DATASETS)}) or a local file with --data-file")
+                           f"({', '.join(OFFLINE_DATASETS)}; e.g. --datasets pd-books "
+                           f"--max-windows 8) or a local file with --data-file")
 
 
 def load_windows(name: str, tokenizer, context_length: int, max_windows=None, data_file=None,
