@@ -74,12 +74,13 @@ def main(argv=None):
                 print(f"{name}: {seconds:.1f} s, loss {loss:.4f}", flush=True)
 
     dense = statistics.median(times["dense"])
+    cpu = platform.processor() or platform.machine()
     header = (f"{loaded.name}, one pd-books window of L={args.length}, s={args.sparsity}, "
-              f"mask protocol (block size auto), CPU ({platform.processor() or platform.machine()}), "
+              f"mask protocol (block size auto), CPU ({cpu}), "
               f"float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
               f"median of {args.repeats}, runs interleaved")
-    rows = ["| run | seconds | / dense | target | selection s | attention s | loss (PPL) | density |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | seconds | / dense | target | selection s | attention s | loss (PPL) "
+            "| density |", "|---|---|---|---|---|---|---|---|"]
     for name in runs:
         seconds = statistics.median(times[name])
         loss, stats = results[name]  # of the last forward
