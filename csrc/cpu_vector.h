@@ -6,7 +6,6 @@
 // scalar code; 8 floats are one AVX2 register.
 #pragma once
 
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -48,7 +47,9 @@ typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const vint exponent = (__builtin_convertvector(n, vint) + 127) << 23;
-  return p * std::bit_cast<vfloat>(exponent);
+  // A vector cast reinterprets the bits. Not std::bit_cast: unoptimised builds call it out of
+  // line, and a vector passed between an AVX2 clone and a default-ISA function is corrupted.
+  return p * (vfloat)exponent;
 }
 
 // The lanes of x[0 .. min(size, kLanes)); missing ones read as `fill`.
