@@ -82,9 +82,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      seed: int = 42, **params) -> torch.Tensor:
     """Causal attention [B, Hq, L, d] over the key blocks `method` selects at `sparsity`."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, for selection and attention
     layout = select_blocks(q, k, method, sparsity, block_size=block_size, k_min=k_min,
                            causal_selection=causal_selection, scale=scale, seed=seed, **params)
-    out, _ = ops.block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(),
-                                        layout.block_count, layout.block_index,
+    out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
                                         layout.grid.block_size, scale)
     return out
