@@ -14,3 +14,13 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests: tiny models and streaming run many small
+    operations, which OpenMP teams slow down, above all on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

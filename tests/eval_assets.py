@@ -56,15 +56,6 @@ def tiny_model(tmp_path_factory, tiny_text) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", tiny_text)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run far faster on one thread, above all on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_run_args(model: Path, text: Path, output_dir: Path, *extra) -> list:
     """Command-line arguments of a small run on the tiny model and text."""
     return ["--model", str(model), "--data-file", str(text), "--output-dir", str(output_dir),

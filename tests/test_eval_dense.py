@@ -3,12 +3,14 @@ every method at s = 0 is that dense run; a NaN loss fails its cell loudly."""
 import json
 import math
 
+import pytest
 import torch
-from eval_assets import single_thread, tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
 
 from eval import data, models, run
 
 L, WINDOWS = 128, 5
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_dense_ppl_is_the_models_own_loss(tiny_model, tiny_text, tmp_path):

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from eval_assets import single_thread, tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
 
 from eval import run
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parent.parent
 # The run under test, slowed down right after the first cell is stored, so that the test can
 # stop it between cells at a known point.

@@ -17,16 +17,12 @@ SPARSITY = 0.75  # K = 20 of 80
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(single_thread):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, attn_implementation="sdpa")
-    # Streaming runs many small operations; on a shared CPU one thread runs them fastest.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield LlamaForCausalLM(config).eval()
-    torch.set_num_threads(threads)
+    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

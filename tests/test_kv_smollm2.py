@@ -17,18 +17,13 @@ SPARSITY = 0.9
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(single_thread):
     from eval.data import load_windows
     from eval.models import load_model
     loaded = load_model("smollm2-135m")
     windows = {length: load_windows("pd-books", loaded.tokenizer, length, max_windows=1)
                .input_ids[:1] for length in (256, 512)}
-    # Streaming runs many small operations; on a shared CPU, OpenMP teams make them up to
-    # ten times slower than one thread does.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield loaded.model, windows
-    torch.set_num_threads(threads)
+    return loaded.model, windows
 
 
 def kv_perplexity(model, ids, method, chunk, **params):

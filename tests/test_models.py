@@ -13,14 +13,9 @@ import torch
 from eval import data, models
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core machine under load run a 135M forward several times
-    slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Two threads on a shared 2-core machine under load run a 135M forward several times slower
+# than one.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
