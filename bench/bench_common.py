@@ -24,6 +24,15 @@ def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
     return statistics.median(timed() for _ in range(repeats))
 
 
+def book_window(length: int):
+    """(LoadedModel, input_ids [1, length]): the offline default model and the first pd-books
+    window, the window every model-level benchmark measures."""
+    from eval.data import load_windows
+    from eval.models import load_model
+    loaded = load_model("smollm2-135m")
+    return loaded, load_windows("pd-books", loaded.tokenizer, length, max_windows=1).input_ids[:1]
+
+
 def report(title: str, header: str, rows: list, record: bool = True) -> None:
     """Prints the table (one line of set-up, then markdown rows) and, when `record`, appends it
     to RESULTS.md as a dated section."""

@@ -12,6 +12,7 @@ appends a dated section to bench/RESULTS.md.
 The issue's CPU targets at L=8192, s=0.9: cab_v3 <= 0.7x and cab_v4 <= 0.95x the dense forward.
 """
 import argparse
+from contextlib import nullcontext
 import math
 import platform
 import statistics
@@ -25,18 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cabattn  # noqa: E402
-from bench_common import report  # noqa: E402
+from bench_common import book_window, report  # noqa: E402
 
 TARGETS = {"cab_v3": 0.7, "cab_v4": 0.95}
 
 
 def forward(model, ids, method=None, sparsity=0.0):
     """(seconds, loss, stats or None) of one forward over ids, under `method` when given."""
-    if method is None:
-        start = time.perf_counter()
-        loss = model(ids, labels=ids).loss
-        return time.perf_counter() - start, float(loss), None
-    with cabattn.apply(model, method, sparsity) as stats:
+    with cabattn.apply(model, method, sparsity) if method else nullcontext() as stats:
         start = time.perf_counter()
         loss = model(ids, labels=ids).loss
         return time.perf_counter() - start, float(loss), stats
@@ -54,11 +51,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from eval.data import load_windows
-    from eval.models import load_model
-    loaded = load_model("smollm2-135m")
+    loaded, ids = book_window(args.length)
     model = loaded.model
-    ids = load_windows("pd-books", loaded.tokenizer, args.length, max_windows=1).input_ids[:1]
     runs = {"dense": None, **{m: m for m in args.methods}}
 
     times = {name: [] for name in runs}

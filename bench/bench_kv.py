@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_common import report  # noqa: E402
+from bench_common import book_window, report  # noqa: E402
 from cabattn.grid import token_budget  # noqa: E402
 from cabattn.kv_protocol import KVProtocol  # noqa: E402
 
@@ -45,11 +45,8 @@ def load(args):
         model = LlamaForCausalLM(config).eval()
         ids = torch.randint(0, 1024, (1, args.length), generator=torch.Generator().manual_seed(0))
         return model, ids, "tiny random Llama (4 layers, 8:2 heads, d=32), random tokens"
-    from eval.data import load_windows
-    from eval.models import load_model
-    loaded = load_model("smollm2-135m")
-    windows = load_windows("pd-books", loaded.tokenizer, args.length, max_windows=1)
-    return loaded.model, windows.input_ids[:1], f"{loaded.name}, one pd-books window"
+    loaded, ids = book_window(args.length)
+    return loaded.model, ids, f"{loaded.name}, one pd-books window"
 
 
 def plain_decode(model, ids, prefill: int) -> float:
