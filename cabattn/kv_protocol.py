@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
-from .grid import BLOCK_SIZES, auto_block_size
+from .grid import auto_block_size, check_options
 from .kv_cache import KVEvictionCache
 from .methods import Method, get_method
 from .reference import default_scale
@@ -99,9 +99,7 @@ class KVProtocol:
     def __init__(self, model, method: Union[Method, str], sparsity: float, kv_chunk: int = 1,
                  positions: str = "absolute", block_size: Union[int, str] = "auto",
                  k_min: int = 64, seed: int = 42, **method_params):
-        if not (isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
-                and 0.0 <= sparsity < 1.0):
-            raise ValueError(f"sparsity {sparsity!r} must be a number in [0, 1)")
+        check_options(sparsity, block_size, k_min)  # the options both protocols share
         if isinstance(kv_chunk, bool) or not isinstance(kv_chunk, int) or kv_chunk < 1:
             raise ValueError(f"kv_chunk {kv_chunk!r} must be a positive integer "
                              "(1 = token-by-token streaming)")
@@ -112,11 +110,6 @@ class KVProtocol:
         if positions not in POSITIONS:
             raise ValueError(f"positions {positions!r} is not supported; valid choices: "
                              f"{', '.join(POSITIONS)}")
-        if block_size != "auto" and block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size {block_size!r} is not supported; valid choices: "
-                             f"auto, {', '.join(map(str, BLOCK_SIZES))}")
-        if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
-            raise ValueError(f"k_min {k_min!r} must be a positive integer")
         if isinstance(method, Method):
             if method_params:
                 raise ValueError(f"method parameters {sorted(method_params)} were given with "
