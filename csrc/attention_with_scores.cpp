@@ -13,7 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include "attention_cpu.h"
-#include "common.h"
+#include "checks.h"
 
 namespace cabattn {
 namespace {
@@ -111,10 +111,7 @@ void attention_with_scores_kernel(const at::Tensor& q, const at::Tensor& k, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   const char* op = "cabattn::attention_with_scores";
-  check_qkv(op, q, k, v);
-  TORCH_CHECK(k.size(2) >= q.size(2), op, ": k/v length (", k.size(2), ") must be at least the ",
-              "query chunk length (", q.size(2), "): the chunk's own keys are the last ones");
-  check_scale(op, scale);
+  check_attention_with_scores_args(op, q, k, v, scale);
 
   const int64_t batch = q.size(0), kv_heads = k.size(1), queries = q.size(2), keys = k.size(2);
   at::Tensor out = at::empty_like(q);

@@ -15,7 +15,7 @@
 #include <limits>
 
 #include "attention_cpu.h"
-#include "common.h"
+#include "checks.h"
 #include "cpu_vector.h"
 
 namespace cabattn {
@@ -158,12 +158,7 @@ void block_scores_kernel(const at::Tensor& q_scaled, const at::Tensor& k, int64_
 std::tuple<at::Tensor, at::Tensor> block_scores_cpu(const at::Tensor& q, const at::Tensor& k,
                                                     int64_t block_size, double scale) {
   const char* op = "cabattn::block_scores";
-  check_qk(op, q, k);
-  check_block_size(op, block_size);
-  TORCH_CHECK(q.size(2) == k.size(2), op, ": q and k must have the same length (causal "
-              "self-attention), got ", q.size(2), " and ", k.size(2));
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a positive finite number, "
-              "got ", scale);
+  check_block_scores_args(op, q, k, block_size, scale);
   const int64_t blocks = num_blocks(q.size(2), block_size);
   const auto out_options = q.options().dtype(at::kFloat);
   at::Tensor sum_out = at::zeros({q.size(0), q.size(1), blocks, blocks}, out_options);

@@ -12,7 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include "attention_cpu.h"
-#include "common.h"
+#include "checks.h"
 
 namespace cabattn {
 namespace {
@@ -99,12 +99,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_count,
     const at::Tensor& block_index, int64_t block_size, double scale) {
   const char* op = "cabattn::block_sparse_attention";
-  check_qkv(op, q, k, v);
-  TORCH_CHECK(q.size(2) == k.size(2), op, ": q and k must have the same length (causal "
-              "self-attention), got ", q.size(2), " and ", k.size(2));
-  check_block_size(op, block_size);
-  check_scale(op, scale);
-  check_block_layout(op, q, block_count, block_index, num_blocks(q.size(2), block_size));
+  check_block_sparse_attention_args(op, q, k, v, block_count, block_index, block_size, scale);
   check_block_layout_values(op, block_count, block_index);
 
   at::Tensor out = at::empty_like(q);

@@ -4,12 +4,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include "common.h"
+#include "checks.h"
 
 namespace cabattn {
 namespace {
-
-constexpr int64_t kMaxL2 = 0, kMean = 1;
 
 template <typename scalar_t>
 void coarsen_blocks(const scalar_t* x, scalar_t* out, int64_t heads, int64_t length,
@@ -50,12 +48,7 @@ void coarsen_blocks(const scalar_t* x, scalar_t* out, int64_t heads, int64_t len
 
 at::Tensor coarsen_cpu(const at::Tensor& x, int64_t block_size, int64_t mode) {
   const char* op = "cabattn::coarsen";
-  check_rank(op, "x", x, 4, "[batch, heads, length, head_dim]");
-  check_attention_dtype(op, "x", x);
-  check_contiguous(op, "x", x);
-  check_block_size(op, block_size);
-  TORCH_CHECK(mode == kMaxL2 || mode == kMean, op, ": mode ", mode,
-              " is not supported; valid: 0 (max_l2), 1 (mean)");
+  check_coarsen_args(op, x, block_size, mode);
   const int64_t batch = x.size(0), heads = x.size(1), length = x.size(2), dim = x.size(3);
   at::Tensor out = at::empty({batch, heads, num_blocks(length, block_size), dim}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coarsen", [&] {

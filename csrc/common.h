@@ -92,8 +92,8 @@ inline void check_scale(const char* op, double scale) {
 }
 
 // A block layout for q [B, Hq, L, d] cut into M blocks: block_count int32 [B, Hq, M] and
-// block_index int32 [B, Hq, M, max_count], contiguous, on q's device. Shapes only; the CPU
-// kernels also check the values with check_block_layout_values.
+// block_index int32 [B, Hq, M, max_count], contiguous, on q's device. Shapes only; the values
+// are check_block_layout_values' (the CUDA kernel flags a bad row on the device, then calls it).
 inline void check_block_layout(const char* op, const at::Tensor& q, const at::Tensor& block_count,
                                const at::Tensor& block_index, int64_t blocks) {
   check_rank(op, "block_count", block_count, 3, "[batch, q_heads, blocks]");

@@ -8,13 +8,11 @@
 #include <cmath>
 #include <limits>
 
-#include "common.h"
+#include "checks.h"
 
 namespace cabattn {
 namespace {
 
-constexpr int64_t kAdditive = 0, kMultiplicative = 1;
-constexpr int64_t kRowMinmax = 0, kGlobalMinmax = 1;
 constexpr double kEps = 1e-8;
 
 // ---------------------------------------------------------------------------------------------
@@ -52,17 +50,7 @@ void minmax_normalise(double* r, int64_t heads, int64_t blocks, int64_t normaliz
 at::Tensor frc_scores_cpu(const at::Tensor& qc, const at::Tensor& kc, double scale, double lam,
                           int64_t formula, int64_t normalization) {
   const char* op = "cabattn::frc_scores";
-  check_qk(op, qc, kc);
-  TORCH_CHECK(qc.size(2) == kc.size(2), op, ": qc and kc must have the same number of blocks, "
-              "got ", qc.size(2), " and ", kc.size(2));
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  TORCH_CHECK(std::isfinite(lam) && lam >= 0, op, ": lam (lambda_redundancy) must be a finite "
-              "number >= 0, got ", lam);
-  TORCH_CHECK(formula == kAdditive || formula == kMultiplicative, op, ": formula ", formula,
-              " is not supported; valid: 0 (additive), 1 (multiplicative)");
-  TORCH_CHECK(normalization == kRowMinmax || normalization == kGlobalMinmax, op,
-              ": normalization ", normalization,
-              " is not supported; valid: 0 (row_minmax), 1 (global_minmax)");
+  check_frc_scores_args(op, qc, kc, scale, lam, formula, normalization);
   const int64_t batch = qc.size(0), q_heads = qc.size(1), blocks = qc.size(2), dim = qc.size(3);
   const int64_t kv_heads = kc.size(1), group = q_heads / kv_heads;
   at::Tensor out = at::empty({batch, q_heads, blocks, blocks}, qc.options().dtype(at::kFloat));
@@ -98,75 +86,7 @@ at::Tensor frc_scores_cpu(const at::Tensor& qc, const at::Tensor& kc, double sca
 }
 
 // ---------------------------------------------------------------------------------------------
-// select_blocks. How many blocks each rule contributes depends only on the per-row counts, not
-// on the scores, so it is planned once per row (and checked against max_count) before any
-// scores are read.
-
-struct RowPlan {
-  int64_t source;   // row whose candidates 0..source the rule ranks (row - shift); < 0: none
-  int64_t recent_from, sinks_to;  // forced: [recent_from, source] and [0, sinks_to)
-  int64_t by_score1, by_score2;   // picks, already clamped to the free candidates
-  int64_t count;
-};
-
-void check_count_vector(const char* op, const char* name, const at::Tensor& t,
-                        const at::Tensor& ref, int64_t blocks) {
-  check_rank(op, name, t, 1, "[num_blocks] per-row counts");
-  check_dtype(op, name, t, at::kInt);
-  check_same_device(op, name, t, ref, "n_recent");
-  check_contiguous(op, name, t);
-  TORCH_CHECK(t.size(0) == blocks, op, ": ", name, " has ", t.size(0), " rows but n_recent has ",
-              blocks);
-  const int32_t* v = t.const_data_ptr<int32_t>();
-  for (int64_t i = 0; i < blocks; ++i)
-    TORCH_CHECK(v[i] >= 0, op, ": ", name, "[", i, "] = ", v[i], " is negative; counts are >= 0");
-}
-
-void check_scores(const char* op, const char* name, const at::Tensor& s, const at::Tensor& ref,
-                  int64_t blocks) {
-  check_rank(op, name, s, 4, "[batch, heads, num_blocks, num_blocks]");
-  const auto dtype = s.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": ", name, " has dtype ", dtype,
-              "; supported: float32, float64, float16, bfloat16");
-  check_same_device(op, name, s, ref, "n_recent");
-  check_contiguous(op, name, s);
-  TORCH_CHECK(s.size(2) == blocks && s.size(3) == blocks, op, ": ", name, " must be [batch, "
-              "heads, ", blocks, ", ", blocks, "] to match n_recent's ", blocks, " rows, got ",
-              s.sizes());
-}
-
-// The blocks a row keeps whatever the scores: its diagonal, the recent ones, the sinks.
-void mark_forced(const RowPlan& p, int64_t row, char* kept) {
-  kept[row] = 1;
-  for (int64_t j = p.recent_from; j <= p.source; ++j) kept[j] = 1;
-  for (int64_t j = 0; j < p.sinks_to; ++j) kept[j] = 1;
-}
-
-std::vector<RowPlan> plan_rows(const char* op, const int32_t* n_recent, const int32_t* n_sink,
-                               const int32_t* n_score1, const int32_t* n_score2,
-                               int64_t blocks, int64_t shift, int64_t max_count) {
-  std::vector<RowPlan> plans(blocks);
-  std::vector<char> kept(blocks);
-  for (int64_t row = 0; row < blocks; ++row) {
-    RowPlan& p = plans[row];
-    p.source = row - shift;
-    p.recent_from = std::max<int64_t>(p.source + 1 - n_recent[row], 0);
-    p.sinks_to = std::min<int64_t>(n_sink[row], p.source + 1);
-    std::fill(kept.begin(), kept.end(), 0);
-    mark_forced(p, row, kept.data());
-    const int64_t forced = std::count(kept.begin(), kept.begin() + row + 1, 1);
-    const int64_t candidates = std::max<int64_t>(p.source + 1, 0);  // 0..source
-    const int64_t free = candidates - std::count(kept.begin(), kept.begin() + candidates, 1);
-    p.by_score1 = std::min<int64_t>(n_score1[row], free);
-    p.by_score2 = std::min<int64_t>(n_score2[row], free - p.by_score1);
-    p.count = forced + p.by_score1 + p.by_score2;
-    TORCH_CHECK(p.count <= max_count, op, ": row ", row, " keeps ", p.count,
-                " blocks, more than max_count=", max_count);
-  }
-  return plans;
-}
+// select_blocks: each row planned by check_select_blocks_values (checks.h), then its top-k picks.
 
 template <typename score_t>
 void select_kernel(const score_t* score1, const score_t* score2,
@@ -218,36 +138,12 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cpu(
     const at::Tensor& n_recent, const at::Tensor& n_sink, const at::Tensor& n_score1,
     const at::Tensor& n_score2, int64_t shift, int64_t max_count) {
   const char* op = "cabattn::select_blocks";
-  TORCH_CHECK(score1.has_value() || score2.has_value(), op,
-              ": give score1 or score2 (they fix batch and heads); both are None");
-  TORCH_CHECK(shift == 0 || shift == 1, op, ": shift ", shift,
-              " is not supported; valid: 1 (strict causal selection), 0 (block)");
-  TORCH_CHECK(max_count >= 1, op, ": max_count must be >= 1, got ", max_count);
-  check_rank(op, "n_recent", n_recent, 1, "[num_blocks] per-row counts");
-  const int64_t blocks = n_recent.size(0);
-  check_count_vector(op, "n_recent", n_recent, n_recent, blocks);
-  check_count_vector(op, "n_sink", n_sink, n_recent, blocks);
-  check_count_vector(op, "n_score1", n_score1, n_recent, blocks);
-  check_count_vector(op, "n_score2", n_score2, n_recent, blocks);
-  if (score1) check_scores(op, "score1", *score1, n_recent, blocks);
-  if (score2) check_scores(op, "score2", *score2, n_recent, blocks);
-  if (score1 && score2) {
-    TORCH_CHECK(score1->sizes() == score2->sizes() &&
-                    score1->scalar_type() == score2->scalar_type(),
-                op, ": score1 and score2 must share shape and dtype, got ", score1->sizes(), " ",
-                score1->scalar_type(), " and ", score2->sizes(), " ", score2->scalar_type());
-  }
-  const int32_t* picks1 = n_score1.const_data_ptr<int32_t>();
-  const int32_t* picks2 = n_score2.const_data_ptr<int32_t>();
-  for (int64_t row = 0; row < blocks; ++row) {
-    TORCH_CHECK(score1 || picks1[row] == 0, op, ": n_score1[", row, "] = ", picks1[row],
-                " asks for picks by score1, but score1 is None");
-    TORCH_CHECK(score2 || picks2[row] == 0, op, ": n_score2[", row, "] = ", picks2[row],
-                " asks for picks by score2, but score2 is None");
-  }
+  check_select_blocks_args(op, score1, score2, n_recent, n_sink, n_score1, n_score2, shift,
+                           max_count);
   const std::vector<RowPlan> plans =
-      plan_rows(op, n_recent.const_data_ptr<int32_t>(), n_sink.const_data_ptr<int32_t>(), picks1,
-                picks2, blocks, shift, max_count);
+      check_select_blocks_values(op, score1.has_value(), score2.has_value(), n_recent, n_sink,
+                                 n_score1, n_score2, shift, max_count);
+  const int64_t blocks = n_recent.size(0);
 
   const at::Tensor& ref = score1 ? *score1 : *score2;
   const int64_t batch = ref.size(0), heads = ref.size(1);

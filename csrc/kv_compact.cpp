@@ -7,37 +7,17 @@
 
 #include <cstring>
 
-#include "common.h"
+#include "checks.h"
 
 namespace cabattn {
 namespace {
 
 void kv_compact_cpu(const at::Tensor& x, const at::Tensor& keep) {
   const char* op = "cabattn::kv_compact_";
-  TORCH_CHECK(x.dim() >= 3, op, ": x must be [batch, heads, length, ...] (3-D or more), got "
-              "shape ", x.sizes());
-  check_rank(op, "keep", keep, 3, "[batch, heads, kept] int64 indices");
-  check_dtype(op, "keep", keep, at::kLong);
-  check_same_device(op, "keep", keep, x, "x");
-  check_contiguous(op, "x", x);
-  check_contiguous(op, "keep", keep);
-  TORCH_CHECK(keep.size(0) == x.size(0) && keep.size(1) == x.size(1), op,
-              ": keep's [batch, heads] ", keep.sizes().slice(0, 2), " must match x's ",
-              x.sizes().slice(0, 2));
+  check_kv_compact_args(op, x, keep);
+  check_keep_values(op, keep, x.size(2));
   const int64_t heads = x.size(0) * x.size(1), length = x.size(2), kept = keep.size(2);
-  TORCH_CHECK(kept <= length, op, ": keep has ", kept, " indices per head but x holds only ",
-              length, " rows");
   const int64_t* idx = keep.const_data_ptr<int64_t>();
-  for (int64_t head = 0; head < heads; ++head) {
-    const int64_t* row = idx + head * kept;
-    for (int64_t i = 0; i < kept; ++i) {
-      TORCH_CHECK(row[i] >= 0 && row[i] < length, op, ": keep[", head / x.size(1), ", ",
-                  head % x.size(1), ", ", i, "] = ", row[i], " is out of range [0, ", length, ")");
-      TORCH_CHECK(i == 0 || row[i] > row[i - 1], op, ": keep[", head / x.size(1), ", ",
-                  head % x.size(1), "] must be sorted ascending and unique, but entry ", i,
-                  " (", row[i], ") follows ", row[i - 1]);
-    }
-  }
   if (x.numel() == 0) return;
 
   const int64_t row_bytes = x.numel() / (heads * length) * x.element_size();

@@ -11,6 +11,24 @@ def device(request):
     return request.param
 
 
+@pytest.fixture
+def raises_as_on_cpu(device):
+    """check(call, *args): call(*args) raises on `device` the error it raises on the CPU, word
+    for word (the CPU and CUDA kernels share their checks, csrc/checks.h). Tensor arguments are
+    given on the CPU and moved to `device`. Returns the message."""
+    def check(call, *args):
+        def message(where):
+            moved = [a.to(where) if isinstance(a, torch.Tensor) else a for a in args]
+            with pytest.raises(RuntimeError) as info:
+                call(*moved)
+            return str(info.value).splitlines()[0]
+        want = message("cpu")
+        assert want.startswith("cabattn::"), want
+        assert message(device) == want
+        return want
+    return check
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -106,6 +106,31 @@ def test_opcheck(device):
                                                                      k, v, 0.125))
 
 
+def test_bad_layouts_raise_as_on_cpu(device, raises_as_on_cpu):
+    """A layout the kernels cannot honour raises the CPU's error on every device, and a later
+    call still works (no device-side assert poisons the process)."""
+    q, k, v = inputs("cpu", torch.float32, 1, 2, 2, 64, 64, 64)
+    count, index = random_layout(1, 4, 64, 16, 2, "cpu")
+    future, duplicate, empty, overfull, negative = (t.clone() for t in (index,) * 5)
+    future[0, 0, 1, 0] = 3            # row 1 may only list blocks 0..1
+    duplicate[0, 1, 2, :2] = 2        # [2, 2]: counted twice
+    empty_count = count.clone()
+    empty_count[0, 2, 3] = 0          # every row keeps at least its diagonal
+    overfull_count = count.clone()
+    overfull_count[0, 3, 3] = 3       # more than max_count = 2
+    negative[0, 3, 2, 0] = -1
+    for layout in [(count, future), (count, duplicate), (empty_count, empty),
+                   (overfull_count, overfull), (count, negative)]:
+        message = raises_as_on_cpu(ops.block_sparse_attention, q, k, v, *layout, 16, 0.1)
+        assert "block_count" in message or "block_index" in message, message
+    q, k, v, count, index = (t.to(device) for t in (q, k, v, count, index))
+    out, lse = ops.block_sparse_attention(q, k, v, count, index, 16, 0.1)
+    exact = reference.block_sparse_attention(q.double(), k.double(), v.double(), count, index,
+                                             16, 0.1)
+    assert_error_within(out, reference.block_sparse_attention(q, k, v, count, index, 16, 0.1)[0],
+                        exact[0])
+
+
 def test_bad_inputs_say_what_is_wrong(device):
     q, k, v = inputs(device, torch.float32, 1, 2, 2, 64, 64, 64)
     count, index = random_layout(1, 4, 64, 16, 2, device)

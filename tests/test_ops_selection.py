@@ -236,6 +236,30 @@ def test_opcheck(device):
                           (x, random_keep(2, 1, 40, 9, device)))
 
 
+def test_bad_values_raise_as_on_cpu(raises_as_on_cpu):
+    """The checks of values the CUDA kernels flag on the device (counts, indices) and the
+    argument checks raise the CPU's words, in the CPU's order."""
+    q, k = gqa_inputs("cpu", torch.float32, 1, 2, 2, 40)
+    raises_as_on_cpu(ops.block_scores, q, k[:, :, :30].contiguous(), 16, 0.25)  # same length
+    raises_as_on_cpu(ops.block_scores, q, k, 16, -1.0)
+    raises_as_on_cpu(ops.frc_scores, q, k, 0.25, 0.3, 5, 0)
+    raises_as_on_cpu(ops.coarsen, q, 16, 2)
+    s1 = tie_free_scores(1, 2, 5, "cpu")
+    n = counts([1] * 5, "cpu")
+    zeros = counts([0] * 5, "cpu")
+    negative = counts([1, 1, -2, 1, 1], "cpu")
+    for args in [(None, None, n, n, n, n, 1, 5),       # no score tensor
+                 (s1, None, n, n, n, n, 2, 5),          # shift
+                 (s1, None, n, n, n, n, 1, 0),          # max_count
+                 (s1, None, n, negative, n, n, 1, 5),   # a negative count
+                 (s1, None, n, n, zeros, negative, 1, 5),
+                 (s1, None, zeros, zeros, zeros, n, 1, 5),  # picks by a missing score2
+                 (None, s1, zeros, zeros, n, zeros, 1, 5),  # ... and score1
+                 (s1, None, counts([3] * 5, "cpu"), zeros, zeros, zeros, 1, 2),  # overfull
+                 (s1, s1.half(), n, n, n, n, 1, 5)]:
+        raises_as_on_cpu(ops.select_blocks, *args)
+
+
 def test_bad_inputs_name_argument_and_choices(device):
     q, k = gqa_inputs(device, torch.float32, 1, 2, 2, 40)
     checks = [

@@ -141,11 +141,8 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  check_qkv(kOp, q, k, v);
+  check_attention_with_scores_args(kOp, q, k, v, scale);
   check_cuda(kOp, "q", q);
-  TORCH_CHECK(k.size(2) >= q.size(2), kOp, ": the keys (", k.size(2),
-              ") must include the chunk's ", q.size(2), " queries as their last entries");
-  check_scale(kOp, scale);
   check_aligned16(kOp, "q", q);
   check_aligned16(kOp, "k", k);
   check_aligned16(kOp, "v", v);

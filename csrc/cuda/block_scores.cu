@@ -207,12 +207,8 @@ void launch(const at::Tensor& q, const at::Tensor& k, at::Tensor& sblk, at::Tens
 
 std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const at::Tensor& k,
                                                      int64_t block_size, double scale) {
-  check_qk(kOp, q, k);
+  check_block_scores_args(kOp, q, k, block_size, scale);
   check_cuda(kOp, "q", q);
-  check_block_size(kOp, block_size);
-  TORCH_CHECK(k.size(2) == q.size(2), kOp, ": q has ", q.size(2), " tokens but k has ",
-              k.size(2), "; they must match");
-  check_scale(kOp, scale);
   check_aligned16(kOp, "q", q);
   check_aligned16(kOp, "k", k);
 

@@ -15,12 +15,26 @@ struct SparseParams {
   float scale_log2;
 };
 
+// Flags in *bad a layout row that breaks check_block_layout_values' contract (count in
+// 1..min(I + 1, max_count), indices strictly ascending within 0..I). The kernel still reads such
+// a row safely (LayoutKeys skips indices out of range); the host then raises the CPU's error.
+__device__ __forceinline__ void check_layout_row(const int* index, int count, int I,
+                                                 int max_count, int* bad) {
+  bool wrong = threadIdx.x == 0 && (count < 1 || count > min(I + 1, max_count));
+  for (int slot = threadIdx.x; slot < min(count, max_count); slot += blockDim.x) {
+    const int block = index[slot];
+    wrong |= block < 0 || block > I || (slot > 0 && block <= index[slot - 1]);
+  }
+  if (wrong) atomicOr(bad, 1);
+}
+
 template <typename T, int D, int TC>
 __global__ void __launch_bounds__(kTileThreads)
 block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
                               const T* __restrict__ v, const int* __restrict__ block_count,
                               const int* __restrict__ block_index, T* __restrict__ out,
-                              float* __restrict__ lse, SparseParams p) {
+                              float* __restrict__ lse, int* __restrict__ bad,
+                              SparseParams p) {
   using G = TileGeometry<T, D, TC>;
   extern __shared__ __align__(16) char smem[];
   const int64_t batch = blockIdx.z, head = blockIdx.y;
@@ -32,6 +46,9 @@ block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
   const int64_t bh = batch * p.q_heads + head;
   const int64_t kv_bh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
   const int64_t layout_row = bh * p.num_blocks + query_block;
+  if (blockIdx.x % p.tiles_per_block == 0)
+    check_layout_row(block_index + layout_row * p.max_count, block_count[layout_row],
+                     query_block, p.max_count, bad);
   LayoutKeys keys;
   keys.index = block_index + layout_row * p.max_count;
   keys.count = min(max(block_count[layout_row], 0), p.max_count);
@@ -47,7 +64,7 @@ block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
 template <typename T, int D, int TC>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const at::Tensor& block_count, const at::Tensor& block_index, at::Tensor& out,
-            at::Tensor& lse, SparseParams p) {
+            at::Tensor& lse, int* bad, SparseParams p) {
   using G = TileGeometry<T, D, TC>;
   p.tiles_per_block = p.block_size / G::kRows;
   const dim3 grid(p.num_blocks * p.tiles_per_block, q.size(1), q.size(0));
@@ -56,33 +73,34 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   set_dynamic_smem(kOp, kernel, smem);
   kernel<<<grid, G::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), block_count.data_ptr<int>(),
-      block_index.data_ptr<int>(), out.data_ptr<T>(), lse.data_ptr<float>(), p);
+      block_index.data_ptr<int>(), out.data_ptr<T>(), lse.data_ptr<float>(), bad, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_count,
     const at::Tensor& block_index, int64_t block_size, double scale) {
-  check_qkv(kOp, q, k, v);
+  check_block_sparse_attention_args(kOp, q, k, v, block_count, block_index, block_size,
+                                    scale);
   check_cuda(kOp, "q", q);
-  check_block_size(kOp, block_size);
-  TORCH_CHECK(k.size(2) == q.size(2), kOp, ": q has ", q.size(2), " tokens but k has ", k.size(2),
-              "; the layout is over one window, so they must match");
-  const int64_t batch = q.size(0), q_heads = q.size(1), length = q.size(2);
-  const int64_t blocks = num_blocks(length, block_size);
-  // Shapes only: checking the values would cost a device-to-host copy. The kernel skips
-  // counts and indices out of range (a device-side assert fires for a bad index).
-  check_block_layout(kOp, q, block_count, block_index, blocks);
-  check_scale(kOp, scale);
   check_aligned16(kOp, "q", q);
   check_aligned16(kOp, "k", k);
   check_aligned16(kOp, "v", v);
+  const int64_t batch = q.size(0), q_heads = q.size(1), length = q.size(2);
+  const int64_t blocks = num_blocks(length, block_size);
 
   const at::cuda::CUDAGuard guard(q.device());
   auto out = at::empty_like(q);
   auto lse = at::empty({batch, q_heads, length}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
+  const auto check_layout_on_host = [&] {
+    check_block_layout_values(kOp, block_count.cpu(), block_index.cpu());
+  };
+  if (q.numel() == 0) {  // head_dim 0: nothing to compute, the layout is still checked
+    check_layout_on_host();
+    return {out, lse};
+  }
 
+  DeviceCheck check(q);
   SparseParams p;
   p.q_heads = q_heads;
   p.kv_heads = k.size(1);
@@ -97,15 +115,17 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
       // The query tile must stay inside one query block: 16 rows for block_size 16, 32 for
       // 32, 64 otherwise.
+      int* bad = check.flag();
       if (block_size == 16) {
-        launch<scalar_t, kHeadDim, 32>(q, k, v, block_count, block_index, out, lse, p);
+        launch<scalar_t, kHeadDim, 32>(q, k, v, block_count, block_index, out, lse, bad, p);
       } else if (block_size == 32) {
-        launch<scalar_t, kHeadDim, 16>(q, k, v, block_count, block_index, out, lse, p);
+        launch<scalar_t, kHeadDim, 16>(q, k, v, block_count, block_index, out, lse, bad, p);
       } else {
-        launch<scalar_t, kHeadDim, 8>(q, k, v, block_count, block_index, out, lse, p);
+        launch<scalar_t, kHeadDim, 8>(q, k, v, block_count, block_index, out, lse, bad, p);
       }
     });
   });
+  check.raise_if_flagged(kOp, check_layout_on_host);
   return {out, lse};
 }
 

@@ -10,7 +10,6 @@ namespace {
 
 constexpr const char* kOp = "cabattn::coarsen";
 constexpr int kWarpsPerBlock = 4;
-constexpr int64_t kMaxL2 = 0, kMean = 1;  // the modes of cabattn/reference.py
 
 template <typename T, bool kMeanMode>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
@@ -55,13 +54,8 @@ coarsen_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t groups, int
 }
 
 at::Tensor coarsen_cuda(const at::Tensor& x, int64_t block_size, int64_t mode) {
-  check_rank(kOp, "x", x, 4, "[batch, heads, length, head_dim]");
+  check_coarsen_args(kOp, x, block_size, mode);
   check_cuda(kOp, "x", x);
-  check_attention_dtype(kOp, "x", x);
-  check_contiguous(kOp, "x", x);
-  check_block_size(kOp, block_size);
-  TORCH_CHECK(mode == kMaxL2 || mode == kMean, kOp, ": mode ", mode,
-              " is not supported; valid: 0 (max_l2), 1 (mean)");
 
   const at::cuda::CUDAGuard guard(x.device());
   const int64_t length = x.size(2), dim = x.size(3);

@@ -12,7 +12,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common.h"
+#include "checks.h"
 
 namespace cabattn {
 namespace cuda {
@@ -21,6 +21,29 @@ inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernel, got ",
               t.device());
 }
+
+// A device word in which a kernel flags an input value the host could not check without a copy
+// (an index out of range, a negative count). After the launch the host reads the word back once
+// and, only when it is set, runs the CPU kernel's value check (checks.h) on host copies, which
+// raises the CPU's error word for word. Never a device assert: that would poison the context
+// for every later CUDA call in the process.
+class DeviceCheck {
+ public:
+  explicit DeviceCheck(const at::Tensor& like)
+      : flag_(at::zeros({1}, like.options().dtype(at::kInt))) {}
+  int* flag() { return flag_.data_ptr<int>(); }
+  // Calls host_check() (which must raise) when a kernel set the flag.
+  template <typename HostCheck>
+  void raise_if_flagged(const char* op, HostCheck&& host_check) {
+    if (flag_.item<int>() == 0) return;
+    host_check();
+    TORCH_CHECK(false, op, ": the CUDA kernel flagged a bad input that the CPU checks accept "
+                "(a bug in cabattn; please report it)");
+  }
+
+ private:
+  at::Tensor flag_;
+};
 
 // The kernels move 16-byte chunks; a contiguous view that starts inside its storage can break
 // that alignment.

@@ -13,8 +13,6 @@ namespace cuda {
 namespace {
 
 constexpr const char* kOp = "cabattn::frc_scores";
-constexpr int64_t kAdditive = 0, kMultiplicative = 1;  // cabattn/reference.py
-constexpr int64_t kRowMinmax = 0, kGlobalMinmax = 1;
 constexpr double kEps = 1e-8;
 constexpr int kThreads = 256;
 
@@ -105,18 +103,8 @@ unsigned grid_for(int64_t units, int64_t per_block) {
 
 at::Tensor frc_scores_cuda(const at::Tensor& qc, const at::Tensor& kc, double scale, double lam,
                            int64_t formula, int64_t normalization) {
-  check_qk(kOp, qc, kc);
+  check_frc_scores_args(kOp, qc, kc, scale, lam, formula, normalization);
   check_cuda(kOp, "qc", qc);
-  TORCH_CHECK(kc.size(2) == qc.size(2), kOp, ": qc has ", qc.size(2), " blocks but kc has ",
-              kc.size(2), "; they must match");
-  TORCH_CHECK(formula == kAdditive || formula == kMultiplicative, kOp, ": formula ", formula,
-              " is not supported; valid: 0 (additive), 1 (multiplicative)");
-  TORCH_CHECK(normalization == kRowMinmax || normalization == kGlobalMinmax, kOp,
-              ": normalization ", normalization,
-              " is not supported; valid: 0 (row_minmax), 1 (global_minmax)");
-  TORCH_CHECK(std::isfinite(scale), kOp, ": scale must be finite, got ", scale);
-  TORCH_CHECK(std::isfinite(lam) && lam >= 0, kOp, ": lam (lambda_redundancy) must be a finite "
-              "number >= 0, got ", lam);
 
   const at::cuda::CUDAGuard guard(qc.device());
   const int64_t batch = qc.size(0), q_heads = qc.size(1), M = qc.size(2), dim = qc.size(3);

@@ -19,13 +19,6 @@ struct SelectParams {
   int shift, max_count, sort_size;  // sort_size: num_blocks rounded up to a power of two
 };
 
-// Status the host reads after the launch: the largest count any row wanted, and whether a row
-// needed a score tensor that was not given.
-struct SelectStatus {
-  int max_row_count;
-  int missing_score;
-};
-
 __device__ __forceinline__ bool ranks_before(double value_a, int index_a, double value_b,
                                              int index_b) {
   if (index_a < 0) return false;  // non-candidates sort last
@@ -84,7 +77,7 @@ select_blocks_kernel(const S* __restrict__ score1, const S* __restrict__ score2,
                      const int* __restrict__ n_recent, const int* __restrict__ n_sink,
                      const int* __restrict__ n_score1, const int* __restrict__ n_score2,
                      int* __restrict__ block_count, int* __restrict__ block_index,
-                     SelectStatus* __restrict__ status, SelectParams p) {
+                     int* __restrict__ bad, SelectParams p) {
   extern __shared__ __align__(16) char smem[];
   const int M = static_cast<int>(p.num_blocks);
   double* values = reinterpret_cast<double*>(smem);
@@ -95,6 +88,13 @@ select_blocks_kernel(const S* __restrict__ score1, const S* __restrict__ score2,
   const int64_t bh = int64_t(blockIdx.z) * p.heads + blockIdx.y;
   const int src = row - p.shift;
   const int recent = n_recent[row], sink = n_sink[row];
+  const S* rows[2] = {score1, score2};
+  const int wanted[2] = {n_score1[row], n_score2[row]};
+  // The counts check_select_blocks_values rejects: negative ones, picks by a missing score.
+  if (threadIdx.x == 0 && (recent < 0 || sink < 0 || wanted[0] < 0 || wanted[1] < 0 ||
+                           (wanted[0] > 0 && score1 == nullptr) ||
+                           (wanted[1] > 0 && score2 == nullptr)))
+    atomicOr(bad, 1);
   for (int j = threadIdx.x; j < M; j += kThreads) {
     const bool eligible = src >= 0 && j <= src;
     kept[j] = j == row || (eligible && (j > src - recent || j < sink));
@@ -102,14 +102,8 @@ select_blocks_kernel(const S* __restrict__ score1, const S* __restrict__ score2,
   __syncthreads();
 
   if (src >= 0) {
-    const S* rows[2] = {score1, score2};
-    const int wanted[2] = {n_score1[row], n_score2[row]};
     for (int s = 0; s < 2; ++s) {
-      if (wanted[s] <= 0) continue;
-      if (rows[s] == nullptr) {
-        if (threadIdx.x == 0) atomicExch(&status->missing_score, 1);
-        continue;
-      }
+      if (wanted[s] <= 0 || rows[s] == nullptr) continue;
       keep_top(rows[s] + (bh * M + src) * int64_t(M), wanted[s], src, M, p.sort_size, kept,
                values, indices);
     }
@@ -131,67 +125,38 @@ select_blocks_kernel(const S* __restrict__ score1, const S* __restrict__ score2,
     for (int slot = count + lane; slot < p.max_count; slot += 32) out[slot] = -1;
     if (lane == 0) {
       block_count[bh * M + row] = min(count, p.max_count);
-      atomicMax(&status->max_row_count, count);
+      if (count > p.max_count) atomicOr(bad, 1);
     }
   }
-}
-
-void check_counts(const char* name, const at::Tensor& t, int64_t blocks, const at::Tensor& ref) {
-  check_rank(kOp, name, t, 1, "[num_blocks]");
-  check_dtype(kOp, name, t, at::kInt);
-  check_same_device(kOp, name, t, ref, "n_recent");
-  check_contiguous(kOp, name, t);
-  TORCH_CHECK(t.size(0) == blocks, kOp, ": ", name, " has ", t.size(0),
-              " entries but n_recent has ", blocks, "; one per query-block row");
 }
 
 std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
     const std::optional<at::Tensor>& score1, const std::optional<at::Tensor>& score2,
     const at::Tensor& n_recent, const at::Tensor& n_sink, const at::Tensor& n_score1,
     const at::Tensor& n_score2, int64_t shift, int64_t max_count) {
-  TORCH_CHECK(score1.has_value() || score2.has_value(), kOp,
-              ": give at least one of score1, score2 (they set the batch and head shape)");
+  check_select_blocks_args(kOp, score1, score2, n_recent, n_sink, n_score1, n_score2, shift,
+                           max_count);
   check_cuda(kOp, "n_recent", n_recent);
-  const int64_t blocks = n_recent.dim() == 1 ? n_recent.size(0) : -1;
-  check_counts("n_recent", n_recent, blocks, n_recent);
-  check_counts("n_sink", n_sink, blocks, n_recent);
-  check_counts("n_score1", n_score1, blocks, n_recent);
-  check_counts("n_score2", n_score2, blocks, n_recent);
-  TORCH_CHECK(shift == 0 || shift == 1, kOp, ": shift ", shift,
-              " is not supported; valid: 1 (strict causal selection), 0 (block)");
-  TORCH_CHECK(max_count >= 1 && max_count <= std::numeric_limits<int>::max(), kOp,
-              ": max_count must be >= 1, got ", max_count);
+  const int64_t blocks = n_recent.size(0);
+  TORCH_CHECK(max_count <= std::numeric_limits<int>::max(), kOp, ": max_count ", max_count,
+              " is more than this kernel's ", std::numeric_limits<int>::max());
   TORCH_CHECK(blocks <= 8192, kOp, ": ", blocks, " blocks per row is more than this kernel's "
               "8192; use a larger block_size");
-
   const at::Tensor& ref = score1.has_value() ? *score1 : *score2;
-  const char* ref_name = score1.has_value() ? "score1" : "score2";
-  for (const auto* score : {&score1, &score2}) {
-    if (!score->has_value()) continue;
-    const char* name = score == &score1 ? "score1" : "score2";
-    const at::Tensor& s = **score;
-    check_rank(kOp, name, s, 4, "[batch, heads, num_blocks, num_blocks]");
-    check_same_device(kOp, name, s, n_recent, "n_recent");
-    check_contiguous(kOp, name, s);
-    TORCH_CHECK(s.scalar_type() == ref.scalar_type(), kOp, ": score1 and score2 must share a "
-                "dtype, got ", s.scalar_type(), " and ", ref.scalar_type());
-    TORCH_CHECK(s.size(0) == ref.size(0) && s.size(1) == ref.size(1) && s.size(2) == blocks &&
-                    s.size(3) == blocks,
-                kOp, ": ", name, " must have shape [", ref.size(0), ", ", ref.size(1), ", ",
-                blocks, ", ", blocks, "] (like ", ref_name, ", num_blocks from n_recent), got ",
-                s.sizes());
-  }
   const auto dtype = ref.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              kOp, ": scores have dtype ", dtype, "; supported: float32, float64, float16, "
-              "bfloat16");
 
   const at::cuda::CUDAGuard guard(n_recent.device());
   const int64_t batch = ref.size(0), heads = ref.size(1);
   auto count = at::empty({batch, heads, blocks}, n_recent.options());
   auto index = at::empty({batch, heads, blocks, max_count}, n_recent.options());
-  if (count.numel() == 0) return {count, index};
+  const auto check_counts_on_host = [&] {
+    check_select_blocks_values(kOp, score1.has_value(), score2.has_value(), n_recent.cpu(),
+                               n_sink.cpu(), n_score1.cpu(), n_score2.cpu(), shift, max_count);
+  };
+  if (count.numel() == 0) {  // no (batch, head) to select for: the counts are still checked
+    check_counts_on_host();
+    return {count, index};
+  }
   TORCH_CHECK(heads <= 65535 && batch <= 65535, kOp, ": batch and heads must be <= 65535");
 
   SelectParams p;
@@ -203,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   while (p.sort_size < blocks) p.sort_size *= 2;
   const size_t smem = size_t(p.sort_size) * (sizeof(double) + sizeof(int)) + blocks;
 
-  auto status = at::zeros({2}, n_recent.options());
+  DeviceCheck check(n_recent);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(blocks, heads, batch);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] {
@@ -213,19 +178,12 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
         score1.has_value() ? score1->data_ptr<scalar_t>() : nullptr,
         score2.has_value() ? score2->data_ptr<scalar_t>() : nullptr, n_recent.data_ptr<int>(),
         n_sink.data_ptr<int>(), n_score1.data_ptr<int>(), n_score2.data_ptr<int>(),
-        count.data_ptr<int>(), index.data_ptr<int>(),
-        reinterpret_cast<SelectStatus*>(status.data_ptr<int>()), p);
+        count.data_ptr<int>(), index.data_ptr<int>(), check.flag(), p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  // One small device-to-host copy so that a bad budget raises here, like on the CPU, instead
-  // of a silently truncated layout.
-  const auto host = status.cpu();
-  const int max_row_count = host.data_ptr<int>()[0];
-  TORCH_CHECK(host.data_ptr<int>()[1] == 0, kOp, ": a row asks for n_score1/n_score2 > 0 but "
-              "that score tensor is None");
-  TORCH_CHECK(max_row_count <= max_count, kOp, ": a row keeps ", max_row_count,
-              " blocks, more than max_count=", max_count);
+  // A bad count raises here, like on the CPU, instead of giving a silently truncated layout.
+  check.raise_if_flagged(kOp, check_counts_on_host);
   return {count, index};
 }
 
