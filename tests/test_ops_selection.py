@@ -4,6 +4,8 @@ Float ops: the kernel's error against the float64 reference is at most twice the
 reference run in the kernel's input precision (plus float32 rounding of the float32 outputs).
 Selection: identical layouts on tie-free scores.
 """
+import re
+
 import pytest
 import torch
 
@@ -202,22 +204,31 @@ def test_kv_compact_in_place(device, tail, dtype, kept):
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
 
 
-def test_kv_compact_rejects_bad_keep(device):
+def test_kv_compact_rejects_bad_keep(device, raises_as_on_cpu):
+    """Bad indices raise the CPU's error and leave x as it was; a later call still works (a
+    device-side assert would have poisoned every later CUDA call of the process)."""
     x = torch.randn(1, 2, 10, 4, device=device)
-    good = torch.tensor([[[0, 3, 5]] * 2], device=device)
-    bad = {"out of range": good.clone().index_fill_(2, torch.tensor([2], device=device), 10),
+    good = torch.tensor([[[0, 3, 5]] * 2])
+    duplicate = good.clone()
+    duplicate[..., 1] = 0
+    bad = {"out of range": good.clone().index_fill_(2, torch.tensor([2]), 10),
            "sorted ascending and unique": good.flip(-1).contiguous(),
            "must be torch.int64|must be Long": good.int(),
            "must match": good[:, :1].contiguous(),
-           "holds only": torch.arange(11, device=device).expand(1, 2, 11).contiguous()}
-    dup = good.clone()
-    dup[..., 1] = 0
-    bad["sorted ascending and unique"] = dup
-    for message, keep in bad.items():
+           "holds only": torch.arange(11).expand(1, 2, 11).contiguous()}
+    negative = good.clone()
+    negative[0, 1, 0] = -1
+    for message, keep in [*bad.items(), ("sorted ascending and unique", duplicate),
+                          ("out of range \\[0, 10\\)", negative)]:
         before = x.clone()
+        assert re.search(message, raises_as_on_cpu(ops.kv_compact_, x.cpu(), keep))
         with pytest.raises(RuntimeError, match=message):
-            ops.kv_compact_(x, keep)
+            ops.kv_compact_(x, keep.to(device))
         assert torch.equal(x, before)
+    want = x.clone()
+    reference.kv_compact_(want, good.to(device))
+    ops.kv_compact_(x, good.to(device))
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
 
 
 # -------------------------------------------------------------------------- opcheck, errors
