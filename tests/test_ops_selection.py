@@ -171,6 +171,25 @@ def test_select_blocks_nan_ranks_lowest(device):
     assert got[1][0, 0, 4].tolist() == [0, 1, 3, 4, -1]
 
 
+@pytest.mark.parametrize("shift", [0, 1])
+def test_select_blocks_nan_at_random_positions(device, shift):
+    """One NaN per row at a random candidate column: it ranks lowest, as in the reference (a
+    sort whose comparison treats NaN as unordered picks differently in about half the rows)."""
+    blocks = 40
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        s1 = tie_free_scores(2, 3, blocks, "cpu", dtype)
+        s2 = tie_free_scores(2, 3, blocks, "cpu", dtype)
+        for scores in (s1, s2):
+            columns = (torch.rand(2, 3, blocks) * (torch.arange(blocks) + 1)).long()
+            scores.scatter_(-1, columns[..., None], float("nan"))
+        (n_recent, n_sink, n1, n2), shift, max_count = random_plan(blocks, shift, "cpu")
+        args = [t.to(device) for t in (s1, s2, n_recent, n_sink, n1, n2)]
+        got = ops.select_blocks(*args, shift, max_count)
+        want = reference.select_blocks(s1, s2, n_recent, n_sink, n1, n2, shift, max_count)
+        torch.testing.assert_close(got[0].cpu(), want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1].cpu(), want[1], rtol=0, atol=0)
+
+
 def test_select_blocks_rejects_overfull_row(device):
     s1 = tie_free_scores(1, 1, 5, device)
     three = counts([3] * 5, device)

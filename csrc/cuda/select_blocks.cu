@@ -40,7 +40,10 @@ __device__ void keep_top(const S* scores, int n, int src, int M, int sort_size,
   if (n <= 0) return;
   for (int j = threadIdx.x; j < sort_size; j += kThreads) {
     const bool candidate = j < M && j <= src && !kept[j];
-    values[j] = candidate ? static_cast<double>(scores[j]) : 0.0;
+    const double value = candidate ? static_cast<double>(scores[j]) : 0.0;
+    // NaN ranks lowest, as -inf (reference.select_blocks): a NaN compares neither before nor
+    // after anything, which would break the sort.
+    values[j] = isnan(value) ? -INFINITY : value;
     indices[j] = candidate ? j : -1;
   }
   __syncthreads();
