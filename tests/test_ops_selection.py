@@ -49,6 +49,17 @@ def test_coarsen_matches_reference(device, block_size, length, mode):
                                 floor=4 * torch.finfo(torch.float64).eps)  # float64 rounding
 
 
+def test_coarsen_mean_of_128_tokens_within_reference_error(device):
+    """A mean of 128 tokens far from zero: summed one token at a time in float32 it loses more
+    than twice what the reference's pairwise float32 sum loses; the kernels sum in double."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = (torch.randn(2, 3, 300, 128, dtype=torch.float64) + 3).to(device=device, dtype=dtype)
+        out = ops.coarsen(x, 128, reference.MEAN)
+        assert_error_within(out, reference.coarsen(x, 128, reference.MEAN),
+                            reference.coarsen(x.double(), 128, reference.MEAN),
+                            floor=4 * torch.finfo(torch.float64).eps)
+
+
 def test_coarsen_max_l2_ties_go_to_first_token(device):
     x = torch.randn(1, 1, 32, 8, device=device)
     x[0, 0, 5] = x[0, 0, 9].flip(-1)  # equal norms, different vectors

@@ -25,10 +25,12 @@ coarsen_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t groups, int
   T* dst = out + unit * dim;
 
   if (kMeanMode) {
-    const float count = static_cast<float>(last - first);
+    // Summed in double like the CPU kernel: a float32 sum of 128 tokens one by one loses
+    // about sqrt(128) roundings, more than the reference's pairwise float32 sum.
+    const double count = static_cast<double>(last - first);
     for (int64_t c = lane; c < dim; c += 32) {
-      float sum = 0.f;
-      for (int64_t t = first; t < last; ++t) sum += static_cast<float>(rows[t * dim + c]);
+      double sum = 0.0;
+      for (int64_t t = first; t < last; ++t) sum += static_cast<double>(rows[t * dim + c]);
       dst[c] = static_cast<T>(sum / count);
     }
     return;
