@@ -90,6 +90,43 @@ def test_block_scores_match_reference(dtype, dim, block_size, heads):
                                rtol=1e-4, atol=1e-4)
 
 
+def exact_block_score_rows(q, k, block_size, scale, rows):
+    """Sblk[..., I, :] and Gblk[..., I, :] for the query blocks I in `rows`, in float64 from
+    those blocks' queries only (reference.block_scores would build the whole L x L matrix)."""
+    length = q.shape[2]
+    blocks = reference.num_blocks(length, block_size)
+    k = k.double().cpu().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    sums, maxes = [], []
+    for I in rows:
+        first, end = I * block_size, min((I + 1) * block_size, length)
+        logits = q[:, :, first:end].double().cpu() @ k[:, :, :end].transpose(-1, -2) * scale
+        causal = torch.arange(end)[None, :] <= torch.arange(first, end)[:, None]
+        p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        p = torch.nn.functional.pad(p, (0, blocks * block_size - end))
+        p = p.view(*p.shape[:3], blocks, block_size)
+        sums.append(p.sum((2, 4)))
+        maxes.append(p.amax((2, 4)))
+    return torch.stack(sums, 2), torch.stack(maxes, 2)
+
+
+@pytest.mark.parametrize("blocks", [520, 2000])
+def test_block_scores_many_blocks(blocks):
+    """Past 512 key blocks a query block's per-block statistics take several shared-memory
+    windows (two QK^T passes); shared memory no longer grows with the number of blocks, so
+    2000 blocks of 16 (L = 32K) run where 1,488 used to exceed an H100's 227 KB."""
+    block_size, length = 16, blocks * 16 - 5
+    q, k, _ = qkv(1, 2, 1, length, 64, torch.bfloat16)
+    sblk, gblk = ops.block_scores(q, k, block_size, 0.125)
+    rows = [0, 1, 511, 512, blocks - 2, blocks - 1]
+    want_s, want_g = exact_block_score_rows(q, k, block_size, 0.125, rows)
+    torch.testing.assert_close(sblk[:, :, rows].cpu(), want_s.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gblk[:, :, rows].cpu(), want_g.float(), rtol=1e-4, atol=1e-6)
+    sizes = torch.clamp(length - torch.arange(blocks) * block_size, max=block_size)
+    torch.testing.assert_close(sblk.sum(-1).cpu(), sizes.float().expand(1, 2, blocks),
+                               rtol=1e-4, atol=0)
+    assert not sblk.triu(1).any() and not gblk.triu(1).any()
+
+
 @pytest.mark.parametrize("formula", [ops.ADDITIVE, ops.MULTIPLICATIVE])
 @pytest.mark.parametrize("normalization", [ops.ROW_MINMAX, ops.GLOBAL_MINMAX])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
