@@ -16,14 +16,21 @@ struct SparseParams {
 };
 
 // Flags in *bad a layout row that breaks check_block_layout_values' contract (count in
-// 1..min(I + 1, max_count), indices strictly ascending within 0..I). The kernel still reads such
-// a row safely (LayoutKeys skips indices out of range); the host then raises the CPU's error.
-__device__ __forceinline__ void check_layout_row(const int* index, int count, int I,
-                                                 int max_count, int* bad) {
-  bool wrong = threadIdx.x == 0 && (count < 1 || count > min(I + 1, max_count));
-  for (int slot = threadIdx.x; slot < min(count, max_count); slot += blockDim.x) {
-    const int block = index[slot];
-    wrong |= block < 0 || block > I || (slot > 0 && block <= index[slot - 1]);
+// 1..min(I + 1, max_count), indices strictly ascending within 0..I), one thread per row. The
+// attention kernel still reads such a row safely (LayoutKeys skips indices out of range); the
+// host then raises the CPU's error. A kernel of its own, so the attention kernel's registers
+// do not pay for it.
+__global__ void __launch_bounds__(256)
+check_layout_kernel(const int* __restrict__ block_count, const int* __restrict__ block_index,
+                    int64_t rows, int num_blocks, int max_count, int* __restrict__ bad) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  const int I = static_cast<int>(row % num_blocks), count = block_count[row];
+  bool wrong = count < 1 || count > min(I + 1, max_count);
+  const int* index = block_index + row * max_count;
+  for (int slot = 0, previous = -1; !wrong && slot < count; ++slot) {
+    wrong = index[slot] <= previous || index[slot] > I;
+    previous = index[slot];
   }
   if (wrong) atomicOr(bad, 1);
 }
@@ -33,8 +40,7 @@ __global__ void __launch_bounds__(kTileThreads)
 block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
                               const T* __restrict__ v, const int* __restrict__ block_count,
                               const int* __restrict__ block_index, T* __restrict__ out,
-                              float* __restrict__ lse, int* __restrict__ bad,
-                              SparseParams p) {
+                              float* __restrict__ lse, SparseParams p) {
   using G = TileGeometry<T, D, TC>;
   extern __shared__ __align__(16) char smem[];
   const int64_t batch = blockIdx.z, head = blockIdx.y;
@@ -46,9 +52,6 @@ block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
   const int64_t bh = batch * p.q_heads + head;
   const int64_t kv_bh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
   const int64_t layout_row = bh * p.num_blocks + query_block;
-  if (blockIdx.x % p.tiles_per_block == 0)
-    check_layout_row(block_index + layout_row * p.max_count, block_count[layout_row],
-                     query_block, p.max_count, bad);
   LayoutKeys keys;
   keys.index = block_index + layout_row * p.max_count;
   keys.count = min(max(block_count[layout_row], 0), p.max_count);
@@ -64,7 +67,7 @@ block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
 template <typename T, int D, int TC>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const at::Tensor& block_count, const at::Tensor& block_index, at::Tensor& out,
-            at::Tensor& lse, int* bad, SparseParams p) {
+            at::Tensor& lse, SparseParams p) {
   using G = TileGeometry<T, D, TC>;
   p.tiles_per_block = p.block_size / G::kRows;
   const dim3 grid(p.num_blocks * p.tiles_per_block, q.size(1), q.size(0));
@@ -73,7 +76,7 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   set_dynamic_smem(kOp, kernel, smem);
   kernel<<<grid, G::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), block_count.data_ptr<int>(),
-      block_index.data_ptr<int>(), out.data_ptr<T>(), lse.data_ptr<float>(), bad, p);
+      block_index.data_ptr<int>(), out.data_ptr<T>(), lse.data_ptr<float>(), p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -99,8 +102,14 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     check_layout_on_host();
     return {out, lse};
   }
-
   DeviceCheck check(q);
+  const int64_t rows = block_count.numel();
+  check_layout_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0,
+                        at::cuda::getCurrentCUDAStream()>>>(
+      block_count.data_ptr<int>(), block_index.data_ptr<int>(), rows,
+      static_cast<int>(blocks), static_cast<int>(block_index.size(3)), check.flag());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
   SparseParams p;
   p.q_heads = q_heads;
   p.kv_heads = k.size(1);
@@ -115,13 +124,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
       // The query tile must stay inside one query block: 16 rows for block_size 16, 32 for
       // 32, 64 otherwise.
-      int* bad = check.flag();
       if (block_size == 16) {
-        launch<scalar_t, kHeadDim, 32>(q, k, v, block_count, block_index, out, lse, bad, p);
+        launch<scalar_t, kHeadDim, 32>(q, k, v, block_count, block_index, out, lse, p);
       } else if (block_size == 32) {
-        launch<scalar_t, kHeadDim, 16>(q, k, v, block_count, block_index, out, lse, bad, p);
+        launch<scalar_t, kHeadDim, 16>(q, k, v, block_count, block_index, out, lse, p);
       } else {
-        launch<scalar_t, kHeadDim, 8>(q, k, v, block_count, block_index, out, lse, bad, p);
+        launch<scalar_t, kHeadDim, 8>(q, k, v, block_count, block_index, out, lse, p);
       }
     });
   });
