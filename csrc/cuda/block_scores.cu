@@ -97,11 +97,13 @@ struct BlockScoresCta {
       block_sum[(e / width) * p.window + e % width] = 0.f;
     }
     // Causal: no key past the chunk's last row. J0 * bs is a multiple of 64 (kMaxWindow % 4).
-    const int64_t keys_end = min(min(row0 + G::kRows, block_end), int64_t(J1) * bs);
-    for (int64_t key0 = int64_t(J0) * bs; key0 < keys_end; key0 += G::kKeys) {
+    // Key indices fit in int (the [M, M] outputs could not be allocated otherwise): 32-bit
+    // divisions below, not the 64-bit division subroutine whose calls made ptxas spill.
+    const int keys_end = static_cast<int>(min(min(row0 + G::kRows, block_end), int64_t(J1) * bs));
+    for (int key0 = J0 * bs; key0 < keys_end; key0 += G::kKeys) {
       __syncthreads();  // previous readers of Ks and logits are done
       load_key_tile<T, D, kTC>(Ks, k_bh, [&](int r) {
-        return key0 + r < keys_end ? key0 + r : int64_t(-1);
+        return key0 + r < keys_end ? int64_t(key0 + r) : int64_t(-1);
       });
       __syncthreads();
 
@@ -149,13 +151,13 @@ struct BlockScoresCta {
         float* sum = block_sum + r * p.window - J0;
         if (bs <= 32) {
           if (lane % bs == 0) {
-            const int J_lo = static_cast<int>((key0 + lane) / bs);
-            const int J_hi = static_cast<int>((key0 + 32 + lane) / bs);
+            const int J_lo = (key0 + lane) / bs;
+            const int J_hi = (key0 + 32 + lane) / bs;
             if (J_lo < J1) merge_block_stats(m[J_lo], sum[J_lo], lo_max, lo_sum);
             if (J_hi < J1) merge_block_stats(m[J_hi], sum[J_hi], hi_max, hi_sum);
           }
         } else if (lane == 0) {  // both halves lie in one key block
-          const int J = static_cast<int>(key0 / bs);
+          const int J = key0 / bs;
           merge_block_stats(m[J], sum[J], lo_max, lo_sum);
           merge_block_stats(m[J], sum[J], hi_max, hi_sum);
         }
