@@ -2,12 +2,20 @@
 import pytest
 import torch
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+TORCH_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device present"))]
+DEVICES = TORCH_DEVICES
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
+    return request.param
+
+
+@pytest.fixture(params=TORCH_DEVICES)
+def torch_device(request):
+    """A torch device for tests of cabattn's public API (method rules, protocols), which take
+    ordinary tensors: the CPU and, when one is present, CUDA."""
     return request.param
 
 
