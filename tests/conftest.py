@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+TORCH_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device present"))]
+DEVICES = TORCH_DEVICES
 
 
 @pytest.fixture(params=DEVICES)
@@ -27,6 +28,13 @@ def raises_as_on_cpu(device):
         assert message(device) == want
         return want
     return check
+
+
+@pytest.fixture(params=TORCH_DEVICES)
+def torch_device(request):
+    """A torch device for tests of cabattn's public API (method rules, protocols), which take
+    ordinary tensors: the CPU and, when one is present, CUDA."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -22,8 +22,10 @@ def write_text(path: Path, num_paragraphs: int = 60, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_model(folder: Path, text_file: Path, seed: int = 0) -> Path:
-    """A random LlamaForCausalLM (2 layers, GQA 4/2 heads, 512 positions) and its tokenizer."""
+def make_tiny_model(folder: Path, text_file: Path, seed: int = 0, hidden_size: int = 64,
+                    heads: int = 4, kv_heads: int = 2) -> Path:
+    """A random LlamaForCausalLM (2 layers, GQA 4/2 heads of dim 16 unless told, 512
+    positions) and its tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -35,8 +37,9 @@ def make_tiny_model(folder: Path, text_file: Path, seed: int = 0) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
                          tie_word_embeddings=True)
     model = LlamaForCausalLM(config).eval()

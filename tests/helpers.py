@@ -1,0 +1,100 @@
+"""What the operator tests share: random inputs, a random block layout, the error bar against
+the float64 reference (KERNELS.md, "Correctness bar") and output poisoning."""
+import pytest
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+HALF_TYPES = [torch.float16, torch.bfloat16]
+
+
+def dtypes_for(device):
+    """The input dtypes a device's kernels take: float64 (for references) on the CPU only."""
+    return [d for d in DTYPES if not (d == torch.float64 and device == "cuda")]
+
+
+def qkv(batch, q_heads, kv_heads, length, dim, *, dtype=torch.float32, device="cpu",
+        k_length=None, scale=1.0, generator=None):
+    """Fresh random q [B, Hq, L, d] and k, v [B, Hkv, Lk, d] (Lk = L unless given), drawn in
+    float64 and then cast: a float64 reference of the cast inputs sees exactly the values the
+    kernel sees."""
+    k_length = length if k_length is None else k_length
+    shapes = [(batch, q_heads, length, dim), (batch, kv_heads, k_length, dim),
+              (batch, kv_heads, k_length, dim)]
+    return [(torch.randn(shape, dtype=torch.float64, generator=generator) * scale)
+            .to(device=device, dtype=dtype) for shape in shapes]
+
+
+def random_layout(batch, heads, blocks, budget, device="cpu", seed=0):
+    """A valid CSR block layout (block_count [B, H, M], block_index [B, H, M, budget] int32):
+    row I keeps its diagonal plus min(I + 1, budget) - 1 random earlier blocks, ascending,
+    padded with -1. Built with plain torch (no cabattn code)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(batch, heads, blocks, blocks, generator=g)
+    causal = torch.ones(blocks, blocks, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, -1.0)
+    scores.diagonal(dim1=-2, dim2=-1).fill_(2.0)
+    top = scores.topk(min(budget, blocks), dim=-1).indices
+    count = torch.clamp(torch.arange(blocks) + 1, max=budget).int().expand(batch, heads, blocks)
+    slots = torch.arange(top.shape[-1])
+    index = torch.where(slots < count[..., None], top, blocks).sort(-1).values
+    index = torch.where(index == blocks, -1, index)
+    return count.contiguous().to(device), index.int().contiguous().to(device)
+
+
+def reference_dtype(input_dtype, output_dtype, device):
+    """The precision of the plain-PyTorch reference a kernel output is held to (2x its error).
+
+    float64 inputs: float64. Outputs the kernels return in float32 (lse, block sums and maxima,
+    mass, curvature) are accumulated in float32 from any input dtype, so they meet a float32
+    reference of the same (exactly upcast) inputs, not a half-precision one. Half-precision
+    outputs: the CPU kernels compute in float32 and round once (the float32 reference, rounded);
+    the CUDA kernels round the probabilities to half for the tensor-core P @ V product, as
+    FlashAttention-2 does, so they meet the half-precision reference (KERNELS.md's bar)."""
+    if input_dtype == torch.float64:
+        return torch.float64
+    if output_dtype == torch.float32 or device == "cpu":
+        return torch.float32
+    return input_dtype
+
+
+def errors(got, exact):
+    """(largest element-wise error, norm of the error / norm of the exact value)."""
+    diff = got.double().cpu() - exact.double().cpu()
+    scale = exact.double().norm().item()
+    return diff.abs().max().item(), diff.norm().item() / (scale if scale else 1.0)
+
+
+def assert_within_reference_error(got, exact, reference, name="output", ulps=None):
+    """KERNELS.md's bar: the kernel's error against the float64 `exact` is at most twice the
+    error of `reference` (see reference_dtype), both element-wise (a few wrong rows show) and
+    in norm, plus a few units of the accumulation precision at the largest exact value: errors
+    at rounding level come in whole units, and a reference that happens to round well must not
+    fail a kernel one unit off. In float64 the reference is the exact value itself, so those
+    units (16: sums over a few hundred keys) are the whole bar. The output must be fully written
+    (outputs are poisoned before every call, see poison_uninitialized)."""
+    assert not torch.isnan(got).any(), f"{name}: unwritten (NaN) elements"
+    ulps = ulps or (16 if got.dtype == torch.float64 else 2)
+    unit = ulps * torch.finfo(torch.float64 if got.dtype == torch.float64 else torch.float32).eps
+    kernel_max, kernel_norm = errors(got, exact)
+    ref_max, ref_norm = errors(reference, exact)
+    bar_max = 2 * ref_max + unit * exact.double().abs().max().item()
+    bar_norm = 2 * ref_norm + unit
+    assert kernel_max <= bar_max, (
+        f"{name}: largest error {kernel_max:.3e} > {bar_max:.3e} (2 x the reference's "
+        f"{ref_max:.3e} + {ulps} units)")
+    assert kernel_norm <= bar_norm, (
+        f"{name}: relative error {kernel_norm:.3e} > {bar_norm:.3e} (2 x the reference's "
+        f"{ref_norm:.3e} + {ulps} units)")
+
+
+@pytest.fixture
+def poison_uninitialized():
+    """Fresh tensors from torch.empty (also those the C++ and CUDA kernels allocate through
+    ATen) come filled with NaN (float) or the largest integer while the test runs, so an output
+    element a kernel never writes shows."""
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
