@@ -35,6 +35,9 @@ struct FlashTcTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = 32 * kWarps;
+  // Thread blocks per SM the register budget must allow: 8 warps per SM in every shape
+  // (255 registers a thread at most, as FlashAttention-2 plans its tiles).
+  static constexpr int kMinBlocksPerSm = 8 / kWarps;
   static constexpr int kBlockM = 16 * kWarps;  // query rows = the query block
   // Keys per tile: 64, or 32 for the 1- and 2-warp blocks, which have fewer threads to load
   // and share a tile among fewer warps.
@@ -122,7 +125,7 @@ __device__ __forceinline__ void copy_tile_async(typename Traits::Element* tile,
 namespace {
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads)
+__global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
 block_sparse_attention_tc_kernel(const FlashFwdParams p) {
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, kBlockN = Traits::kBlockN;
