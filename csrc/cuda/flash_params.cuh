@@ -30,6 +30,11 @@ struct FlashFwdParams {
   const int* block_count;
   const int* block_index;
   int block_size, block_size_log2, num_blocks, max_count;
+
+  // block_scores: Sblk and Gblk [batch, q_heads, num_blocks, num_blocks] (float).
+  float* block_sum;
+  float* block_max;
+  int64_t scores_batch_stride, scores_head_stride, scores_row_stride;
 };
 
 }  // namespace cuda

@@ -18,5 +18,10 @@ void block_sparse_attention_tensor_core(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& block_index, int64_t block_size,
                                         double scale, at::Tensor& out, at::Tensor& lse);
 
+// block_scores for checked, contiguous, 16-byte-aligned CUDA q, k (fp16/bf16, head dim
+// 64/128); writes Sblk (block_sum) and Gblk (block_max), [batch, q_heads, blocks, blocks].
+void block_scores_tensor_core(const at::Tensor& q, const at::Tensor& k, int64_t block_size,
+                              double scale, at::Tensor& block_sum, at::Tensor& block_max);
+
 }  // namespace cuda
 }  // namespace cabattn
