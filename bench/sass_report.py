@@ -114,9 +114,13 @@ def traits_of(kernel: str):
     return dtype, int(m.group(3)), int(m.group(4))
 
 
-def dynamic_shared_bytes(head_dim: int, warps: int) -> int:
-    """FlashTcTraits::kSmemBytes: Q tile plus two stages of K and V tiles, 2-byte elements."""
+def dynamic_shared_bytes(kernel: str, head_dim: int, warps: int) -> int:
+    """FlashTcTraits::kSmemBytes (attention: Q tile, two stages of K and V tiles) or
+    kScoresSmemBytes (block_scores: Q tile, two stages of K, a (sum, max) per warp and slot)."""
     block_m, block_n = 16 * warps, (64 if warps >= 4 else 32)
+    if "block_scores" in kernel:
+        slots = block_n // min(block_m, block_n)
+        return (block_m * head_dim + 2 * block_n * head_dim) * 2 + warps * slots * 2 * 4
     return (block_m * head_dim + 2 * 2 * block_n * head_dim) * 2
 
 
@@ -143,11 +147,11 @@ def rows(arch: int):
                 if traits is None:
                     continue
                 dtype, head_dim, warps = traits
-                shared = dynamic_shared_bytes(head_dim, warps)
+                shared = dynamic_shared_bytes(kernel, head_dim, warps)
                 blocks, warps_per_sm = occupancy(u["registers"], 32 * warps, shared)
                 yield (f"| {short_name(kernel)} | {dtype} | {head_dim} | {16 * warps} | "
                        f"{32 * warps} | {u['registers']} | {u['spill_stores']}/{u['spill_loads']}"
-                       f" | {shared // 1024} KiB | {blocks} ({warps_per_sm} warps) | {u['HMMA']} |"
+                       f" | {shared / 1024:.1f} KiB | {blocks} ({warps_per_sm} warps) | {u['HMMA']} |"
                        f" {u['LDSM']} | {u['LDGSTS']} |")
 
 

@@ -30,7 +30,17 @@ def kernels(tmp_path_factory):
             for src in sass_report.TENSOR_CORE_SOURCES}
 
 
-@pytest.mark.parametrize("source", ["block_sparse_attention_tc.cu"])
+# HMMAs per warp and key tile: Q K^T is (d/16) k-slices x (keys/8) n-tiles; attention adds as
+# many for P V.
+PRODUCTS_PER_TILE = {"block_sparse_attention_tc.cu": 2, "block_scores_tc.cu": 1}
+
+
+def test_every_tensor_core_source_is_checked():
+    names = {os.path.basename(src) for src in sass_report.TENSOR_CORE_SOURCES}
+    assert names == set(PRODUCTS_PER_TILE)
+
+
+@pytest.mark.parametrize("source", sorted(PRODUCTS_PER_TILE))
 def test_tensor_core_kernels_use_hmma_and_never_spill(kernels, source):
     found = {}
     for kernel, usage in kernels[source].items():
@@ -40,9 +50,8 @@ def test_tensor_core_kernels_use_hmma_and_never_spill(kernels, source):
     assert set(found) == EXPECTED, f"instantiations: {sorted(found)}"
     for name, (kernel, u) in found.items():
         dtype, head_dim, warps = sass_report.traits_of(kernel)
-        # Per warp and key tile: (d/16) k-slices x (keys/8) n-tiles for S, as many for P V.
         keys = 64 if warps >= 4 else 32
-        per_tile = 2 * (head_dim // 16) * (keys // 8)
+        per_tile = PRODUCTS_PER_TILE[source] * (head_dim // 16) * (keys // 8)
         assert u["HMMA"] >= per_tile and u["HMMA"] % per_tile == 0, (name, u)
         assert u["LDSM"] > 0 and u["LDGSTS"] > 0, (name, u)
         assert u["spill_stores"] == 0 and u["spill_loads"] == 0 and u["stack"] == 0, (name, u)
