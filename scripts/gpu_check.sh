@@ -66,7 +66,10 @@ step memcheck 90 "${SANITIZE[@]}" --tool memcheck "$PY" scripts/cuda_smoke.py
 step racecheck 120 "${SANITIZE[@]}" --tool racecheck "$PY" scripts/cuda_smoke.py
 
 if [ -f bench/bench_kernels.py ]; then
-  step bench 150 "$PY" bench/bench_kernels.py --device cuda
+  # The tensor-core kernels (bf16) against SDPA's flash backend and FlexAttention, and
+  # block_scores against one dense forward, at the issue-12 shapes (L=32K, 32/8 heads, d=128).
+  step bench 150 "$PY" bench/bench_kernels.py --device cuda --lengths 4096 32768 \
+    --sparsities 0 0.9
 else
   echo "| bench | skipped: bench/bench_kernels.py not present | 0 | |" >> "$SUMMARY"
 fi

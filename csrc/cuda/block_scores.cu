@@ -223,10 +223,6 @@ std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const 
   auto sblk = at::empty({q.size(0), q.size(1), blocks, blocks}, options);
   auto gblk = at::empty({q.size(0), q.size(1), blocks, blocks}, options);
   if (sblk.numel() == 0) return {sblk, gblk};
-  if (uses_tensor_cores(q)) {  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
-    block_scores_tensor_core(q, k, block_size, scale, sblk, gblk);
-    return {sblk, gblk};
-  }
 
   ScoreParams p;
   p.q_heads = q.size(1);
@@ -235,6 +231,9 @@ std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const 
   p.block_size = static_cast<int>(block_size);
   p.num_blocks = static_cast<int>(blocks);
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  if (uses_tensor_cores(q))  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
+    block_scores_tensor_core(q, k, block_size, scale, sblk, gblk);
+  else  // fp32: the CUDA-core kernels
   AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
     CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
       launch<scalar_t, kHeadDim>(q, k, sblk, gblk, p);

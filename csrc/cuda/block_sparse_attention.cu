@@ -83,11 +83,6 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   auto out = at::empty_like(q);
   auto lse = at::empty({batch, q_heads, length}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  if (uses_tensor_cores(q)) {  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
-    block_sparse_attention_tensor_core(q, k, v, block_count, block_index, block_size, scale, out,
-                                       lse);
-    return {out, lse};
-  }
 
   SparseParams p;
   p.q_heads = q_heads;
@@ -99,6 +94,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   p.tiles_per_block = 1;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
 
+  if (uses_tensor_cores(q))  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
+    block_sparse_attention_tensor_core(q, k, v, block_count, block_index, block_size, scale, out,
+                                       lse);
+  else  // fp32: the CUDA-core kernels
   AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
     CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
       // The query tile must stay inside one query block: 16 rows for block_size 16, 32 for
