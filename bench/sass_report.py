@@ -165,11 +165,12 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_common import report
     header = (f"sm_{args.arch}, nvcc -O3; occupancy for an H100/H200 SM (64K registers, 228 KiB"
-              " shared)\n\n| kernel | dtype | d | block rows | threads | registers | spills st/ld"
-              " | dynamic smem | blocks/SM (warps) | HMMA | LDSM | LDGSTS |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              " shared)")
+    table = ["| kernel | dtype | d | block rows | threads | registers | spills st/ld | dynamic smem"
+             " | blocks/SM (warps) | HMMA | LDSM | LDGSTS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     report("Tensor-core kernels: registers, shared memory, occupancy (sass_report.py)", header,
-           list(rows(args.arch)), record=args.record)
+           table + list(rows(args.arch)), record=args.record)
 
 
 if __name__ == "__main__":
