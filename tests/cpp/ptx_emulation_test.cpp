@@ -1,5 +1,6 @@
 // Unit test of csrc/cuda/ptx.cuh's emulated definitions (CABATTN_EMU) against a naive matmul
-// and against the PTX ISA's fragment tables, written out here independently of the wrappers.
+// and against the PTX ISA's fragment tables, written out here independently of the wrappers;
+// also cp.async's copy and zero-fill and pack2's rounding and order.
 // The 32 lanes of a warp run as 32 std::threads; __shfl_sync is a stand-in with the warp
 // semantics the wrappers rely on (every lane calls it together, each reads its source lane's
 // value), built on a std::barrier. Exit status 0 and "ok" on success.
@@ -193,6 +194,21 @@ static void test_pack2(const char* name) {
   expect((r >> 16) == T(hi).x, name, 0, 1, r >> 16, T(hi).x);
 }
 
+// cp.async: 16 bytes copied when valid, zeros (no read) when not; commit/wait complete it.
+static void test_cp_async() {
+  alignas(16) unsigned char src[16], dst[2][16];
+  for (int i = 0; i < 16; ++i) src[i] = static_cast<unsigned char>(i + 1);
+  std::memset(dst, 0xff, sizeof(dst));
+  ptx::cp_async_16(dst[0], src, true);
+  ptx::cp_async_16(dst[1], nullptr, false);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
+  for (int i = 0; i < 16; ++i) {
+    expect(dst[0][i] == src[i], "cp_async_16 copy", 0, i, dst[0][i], src[i]);
+    expect(dst[1][i] == 0, "cp_async_16 zero-fill", 1, i, dst[1][i], 0);
+  }
+}
+
 int main() {
   std::mt19937 rng(12);
   for (int rep = 0; rep < 3; ++rep) {
@@ -202,6 +218,7 @@ int main() {
     test_matmul_through_ldmatrix<c10::Half>(rng, "ldmatrix+mma f16");
     test_matmul_through_ldmatrix<c10::BFloat16>(rng, "ldmatrix+mma bf16");
   }
+  test_cp_async();
   test_pack2<c10::Half>("pack2 f16");
   test_pack2<c10::BFloat16>("pack2 bf16");
   if (failures) {
