@@ -1,69 +1,23 @@
 // Unit test of csrc/cuda/ptx.cuh's emulated definitions (CABATTN_EMU) against a naive matmul
 // and against the PTX ISA's fragment tables, written out here independently of the wrappers;
 // also cp.async's copy and zero-fill and pack2's rounding and order.
-// The 32 lanes of a warp run as 32 std::threads; __shfl_sync is a stand-in with the warp
-// semantics the wrappers rely on (every lane calls it together, each reads its source lane's
-// value), built on a std::barrier. Exit status 0 and "ok" on success.
-#include <barrier>
+// The 32 lanes of a warp run as 32 std::threads (block_threads.h). Exit status 0 and "ok".
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <algorithm>
-#include <functional>
 #include <random>
-#include <thread>
 #include <vector>
 
-#define __device__
-#define __forceinline__ inline
-
-struct LaneIndex {
-  unsigned x = 0, y = 0, z = 0;
-};
-thread_local LaneIndex threadIdx;
-
-namespace warp {
-std::barrier<>* sync_point = nullptr;
-unsigned long long slots[32];
-
-template <typename V>
-V shuffle(V mine, int src_lane) {
-  static_assert(sizeof(V) <= sizeof(unsigned long long));
-  unsigned long long bits = 0;
-  std::memcpy(&bits, &mine, sizeof(V));
-  slots[threadIdx.x] = bits;
-  sync_point->arrive_and_wait();
-  const unsigned long long got = slots[src_lane & 31];
-  sync_point->arrive_and_wait();
-  V out;
-  std::memcpy(&out, &got, sizeof(V));
-  return out;
-}
-
-// Runs body(lane) on 32 lanes in lock-step at every shuffle.
-void run(const std::function<void(int)>& body) {
-  std::barrier<> point(32);
-  sync_point = &point;
-  std::vector<std::thread> lanes;
-  for (int l = 0; l < 32; ++l)
-    lanes.emplace_back([&, l] {
-      threadIdx.x = unsigned(l);
-      body(l);
-    });
-  for (auto& t : lanes) t.join();
-}
-}  // namespace warp
-
-template <typename V>
-V __shfl_sync(unsigned, V var, int src_lane) {
-  return warp::shuffle(var, src_lane);
-}
-
-#define CABATTN_EMU
+#include "block_threads.h"
 #include "cuda/ptx.cuh"
 
 namespace ptx = cabattn::cuda::ptx;
+
+// body(lane) on the 32 lanes of one warp.
+static void warp_run(const std::function<void(int)>& body) {
+  block_threads::run_block({}, 32, [&] { body(int(threadIdx.x)); });
+}
 
 static int failures = 0;
 static void expect(bool ok, const char* what, int i, int j, double got, double want) {
@@ -91,7 +45,7 @@ static void test_mma_fragments(std::mt19937& rng, const char* name) {
   for (auto& row : B) for (auto& x : row) x = T(normal(rng));
   for (auto& row : C) for (auto& x : row) x = normal(rng);
   float D[16][8];
-  warp::run([&](int lane) {
+  warp_run([&](int lane) {
     const int g = lane / 4, q = lane % 4;
     const uint32_t a[4] = {pair(A[g][2 * q], A[g][2 * q + 1]),
                            pair(A[g + 8][2 * q], A[g + 8][2 * q + 1]),
@@ -127,7 +81,7 @@ static void test_ldmatrix(std::mt19937& rng) {
   for (int l = 0; l < 32; ++l) row_start[l] = order[l] * 24 + 8 * (l % 2);  // 16-byte aligned
   auto M = [&](int i, int r, int c) { return memory[row_start[8 * i + r] + c]; };
   uint32_t plain[32][4], trans[32][4];
-  warp::run([&](int lane) {
+  warp_run([&](int lane) {
     ptx::ldmatrix_x4(plain[lane], memory.data() + row_start[lane]);
     ptx::ldmatrix_x4_trans(trans[lane], memory.data() + row_start[lane]);
   });
@@ -152,7 +106,7 @@ static void test_matmul_through_ldmatrix(std::mt19937& rng, const char* name) {
   for (int k = 0; k < K; ++k)
     for (int n = 0; n < N; ++n) Bnk[n][k] = Bkn[k][n] = T(normal(rng));
   float D1[M][N], D2[M][N];
-  warp::run([&](int lane) {
+  warp_run([&](int lane) {
     const int g = lane / 4, q = lane % 4, i = lane / 8, r = lane % 8;
     float acc1[2][4] = {}, acc2[2][4] = {};
     for (int ks = 0; ks < K / 16; ++ks) {
