@@ -7,7 +7,7 @@
 //   Sblk[I, J] = sum_r s_rJ exp2(m_rJ - lse_r),   Gblk[I, J] = max_r exp2(m_rJ - lse_r).
 // Rows are processed 16 at a time so the per-(row, J) state fits in shared memory.
 #include "attention_tile.cuh"
-#include "tensor_core.h"
+#include "tensor_core.cuh"
 
 namespace cabattn {
 namespace cuda {

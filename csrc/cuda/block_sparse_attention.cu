@@ -2,7 +2,7 @@
 // query tile), the tile inside one query block, walking only the key blocks of that block's
 // CSR row (attention_tile.cuh does the FlashAttention-2 style work).
 #include "attention_tile.cuh"
-#include "tensor_core.h"
+#include "tensor_core.cuh"
 
 namespace cabattn {
 namespace cuda {

@@ -2,7 +2,7 @@
 // per (query block, query head, batch).
 #include "flash_launch.cuh"
 #include "flash_tc.cuh"
-#include "tensor_core.h"
+#include "tensor_core.cuh"
 
 namespace cabattn {
 namespace cuda {
