@@ -2,7 +2,8 @@
 
 One run, same inputs: q [1, Hq, L, d], k/v [1, Hkv, L, d]; the layout is the random method's
 budget-matched one (K = max(64, floor((1-s) L)), block size auto). Prints time ratios against
-SDPA (flash on GPU) and appends a dated section to bench/RESULTS.md.
+SDPA (pinned to the flash backend on GPU), and block_scores (the oracle pass) against one dense
+forward, and appends a dated section to bench/RESULTS.md.
 
   .venv/bin/python bench/bench_kernels.py                 # CPU, fp32, L 2K/8K, 9/3 heads, d 64
   python bench/bench_kernels.py --device cuda             # GPU, bf16, L 4K/16K/32K, 32/8, d 128
@@ -51,6 +52,33 @@ def flex_runner(q, k, v, layout, scale):
         return None, f"n/a ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
 
 
+def dense_runner(q, k, v, scale, gpu):
+    """Causal SDPA: on the GPU pinned to the flash backend (the issue-12 baseline), else the
+    default dispatch. Returns (run, backend name)."""
+    def run():
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if not gpu:
+        return run, "sdpa"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return run()
+    try:
+        flash()
+        return flash, "sdpa flash"
+    except RuntimeError:  # e.g. no GQA in this torch's flash backend: repeat the KV heads
+        group = q.shape[1] // k.shape[1]
+        k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+        def flash_repeated():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k_full, v_full, is_causal=True, scale=scale)
+        return flash_repeated, "sdpa flash (KV heads repeated)"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -73,13 +101,14 @@ def main():
               f"median of {args.repeats}")
     rows = ["| L | s | density | sdpa ms | block-sparse ms (speed-up) | flex ms (block-sparse / flex) |",
             "|---|---|---|---|---|---|"]
+    scores_rows = ["| L | block size | sdpa ms | block_scores ms (/ sdpa) |", "|---|---|---|---|"]
     print(header)
     for length in lengths:
         q = torch.randn(1, q_heads, length, dim, device=args.device, dtype=dtype)
         k = torch.randn(1, kv_heads, length, dim, device=args.device, dtype=dtype)
         v = torch.randn(1, kv_heads, length, dim, device=args.device, dtype=dtype)
-        dense = median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=True), args.repeats, args.device)
+        dense_run, backend = dense_runner(q, k, v, scale, gpu)
+        dense = median_seconds(dense_run, args.repeats, args.device)
         for sparsity in args.sparsities:
             layout = cabattn.select_blocks(q, k, "random", sparsity, scale=scale)
             sparse = median_seconds(lambda: ops.block_sparse_attention(
@@ -97,6 +126,13 @@ def main():
                    f"{sparse * 1e3:.1f} ({dense / sparse:.2f}x) | {flex_cell} |")
             rows.append(row)
             print(row, flush=True)
+        # The oracle pass of h2o / cab_v4 at the layouts' block size, against one dense forward.
+        scores = median_seconds(lambda: ops.block_scores(q, k, layout.grid.block_size, scale),
+                                args.repeats, args.device)
+        scores_rows.append(f"| {length} | {layout.grid.block_size} | {dense * 1e3:.1f} | "
+                           f"{scores * 1e3:.1f} ({scores / dense:.2f}x) |")
+        print(scores_rows[-1], flush=True)
+    rows += ["", f"dense baseline: {backend}", ""] + scores_rows
     report("block_sparse_attention vs SDPA and FlexAttention (bench_kernels.py)", header, rows,
            record=not args.no_record)
 

@@ -11,6 +11,7 @@
 // a longer one takes two: the first folds its windows into lse_r, the second gathers Sblk and
 // Gblk window by window.
 #include "attention_tile.cuh"
+#include "tensor_core.cuh"
 
 namespace cabattn {
 namespace cuda {
@@ -292,11 +293,14 @@ std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const 
   p.num_blocks = static_cast<int>(blocks);
   p.window = static_cast<int>(std::min<int64_t>(blocks, kMaxWindow));
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
-  CABATTN_DISPATCH_ATTENTION_TYPES(q.scalar_type(), kOp, [&] {
+  if (uses_tensor_cores(q))  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
+    block_scores_tensor_core(q, k, block_size, scale, sblk, gblk);
+  else  // fp32: the CUDA-core kernels
+  AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
     CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
       launch<scalar_t, kHeadDim>(q, k, sblk, gblk, p);
     });
-  });
+  }));
   return {sblk, gblk};
 }
 

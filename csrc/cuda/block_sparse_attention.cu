@@ -2,6 +2,7 @@
 // query tile), the tile inside one query block, walking only the key blocks of that block's
 // CSR row (attention_tile.cuh does the FlashAttention-2 style work).
 #include "attention_tile.cuh"
+#include "tensor_core.cuh"
 
 namespace cabattn {
 namespace cuda {
@@ -120,7 +121,11 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   p.tiles_per_block = 1;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
 
-  CABATTN_DISPATCH_ATTENTION_TYPES(q.scalar_type(), kOp, [&] {
+  if (uses_tensor_cores(q))  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
+    block_sparse_attention_tensor_core(q, k, v, block_count, block_index, block_size, scale, out,
+                                       lse);
+  else  // fp32: the CUDA-core kernels
+  AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
     CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
       // The query tile must stay inside one query block: 16 rows for block_size 16, 32 for
       // 32, 64 otherwise.
@@ -132,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
         launch<scalar_t, kHeadDim, 8>(q, k, v, block_count, block_index, out, lse, p);
       }
     });
-  });
+  }));
   check.raise_if_flagged(kOp, check_layout_on_host);
   return {out, lse};
 }

@@ -1,0 +1,73 @@
+// What the tensor-core launchers (csrc/cuda/*_tc.cu) share: the block-size switch and the
+// params fields of q, k, v taken from tensors.
+#pragma once
+
+#include "cuda_common.cuh"
+#include "flash_params.cuh"
+
+namespace cabattn {
+namespace cuda {
+
+// block_size 16, 32, 64, 128 -> one warp per 16 rows of the query block; `kWarps` is the
+// constant.
+#define CABATTN_BLOCK_SIZE_SWITCH(OP, BLOCK_SIZE, ...)                               \
+  [&] {                                                                              \
+    switch (BLOCK_SIZE) {                                                            \
+      case 16: { constexpr int kWarps = 1; return __VA_ARGS__(); }                   \
+      case 32: { constexpr int kWarps = 2; return __VA_ARGS__(); }                   \
+      case 64: { constexpr int kWarps = 4; return __VA_ARGS__(); }                   \
+      case 128: { constexpr int kWarps = 8; return __VA_ARGS__(); }                  \
+      default: TORCH_CHECK(false, OP, ": block_size ", BLOCK_SIZE,                   \
+                           " is not supported; valid: 16, 32, 64, 128");              \
+    }                                                                                \
+  }()
+
+// fp16 and bf16 (`scalar_t`), head dim 64 and 128 (`kHeadDim`), block size (`kWarps`).
+#define CABATTN_TENSOR_CORE_SWITCH(OP, TYPE, HEAD_DIM, BLOCK_SIZE, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, OP, AT_DISPATCH_CASE(at::kHalf, [&] {                        \
+    CABATTN_DISPATCH_HEAD_DIM(OP, HEAD_DIM, [&] {                                       \
+      CABATTN_BLOCK_SIZE_SWITCH(OP, BLOCK_SIZE, __VA_ARGS__);                           \
+    });                                                                                 \
+  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {                                              \
+    CABATTN_DISPATCH_HEAD_DIM(OP, HEAD_DIM, [&] {                                       \
+      CABATTN_BLOCK_SIZE_SWITCH(OP, BLOCK_SIZE, __VA_ARGS__);                           \
+    });                                                                                 \
+  }))
+
+// Pointers, strides, heads, length, scale and block size of q [B, Hq, L, d] and k, v
+// [B, Hkv, L, d] (v may be undefined).
+inline FlashFwdParams flash_params(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, int64_t block_size, double scale) {
+  TORCH_CHECK(q.size(2) < (int64_t(1) << 30), op, ": length ", q.size(2),
+              " is too long for the tensor-core kernel; at most 2^30 tokens");
+  FlashFwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  if (v.defined()) {
+    p.v = v.data_ptr();
+    p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
+  }
+  p.q_heads = static_cast<int>(q.size(1));
+  p.kv_heads = static_cast<int>(k.size(1));
+  p.q_per_kv = p.q_heads / p.kv_heads;
+  p.length = static_cast<int>(q.size(2));
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.block_size = static_cast<int>(block_size);
+  while ((1 << p.block_size_log2) < block_size) ++p.block_size_log2;
+  p.num_blocks = static_cast<int>(num_blocks(q.size(2), block_size));
+  return p;
+}
+
+// Raises the kernel's dynamic shared memory limit and launches it on the current stream.
+template <typename Kernel>
+void launch_flash(const char* op, Kernel kernel, dim3 grid, int threads, size_t smem,
+                  const FlashFwdParams& p) {
+  set_dynamic_smem(op, kernel, smem);
+  kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace cabattn
