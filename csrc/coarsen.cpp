@@ -5,11 +5,10 @@
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "modes.h"
 
 namespace cabattn {
 namespace {
-
-constexpr int64_t kMaxL2 = 0, kMean = 1;
 
 template <typename scalar_t>
 void coarsen_blocks(const scalar_t* x, scalar_t* out, int64_t heads, int64_t length,
