@@ -1,6 +1,7 @@
 // CUDA kernel of cabattn::coarsen (METHODS.md 2.1): one warp per (batch, head, block) picks
 // the block's largest-L2 token (first on ties) or averages the block.
 #include "cuda_common.cuh"
+#include "modes.h"
 
 #include <limits>
 
@@ -10,7 +11,6 @@ namespace {
 
 constexpr const char* kOp = "cabattn::coarsen";
 constexpr int kWarpsPerBlock = 4;
-constexpr int64_t kMaxL2 = 0, kMean = 1;  // the modes of cabattn/reference.py
 
 template <typename T, bool kMeanMode>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)

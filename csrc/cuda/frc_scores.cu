@@ -5,6 +5,7 @@
 // a caller's torch.set_float32_matmul_precision could switch on) and of near-ties that would
 // change the selection.
 #include "cuda_common.cuh"
+#include "modes.h"
 
 #include <limits>
 
@@ -13,8 +14,6 @@ namespace cuda {
 namespace {
 
 constexpr const char* kOp = "cabattn::frc_scores";
-constexpr int64_t kAdditive = 0, kMultiplicative = 1;  // cabattn/reference.py
-constexpr int64_t kRowMinmax = 0, kGlobalMinmax = 1;
 constexpr double kEps = 1e-8;
 constexpr int kThreads = 256;
 
