@@ -9,9 +9,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
-    """Median wall time of fn() after one warm-up call (allocator, thread pools, compilation);
-    on CUDA the device is synchronised around each call."""
+def _timer(fn, device: str):
     def timed():
         if device == "cuda":
             torch.cuda.synchronize()
@@ -20,8 +18,34 @@ def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
+    return timed
+
+
+def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
+    """Median wall time of fn() after one warm-up call (allocator, thread pools, compilation);
+    on CUDA the device is synchronised around each call."""
+    timed = _timer(fn, device)
     timed()
     return statistics.median(timed() for _ in range(repeats))
+
+
+def interleaved_seconds(fns: dict, repeats: int, device: str = "cpu") -> dict:
+    """{name: [seconds per round]}: one warm-up call each, then `repeats` rounds that time every
+    fn once in turn, so a change in machine load hits all of them alike (compare them round by
+    round: see median_ratio)."""
+    timers = {name: _timer(fn, device) for name, fn in fns.items()}
+    for timed in timers.values():
+        timed()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, timed in timers.items():
+            times[name].append(timed())
+    return times
+
+
+def median_ratio(numerator: list, denominator: list) -> float:
+    """Median over rounds of numerator[i] / denominator[i] (times from interleaved_seconds)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def book_window(length: int):

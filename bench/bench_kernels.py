@@ -3,13 +3,17 @@
 One run, same inputs: q [1, Hq, L, d], k/v [1, Hkv, L, d]; the layout is the random method's
 budget-matched one (K = max(64, floor((1-s) L)), block size auto). Prints time ratios against
 SDPA (pinned to the flash backend on GPU), and block_scores (the oracle pass) against one dense
-forward, and appends a dated section to bench/RESULTS.md.
+forward, and appends a dated section to bench/RESULTS.md. The kernels are timed in interleaved
+rounds (SDPA, block-sparse, flex, repeat), so a shared machine's changing load shows in all of
+them alike.
 
   .venv/bin/python bench/bench_kernels.py                 # CPU, fp32, L 2K/8K, 9/3 heads, d 64
   python bench/bench_kernels.py --device cuda             # GPU, bf16, L 4K/16K/32K, 32/8, d 128
 """
 import argparse
+import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import cabattn  # noqa: E402
 from cabattn import ops  # noqa: E402
-from bench_common import median_seconds, report  # noqa: E402
+from bench_common import interleaved_seconds, median_ratio, report  # noqa: E402
 
 
 def flex_runner(q, k, v, layout, scale):
@@ -98,7 +102,9 @@ def main():
     card = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
     header = (f"q [1, {q_heads}, L, {dim}], k/v [1, {kv_heads}, L, {dim}] {dtype}, {args.device} "
               f"({card}), threads {torch.get_num_threads()}, torch {torch.__version__}, "
-              f"median of {args.repeats}")
+              f"median of {args.repeats} rounds, each timing SDPA, block-sparse and flex in turn; "
+              f"speed-ups are medians of the per-round ratios; load average "
+              f"{os.getloadavg()[0]:.1f} at the start")
     rows = ["| L | s | density | sdpa ms | block-sparse ms (speed-up) | flex ms (block-sparse / flex) |",
             "|---|---|---|---|---|---|"]
     scores_rows = ["| L | block size | sdpa ms | block_scores ms (/ sdpa) |", "|---|---|---|---|"]
@@ -107,30 +113,35 @@ def main():
         q = torch.randn(1, q_heads, length, dim, device=args.device, dtype=dtype)
         k = torch.randn(1, kv_heads, length, dim, device=args.device, dtype=dtype)
         v = torch.randn(1, kv_heads, length, dim, device=args.device, dtype=dtype)
-        dense_run, backend = dense_runner(q, k, v, scale, gpu)
-        dense = median_seconds(dense_run, args.repeats, args.device)
+        sdpa, backend = dense_runner(q, k, v, scale, gpu)
         for sparsity in args.sparsities:
             layout = cabattn.select_blocks(q, k, "random", sparsity, scale=scale)
-            sparse = median_seconds(lambda: ops.block_sparse_attention(
-                q, k, v, layout.block_count, layout.block_index, layout.grid.block_size, scale),
-                args.repeats, args.device)
+            fns = {"sdpa": sdpa, "sparse": lambda: ops.block_sparse_attention(
+                q, k, v, layout.block_count, layout.block_index, layout.grid.block_size, scale)}
             flex_cell = "skipped"
             if not args.no_flex:
                 run, why = flex_runner(q, k, v, layout, scale)
                 if run is None:
                     flex_cell = why
                 else:
-                    flex = median_seconds(run, args.repeats, args.device)
-                    flex_cell = f"{flex * 1e3:.1f} ({flex / sparse:.2f}x)"
+                    fns["flex"] = run
+            times = interleaved_seconds(fns, args.repeats, args.device)
+            dense, sparse = (statistics.median(times[name]) for name in ("sdpa", "sparse"))
+            if "flex" in times:
+                flex_cell = (f"{statistics.median(times['flex']) * 1e3:.1f} "
+                             f"({median_ratio(times['flex'], times['sparse']):.2f}x)")
             row = (f"| {length} | {sparsity} | {layout.density:.3f} | {dense * 1e3:.1f} | "
-                   f"{sparse * 1e3:.1f} ({dense / sparse:.2f}x) | {flex_cell} |")
+                   f"{sparse * 1e3:.1f} ({median_ratio(times['sdpa'], times['sparse']):.2f}x) | "
+                   f"{flex_cell} |")
             rows.append(row)
             print(row, flush=True)
         # The oracle pass of h2o / cab_v4 at the layouts' block size, against one dense forward.
-        scores = median_seconds(lambda: ops.block_scores(q, k, layout.grid.block_size, scale),
-                                args.repeats, args.device)
-        scores_rows.append(f"| {length} | {layout.grid.block_size} | {dense * 1e3:.1f} | "
-                           f"{scores * 1e3:.1f} ({scores / dense:.2f}x) |")
+        times = interleaved_seconds({"sdpa": sdpa, "scores": lambda: ops.block_scores(
+            q, k, layout.grid.block_size, scale)}, args.repeats, args.device)
+        scores_rows.append(f"| {length} | {layout.grid.block_size} | "
+                           f"{statistics.median(times['sdpa']) * 1e3:.1f} | "
+                           f"{statistics.median(times['scores']) * 1e3:.1f} "
+                           f"({median_ratio(times['scores'], times['sdpa']):.2f}x) |")
         print(scores_rows[-1], flush=True)
     rows += ["", f"dense baseline: {backend}", ""] + scores_rows
     report("block_sparse_attention vs SDPA and FlexAttention (bench_kernels.py)", header, rows,

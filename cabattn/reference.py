@@ -14,9 +14,8 @@ import math
 
 import torch
 
-MAX_L2, MEAN = 0, 1
-ADDITIVE, MULTIPLICATIVE = 0, 1
-ROW_MINMAX, GLOBAL_MINMAX = 0, 1
+# The operators' integer modes, defined once for the kernels and for Python in csrc/modes.h.
+from ._C import ADDITIVE, GLOBAL_MINMAX, MAX_L2, MEAN, MULTIPLICATIVE, ROW_MINMAX
 
 
 def num_blocks(length: int, block_size: int) -> int:

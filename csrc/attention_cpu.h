@@ -1,7 +1,7 @@
 // The CPU attention engine shared by block_sparse_attention and attention_with_scores: one tile
 // of query rows attends to chunks of keys with FlashAttention-2's online softmax. QK^T and PV
-// are GEMMs (ATen's mm_out / addmm_out, i.e. MKL) on a [rows, keys] logits tile, so no L x L
-// buffer ever exists; the exp/max/sum row passes are vectorised loops (attention_cpu.cpp).
+// run through the register micro-kernel of cpu_gemm.h on a [rows, keys] logits tile, so no
+// L x L buffer ever exists; the exp/max/sum row passes are vectorised loops (attention_cpu.cpp).
 //
 // Masking is causal in one shape that covers both operators: in a chunk of `keys` keys, row r
 // sees the first clamp(first_visible + r % rows_per_head, 0, keys) of them (the chunk's keys are
@@ -16,62 +16,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <span>
 #include <type_traits>
 #include <vector>
 
 #include "common.h"
-
-// ATen turns MKL's dynamic threading off, so an MKL call made inside at::parallel_for starts a
-// nested team of threads per call, which spin against ours. MKL's C API for a thread-local
-// thread count, declared weak: where the torch build exports no MKL it stays null and unused.
-extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
+#include "cpu_gemm.h"
 
 namespace cabattn {
-
-// Single-threaded BLAS in the calling thread for the scope's lifetime: every task body of an
-// at::parallel_for that runs GEMM tiles opens one.
-class SequentialBlasScope {
- public:
-  SequentialBlasScope() {
-    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SequentialBlasScope() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SequentialBlasScope(const SequentialBlasScope&) = delete;
-  SequentialBlasScope& operator=(const SequentialBlasScope&) = delete;
-
- private:
-  int previous_ = 0;  // 0: the global setting
-};
-
-// QK^T without a BLAS call: the keys are packed once per operator call into panels of
-// kKeyPanel keys, each [dim][kKeyPanel] (key index fastest), zero-padded past the last key, so a
-// register-tiled micro-kernel reads them with plain vector loads. A BLAS GEMM would repack its
-// operands and clear its output on every tile instead.
-constexpr int64_t kKeyPanel = 16;
-
-inline int64_t key_panels(int64_t keys) { return (keys + kKeyPanel - 1) / kKeyPanel; }
-
-// panels [key_panels(keys), dim, kKeyPanel] from k [keys, dim] (row-major, any input dtype).
-template <typename acc_t, typename scalar_t>
-void pack_key_panels(const scalar_t* k, int64_t keys, int64_t dim, acc_t* panels) {
-  for (int64_t p = 0; p < key_panels(keys); ++p) {
-    acc_t* panel = panels + p * dim * kKeyPanel;
-    for (int64_t t = 0; t < kKeyPanel; ++t) {
-      const int64_t key = p * kKeyPanel + t;
-      for (int64_t d = 0; d < dim; ++d)
-        panel[d * kKeyPanel + t] = key < keys ? static_cast<acc_t>(k[key * dim + d]) : acc_t(0);
-    }
-  }
-}
-
-// logits[r, j] = q[r, :] . key j for r < rows and j < count * kKeyPanel: q [rows, dim]
-// row-major, `count` consecutive panels, logits with row stride ld >= count * kKeyPanel.
-void qk_panels(const float* q, int64_t rows, int64_t dim, const float* panels, int64_t count,
-               float* logits, int64_t ld);
-void qk_panels(const double* q, int64_t rows, int64_t dim, const double* panels, int64_t count,
-               double* logits, int64_t ld);
 
 // Row passes over one logits row, float32 (vectorised) and float64.
 float row_max(const float* x, int64_t n);
@@ -91,29 +43,31 @@ void load_scaled(const scalar_t* src, acc_t* dst, int64_t n, acc_t factor) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * factor;
 }
 
-template <typename acc_t, typename scalar_t>
-void load_rows(const scalar_t* src, acc_t* dst, int64_t n) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    std::memcpy(dst, src, n * sizeof(acc_t));
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
-  }
-}
-
 template <typename scalar_t, typename acc_t>
 void store_rows(const acc_t* src, scalar_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
+// `keys` consecutive keys of one KV head: their packed K panels (pack_key_panels, from the
+// run's first key) and their V rows [keys, dim], both in acc_t.
+template <typename acc_t>
+struct KeyRun {
+  const acc_t* panels;
+  const acc_t* v;
+  int64_t keys;
+};
+
 // One tile of up to max_rows query rows and its online-softmax state: running max m and sum l
 // per row, the unnormalised output O [rows, dim], and a logits/probabilities tile
-// [rows, max_keys]. Allocated once per thread and reused for every tile that thread runs.
+// [rows, max_keys] (rows padded to whole key panels). Allocated once per thread and reused for
+// every tile that thread runs.
 template <typename acc_t>
 class FlashTile {
  public:
   FlashTile(int64_t max_rows, int64_t max_keys, int64_t dim)
-      : max_keys_(max_keys), dim_(dim), q_(max_rows * dim), out_(max_rows * dim),
-        logits_(max_rows * max_keys), row_max_(max_rows), row_sum_(max_rows), lse_(max_rows) {}
+      : max_keys_(max_keys), ld_(key_panels(max_keys) * kKeyPanel), dim_(dim),
+        q_(max_rows * dim), out_(max_rows * dim), logits_(max_rows * ld_), row_max_(max_rows),
+        row_sum_(max_rows), lse_(max_rows) {}
 
   // Starts a tile of `rows` rows (query rows to be written with query_row()).
   void start(int64_t rows, int64_t rows_per_head) {
@@ -126,11 +80,12 @@ class FlashTile {
 
   acc_t* query_row(int64_t r) { return q_.data() + r * dim_; }
 
-  // Online-softmax step over `keys` (<= max_keys) keys k, v [keys, dim], contiguous.
-  void attend(const acc_t* k, const acc_t* v, int64_t keys, int64_t first_visible) {
-    logits(k, keys);
+  // Online-softmax step over one chunk of at most max_keys keys, given as runs of consecutive
+  // keys in token order; every run but the last holds a multiple of kKeyPanel keys.
+  void attend(std::span<const KeyRun<acc_t>> runs, int64_t first_visible) {
+    const int64_t keys = logits(runs);
     for (int64_t r = 0; r < rows_; ++r) {
-      acc_t* x = logits_.data() + r * keys;
+      acc_t* x = logits_.data() + r * ld_;
       const int64_t visible = visible_keys(r, keys, first_visible);
       if (visible == 0) {
         std::fill(x, x + keys, acc_t(0));
@@ -146,9 +101,15 @@ class FlashTile {
       row_max_[r] = new_max;
       row_sum_[r] += sum;
     }
-    // out += P @ V
-    at::Tensor out = view(out_.data(), rows_, dim_);
-    at::addmm_out(out, out, view(logits_.data(), rows_, keys), view(v, keys, dim_));
+    int64_t column = 0;
+    for (const KeyRun<acc_t>& run : runs) {
+      add_pv(logits_.data() + column, rows_, ld_, run.keys, run.v, dim_, out_.data());
+      column += run.keys;
+    }
+  }
+
+  void attend(const KeyRun<acc_t>& run, int64_t first_visible) {
+    attend(std::span<const KeyRun<acc_t>>(&run, 1), first_visible);
   }
 
   // Normalises the output (out / l) and computes each row's log-sum-exp m + log l.
@@ -164,16 +125,16 @@ class FlashTile {
 
   // After finish(): refills the probability tile of a chunk with exp(logit - m), masked as in
   // attend(), for add_key_mass(). Not needed when the tile's only chunk was the last attend().
-  void recompute(const acc_t* k, int64_t keys, int64_t first_visible) {
-    logits(k, keys);
+  void recompute(const KeyRun<acc_t>& run, int64_t first_visible) {
+    const int64_t keys = logits(std::span<const KeyRun<acc_t>>(&run, 1));
     for (int64_t r = 0; r < rows_; ++r)
-      exp_row(logits_.data() + r * keys, visible_keys(r, keys, first_visible), keys, row_max_[r]);
+      exp_row(logits_.data() + r * ld_, visible_keys(r, keys, first_visible), keys, row_max_[r]);
   }
 
   // After finish(): mass[j] += sum over rows of the probability exp(logit - lse) = tile / l.
   void add_key_mass(acc_t* mass, int64_t keys) const {
     for (int64_t r = 0; r < rows_; ++r)
-      add_scaled_row(mass, logits_.data() + r * keys, keys, acc_t(1) / row_sum_[r]);
+      add_scaled_row(mass, logits_.data() + r * ld_, keys, acc_t(1) / row_sum_[r]);
   }
 
  private:
@@ -181,19 +142,20 @@ class FlashTile {
     return std::clamp<int64_t>(first_visible + r % rows_per_head_, 0, keys);
   }
 
-  static at::Tensor view(const acc_t* data, int64_t rows, int64_t cols) {
-    return at::from_blob(const_cast<acc_t*>(data), {rows, cols},
-                         at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  // logits [rows, keys] = Q K^T over the runs, side by side (the softmax scale is folded into
+  // Q); returns keys, the runs' total.
+  int64_t logits(std::span<const KeyRun<acc_t>> runs) {
+    int64_t column = 0;
+    for (const KeyRun<acc_t>& run : runs) {
+      TORCH_INTERNAL_ASSERT(column % kKeyPanel == 0 && column + run.keys <= max_keys_);
+      qk_panels(q_.data(), rows_, dim_, run.panels, key_panels(run.keys),
+                logits_.data() + column, ld_);
+      column += run.keys;
+    }
+    return column;
   }
 
-  // logits [rows, keys] = Q K^T (the softmax scale is folded into Q).
-  void logits(const acc_t* k, int64_t keys) {
-    TORCH_INTERNAL_ASSERT(keys <= max_keys_);
-    at::Tensor out = view(logits_.data(), rows_, keys);
-    at::mm_out(out, view(q_.data(), rows_, dim_), view(k, keys, dim_).t());
-  }
-
-  int64_t max_keys_, dim_, rows_ = 0, rows_per_head_ = 1;
+  int64_t max_keys_, ld_, dim_, rows_ = 0, rows_per_head_ = 1;
   std::vector<acc_t> q_, out_, logits_, row_max_, row_sum_, lse_;
 };
 

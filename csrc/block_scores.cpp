@@ -14,15 +14,16 @@
 #include <cstring>
 #include <limits>
 
-#include "attention_cpu.h"
 #include "checks.h"
+#include "common.h"
+#include "cpu_gemm.h"
 #include "cpu_vector.h"
 
 namespace cabattn {
 namespace {
 
 // Logits are computed in [kRowTile, kKeyChunk] tiles (512 KiB of float32, within a core's L2
-// cache) by the packed-key micro-kernel of attention_cpu.h. A row tile spans several query
+// cache) by the packed-key micro-kernel of cpu_gemm.h. A row tile spans several query
 // blocks when block_size < 128: the few masked logits it wastes cost less than more, shorter
 // passes over the key panels.
 constexpr int64_t kRowTile = 128;
@@ -82,12 +83,8 @@ void block_scores_kernel(const at::Tensor& q_scaled, const at::Tensor& k, int64_
   const int64_t tiles = num_blocks(length, kRowTile);
   const acc_t* q_data = q_scaled.const_data_ptr<acc_t>();
   const int64_t head_panels = key_panels(length) * dim * kKeyPanel;
-  std::vector<acc_t> panels(batch * kv_heads * head_panels);
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t head = begin; head < end; ++head)
-      pack_key_panels(k.const_data_ptr<acc_t>() + head * length * dim, length, dim,
-                      panels.data() + head * head_panels);
-  });
+  const std::vector<acc_t> panels =
+      pack_heads<acc_t>(k.const_data_ptr<acc_t>(), batch * kv_heads, length, dim);
 
   // Task t is a (batch, head, row tile) triple. Tile T costs about T + 1 key chunks, so each
   // head's tiles are visited as 0, last, 1, last - 1, ...: the contiguous task ranges

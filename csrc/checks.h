@@ -11,12 +11,9 @@
 #include <vector>
 
 #include "common.h"
+#include "modes.h"
 
 namespace cabattn {
-
-constexpr int64_t kMaxL2 = 0, kMean = 1;                 // coarsen modes
-constexpr int64_t kAdditive = 0, kMultiplicative = 1;    // frc_scores formulas
-constexpr int64_t kRowMinmax = 0, kGlobalMinmax = 1;     // frc_scores normalisations
 
 // ---------------------------------------------------------------------------------- coarsen
 

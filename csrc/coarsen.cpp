@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 
 #include "checks.h"
+#include "common.h"
+#include "modes.h"
 
 namespace cabattn {
 namespace {

@@ -5,6 +5,7 @@
 // a caller's torch.set_float32_matmul_precision could switch on) and of near-ties that would
 // change the selection.
 #include "cuda_common.cuh"
+#include "modes.h"
 
 #include <limits>
 
