@@ -14,10 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <span>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
