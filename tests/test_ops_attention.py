@@ -96,7 +96,7 @@ def test_bad_layouts_raise_as_on_cpu(device, raises_as_on_cpu):
     """A layout the kernels cannot honour raises the CPU's error on every device, and a later
     call still works (no device-side assert poisons the process)."""
     q, k, v = inputs("cpu", torch.float32, 1, 2, 2, 64, 64, 64)
-    count, index = random_layout(1, 4, 64, 16, 2, "cpu")
+    count, index = random_layout(1, 4, reference.num_blocks(64, 16), 2, "cpu")
     future, duplicate, empty, overfull, negative = (t.clone() for t in (index,) * 5)
     future[0, 0, 1, 0] = 3            # row 1 may only list blocks 0..1
     duplicate[0, 1, 2, :2] = 2        # [2, 2]: counted twice
@@ -113,8 +113,8 @@ def test_bad_layouts_raise_as_on_cpu(device, raises_as_on_cpu):
     out, lse = ops.block_sparse_attention(q, k, v, count, index, 16, 0.1)
     exact = reference.block_sparse_attention(q.double(), k.double(), v.double(), count, index,
                                              16, 0.1)
-    assert_error_within(out, reference.block_sparse_attention(q, k, v, count, index, 16, 0.1)[0],
-                        exact[0])
+    assert_within_reference_error(
+        out, exact[0], reference.block_sparse_attention(q, k, v, count, index, 16, 0.1)[0])
 
 
 def test_bad_inputs_say_what_is_wrong(device):
