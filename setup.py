@@ -4,8 +4,9 @@ layer (csrc/emu), always, so the CUDA kernels' tests run without a GPU.
 
     python setup.py build_ext --inplace      (or: pip install --no-build-isolation -e .)
 
-CABATTN_CPU_ONLY=1 skips the nvcc build of the CUDA sources for quick local rebuilds. TORCH_CUDA_ARCH_LIST picks
-the GPU architectures (default: sm_80 and sm_90, plus PTX for newer cards).
+CABATTN_CPU_ONLY=1 skips the nvcc build of the CUDA sources for quick local rebuilds.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default: sm_80 and sm_90, plus PTX for newer
+cards).
 """
 import glob
 import os

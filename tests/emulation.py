@@ -36,13 +36,15 @@ def _emulated(function):
 
 
 def cuda_target(name: str):
-    """The CUDA kernels on a GPU ("cuda") or emulated ("emu"): .device of their tensors and
-    .ops, the cabattn.ops functions running them (cabattn.ops itself keeps its CPU kernels)."""
+    """The CUDA kernels on a GPU ("cuda") or emulated ("emu"): .device of their tensors, .ops
+    the cabattn.ops functions running them (cabattn.ops itself keeps its CPU kernels), and
+    .emulated (the emulation is slow: tests pick smaller shapes for it)."""
     if name == "cuda":
-        return types.SimpleNamespace(device="cuda", ops=ops)
+        return types.SimpleNamespace(device="cuda", ops=ops, emulated=False)
     functions = {n: _emulated(getattr(ops, n)) for n in ops.__all__
                  if callable(getattr(ops, n))}
-    return types.SimpleNamespace(device="cpu", ops=types.SimpleNamespace(**functions))
+    return types.SimpleNamespace(device="cpu", ops=types.SimpleNamespace(**functions),
+                                 emulated=True)
 
 
 def emulate_cuda_kernels(monkeypatch) -> str:
