@@ -1,29 +1,37 @@
-"""Shared fixtures: every operator test runs on the CPU and, when one is present, on CUDA."""
+"""Shared fixtures: every operator test runs on the CPU, on the CUDA kernels emulated on the
+CPU (`emu`, see emulation.py) and, when one is present, on CUDA."""
 import pytest
 import torch
 
+from emulation import cpu_kernels, emulate_cuda_kernels
+
 TORCH_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device present"))]
-DEVICES = TORCH_DEVICES
+DEVICES = [*TORCH_DEVICES, "emu"]
 
 
 @pytest.fixture(params=DEVICES)
-def device(request):
+def device(request, monkeypatch):
+    """The device of the test's tensors ("cpu" for emu, whose kernels take CPU tensors)."""
+    if request.param == "emu":
+        return emulate_cuda_kernels(monkeypatch)
     return request.param
 
 
 @pytest.fixture
 def raises_as_on_cpu(device):
-    """check(call, *args): call(*args) raises on `device` the error it raises on the CPU, word
-    for word (the CPU and CUDA kernels share their checks, csrc/checks.h). Tensor arguments are
-    given on the CPU and moved to `device`. Returns the message."""
+    """check(call, *args): call(*args) raises on `device` (CUDA, emulated or not) the error the
+    CPU kernel raises, word for word (the CPU and CUDA kernels share their checks,
+    csrc/checks.h). Tensor arguments are given on the CPU and moved to `device`. Returns the
+    message."""
     def check(call, *args):
         def message(where):
             moved = [a.to(where) if isinstance(a, torch.Tensor) else a for a in args]
             with pytest.raises(RuntimeError) as info:
                 call(*moved)
             return str(info.value).splitlines()[0]
-        want = message("cpu")
+        with cpu_kernels():
+            want = message("cpu")
         assert want.startswith("cabattn::"), want
         assert message(device) == want
         return want

