@@ -4,7 +4,8 @@
 PYTHON_BOOT ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
-SOURCES     := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py
+SOURCES     := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/emu/*.cpp \
+                          csrc/emu/*.h) setup.py
 
 .PHONY: venv build test demo bench clean
 

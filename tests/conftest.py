@@ -1,13 +1,19 @@
-"""Shared fixtures: every operator test runs on the CPU and, when one is present, on CUDA."""
+"""Shared fixtures: every operator test runs on the CPU, on the CUDA kernels emulated on the
+CPU (`emu`, see emulation.py) and, when one is present, on CUDA."""
 import pytest
 import torch
 
+from emulation import emulate_cuda_kernels
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device present"))]
+    not torch.cuda.is_available(), reason="no CUDA device present")), "emu"]
 
 
 @pytest.fixture(params=DEVICES)
-def device(request):
+def device(request, monkeypatch):
+    """The device of the test's tensors ("cpu" for emu, whose kernels take CPU tensors)."""
+    if request.param == "emu":
+        return emulate_cuda_kernels(monkeypatch)
     return request.param
 
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from cabattn import ops, reference
+from emulation import emulated, runs_cuda_kernels, xfail_if_emulated
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 FLOOR = 2 ** -23  # float32 rounding of the float32 outputs (lse, mass)
 
 
 def dtypes_for(device):
-    return [d for d in DTYPES if not (d == torch.float64 and device == "cuda")]
+    return [d for d in DTYPES if not (d == torch.float64 and runs_cuda_kernels(device))]
 
 
 def assert_error_within(kernel, ref_same_precision, exact, floor=FLOOR):
@@ -58,7 +59,7 @@ def _poison_cpu_allocations():
     (200, 16, 64, 1), (200, 16, 64, 5), (130, 32, 128, 100), (96, 64, 32, 2)])
 def test_block_sparse_attention_matches_reference(device, ratio, length, block_size, dim, keep):
     for dtype in dtypes_for(device):
-        if dim not in (64, 128) and device == "cuda":
+        if dim not in (64, 128) and runs_cuda_kernels(device):
             continue
         q, k, v = inputs(device, dtype, 2, 2, ratio, length, length, dim)
         count, index = random_layout(2, 2 * ratio, length, block_size, keep, device)
@@ -98,6 +99,9 @@ def test_attention_with_scores_matches_reference(device, lq, lk, ratio):
 
 
 def test_opcheck(device):
+    if emulated():
+        pytest.skip("opcheck checks the registration of torch.ops.cabattn; the emulated "
+                    "operators are test-only (their schemas: test_emulation.py)")
     q, k, v = inputs(device, torch.float32, 1, 2, 2, 70, 70, 64)
     count, index = random_layout(1, 4, 70, 16, 2, device)
     torch.library.opcheck(torch.ops.cabattn.block_sparse_attention,
@@ -106,7 +110,9 @@ def test_opcheck(device):
                                                                      k, v, 0.125))
 
 
-def test_bad_inputs_say_what_is_wrong(device):
+def test_bad_inputs_say_what_is_wrong(device, request):
+    xfail_if_emulated(request, "finding 2: block_sparse_attention.cu checks only the layout's "
+                      "shapes, so a future block index does not raise")
     q, k, v = inputs(device, torch.float32, 1, 2, 2, 64, 64, 64)
     count, index = random_layout(1, 4, 64, 16, 2, device)
     cases = [

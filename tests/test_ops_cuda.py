@@ -3,25 +3,31 @@ inputs: every operator, float16/bfloat16/float32 at head_dim 64 and 128, GQA rat
 lengths that are not a multiple of the block size, and torch.library.opcheck on CUDA.
 
 The per-operator tests in test_ops_*.py run on CUDA too (the `device` fixture); this file adds
-what needs both devices at once. Attention outputs must be within 2x the error of the
+what needs both devices at once. Every test runs on the GPU when one is present, and always on
+the CUDA kernels emulated on the CPU (`emu`: CPU tensors, torch.ops.cabattn_emu; tests/emulation.py). Attention outputs must be within 2x the error of the
 same-precision PyTorch reference (plus 1e-6 for float32, whose errors are at rounding level).
 """
 import pytest
 import torch
 
 from cabattn import ops, reference
-
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")
+from emulation import CUDA_TARGETS, cuda_target
 
 HALF_TYPES = [torch.float16, torch.bfloat16]
 ALL_TYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def qkv(batch, q_heads, kv_heads, length, dim, dtype, k_length=None):
+@pytest.fixture(params=CUDA_TARGETS)
+def gpu(request):
+    """Where the CUDA kernels run: .device of their tensors, .ops the cabattn.ops functions."""
+    return cuda_target(request.param)
+
+
+def qkv(gpu, batch, q_heads, kv_heads, length, dim, dtype, k_length=None):
     k_length = k_length or length
-    q = torch.randn(batch, q_heads, length, dim, device="cuda", dtype=dtype)
-    k = torch.randn(batch, kv_heads, k_length, dim, device="cuda", dtype=dtype)
-    v = torch.randn(batch, kv_heads, k_length, dim, device="cuda", dtype=dtype)
+    q = torch.randn(batch, q_heads, length, dim, device=gpu.device, dtype=dtype)
+    k = torch.randn(batch, kv_heads, k_length, dim, device=gpu.device, dtype=dtype)
+    v = torch.randn(batch, kv_heads, k_length, dim, device=gpu.device, dtype=dtype)
     return q, k, v
 
 
@@ -55,11 +61,11 @@ def random_layout(batch, heads, blocks, budget, generator=None):
 @pytest.mark.parametrize("dtype", ALL_TYPES)
 @pytest.mark.parametrize("mode", [ops.MAX_L2, ops.MEAN])
 @pytest.mark.parametrize("block_size", [16, 128])
-def test_coarsen_matches_cpu(dtype, mode, block_size):
-    x = torch.randn(2, 3, 333, 128, device="cuda", dtype=dtype)
+def test_coarsen_matches_cpu(gpu, dtype, mode, block_size):
+    x = torch.randn(2, 3, 333, 128, device=gpu.device, dtype=dtype)
     x[0, 0, 4] *= 10  # the largest token of block 0 ...
     x[0, 0, 5] = x[0, 0, 4]  # ... tied with its neighbour: the first index must win
-    got = ops.coarsen(x, block_size, mode)
+    got = gpu.ops.coarsen(x, block_size, mode)
     want = ops.coarsen(x.cpu(), block_size, mode)
     if mode == ops.MAX_L2:
         assert torch.equal(got.cpu(), want)
@@ -72,10 +78,10 @@ def test_coarsen_matches_cpu(dtype, mode, block_size):
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("block_size,heads", [(16, (4, 4)), (32, (6, 2)), (64, (8, 2)),
                                               (128, (3, 1))])
-def test_block_scores_match_reference(dtype, dim, block_size, heads):
-    q, k, _ = qkv(2, heads[0], heads[1], 300, dim, dtype)
+def test_block_scores_match_reference(gpu, dtype, dim, block_size, heads):
+    q, k, _ = qkv(gpu, 2, heads[0], heads[1], 300, dim, dtype)
     scale = reference.default_scale(dim)
-    sblk, gblk = ops.block_scores(q, k, block_size, scale)
+    sblk, gblk = gpu.ops.block_scores(q, k, block_size, scale)
     want_s, want_g = reference.block_scores(q.double(), k.double(), block_size, scale)
     cpu_s, cpu_g = ops.block_scores(q.cpu(), k.cpu(), block_size, scale)
     # Inputs are exact in every dtype; only the fp32 accumulation differs from float64.
@@ -93,10 +99,10 @@ def test_block_scores_match_reference(dtype, dim, block_size, heads):
 @pytest.mark.parametrize("formula", [ops.ADDITIVE, ops.MULTIPLICATIVE])
 @pytest.mark.parametrize("normalization", [ops.ROW_MINMAX, ops.GLOBAL_MINMAX])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_frc_scores_match_cpu_and_reference(formula, normalization, dtype):
-    qc = torch.randn(2, 4, 37, 128, device="cuda", dtype=dtype)
-    kc = torch.randn(2, 1, 37, 128, device="cuda", dtype=dtype)
-    got = ops.frc_scores(qc, kc, 0.088, 0.3, formula, normalization)
+def test_frc_scores_match_cpu_and_reference(gpu, formula, normalization, dtype):
+    qc = torch.randn(2, 4, 37, 128, device=gpu.device, dtype=dtype)
+    kc = torch.randn(2, 1, 37, 128, device=gpu.device, dtype=dtype)
+    got = gpu.ops.frc_scores(qc, kc, 0.088, 0.3, formula, normalization)
     want = reference.frc_scores(qc.cpu(), kc.cpu(), 0.088, 0.3, formula, normalization)
     cpu = ops.frc_scores(qc.cpu(), kc.cpu(), 0.088, 0.3, formula, normalization)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
@@ -106,7 +112,7 @@ def test_frc_scores_match_cpu_and_reference(formula, normalization, dtype):
 @pytest.mark.parametrize("shift", [0, 1])
 @pytest.mark.parametrize("blocks", [1, 7, 64, 300])
 @pytest.mark.parametrize("score_dtype", [torch.float32, torch.float64])
-def test_select_blocks_matches_cpu(shift, blocks, score_dtype):
+def test_select_blocks_matches_cpu(gpu, shift, blocks, score_dtype):
     score1 = torch.randn(2, 3, blocks, blocks, dtype=score_dtype)
     score2 = torch.randn(2, 3, blocks, blocks, dtype=score_dtype)
     rows = torch.arange(blocks, dtype=torch.int32)
@@ -118,34 +124,35 @@ def test_select_blocks_matches_cpu(shift, blocks, score_dtype):
     n_score2 = rule - n_recent - n_sink - n_score1
     counts = (n_recent, n_sink, n_score1, n_score2)
     max_count = int(budget.max()) + 1
-    got = ops.select_blocks(score1.cuda(), score2.cuda(), *[c.cuda() for c in counts], shift,
-                            max_count)
+    got = gpu.ops.select_blocks(score1.to(gpu.device), score2.to(gpu.device),
+                                *[c.to(gpu.device) for c in counts], shift, max_count)
     want = ops.select_blocks(score1, score2, *counts, shift, max_count)
     ref = reference.select_blocks(score1, score2, *counts, shift, max_count)
     for g, w, r in zip(got, want, ref):
         assert torch.equal(g.cpu(), w) and torch.equal(g.cpu(), r)
 
 
-def test_select_blocks_rejects_an_overfull_row():
-    score = torch.randn(1, 1, 8, 8, device="cuda")
-    n = torch.full((8,), 4, dtype=torch.int32, device="cuda")
-    zero = torch.zeros(8, dtype=torch.int32, device="cuda")
+def test_select_blocks_rejects_an_overfull_row(gpu):
+    score = torch.randn(1, 1, 8, 8, device=gpu.device)
+    n = torch.full((8,), 4, dtype=torch.int32, device=gpu.device)
+    zero = torch.zeros(8, dtype=torch.int32, device=gpu.device)
     with pytest.raises(RuntimeError, match="max_count"):
-        ops.select_blocks(score, None, n, zero, zero, zero, 1, 2)
+        gpu.ops.select_blocks(score, None, n, zero, zero, zero, 1, 2)
 
 
 @pytest.mark.parametrize("dtype", ALL_TYPES)
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("block_size,heads,budget", [
     (16, (4, 4), 1), (32, (6, 2), 3), (64, (8, 2), 100), (128, (4, 1), 2)])
-def test_block_sparse_attention_within_reference_error(dtype, dim, block_size, heads, budget):
+def test_block_sparse_attention_within_reference_error(gpu, dtype, dim, block_size, heads,
+                                                       budget):
     length = 333 if block_size < 128 else 700
-    q, k, v = qkv(2, heads[0], heads[1], length, dim, dtype)
+    q, k, v = qkv(gpu, 2, heads[0], heads[1], length, dim, dtype)
     blocks = reference.num_blocks(length, block_size)
     count, index = random_layout(2, heads[0], blocks, budget)
-    count, index = count.cuda(), index.cuda()
+    count, index = count.to(gpu.device), index.to(gpu.device)
     scale = reference.default_scale(dim)
-    out, lse = ops.block_sparse_attention(q, k, v, count, index, block_size, scale)
+    out, lse = gpu.ops.block_sparse_attention(q, k, v, count, index, block_size, scale)
     want_out, want_lse = reference.block_sparse_attention(q.double(), k.double(), v.double(),
                                                           count, index, block_size, scale)
     same_out, _ = reference.block_sparse_attention(q, k, v, count, index, block_size, scale)
@@ -160,11 +167,12 @@ def test_block_sparse_attention_within_reference_error(dtype, dim, block_size, h
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES)
-def test_block_sparse_attention_all_blocks_is_dense(dtype):
-    q, k, v = qkv(1, 8, 2, 1000, 128, dtype)
+def test_block_sparse_attention_all_blocks_is_dense(gpu, dtype):
+    q, k, v = qkv(gpu, 1, 8, 2, 1000, 128, dtype)
     blocks = reference.num_blocks(1000, 64)
     count, index = random_layout(1, 8, blocks, blocks)
-    out, _ = ops.block_sparse_attention(q, k, v, count.cuda(), index.cuda(), 64, 0.1)
+    out, _ = gpu.ops.block_sparse_attention(q, k, v, count.to(gpu.device), index.to(gpu.device),
+                                            64, 0.1)
     dense = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double().repeat_interleave(4, 1), v.double().repeat_interleave(4, 1),
         is_causal=True, scale=0.1)
@@ -177,10 +185,10 @@ def test_block_sparse_attention_all_blocks_is_dense(dtype):
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("heads,q_len,k_len", [((4, 4), 1, 1), ((6, 2), 37, 200),
                                                ((8, 2), 128, 300), ((3, 1), 70, 70)])
-def test_attention_with_scores_within_reference_error(dtype, dim, heads, q_len, k_len):
-    q, k, v = qkv(2, heads[0], heads[1], q_len, dim, dtype, k_length=k_len)
+def test_attention_with_scores_within_reference_error(gpu, dtype, dim, heads, q_len, k_len):
+    q, k, v = qkv(gpu, 2, heads[0], heads[1], q_len, dim, dtype, k_length=k_len)
     scale = reference.default_scale(dim)
-    out, lse, mass = ops.attention_with_scores(q, k, v, scale)
+    out, lse, mass = gpu.ops.attention_with_scores(q, k, v, scale)
     want = reference.attention_with_scores(q.double(), k.double(), v.double(), scale)
     same = reference.attention_with_scores(q, k, v, scale)
     assert_within_reference_error(out, want[0], same[0], "out")
@@ -198,12 +206,12 @@ def test_attention_with_scores_within_reference_error(dtype, dim, heads, q_len, 
                                          ((2, 3, 500, 64), torch.float32),
                                          ((2, 3, 500), torch.float32),
                                          ((1, 2, 99, 3), torch.float16)])
-def test_kv_compact_matches_cpu(shape, dtype):
-    x = torch.randn(shape, device="cuda").to(dtype)
+def test_kv_compact_matches_cpu(gpu, shape, dtype):
+    x = torch.randn(shape, device=gpu.device).to(dtype)
     kept = shape[2] // 3
     keep = torch.rand(shape[0], shape[1], shape[2]).argsort(-1)[..., :kept].sort(-1).values
     got, cpu = x.clone(), x.cpu()
-    ops.kv_compact_(got, keep.cuda())
+    gpu.ops.kv_compact_(got, keep.to(gpu.device))
     ops.kv_compact_(cpu, keep)
     assert torch.equal(got.cpu(), cpu)
     want = x.cpu().clone()
@@ -211,18 +219,21 @@ def test_kv_compact_matches_cpu(shape, dtype):
     assert torch.equal(got.cpu(), want)
 
 
-def test_cuda_errors_name_the_bad_value():
-    q, k, v = qkv(1, 2, 2, 64, 96, torch.bfloat16)
+def test_cuda_errors_name_the_bad_value(gpu):
+    q, k, v = qkv(gpu, 1, 2, 2, 64, 96, torch.bfloat16)
     count, index = random_layout(1, 2, 4, 2)
     with pytest.raises(RuntimeError, match="head_dim 96"):
-        ops.block_sparse_attention(q, k, v, count.cuda(), index.cuda(), 16, 0.1)
-    with pytest.raises(RuntimeError, match="is on"):
-        ops.block_sparse_attention(q, k, v, count, index, 16, 0.1)
+        gpu.ops.block_sparse_attention(q, k, v, count.to(gpu.device), index.to(gpu.device), 16,
+                                       0.1)
+    if gpu.device == "cuda":
+        with pytest.raises(RuntimeError, match="is on"):
+            ops.block_sparse_attention(q, k, v, count, index, 16, 0.1)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")
 def test_opcheck_on_cuda():
     opcheck = torch.library.opcheck
-    q, k, v = qkv(1, 4, 2, 100, 64, torch.bfloat16)
+    q, k, v = qkv(cuda_target("cuda"), 1, 4, 2, 100, 64, torch.bfloat16)
     count, index = random_layout(1, 4, 7, 3)
     opcheck(torch.ops.cabattn.coarsen.default, (q, 16, ops.MAX_L2))
     opcheck(torch.ops.cabattn.block_scores.default, (q, k, 16, 0.125))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cabattn import ops, reference
+from emulation import emulated, runs_cuda_kernels, xfail_if_emulated
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # float32 rounding of outputs in [0, 1]: the floor under "2x the reference's error".
@@ -15,7 +16,7 @@ OUT_ROUNDING = 2 ** -24
 
 
 def dtypes_for(device):
-    return [d for d in DTYPES if not (d == torch.float64 and device == "cuda")]
+    return [d for d in DTYPES if not (d == torch.float64 and runs_cuda_kernels(device))]
 
 
 def assert_error_within(kernel, ref_same_precision, exact, floor=OUT_ROUNDING):
@@ -34,7 +35,9 @@ def gqa_inputs(device, dtype, batch, kv_heads, ratio, length, dim=16, scale=1.0)
 
 @pytest.mark.parametrize("block_size,length", [(16, 70), (32, 64), (128, 130)])
 @pytest.mark.parametrize("mode", [reference.MAX_L2, reference.MEAN])
-def test_coarsen_matches_reference(device, block_size, length, mode):
+def test_coarsen_matches_reference(device, block_size, length, mode, request):
+    if mode == reference.MEAN and block_size == 128:
+        xfail_if_emulated(request, "finding 4: coarsen.cu sums the mean in float32")
     for dtype in dtypes_for(device):
         x = torch.randn(2, 3, length, 24, dtype=torch.float64).to(device=device, dtype=dtype)
         out = ops.coarsen(x, block_size, mode)
@@ -62,9 +65,14 @@ def test_coarsen_max_l2_ties_go_to_first_token(device):
 @pytest.mark.parametrize("batch,kv_heads,ratio,length,block_size",
                          [(2, 2, 1, 100, 16), (1, 1, 3, 300, 32), (2, 1, 4, 200, 64),
                           (1, 1, 2, 1100, 128)])
-def test_block_scores_matches_reference(device, batch, kv_heads, ratio, length, block_size):
+def test_block_scores_matches_reference(device, batch, kv_heads, ratio, length, block_size,
+                                       request):
+    if length == 1100:
+        xfail_if_emulated(request, "found by the emulation: block_scores.cu's float32 Sblk "
+                          "error is 2.4x the float32 reference's at L=1100, block_size=128")
     for dtype in dtypes_for(device):
-        q, k = gqa_inputs(device, dtype, batch, kv_heads, ratio, length, scale=1.5)
+        dim = 64 if runs_cuda_kernels(device) else 16  # the CUDA kernel's smallest head_dim
+        q, k = gqa_inputs(device, dtype, batch, kv_heads, ratio, length, dim, scale=1.5)
         scale = 0.3
         sblk, gblk = ops.block_scores(q, k, block_size, scale)
         exact_s, exact_g = reference.block_scores(q.double(), k.double(), block_size, scale)
@@ -169,7 +177,9 @@ def test_select_blocks_nan_ranks_lowest(device):
     assert got[1][0, 0, 4].tolist() == [0, 1, 3, 4, -1]
 
 
-def test_select_blocks_rejects_overfull_row(device):
+def test_select_blocks_rejects_overfull_row(device, request):
+    xfail_if_emulated(request, "finding 2: select_blocks.cu words the missing-score error "
+                      "differently from the CPU kernel")
     s1 = tie_free_scores(1, 1, 5, device)
     three = counts([3] * 5, device)
     zeros = counts([0] * 5, device)
@@ -202,7 +212,9 @@ def test_kv_compact_in_place(device, tail, dtype, kept):
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
 
 
-def test_kv_compact_rejects_bad_keep(device):
+def test_kv_compact_rejects_bad_keep(device, request):
+    xfail_if_emulated(request, "finding 1: kv_compact.cu asserts on the device instead of "
+                      "raising, and skips the sorted/unique check")
     x = torch.randn(1, 2, 10, 4, device=device)
     good = torch.tensor([[[0, 3, 5]] * 2], device=device)
     bad = {"out of range": good.clone().index_fill_(2, torch.tensor([2], device=device), 10),
@@ -223,6 +235,9 @@ def test_kv_compact_rejects_bad_keep(device):
 # -------------------------------------------------------------------------- opcheck, errors
 
 def test_opcheck(device):
+    if emulated():
+        pytest.skip("opcheck checks the registration of torch.ops.cabattn; the emulated "
+                    "operators are test-only (their schemas: test_emulation.py)")
     q, k = gqa_inputs(device, torch.float32, 2, 1, 3, 40)
     torch.library.opcheck(torch.ops.cabattn.coarsen, (q, 16, 0))
     torch.library.opcheck(torch.ops.cabattn.block_scores, (q, k, 16, 0.25))
@@ -236,7 +251,9 @@ def test_opcheck(device):
                           (x, random_keep(2, 1, 40, 9, device)))
 
 
-def test_bad_inputs_name_argument_and_choices(device):
+def test_bad_inputs_name_argument_and_choices(device, request):
+    xfail_if_emulated(request, "finding 2: the CUDA entry points check less than the CPU ones "
+                      "and word their errors differently")
     q, k = gqa_inputs(device, torch.float32, 1, 2, 2, 40)
     checks = [
         (lambda: ops.coarsen(q[0], 16), "x must be 4-D"),

@@ -125,18 +125,15 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
   const size_t forward_smem = flash_forward_smem_bytes<T, D, kTC>();
   auto forward = chunk_forward_kernel<T, D>;
   set_dynamic_smem(kOp, forward, forward_smem);
-  forward<<<forward_grid, G::kThreads, forward_smem, stream>>>(
-      q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(),
-      lse.data_ptr<float>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kOp, forward, forward_grid, G::kThreads, forward_smem, stream, q.data_ptr<T>(),
+                k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(), p);
 
   const dim3 mass_grid((p.k_len + G::kKeys - 1) / G::kKeys, p.kv_heads, q.size(0));
   const size_t mass_smem = key_mass_smem_bytes<T, D>();
   auto key_mass = key_mass_kernel<T, D>;
   set_dynamic_smem(kOp, key_mass, mass_smem);
-  key_mass<<<mass_grid, G::kThreads, mass_smem, stream>>>(
-      q.data_ptr<T>(), k.data_ptr<T>(), lse.data_ptr<float>(), mass.data_ptr<float>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kOp, key_mass, mass_grid, G::kThreads, mass_smem, stream, q.data_ptr<T>(),
+                k.data_ptr<T>(), lse.data_ptr<float>(), mass.data_ptr<float>(), p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cuda(
@@ -177,6 +174,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cuda(
 }  // namespace cuda
 }  // namespace cabattn
 
-TORCH_LIBRARY_IMPL(cabattn, CUDA, m) {
+TORCH_LIBRARY_IMPL(CABATTN_CUDA_LIBRARY, CABATTN_CUDA_KEY, m) {
   m.impl("attention_with_scores", &cabattn::cuda::attention_with_scores_cuda);
 }

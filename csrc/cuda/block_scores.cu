@@ -201,9 +201,9 @@ void launch(const at::Tensor& q, const at::Tensor& k, at::Tensor& sblk, at::Tens
   auto kernel = block_scores_kernel<T, D>;
   set_dynamic_smem(kOp, kernel, smem);
   const dim3 grid(p.num_blocks, p.q_heads, q.size(0));
-  kernel<<<grid, kTileThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      q.data_ptr<T>(), k.data_ptr<T>(), sblk.data_ptr<float>(), gblk.data_ptr<float>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kOp, kernel, grid, kTileThreads, smem, at::cuda::getCurrentCUDAStream(),
+                q.data_ptr<T>(), k.data_ptr<T>(), sblk.data_ptr<float>(), gblk.data_ptr<float>(),
+                p);
 }
 
 std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -246,6 +246,6 @@ std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const 
 }  // namespace cuda
 }  // namespace cabattn
 
-TORCH_LIBRARY_IMPL(cabattn, CUDA, m) {
+TORCH_LIBRARY_IMPL(CABATTN_CUDA_LIBRARY, CABATTN_CUDA_KEY, m) {
   m.impl("block_scores", &cabattn::cuda::block_scores_cuda);
 }

@@ -55,10 +55,9 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const size_t smem = flash_forward_smem_bytes<T, D, TC>();
   auto kernel = block_sparse_attention_kernel<T, D, TC>;
   set_dynamic_smem(kOp, kernel, smem);
-  kernel<<<grid, G::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), block_count.data_ptr<int>(),
-      block_index.data_ptr<int>(), out.data_ptr<T>(), lse.data_ptr<float>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kOp, kernel, grid, G::kThreads, smem, at::cuda::getCurrentCUDAStream(),
+                q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), block_count.data_ptr<int>(),
+                block_index.data_ptr<int>(), out.data_ptr<T>(), lse.data_ptr<float>(), p);
 }
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
@@ -118,6 +117,6 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
 }  // namespace cuda
 }  // namespace cabattn
 
-TORCH_LIBRARY_IMPL(cabattn, CUDA, m) {
+TORCH_LIBRARY_IMPL(CABATTN_CUDA_LIBRARY, CABATTN_CUDA_KEY, m) {
   m.impl("block_sparse_attention", &cabattn::cuda::block_sparse_attention_cuda);
 }

@@ -77,10 +77,9 @@ at::Tensor coarsen_cuda(const at::Tensor& x, int64_t block_size, int64_t mode) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   CABATTN_DISPATCH_ATTENTION_TYPES(x.scalar_type(), kOp, [&] {
     auto kernel = mode == kMean ? coarsen_kernel<scalar_t, true> : coarsen_kernel<scalar_t, false>;
-    kernel<<<static_cast<unsigned>(grid), kWarpsPerBlock * 32, 0, stream>>>(
-        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), groups, length, dim,
-        static_cast<int>(block_size), blocks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(kOp, kernel, static_cast<unsigned>(grid), kWarpsPerBlock * 32, 0, stream,
+                  x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), groups, length, dim,
+                  static_cast<int>(block_size), blocks);
   });
   return out;
 }
@@ -89,4 +88,6 @@ at::Tensor coarsen_cuda(const at::Tensor& x, int64_t block_size, int64_t mode) {
 }  // namespace cuda
 }  // namespace cabattn
 
-TORCH_LIBRARY_IMPL(cabattn, CUDA, m) { m.impl("coarsen", &cabattn::cuda::coarsen_cuda); }
+TORCH_LIBRARY_IMPL(CABATTN_CUDA_LIBRARY, CABATTN_CUDA_KEY, m) {
+  m.impl("coarsen", &cabattn::cuda::coarsen_cuda);
+}

@@ -1,26 +1,69 @@
 // Helpers shared by the CUDA kernels (csrc/cuda/*.cu): launch setup, dtype dispatch, warp
 // reductions and 4-wide loads that turn float, half and bfloat16 into float4.
+//
+// Every kernel source is built twice: by nvcc for the GPU (operators torch.ops.cabattn.<op>,
+// CUDA tensors) and with -DCABATTN_EMU by the host compiler against the emulation layer
+// (csrc/emu/cuda_emu.h; operators torch.ops.cabattn_emu.<op>, CPU tensors).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+#ifdef CABATTN_EMU
+#include "emu/cuda_emu.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/macros/Macros.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
 
 #include "common.h"
 
+// Where the kernels' operators are registered (TORCH_LIBRARY_IMPL(CABATTN_CUDA_LIBRARY,
+// CABATTN_CUDA_KEY, m)).
+#ifdef CABATTN_EMU
+#define CABATTN_CUDA_LIBRARY cabattn_emu
+#define CABATTN_CUDA_KEY CPU
+#else
+#define CABATTN_CUDA_LIBRARY cabattn
+#define CABATTN_CUDA_KEY CUDA
+#endif
+
 namespace cabattn {
 namespace cuda {
 
+#ifdef CABATTN_EMU
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cpu(), op, ": ", name, " must be a CPU tensor for the emulated CUDA kernel, "
+              "got ", t.device());
+}
+#else
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernel, got ",
               t.device());
 }
+#endif
+
+// kernel<<<grid, block, dynamic_shared, stream>>>(args...) and its launch check; in the
+// emulated build, the emulated launch (`op` names the operator in its errors). Internal
+// linkage: the emulated launch uses its translation unit's shared memory.
+namespace {
+template <typename... Params, typename... Args>
+inline void launch_kernel(const char* op, void (*kernel)(Params...), dim3 grid, dim3 block,
+                          size_t dynamic_shared, cudaStream_t stream, Args&&... args) {
+#ifdef CABATTN_EMU
+  (void)stream;
+  emulated_launch(op, kernel, grid, block, dynamic_shared, std::forward<Args>(args)...);
+#else
+  (void)op;
+  kernel<<<grid, block, dynamic_shared, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+}  // namespace
 
 // The kernels move 16-byte chunks; a contiguous view that starts inside its storage can break
 // that alignment.

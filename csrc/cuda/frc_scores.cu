@@ -132,20 +132,18 @@ at::Tensor frc_scores_cuda(const at::Tensor& qc, const at::Tensor& kc, double sc
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (normalization == kRowMinmax) {
     const int64_t rows = batch * q_heads * M;
-    row_minmax_kernel<<<grid_for(rows, kThreads / 32), kThreads, 0, stream>>>(
-        a.data_ptr<double>(), rows, M);
+    launch_kernel(kOp, row_minmax_kernel, grid_for(rows, kThreads / 32), kThreads, 0, stream,
+                  a.data_ptr<double>(), rows, M);
   } else {
-    global_minmax_kernel<<<grid_for(batch * q_heads, 1), kThreads, 0, stream>>>(
-        a.data_ptr<double>(), M);
+    launch_kernel(kOp, global_minmax_kernel, grid_for(batch * q_heads, 1), kThreads, 0, stream,
+                  a.data_ptr<double>(), M);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   auto t = at::matmul(a, a);
   const int64_t total = f.numel();
   auto curvature = formula == kMultiplicative ? curvature_kernel<true> : curvature_kernel<false>;
-  curvature<<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-      a.data_ptr<double>(), t.data_ptr<double>(), f.data_ptr<float>(), total, M, lam);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kOp, curvature, grid_for(total, kThreads), kThreads, 0, stream,
+                a.data_ptr<double>(), t.data_ptr<double>(), f.data_ptr<float>(), total, M, lam);
   return f;
 }
 
@@ -153,4 +151,6 @@ at::Tensor frc_scores_cuda(const at::Tensor& qc, const at::Tensor& kc, double sc
 }  // namespace cuda
 }  // namespace cabattn
 
-TORCH_LIBRARY_IMPL(cabattn, CUDA, m) { m.impl("frc_scores", &cabattn::cuda::frc_scores_cuda); }
+TORCH_LIBRARY_IMPL(CABATTN_CUDA_LIBRARY, CABATTN_CUDA_KEY, m) {
+  m.impl("frc_scores", &cabattn::cuda::frc_scores_cuda);
+}

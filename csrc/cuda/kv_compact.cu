@@ -43,11 +43,9 @@ void gather_rows(void* dst, const void* src, const int64_t* keep, int64_t groups
   const int64_t total = groups * kept * row_units;
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads,
                                            std::numeric_limits<int>::max());
-  gather_rows_kernel<Unit><<<static_cast<unsigned>(blocks), kThreads, 0,
-                             at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<Unit*>(dst), static_cast<const Unit*>(src), keep, total, kept, src_rows,
-      dst_rows, row_units);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kOp, gather_rows_kernel<Unit>, static_cast<unsigned>(blocks), kThreads, 0,
+                at::cuda::getCurrentCUDAStream(), static_cast<Unit*>(dst),
+                static_cast<const Unit*>(src), keep, total, kept, src_rows, dst_rows, row_units);
 }
 
 // The widest unit (16, 8, 4, 2 or 1 bytes) that divides the row and both pointers.
@@ -103,4 +101,6 @@ void kv_compact_cuda(const at::Tensor& x, const at::Tensor& keep) {
 }  // namespace cuda
 }  // namespace cabattn
 
-TORCH_LIBRARY_IMPL(cabattn, CUDA, m) { m.impl("kv_compact_", &cabattn::cuda::kv_compact_cuda); }
+TORCH_LIBRARY_IMPL(CABATTN_CUDA_LIBRARY, CABATTN_CUDA_KEY, m) {
+  m.impl("kv_compact_", &cabattn::cuda::kv_compact_cuda);
+}

@@ -209,13 +209,12 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] {
     auto kernel = select_blocks_kernel<scalar_t>;
     set_dynamic_smem(kOp, kernel, smem);
-    kernel<<<grid, kThreads, smem, stream>>>(
+    launch_kernel(kOp, kernel, grid, kThreads, smem, stream,
         score1.has_value() ? score1->data_ptr<scalar_t>() : nullptr,
         score2.has_value() ? score2->data_ptr<scalar_t>() : nullptr, n_recent.data_ptr<int>(),
         n_sink.data_ptr<int>(), n_score1.data_ptr<int>(), n_score2.data_ptr<int>(),
         count.data_ptr<int>(), index.data_ptr<int>(),
         reinterpret_cast<SelectStatus*>(status.data_ptr<int>()), p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
   // One small device-to-host copy so that a bad budget raises here, like on the CPU, instead
@@ -233,6 +232,6 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
 }  // namespace cuda
 }  // namespace cabattn
 
-TORCH_LIBRARY_IMPL(cabattn, CUDA, m) {
+TORCH_LIBRARY_IMPL(CABATTN_CUDA_LIBRARY, CABATTN_CUDA_KEY, m) {
   m.impl("select_blocks", &cabattn::cuda::select_blocks_cuda);
 }
