@@ -60,13 +60,13 @@ inline FlashFwdParams flash_params(const char* op, const at::Tensor& q, const at
   return p;
 }
 
-// Raises the kernel's dynamic shared memory limit and launches it on the current stream.
+// Raises the kernel's dynamic shared memory limit and launches it on the current stream (or
+// on the emulation layer under CABATTN_EMU).
 template <typename Kernel>
 void launch_flash(const char* op, Kernel kernel, dim3 grid, int threads, size_t smem,
                   const FlashFwdParams& p) {
   set_dynamic_smem(op, kernel, smem);
-  kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(op, kernel, grid, threads, smem, at::cuda::getCurrentCUDAStream(), p);
 }
 
 }  // namespace cuda
