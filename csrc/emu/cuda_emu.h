@@ -264,6 +264,10 @@ inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float exp10f(float x) { return std::pow(10.f, x); }
 inline int __float2int_rn(float x) { return static_cast<int>(std::nearbyint(x)); }
+// CUDA's math library declares these in the global namespace, as functions of any float type.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 
 // ---------------------------------------------------------------------- half and bfloat16
 using __half = c10::Half;
