@@ -15,6 +15,11 @@ def auto_block_size(length: int) -> int:
     return int(min(max(nearest, BLOCK_SIZES[0]), BLOCK_SIZES[-1]))
 
 
+def resolve_block_size(block_size, length: int) -> int:
+    """The block size a window of `length` tokens runs with ("auto": auto_block_size)."""
+    return auto_block_size(length) if block_size == "auto" else int(block_size)
+
+
 def token_budget(length: int, sparsity: float, k_min: int = 64) -> int:
     """K = max(k_min, floor((1 - s) * L)), never more than L. The product is rounded to 9
     decimals first: (1 - 0.9) * 1000 is 99.99999999999997 in floating point, and K is 100."""

@@ -21,10 +21,11 @@ from transformers import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
-from .grid import auto_block_size, check_options
+from .grid import check_options, resolve_block_size
 from .kv_cache import KVEvictionCache
-from .methods import Method, get_method
+from .methods import Method
 from .reference import default_scale
+from .sparse import resolve_method
 from .stats import ProtocolStats
 
 ATTENTION_NAME = "cabattn_kv"
@@ -92,9 +93,12 @@ class KVProtocol:
     K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything).
     kv_chunk: tokens per streaming step (1 = exact token-by-token streaming).
     positions: "absolute" (every token keeps its true position).
-    block_size: "auto" (auto_block_size(L)) or one of 16, 32, 64, 128: the block the
+    block_size: "auto" (grid.auto_block_size(L)) or one of 16, 32, 64, 128: the block the
     block-level rules and the per-block coarse queries use.
     """
+
+    name = "kv"
+    OPTIONS = ("kv_chunk",)  # recorded with every cell, next to the shared options
 
     def __init__(self, model, method: Union[Method, str], sparsity: float, kv_chunk: int = 1,
                  positions: str = "absolute", block_size: Union[int, str] = "auto",
@@ -110,20 +114,14 @@ class KVProtocol:
         if positions not in POSITIONS:
             raise ValueError(f"positions {positions!r} is not supported; valid choices: "
                              f"{', '.join(POSITIONS)}")
-        if isinstance(method, Method):
-            if method_params:
-                raise ValueError(f"method parameters {sorted(method_params)} were given with "
-                                 f"an already built method {method!r}; pass them to it instead")
-        elif isinstance(method, str):
-            method = get_method(method, **method_params)
-        else:
-            raise TypeError(f"method must be a cabattn Method or a method name, got "
-                            f"{type(method).__name__}")
-        method.check_protocol("kv")
+        method = resolve_method(method, **method_params)
+        method.check_protocol(self.name)
         self.model, self.method, self.sparsity = model, method, float(sparsity)
         self.kv_chunk, self.positions, self.block_size = kv_chunk, positions, block_size
         self.k_min, self.seed = k_min, seed
-        self.stats = ProtocolStats()
+        self.stats = ProtocolStats(
+            protocol=self.name, options={name: getattr(self, name) for name in self.OPTIONS},
+            params=method.config, k_min=k_min)
         self.budget = 0  # K of the window being scored
         self.cache: Optional[KVEvictionCache] = None  # the window being (or last) scored
         self.windows_seen = 0
@@ -168,7 +166,7 @@ class KVProtocol:
         model = self.model
         batch, length = input_ids.shape
         self.budget = self.method.token_budget(length, self.sparsity, self.k_min)
-        block_size = auto_block_size(length) if self.block_size == "auto" else self.block_size
+        block_size = self.stats.block_size = resolve_block_size(self.block_size, length)
         self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
                                              self.kv_chunk, block_size, length)
         stream = _WindowStream(self, cache, self.windows_seen)

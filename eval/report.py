@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .results import CorruptFileError, read_json
+from .results import delta_vs_dense as results_delta
 
 DENSITY_TICKS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -71,9 +72,7 @@ def dense_perplexity(all_points: list, dataset: str, context_length: int):
 def delta_vs_dense(all_points: list, p: Point):
     dense = p.result.get("dense_perplexity") or dense_perplexity(all_points, p.dataset,
                                                                  p.context_length)
-    if p.perplexity is None or not dense:
-        return None
-    return p.perplexity / dense - 1
+    return results_delta(p.perplexity, dense)
 
 
 def _datasets(all_points):

@@ -111,3 +111,48 @@ class CellStore:
             path.unlink()
             removed += 1
         return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# The results record: DATASET -> METHOD -> sweep -> point -> R, plus the config record.
+
+METRIC_FIELDS = ("perplexity", "cross_entropy", "bits_per_token", "bits_per_byte", "num_tokens",
+                 "num_samples", "ppl_ci95", "density")
+
+
+def failed_result(error: str) -> dict:
+    """R of a cell that failed: null metrics and the error (never stored, so a rerun retries)."""
+    return {**{name: None for name in METRIC_FIELDS}, "error": error}
+
+
+def delta_vs_dense(perplexity, dense_perplexity):
+    """The relative change of a perplexity against dense's (0.25 = +25%), None when unknown."""
+    if perplexity is None or not dense_perplexity:
+        return None
+    return perplexity / dense_perplexity - 1
+
+
+def assemble(cells: list, outcomes: dict, config_record: dict) -> dict:
+    """The seed-compatible results dict from the planned cells (eval.run.Cell) and the
+    outcome R of each computation (RunSpec -> R); cells without an outcome are left out."""
+    results = {}
+    for cell in cells:
+        outcome = outcomes.get(cell.spec)
+        if outcome is None:
+            continue
+        dense = outcomes.get(cell.spec.dense())
+        dense_ppl = None if dense is None else dense.get("perplexity")
+        record = dict(outcome)
+        record.update(method=cell.method, sparsity=cell.sparsity,
+                      context_length=cell.spec.context_length, method_run=cell.spec.method,
+                      sparsity_run=cell.spec.sparsity, dense_perplexity=dense_ppl,
+                      delta_vs_dense=delta_vs_dense(record.get("perplexity"), dense_ppl))
+        (results.setdefault(cell.dataset, {}).setdefault(cell.method, {})
+         .setdefault(cell.sweep, {}))[cell.point] = record
+    return {"config": config_record, "results": results}
+
+
+def write_results(paths, results: dict) -> None:
+    """The same results to each path (NAME.json and NAME_latest.json), atomically."""
+    for path in paths:
+        write_json_atomic(path, results)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
 
-from eval import data, models, run
+from eval import cli, data, models, run
 
 L, WINDOWS = 128, 5
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -17,7 +17,7 @@ def test_dense_ppl_is_the_models_own_loss(tiny_model, tiny_text, tmp_path):
     args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--methods", "dense", "h2o",
                          "--context-lengths", str(L), "--sparsity-levels", "0", "--no-report",
                          "--max-windows", str(WINDOWS), "--no-context-sweep")
-    assert run.main(args) == run.EXIT_OK
+    assert cli.main(args) == cli.EXIT_OK
     results = json.loads((tmp_path / "tiny.json").read_text())
     dataset = results["config"]["datasets"][0]
     dense = results["results"][dataset]["dense"]["sparsity_sweep"]["0.0"]
@@ -56,7 +56,7 @@ def test_nan_loss_fails_the_cell_loudly(tiny_model, tiny_text, tmp_path, monkeyp
     monkeypatch.setattr(run.PerplexityBenchmarkRunner, "load", load_poisoned)
     args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--method", "dense",
                          "--context-lengths", "64", "--no-sparsity-sweep", "--max-windows", "2")
-    assert run.main(args) == run.EXIT_FAILED_CELLS
+    assert cli.main(args) == cli.EXIT_FAILED
     text = (tmp_path / "tiny.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     results = json.loads(text)

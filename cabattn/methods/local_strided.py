@@ -66,7 +66,6 @@ class LocalStrided(Method):
                              "ignores the budget); the kv protocol needs pattern='budget'")
 
     def kv_keep(self, state: KVState) -> torch.Tensor:
-        self.check_protocol("kv")
         n = state.positions.shape[-1]
         recent = math.ceil(state.budget / 2)
         index = torch.arange(n, device=state.positions.device)

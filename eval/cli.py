@@ -1,0 +1,280 @@
+"""The command line of the benchmark: `python -m eval.run [flags]` (also `python -m eval.cli`).
+
+Builds the experiment configs from a preset or file plus flag overrides, validates them before
+anything loads, then hands each to eval.run.PerplexityBenchmarkRunner. Exit status: 0 all cells
+finished, 1 some cell failed (its error is in the results) or the model could not be loaded,
+2 invalid configuration, 130 interrupted.
+"""
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import (DEFAULT_OUTPUT_DIR, ICML_FULL_YAML, ConfigError, ExperimentConfig,
+                     load_config, quick_test_config, validate)
+from .env import DEVICES, DTYPES
+from .results import CorruptFileError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _method_param(text: str) -> tuple:
+    """METHOD.NAME=VALUE -> (method, name, value); VALUE is read as YAML (0.5, true, high)."""
+    target, sep, value = text.partition("=")
+    method, dot, name = target.partition(".")
+    if not (sep and dot and method and name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not METHOD.NAME=VALUE "
+                                         "(e.g. cab_v4.magnitude_ratio=0.7)")
+    return method, name, yaml.safe_load(value)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _block_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block size {text!r} is not 'auto' or an integer") \
+            from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cabattn import PROTOCOLS
+    p = argparse.ArgumentParser(
+        prog="python -m eval.run",
+        description="Perplexity of a language model under sparse attention (mask protocol) or "
+                    "KV-cache eviction (kv protocol): a context-length sweep at a fixed sparsity "
+                    "and a sparsity sweep at a fixed context length, per dataset and method.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  python -m eval.run --quick-test --yes          # offline defaults when the hub is unreachable
+  python -m eval.run --config configs/icml_full.yaml
+  python -m eval.run --datasets enwiki-sample --methods dense h2o cab_v4 \\
+      --context-lengths 512 1024 --sparsity-levels 0 0.5 0.9 --max-windows 8
+  python -m eval.run --model ./my-llama --data-file notes.txt --method cab_v3 \\
+      --param cab_v3.lambda_redundancy=0.5
+
+Flags given on the command line override the preset or --config file. Results go to
+OUTPUT_DIR/NAME.json (+ NAME_latest.json), finished cells to OUTPUT_DIR/NAME.cells/, figures
+and Table 3 next to the results. Rerunning the same command resumes (finished cells are read
+back, not recomputed); --fresh recomputes everything.""")
+    g = p.add_argument_group("presets")
+    g.add_argument("--quick-test", action="store_true",
+                   help="configs/quick_test.yaml; on the offline defaults (SmolLM2-135M, "
+                        "enwiki-sample, pd-books, brown) when the hub is unreachable")
+    g.add_argument("--icml-full", action="store_true", help="configs/icml_full.yaml (GPU + hub)")
+    g.add_argument("--config", metavar="FILE.yaml", help="a YAML (or JSON) experiment file")
+
+    g = p.add_argument_group("what to run")
+    g.add_argument("--datasets", nargs="+", metavar="NAME",
+                   help="corpora (offline: enwiki-sample pd-books brown; hub: wikitext-103 "
+                        "wikitext-2 c4 pg19)")
+    g.add_argument("--data-file", metavar="PATH",
+                   help="a local .txt, .jsonl or .parquet corpus, labelled in the results by "
+                        "--datasets NAME or else by the file's stem")
+    g.add_argument("--text-field", metavar="FIELD", help="text column of --data-file (text)")
+    g.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="dense h2o cab_v4 cab_v3 streaming_llm local_strided random")
+    g.add_argument("--method", metavar="NAME", help="a single method (same as --methods NAME)")
+    g.add_argument("--param", action="append", type=_method_param, default=[],
+                   metavar="METHOD.NAME=VALUE",
+                   help="a method parameter, e.g. cab_v4.magnitude_ratio=0.7, "
+                        "h2o.h2o_recent_ratio=0.25 (repeatable)")
+    g.add_argument("--context-lengths", nargs="+", type=int, metavar="L",
+                   help="context-length sweep (tokens)")
+    g.add_argument("--fixed-sparsity", type=float, metavar="S",
+                   help="sparsity of the context-length sweep (0.9)")
+    g.add_argument("--sparsity-levels", nargs="+", type=float, metavar="S",
+                   help="sparsity sweep, each in [0, 1)")
+    g.add_argument("--fixed-context-length", type=int, metavar="L",
+                   help="context length of the sparsity sweep (default: the preset's, or the "
+                        "largest --context-lengths)")
+    g.add_argument("--no-context-sweep", action="store_true")
+    g.add_argument("--no-sparsity-sweep", action="store_true")
+    g.add_argument("--max-windows", type=int, metavar="N",
+                   help="windows per cell, evenly spaced over the corpus (default: all)")
+
+    g = p.add_argument_group("protocol")
+    g.add_argument("--protocol", choices=list(PROTOCOLS),
+                   help="mask: block-sparse attention, one forward per window (default); "
+                        "kv: streaming KV-cache eviction")
+    g.add_argument("--block-size", type=_block_size, metavar="B",
+                   help="auto (about 64 blocks a window), 16, 32, 64 or 128")
+    g.add_argument("--causal-selection", choices=("strict", "block"),
+                   help="strict (default): a row's selection uses earlier blocks only")
+    g.add_argument("--k-min", type=_positive_int, metavar="K",
+                   help="the smallest token budget: K = max(k_min, (1 - s) L) (64)")
+    g.add_argument("--kv-chunk", type=int, metavar="C", help="kv protocol chunk (1: exact)")
+
+    g = p.add_argument_group("model and machine")
+    g.add_argument("--model", metavar="NAME_OR_PATH",
+                   help="smollm2-135m (offline default), a hub id or a local folder")
+    g.add_argument("--dtype", choices=("auto", *DTYPES), help="auto: float16 on CUDA, float32 on the CPU")
+    g.add_argument("--device", metavar="DEVICE", help=f"{', '.join(DEVICES)} or cuda:N")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 is often faster on "
+                        "a machine that other jobs keep busy)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model's own code to run (off by default)")
+    g.add_argument("--seed", type=int, help="seed for bootstrap intervals and random (42)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", metavar="DIR", help=f"default {DEFAULT_OUTPUT_DIR}")
+    g.add_argument("--name", help="results file name (default: the preset's or config's name)")
+    resume = g.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_true", default=True,
+                        help="reuse finished cells of an earlier run with the same name (default)")
+    resume.add_argument("--fresh", dest="resume", action="store_false",
+                        help="delete the stored cells and recompute everything")
+    g.add_argument("--no-report", action="store_true", help="skip figures and table")
+    g.add_argument("--yes", action="store_true",
+                   help="never ask for confirmation (without a terminal it never asks either)")
+    return p
+
+
+def _base_configs(args) -> tuple:
+    """(configs, notes) of the preset, file or defaults, before command-line overrides."""
+    presets = sum(bool(x) for x in (args.quick_test, args.icml_full, args.config))
+    if presets > 1:
+        raise ConfigError("choose one of --quick-test, --icml-full, --config")
+    if args.quick_test:
+        config, note = quick_test_config()
+        return [config], [note] if note else []
+    if args.icml_full:
+        return load_config(ICML_FULL_YAML), []
+    if args.config:
+        return load_config(args.config), []
+    return [ExperimentConfig(name="perplexity")], []
+
+
+def _override(config: ExperimentConfig, args) -> ExperimentConfig:
+    cfg, model = config, config.model
+    if args.methods and args.method:
+        raise ConfigError("give --methods or --method, not both")
+    simple = {"datasets": args.datasets, "methods": args.methods or (
+        [args.method] if args.method else None), "data_file": args.data_file,
+        "text_field": args.text_field, "max_windows": args.max_windows,
+        "protocol": args.protocol, "block_size": args.block_size,
+        "causal_selection": args.causal_selection, "k_min": args.k_min,
+        "kv_chunk": args.kv_chunk,
+        "seed": args.seed, "output_dir": args.output_dir, "name": args.name}
+    for name, value in simple.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.data_file is not None and args.datasets is None:
+        cfg.datasets = [Path(args.data_file).stem]
+    if args.model is not None:
+        model.name, model.max_length = args.model, None
+    if args.dtype is not None:
+        model.torch_dtype = args.dtype
+    if args.device is not None:
+        model.device = args.device
+    if args.trust_remote_code:
+        model.trust_remote_code = True
+    if args.context_lengths is not None:
+        cfg.context_length_sweep.context_lengths = args.context_lengths
+        if args.fixed_context_length is None:
+            cfg.sparsity_sweep.fixed_context_length = max(args.context_lengths)
+    if args.fixed_context_length is not None:
+        cfg.sparsity_sweep.fixed_context_length = args.fixed_context_length
+    if args.fixed_sparsity is not None:
+        cfg.context_length_sweep.fixed_sparsity = args.fixed_sparsity
+    if args.sparsity_levels is not None:
+        cfg.sparsity_sweep.sparsity_levels = args.sparsity_levels
+    if args.no_context_sweep:
+        cfg.context_length_sweep.enabled = False
+    if args.no_sparsity_sweep:
+        cfg.sparsity_sweep.enabled = False
+    for method, name, value in args.param:
+        cfg.method_params = {**cfg.method_params,
+                             method: {**cfg.method_params.get(method, {}), name: value}}
+    return cfg
+
+
+def configs_from_args(args) -> tuple:
+    configs, notes = _base_configs(args)
+    return [_override(c, args) for c in configs], notes
+
+
+def describe(config: ExperimentConfig) -> str:
+    c = config
+    lines = [f"experiment {c.name}: {c.description}",
+             f"  model     {c.model.name} (dtype {c.model.torch_dtype}, device {c.model.device})",
+             f"  datasets  {', '.join(c.datasets)}"
+             + (f" (file {c.data_file})" if c.data_file else ""),
+             f"  methods   {', '.join(c.methods)}  protocol {c.protocol}, block size "
+             f"{c.block_size}, {c.causal_selection} selection"
+             + (f", kv chunk {c.kv_chunk}" if c.protocol == "kv" else "")]
+    if c.context_length_sweep.enabled:
+        lines.append(f"  context sweep   L = {c.context_length_sweep.context_lengths} at "
+                     f"s = {c.context_length_sweep.fixed_sparsity}")
+    if c.sparsity_sweep.enabled:
+        lines.append(f"  sparsity sweep  s = {c.sparsity_sweep.sparsity_levels} at "
+                     f"L = {c.sparsity_sweep.fixed_context_length}")
+    lines.append(f"  windows   {c.max_windows or 'all'} per cell; output "
+                 f"{Path(c.output_dir) / c.name}.json")
+    return "\n".join(lines)
+
+
+def _confirm(args) -> bool:
+    if args.yes or args.quick_test or not sys.stdin.isatty():
+        return True
+    return input("Continue with this configuration? [y/N]: ").strip().lower() in ("y", "yes")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        configs, notes = configs_from_args(args)
+        for note in notes:
+            print(f"note: {note}", flush=True)
+        for config in configs:
+            print(describe(config), flush=True)
+            validate(config)
+    except (ConfigError, CorruptFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not _confirm(args):
+        print("aborted")
+        return EXIT_CONFIG
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    # A plain `kill` then ends the run like Ctrl-C: the partial results are written first.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    status = EXIT_OK
+    command = ["python", "-m", "eval.run", *(sys.argv[1:] if argv is None else argv)]
+    from .models import ModelLoadError
+    from .run import PerplexityBenchmarkRunner
+    for config in configs:
+        runner = PerplexityBenchmarkRunner(config, resume=args.resume, notes=notes,
+                                           command=command, make_report=not args.no_report)
+        try:
+            runner.run()
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        except (ConfigError, CorruptFileError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+        except ModelLoadError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        if runner.failed_cells():
+            status = EXIT_FAILED
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
