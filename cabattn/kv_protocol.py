@@ -185,7 +185,7 @@ class KVProtocol:
                 logits.append(out.logits)
         logits = torch.cat(logits, dim=1)
         self._record_pairs(stream, batch, length)
-        self.windows_seen += 1
+        self.windows_seen += batch  # row b of the batch was window windows_seen + b
         loss = None
         if labels is not None:
             loss = model.loss_function(logits=logits, labels=labels,

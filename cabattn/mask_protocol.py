@@ -91,15 +91,15 @@ class MaskProtocol:
                              "padding or an attention_mask of ones")
         scale = module.scaling if scaling is None else scaling
         layer_idx = module.layer_idx
-        if layer_idx == 0:
-            self.windows_seen += 1
+        if layer_idx == 0:  # a new batch of windows: rows are windows_seen - batch + row
+            self.windows_seen += query.shape[0]
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
         grid = make_grid(self.method, length, self.sparsity, self.block_size, self.k_min,
                          self.causal_selection)
         self.stats.block_size = grid.block_size
         with torch.no_grad(), self.stats.timing("selection"):
             layout = plan_layout(self.method, q, k, grid, scale, layer_idx,
-                                 self.windows_seen - 1, self.seed)
+                                 self.windows_seen - query.shape[0], self.seed)
         with self.stats.timing("attention"):
             out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
                                                 grid.block_size, scale)

@@ -15,6 +15,7 @@ import yaml
 from .config import (DEFAULT_OUTPUT_DIR, ICML_FULL_YAML, ConfigError, ExperimentConfig,
                      load_config, quick_test_config, validate)
 from .env import DEVICES, DTYPES
+from .executors import EXECUTORS, parse_shard
 from .results import CorruptFileError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -48,6 +49,13 @@ def _block_size(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"block size {text!r} is not 'auto' or an integer") \
             from None
+
+
+def _shard(text: str) -> tuple:
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +134,25 @@ back, not recomputed); --fresh recomputes everything.""")
     g.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is often faster on "
                         "a machine that other jobs keep busy)")
+    g.add_argument("--batch-size", type=_positive_int, metavar="N",
+                   help="windows per forward (1); the numbers match batch size 1 to rounding")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own code to run (off by default)")
     g.add_argument("--seed", type=int, help="seed for bootstrap intervals and random (42)")
+
+    g = p.add_argument_group("scaling out (README: Running the full benchmark on a cluster)")
+    g.add_argument("--executor", choices=EXECUTORS, default="serial",
+                   help="serial: every cell in this process (default); ray: one Ray actor per "
+                        "GPU (or per --threads CPU cores), each loading the model once")
+    g.add_argument("--ray-address", metavar="ADDRESS",
+                   help="the Ray cluster to use (auto: the one `ray start` started here; "
+                        "default: start a local one)")
+    g.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="compute only shard I of N of the cells (a job array's task); the "
+                        "shards share one cell store and write no results file")
+    g.add_argument("--assemble", action="store_true",
+                   help="compute nothing: write the results, figures and table from the cell "
+                        "store and name the cells still missing")
 
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", metavar="DIR", help=f"default {DEFAULT_OUTPUT_DIR}")
@@ -168,7 +192,7 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
         "text_field": args.text_field, "max_windows": args.max_windows,
         "protocol": args.protocol, "block_size": args.block_size,
         "causal_selection": args.causal_selection, "k_min": args.k_min,
-        "kv_chunk": args.kv_chunk,
+        "kv_chunk": args.kv_chunk, "batch_size": args.batch_size,
         "seed": args.seed, "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():
         if value is not None:
@@ -234,9 +258,21 @@ def _confirm(args) -> bool:
     return input("Continue with this configuration? [y/N]: ").strip().lower() in ("y", "yes")
 
 
+def _check_scaling(args) -> None:
+    if args.shard and args.assemble:
+        raise ConfigError("give --shard I/N (compute one shard) or --assemble (compute nothing), "
+                          "not both")
+    if (args.shard or args.assemble) and not args.resume:
+        raise ConfigError("--fresh deletes every stored cell, the other shards' too; clear "
+                          "the cell store once before starting the shards")
+    if args.ray_address and args.executor != "ray":
+        raise ConfigError(f"--ray-address {args.ray_address} needs --executor ray")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_scaling(args)
         configs, notes = configs_from_args(args)
         for note in notes:
             print(f"note: {note}", flush=True)
@@ -259,8 +295,11 @@ def main(argv=None) -> int:
     from .models import ModelLoadError
     from .run import PerplexityBenchmarkRunner
     for config in configs:
-        runner = PerplexityBenchmarkRunner(config, resume=args.resume, notes=notes,
-                                           command=command, make_report=not args.no_report)
+        runner = PerplexityBenchmarkRunner(
+            config, resume=args.resume, notes=notes, command=command,
+            make_report=not args.no_report, executor=args.executor,
+            ray_address=args.ray_address, threads=args.threads or 1, shard=args.shard,
+            assemble=args.assemble)
         try:
             runner.run()
         except KeyboardInterrupt:
@@ -271,7 +310,7 @@ def main(argv=None) -> int:
         except ModelLoadError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_FAILED
-        if runner.failed_cells():
+        if runner.failed_cells() or runner.missing:
             status = EXIT_FAILED
     return status
 

@@ -74,6 +74,8 @@ class ExperimentConfig:
     k_min: int = 64  # the smallest token budget K (METHODS.md section 0)
     kv_chunk: int = 1
     max_windows: Optional[int] = None  # windows per cell, evenly spaced over the corpus
+    # Windows per forward: the numbers match batch size 1 to rounding (not part of a cell's key).
+    batch_size: int = 1
     data_file: Optional[str] = None  # a local .txt/.jsonl/.parquet corpus
     text_field: str = "text"
     output_dir: str = DEFAULT_OUTPUT_DIR
@@ -332,6 +334,9 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     if config.max_windows is not None and (not isinstance(config.max_windows, int)
                                            or config.max_windows < 1):
         problems.append(f"max_windows {config.max_windows!r} must be an integer >= 1 or null")
+    if not isinstance(config.batch_size, int) or isinstance(config.batch_size, bool) \
+            or config.batch_size < 1:
+        problems.append(f"batch_size {config.batch_size!r} must be an integer >= 1")
     if config.data_file is not None and not Path(config.data_file).is_file():
         problems.append(f"data file {config.data_file!r} does not exist")
     if not (config.context_length_sweep.enabled or config.sparsity_sweep.enabled):

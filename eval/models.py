@@ -68,19 +68,32 @@ def check_device(device) -> torch.device:
     return device
 
 
+def _model_folder(name: str, cache_dir=None) -> tuple:
+    """(what to pass to from_pretrained, source description, local_files_only)."""
+    if name == DEFAULT_MODEL:
+        folder, source = _converted_default(cache_dir)
+        return folder, source, True
+    return _named_source(name)
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False, cache_dir=None):
+    """The model's tokenizer alone (a driver that tokenises for workers needs no weights)."""
+    folder, _, local_only = _model_folder(name, cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                             local_files_only=local_only)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_cannot_load(name, error)) from error
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype="float32", device="cpu",
                trust_remote_code: bool = False, cache_dir=None) -> LoadedModel:
     """Load name (DEFAULT_MODEL, a hub id or a local folder) in eval mode on device."""
     dtype = torch_dtype(dtype)
     device = check_device(device)
-    if name == DEFAULT_MODEL:
-        folder, source = _converted_default(cache_dir)
-        local_only = True
-    else:
-        folder, source, local_only = _named_source(name)
+    folder, source, local_only = _model_folder(name, cache_dir)
+    tokenizer = load_tokenizer(name, trust_remote_code, cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, trust_remote_code=trust_remote_code, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code,
             local_files_only=local_only)

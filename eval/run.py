@@ -10,7 +10,8 @@ The runner reads top to bottom: plan the cells (`plan_cells`, `plan_runs`), comp
 (`compute_cell`: config, loaded model, windows, RunSpec -> R, writing nothing, so any executor
 can call it), store it (the CellStore, one atomically written JSON file per cell, is the only
 writer of cell results; an interrupted run resumes from it), then rewrite the results JSON, the
-figures and the table. The command line lives in eval.cli.
+figures and the table. Where cells are computed (this process, Ray actors) is an executor's
+business (eval.executors); the runner alone writes. The command line lives in eval.cli.
 """
 import math
 import time
@@ -20,12 +21,13 @@ from pathlib import Path
 
 from . import env
 from .config import ExperimentConfig, ModelConfig, create_quick_test, validate
+from .executors import shard
 from .metrics import NonFiniteLossError
 from .results import (CellStore, assemble, delta_vs_dense, failed_result, finite_or_none,
                       write_results)
 
 __all__ = ["Cell", "ExperimentConfig", "ModelConfig", "PerplexityBenchmarkRunner", "RunSpec",
-           "cell_key", "compute_cell", "create_quick_test", "plan_cells", "plan_runs",
+           "cell_key", "compute_cell", "create_quick_test", "plan_cells", "plan_runs", "try_cell",
            "run_benchmark", "main"]
 
 
@@ -175,52 +177,82 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
     nll_sums, token_counts = [], []
     start = time.perf_counter()
     with attention(config, model, spec) as stats, torch.inference_mode():
-        for i in tqdm(range(n), desc=spec.label, unit="window", disable=not progress,
-                      leave=False, dynamic_ncols=True):
-            ids = windows.input_ids[i:i + 1].to(device)
-            loss = float(model(ids, labels=ids).loss)
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(f"non-finite loss ({loss}) in window {i} of {n}")
-            # The model's loss is the mean NLL over the L-1 predictions of the window.
-            nll_sums.append(loss * (L - 1))
-            token_counts.append(L - 1)
+        for first in tqdm(range(0, n, config.batch_size), desc=spec.label, unit="batch",
+                          disable=not progress, leave=False, dynamic_ncols=True):
+            batch = windows.input_ids[first:first + config.batch_size].to(device)
+            logits = model(batch).logits
+            for row, ids in enumerate(batch):
+                # The model's own loss of one window (the mean NLL of its L-1 predictions),
+                # so every batch size scores a window through the same function.
+                loss = float(model.loss_function(logits=logits[row:row + 1], labels=ids[None],
+                                                 vocab_size=model.config.vocab_size))
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(f"non-finite loss ({loss}) in window "
+                                             f"{first + row} of {n}")
+                nll_sums.append(loss * (L - 1))
+                token_counts.append(L - 1)
     env.synchronize(device)
     wall = time.perf_counter() - start
     memory, memory_kind = env.peak_memory_mb(device)
     result = dict(summarize(nll_sums, token_counts, list(windows.num_bytes[:n]),
                             seed=config.seed))
     result.update(stats.record())
-    result.update(wall_seconds=wall, tokens_per_second=sum(token_counts) / wall,
-                  peak_memory_mb=memory, peak_memory_kind=memory_kind, finished=_now())
+    result.update(batch_size=config.batch_size, wall_seconds=wall,
+                  tokens_per_second=sum(token_counts) / wall, peak_memory_mb=memory, peak_memory_kind=memory_kind, finished=_now())
     return {name: finite_or_none(v) if isinstance(v, float) else v
             for name, v in result.items()}
+
+
+def try_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
+             progress: bool = False) -> dict:
+    """compute_cell, or a failed R (null metrics + error) when the cell fails."""
+    try:
+        return compute_cell(config, loaded, windows, spec, progress=progress)
+    except (RuntimeError, ValueError) as err:
+        return failed_result(f"{type(err).__name__}: {err}")
 
 
 # -- the runner: plan, compute, store -------------------------------------------------------
 
 class PerplexityBenchmarkRunner:
-    """Runs one ExperimentConfig: plans the cells, reuses stored ones, computes the rest, writes
-    results (JSON, figures, table). `run()` returns the results dict."""
+    """Runs one ExperimentConfig: plans the cells, reuses stored ones, has an executor
+    (eval.executors: serial or ray) compute the rest, stores each result as it arrives and
+    writes the results (JSON, figures, table). `run()` returns the results dict.
+
+    shard=(I, N) computes only shard I of N of the plan and writes no results file (the shards
+    of a job array share one cell store); assemble=True computes nothing and writes the results
+    from the store, naming the cells that are missing."""
 
     def __init__(self, config: ExperimentConfig, resume: bool = True, progress: bool = True,
-                 notes: tuple = (), command: list | None = None, make_report: bool = True):
+                 notes: tuple = (), command: list | None = None, make_report: bool = True,
+                 executor: str = "serial", ray_address: str | None = None, threads: int = 1,
+                 shard: tuple | None = None, assemble: bool = False):
+        from .executors import make_executor
         self.config = config
         self.resume = resume
         self.progress = progress
         self.notes = list(notes)
         self.command = command
         self.make_report = make_report
+        self.shard, self.assemble = shard, assemble
         self.output_dir = Path(config.output_dir)
         self.results_path = self.output_dir / f"{config.name}.json"
         self.latest_path = self.output_dir / f"{config.name}_latest.json"
         self.store = CellStore(self.output_dir / f"{config.name}.cells")
-        self.device = env.resolve_device(config.model.device)
-        self.dtype = env.resolve_dtype(config.model.torch_dtype, self.device)
-        self.loaded = None
+        self.executor = make_executor(executor, config, self.say, progress=progress,
+                                      address=ray_address, threads=threads)
         self.windows = {}  # (dataset, L) -> eval.data.Windows, tokenised once
         self.outcomes = {}  # RunSpec -> R (computed or reused)
-        self.computed, self.reused = [], []
+        self.computed, self.reused, self.missing = [], [], []
         self.started = _now()
+
+    @property
+    def device(self) -> str:
+        return env.resolve_device(self.config.model.device)
+
+    @property
+    def dtype(self) -> str:
+        return env.resolve_dtype(self.config.model.torch_dtype, self.device)
 
     def run(self) -> dict:
         validate(self.config)
@@ -228,73 +260,83 @@ class PerplexityBenchmarkRunner:
             removed = self.store.clear()
             if removed:
                 self.say(f"--fresh: removed {removed} stored cells from {self.store.folder}")
+        if not self.assemble:
+            self.executor.prepare()  # may fix the device, which the cell keys name
         specs = plan_runs(self.config)
         keys = {spec: cell_key(self.config, spec) for spec in specs}
-        stored = sum(self.store.get(key) is not None for key in keys.values())
+        for spec in specs:
+            stored = self.store.get(keys[spec])
+            if stored is not None:
+                self.outcomes[spec] = stored
+                self.reused.append(spec)
         self.say(f"{len(specs)} computations for {len(plan_cells(self.config))} result cells; "
-                 f"{stored} already finished in {self.store.folder}"
-                 + (" (reused; --fresh recomputes them)" if stored else ""))
+                 f"{len(self.reused)} already finished in {self.store.folder}"
+                 + (" (reused; --fresh recomputes them)" if self.reused else ""))
+        mine = specs if self.shard is None else shard(specs, *self.shard)
+        todo = [spec for spec in mine if spec not in self.outcomes]
+        if self.shard is not None:
+            self.say(f"shard {self.shard[0]}/{self.shard[1]}: {len(mine)} computations, "
+                     f"{len(todo)} to compute")
+        if self.assemble:
+            return self.finish_assembly(todo)
         try:
-            for spec in specs:
-                self.outcomes[spec] = self.outcome(spec, keys[spec])
-                self.write("running")
+            for done, (spec, result, where) in enumerate(
+                    self.executor.run(todo, self.windows_for), start=1):
+                self.outcomes[spec] = result
+                if result.get("error"):
+                    # A failed cell is reported, never stored: a rerun retries it.
+                    self.say(f"[{done}/{len(todo)}] FAILED {spec.label}: {result['error']}")
+                else:
+                    self.store.put(keys[spec], result)
+                    self.computed.append(spec)
+                    self.say(f"[{done}/{len(todo)}] {self.summary_line(spec, result)}"
+                             + (f"  [{where}]" if where else ""))
+                if self.shard is None:
+                    self.write("running")
         except KeyboardInterrupt:
             # A cell may have reached the store just before the interrupt arrived.
             for spec in specs:
                 stored = None if spec in self.outcomes else self.store.get(keys[spec])
                 if stored is not None:
                     self.outcomes[spec] = stored
-            self.write("interrupted")
+            if self.shard is None:
+                self.write("interrupted")
             self.say(f"interrupted: {len(self.computed) + len(self.reused)} finished cells are "
                      f"kept in {self.store.folder}; rerun the same command to resume")
             raise
+        finally:
+            self.executor.close()
         failed = self.failed_cells()
+        if self.shard is not None:
+            self.say(f"shard {self.shard[0]}/{self.shard[1]}: {len(self.computed)} cells "
+                     f"computed, {len(failed)} failed; once every shard has finished, the same "
+                     "command with --assemble instead of --shard writes the results")
+            return {}
         results = self.write("failed cells" if failed else "complete")
         self.say(f"results: {self.results_path} (and {self.latest_path.name}); "
                  f"{len(self.computed)} cells computed, {len(self.reused)} reused"
                  + (f", {len(failed)} FAILED" if failed else ""))
+        self.report()
+        return results
+
+    def finish_assembly(self, missing: list) -> dict:
+        """--assemble: the results from the store alone; missing cells are named, not run."""
+        self.missing = missing
+        for spec in missing:
+            self.say(f"missing: {spec.label}")
+        results = self.write(f"{len(missing)} missing cells" if missing else "complete")
+        self.say(f"results: {self.results_path} (and {self.latest_path.name}) assembled from "
+                 f"{len(self.reused)} stored cells" + (
+                     f"; {len(missing)} cells are MISSING (run the shards that hold them, or "
+                     "the command without --assemble)" if missing else ""))
+        self.report()
+        return results
+
+    def report(self) -> None:
         if self.make_report:
             from .report import make_report
             for path in make_report(self.results_path):
                 self.say(f"wrote {path}")
-        return results
-
-    def outcome(self, spec: RunSpec, key: dict) -> dict:
-        """R of a computation: from the store when it finished before, else computed now and
-        stored. A model that cannot load fails the run (raised here, outside the cell)."""
-        stored = self.store.get(key)
-        if stored is not None:
-            self.reused.append(spec)
-            return stored
-        loaded = self.load()
-        try:
-            result = compute_cell(self.config, loaded, self.windows_for(spec), spec,
-                                  progress=self.progress)
-        except (RuntimeError, ValueError) as err:
-            # A failed cell is reported (null metrics + error), never stored: a rerun retries it.
-            result = failed_result(f"{type(err).__name__}: {err}")
-            self.say(f"FAILED {spec.label}: {result['error']}")
-            return result
-        self.store.put(key, result)
-        self.computed.append(spec)
-        self.say(self.summary_line(spec, result))
-        return result
-
-    def load(self):
-        """The model, loaded once for the whole run (a load failure ends the run)."""
-        if self.loaded is None:
-            from . import models
-            self.say(f"loading model {self.config.model.name} ({self.dtype}, {self.device}) ...")
-            self.loaded = models.load_model(self.config.model.name, dtype=self.dtype,
-                                            device=self.device,
-                                            trust_remote_code=self.config.model.trust_remote_code,
-                                            cache_dir=self.config.model.cache_dir)
-            for L in self.config.context_lengths():
-                models.check_context(self.loaded, L)
-            self.say(f"model: {self.loaded.name} from {self.loaded.source}, "
-                     f"{self.loaded.num_parameters / 1e6:.1f}M parameters, "
-                     f"{self.loaded.max_positions} positions")
-        return self.loaded
 
     def windows_for(self, spec: RunSpec):
         key = (spec.dataset, spec.context_length)
@@ -303,7 +345,7 @@ class PerplexityBenchmarkRunner:
             # Only one context length's windows are needed at a time (specs are grouped).
             self.windows = {k: v for k, v in self.windows.items() if k[0] == spec.dataset}
             self.windows[key] = w = data.load_windows(
-                spec.dataset, self.load().tokenizer, spec.context_length,
+                spec.dataset, self.executor.tokenizer(), spec.context_length,
                 max_windows=self.config.max_windows, data_file=self.config.data_file,
                 text_field=self.config.text_field)
             self.say(f"{spec.dataset}: {w.input_ids.shape[0]} windows of {spec.context_length} "
@@ -338,12 +380,12 @@ class PerplexityBenchmarkRunner:
             torch_threads=provenance["torch_threads"],
             block_sizes={str(L): cabattn.resolve_block_size(self.config.block_size, L)
                          for L in self.config.context_lengths()},
-            cells_computed=len(self.computed), cells_reused=len(self.reused),
+            executor=self.executor.name, cells_computed=len(self.computed),
+            cells_reused=len(self.reused), cells_missing=[spec.label for spec in self.missing],
             versions=provenance["versions"], machine=provenance["machine"])
-        if self.loaded is not None:
-            record["model_info"] = {"name": self.loaded.name, "source": str(self.loaded.source),
-                                    "num_parameters": self.loaded.num_parameters,
-                                    "max_positions": self.loaded.max_positions}
+        info = self.executor.model_info()
+        if info is not None:
+            record["model_info"] = info
         record["windows"] = {f"{d}@{L}": {"num_windows": int(w.input_ids.shape[0]),
                                           "description": w.description,
                                           "num_documents": w.num_documents}

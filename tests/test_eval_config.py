@@ -6,6 +6,7 @@ from eval_assets import tiny_model, tiny_text  # noqa: F401  (fixtures)
 from eval import config as cfg
 from eval import cli, data, models, run
 from eval.config import ConfigError
+from eval.executors.serial import SerialExecutor
 
 
 def test_quick_test_yaml_has_the_original_values():
@@ -124,7 +125,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before validation finished")
     monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(run.PerplexityBenchmarkRunner, "load", refuse)
+    monkeypatch.setattr(SerialExecutor, "load", refuse)
 
 
 BAD_INPUTS = [

@@ -7,7 +7,8 @@ import pytest
 import torch
 from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
 
-from eval import cli, data, models, run
+from eval import cli, data, models
+from eval.executors.serial import SerialExecutor
 
 L, WINDOWS = 128, 5
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -45,7 +46,7 @@ def test_dense_ppl_is_the_models_own_loss(tiny_model, tiny_text, tmp_path):
 
 
 def test_nan_loss_fails_the_cell_loudly(tiny_model, tiny_text, tmp_path, monkeypatch):
-    load = run.PerplexityBenchmarkRunner.load
+    load = SerialExecutor.load
 
     def load_poisoned(self):
         loaded = load(self)
@@ -53,7 +54,7 @@ def test_nan_loss_fails_the_cell_loudly(tiny_model, tiny_text, tmp_path, monkeyp
             loaded.model.model.norm.weight.fill_(math.nan)
         return loaded
 
-    monkeypatch.setattr(run.PerplexityBenchmarkRunner, "load", load_poisoned)
+    monkeypatch.setattr(SerialExecutor, "load", load_poisoned)
     args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--method", "dense",
                          "--context-lengths", "64", "--no-sparsity-sweep", "--max-windows", "2")
     assert cli.main(args) == cli.EXIT_FAILED

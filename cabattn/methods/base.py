@@ -35,9 +35,9 @@ class BlockPlan:
 
 @dataclass
 class MaskContext:
-    """What a mask rule may read for one layer and window: post-RoPE q [B, Hq, L, d] and
-    k [B, Hkv, L, d], the block grid, the attention scale, and the oracle block statistics,
-    computed on first use."""
+    """What a mask rule may read for one layer and batch of windows: post-RoPE q [B, Hq, L, d]
+    and k [B, Hkv, L, d] (row b is window window_idx + b), the block grid, the attention scale,
+    and the oracle block statistics, computed on first use."""
     q: torch.Tensor
     k: torch.Tensor
     grid: BlockGrid
@@ -52,10 +52,11 @@ class MaskContext:
         from .. import ops
         return ops.block_scores(self.q, self.k, self.grid.block_size, self.scale)
 
-    def generator(self) -> torch.Generator:
-        """A CPU generator seeded by (seed, window, layer), for randomised rules."""
+    def generator(self, row: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (seed, window, layer) for batch row `row`, for randomised
+        rules: a window draws the same numbers whatever batch it is scored in."""
         g = torch.Generator(device="cpu")
-        g.manual_seed(hash((self.seed, self.window_idx, self.layer_idx)) & 0x7FFFFFFF)
+        g.manual_seed(hash((self.seed, self.window_idx + row, self.layer_idx)) & 0x7FFFFFFF)
         return g
 
 
@@ -81,10 +82,11 @@ class KVState:
     window_idx: int = 0
     seed: int = 42
 
-    def generator(self) -> torch.Generator:
+    def generator(self, row: int = 0) -> torch.Generator:
+        """As MaskContext.generator, also seeded by the newest cached position."""
         g = torch.Generator(device="cpu")
-        g.manual_seed(hash((self.seed, self.window_idx, self.layer_idx, int(self.positions.max())))
-                      & 0x7FFFFFFF)
+        g.manual_seed(hash((self.seed, self.window_idx + row, self.layer_idx,
+                            int(self.positions.max()))) & 0x7FFFFFFF)
         return g
 
 
