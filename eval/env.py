@@ -69,5 +69,6 @@ def provenance(device: str) -> dict:
                      "transformers": transformers.__version__, "cabattn_commit": git_commit()},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(),
-                    "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda")
-                    else None}}
+                    # A Ray driver may run on a node without the GPUs its actors use.
+                    "cuda_device": torch.cuda.get_device_name(0)
+                    if device.startswith("cuda") and torch.cuda.is_available() else None}}
