@@ -152,7 +152,8 @@ back, not recomputed); --fresh recomputes everything.
     g = p.add_argument_group("model and machine")
     g.add_argument("--model", metavar="NAME_OR_PATH",
                    help="smollm2-135m (offline default), a hub id or a local folder")
-    g.add_argument("--dtype", choices=("auto", *DTYPES), help="auto: float16 on CUDA, float32 on the CPU")
+    g.add_argument("--dtype", choices=("auto", *DTYPES),
+                   help="auto: float16 on CUDA, float32 on the CPU")
     g.add_argument("--device", metavar="DEVICE", help=f"{', '.join(DEVICES)} or cuda:N")
     g.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is often faster on "

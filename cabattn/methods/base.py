@@ -67,8 +67,8 @@ class KVState:
     mass [B, Hkv, n] float32 (attention each cached token has received since it entered, summed
     over the KV head's query heads: the H2O accumulator), block_queries [B, Hq, nb, d]: the
     coarse query of every absolute block (position // block_size) seen so far, the newest
-    possibly partial, pooled as the method's block_query_pooling says (None when it is None). The rule must keep at
-    most `budget` entries per KV head.
+    possibly partial, pooled as the method's block_query_pooling says (None when that is None).
+    The rule must keep at most `budget` entries per KV head.
     """
     keys: torch.Tensor
     positions: torch.Tensor

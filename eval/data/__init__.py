@@ -15,8 +15,8 @@ from .corpora import (DATASETS, HUB_DATASETS, LOCAL_SUFFIXES, OFFLINE_DATASETS, 
                       DatasetError, FetchError, hub_corpus, local_corpus, offline_corpus)
 from .windows import Windows, cached_tokens, cut_windows, source_key
 
-__all__ = ["DATASETS", "OFFLINE_DATASETS", "HUB_DATASETS", "LOCAL_SUFFIXES", "DatasetError", "FetchError",
-           "Windows", "available_datasets", "validate_dataset", "load_windows"]
+__all__ = ["DATASETS", "OFFLINE_DATASETS", "HUB_DATASETS", "LOCAL_SUFFIXES", "DatasetError",
+           "FetchError", "Windows", "available_datasets", "validate_dataset", "load_windows"]
 
 
 def available_datasets() -> tuple:
