@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import env
-from .config import ExperimentConfig, ModelConfig, create_quick_test, validate
+from .config import (ExperimentConfig, ModelConfig, check_output_location, create_quick_test,
+                     validate)
 from .metrics import NonFiniteLossError
 from .results import (CellStore, assemble, delta_vs_dense, failed_result, finite_or_none,
                       write_results)
@@ -224,6 +225,7 @@ class PerplexityBenchmarkRunner:
 
     def run(self) -> dict:
         validate(self.config)
+        check_output_location(self.config)
         if not self.resume:
             removed = self.store.clear()
             if removed:
@@ -235,8 +237,21 @@ class PerplexityBenchmarkRunner:
                  f"{stored} already finished in {self.store.folder}"
                  + (" (reused; --fresh recomputes them)" if stored else ""))
         try:
+            # A cell another run is computing right now (it holds the cell's claim) is left
+            # for last, then waited for: it is reused once that run stores it.
+            busy = []
             for spec in specs:
-                self.outcomes[spec] = self.outcome(spec, keys[spec])
+                outcome = self.outcome(spec, keys[spec], wait=False)
+                if outcome is None:
+                    busy.append(spec)
+                    holder = self.store.claim_holder(keys[spec]) or "another process"
+                    self.say(f"{spec.label}: being computed by another run ({holder}); "
+                             "waiting for it after the other cells")
+                    continue
+                self.outcomes[spec] = outcome
+                self.write("running")
+            for spec in busy:
+                self.outcomes[spec] = self.outcome(spec, keys[spec], wait=True)
                 self.write("running")
         except KeyboardInterrupt:
             # A cell may have reached the store just before the interrupt arrived.
@@ -259,13 +274,24 @@ class PerplexityBenchmarkRunner:
                 self.say(f"wrote {path}")
         return results
 
-    def outcome(self, spec: RunSpec, key: dict) -> dict:
-        """R of a computation: from the store when it finished before, else computed now and
-        stored. A model that cannot load fails the run (raised here, outside the cell)."""
+    def outcome(self, spec: RunSpec, key: dict, wait: bool = True):
+        """R of a computation: from the store when it finished before, else computed now
+        under the cell's claim and stored; None when another process holds the claim and
+        wait is False. A model that cannot load fails the run (raised here, outside the cell)."""
         stored = self.store.get(key)
-        if stored is not None:
-            self.reused.append(spec)
-            return stored
+        if stored is None:
+            claim = self.store.claim(key) if wait else self.store.try_claim(key)
+            if claim is None:
+                return None
+            with claim:
+                # The claim's last holder may have stored the cell since we looked.
+                stored = self.store.get(key)
+                if stored is None:
+                    return self.compute(spec, key)
+        self.reused.append(spec)
+        return stored
+
+    def compute(self, spec: RunSpec, key: dict) -> dict:
         loaded = self.load()
         try:
             result = compute_cell(self.config, loaded, self.windows_for(spec), spec,
