@@ -61,9 +61,9 @@ def timed_run(config, **runner_options) -> tuple:
         marks["ready"] = time.perf_counter()
         marks["prepare"] = marks["ready"] - start
 
-    def recorded_run(specs, windows_for):
+    def recorded_run(specs, windows_for, claim):
         marks.setdefault("ready", time.perf_counter())
-        for item in run(specs, windows_for):
+        for item in run(specs, windows_for, claim):
             arrivals.append(item)
             yield item
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from .config import (DEFAULT_OUTPUT_DIR, ICML_FULL_YAML, ConfigError, ExperimentConfig,
-                     load_config, quick_test_config, validate)
+                     check_output_location, config_warnings, load_config, quick_test_config,
+                     validate)
 from .env import DEVICES, DTYPES
 from .executors import EXECUTORS, parse_shard
 from .results import CorruptFileError
@@ -311,6 +312,10 @@ def main(argv=None) -> int:
         for config in configs:
             print(describe(config), flush=True)
             validate(config)
+        for config in configs:  # only once every config is valid: this creates folders
+            check_output_location(config)
+            for warning in config_warnings(config):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
     except (ConfigError, CorruptFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -7,6 +7,8 @@ calls keep working. `validate()` checks every value that can be checked without 
 all problems at once.
 """
 import functools
+import math
+import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -262,7 +264,8 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
                             f"{', '.join(names)}")
         elif not isinstance(params, dict):
             problems.append(f"method_params.{name} must be a mapping, got {params!r}")
-    for name in config.methods:
+    # Every method's parameters, run or not: a typo must not wait for the run that uses it.
+    for name in dict.fromkeys([*config.methods, *config.method_params]):
         if name in names and isinstance(config.method_params.get(name, {}), dict):
             try:
                 registry.get_method(name, **config.method_params.get(name, {}))
@@ -279,10 +282,16 @@ def _check_datasets(config: ExperimentConfig, problems: list) -> None:
 
     if not config.datasets:
         problems.append("no datasets given; valid: " + ", ".join(data.available_datasets()))
+    found = len(problems)
     for name in config.datasets:
         try:
             data.validate_dataset(name, data_file=config.data_file)
         except (ValueError, FileNotFoundError, OSError) as err:
+            problems.append(str(err))
+    if config.data_file is not None and len(problems) == found and config.datasets:
+        try:  # read it now: a broken line must not wait until the model has loaded
+            data.check_data_file(config.datasets[0], config.data_file, config.text_field)
+        except (ValueError, OSError) as err:
             problems.append(str(err))
 
 
@@ -305,6 +314,67 @@ def _check_model(config: ExperimentConfig, problems: list) -> None:
         if L > positions:
             problems.append(f"context length {L} exceeds what model {config.model.name!r} "
                             f"allows ({positions} positions)")
+
+
+def config_warnings(config: ExperimentConfig) -> list:
+    """What is valid but probably not meant (a valid config assumed): parameters of methods
+    the run does not include, and sparsity points whose budget leaves no method a choice."""
+    from cabattn import grid
+
+    found = [f"parameters {params} are given for method {name!r}, which this run does not "
+             f"include (methods: {', '.join(config.methods)}); they have no effect"
+             for name, params in config.method_params.items() if name not in config.methods]
+    sparse = [m for m in config.methods if m != "dense"]
+    if not sparse or config.protocol != "mask":
+        return found
+    shift = 1 if config.causal_selection == "strict" else 0
+    for L, s in dict.fromkeys(config.cells_needed()):
+        if s == 0.0:
+            continue
+        budget = grid.token_budget(L, s, config.k_min)
+        block = grid.resolve_block_size(config.block_size, L)
+        # Each row keeps its diagonal (and, strict, the block before): with no more blocks
+        # than that, every method keeps the same layout and gives the same perplexity.
+        if math.ceil(budget / block) <= 1 + shift:
+            choices = [b for b in grid.BLOCK_SIZES if math.ceil(budget / b) > 1 + shift]
+            advice = (f"block size {choices[-1]} (--block-size {choices[-1]}) would leave a "
+                      "choice" if choices else "no block size leaves a choice; lower the "
+                      "sparsity or raise k_min")
+            blocks = math.ceil(budget / block)
+            layout = "its diagonal block" if blocks == 1 else "its diagonal and the block before"
+            found.append(f"at L = {L}, s = {s:g} the budget K = {budget} tokens is {blocks} "
+                         f"block(s) of {block} per row: every method keeps the same layout "
+                         f"(each row {layout}) and gives the same perplexity; {advice}")
+    return found
+
+
+# The longest file name a run writes: atomic_path's temporary for NAME_latest.json
+# (".NAME_latest.json." + mkstemp's 8 random characters + ".tmp").
+_LONGEST_NAME = ".{name}_latest.json.XXXXXXXX.tmp"
+
+
+def check_output_location(config: ExperimentConfig) -> None:
+    """Create the output folder and the cell store's folder and write and remove a file with
+    the longest name the run will need: ConfigError now, not after the first cell."""
+    folder = Path(config.output_dir)
+    longest = _LONGEST_NAME.format(name=config.name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+        if len(os.fsencode(longest)) > limit:
+            spare = limit - len(os.fsencode(_LONGEST_NAME.format(name="")))
+            raise ConfigError(f"name {config.name[:40]!r}... is too long: "
+                              f"{len(os.fsencode(config.name))} bytes, and the run's longest "
+                              f"file name (.NAME_latest.json.XXXXXXXX.tmp) must fit in {limit} "
+                              f"bytes; give --name at most {spare} bytes")
+        (folder / f"{config.name}.cells").mkdir(exist_ok=True)
+        probe = folder / longest.replace("XXXXXXXX", f"{os.getpid():08d}"[-8:])
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output folder {str(folder)!r} cannot be written: "
+                          f"{err.strerror or err} ({err.filename or folder}); give --output-dir "
+                          "a folder you can create and write") from None
 
 
 def validate(config: ExperimentConfig, check_model: bool = True) -> None:

@@ -227,13 +227,20 @@ def _check_conversion(gguf_model, gguf_tokenizer, folder: Path) -> None:
             raise ModelLoadError(f"the checkpoint saved in {folder} gives other logits than the GGUF")
 
 
+_MODEL_ARGUMENT = (f"a model is {DEFAULT_MODEL!r} (the offline default), a local folder "
+                   "holding config.json, the weights and the tokenizer, or a Hugging Face hub "
+                   "id such as 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'")
+
+
 def _named_source(name: str):
     """(what to pass to from_pretrained, source description, local_files_only)."""
     if os.path.isdir(name):
         return name, f"local folder {os.path.abspath(name)}", True
     if os.path.exists(name):
-        raise ModelLoadError(f"model {name!r} is a file; give a model folder, a hub id, or "
-                             f"{DEFAULT_MODEL!r}")
+        raise ModelLoadError(f"model {name!r} is a file; {_MODEL_ARGUMENT}")
+    # Hub ids are NAME or ORG/NAME and never start with '.', so anything else is a path.
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"no such model folder: {name!r}; {_MODEL_ARGUMENT}")
     online = hub_reachable()
     # Offline, a hub id can still load from the local Hugging Face cache; fail fast otherwise.
     if not online:

@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import env
-from .config import ExperimentConfig, ModelConfig, create_quick_test, validate
+from .config import (ExperimentConfig, ModelConfig, check_output_location, create_quick_test,
+                     validate)
 from .executors import shard
 from .metrics import NonFiniteLossError
 from .results import (CellStore, assemble, delta_vs_dense, failed_result, finite_or_none,
@@ -244,6 +245,7 @@ class PerplexityBenchmarkRunner:
         self.windows = {}  # (dataset, L) -> eval.data.Windows, tokenised once
         self.outcomes = {}  # RunSpec -> R (computed or reused)
         self.computed, self.reused, self.missing = [], [], []
+        self.claims = {}  # RunSpec -> the CellClaim held while it is computed
         self.started = _now()
 
     @property
@@ -256,6 +258,7 @@ class PerplexityBenchmarkRunner:
 
     def run(self) -> dict:
         validate(self.config)
+        check_output_location(self.config)
         if not self.resume:
             removed = self.store.clear()
             if removed:
@@ -279,20 +282,12 @@ class PerplexityBenchmarkRunner:
                      f"{len(todo)} to compute")
         if self.assemble:
             return self.finish_assembly(todo)
+        self.to_do, self.done = len(todo), 0  # for the [done/total] of each cell's line
         try:
-            for done, (spec, result, where) in enumerate(
-                    self.executor.run(todo, self.windows_for), start=1):
-                self.outcomes[spec] = result
-                if result.get("error"):
-                    # A failed cell is reported, never stored: a rerun retries it.
-                    self.say(f"[{done}/{len(todo)}] FAILED {spec.label}: {result['error']}")
-                else:
-                    self.store.put(keys[spec], result)
-                    self.computed.append(spec)
-                    self.say(f"[{done}/{len(todo)}] {self.summary_line(spec, result)}"
-                             + (f"  [{where}]" if where else ""))
-                if self.shard is None:
-                    self.write("running")
+            # A cell another run is computing right now (it holds the cell's claim) is left
+            # for last, then waited for: it is reused once that run stores it.
+            self.compute(todo, keys, wait=False)
+            self.compute([spec for spec in todo if spec not in self.outcomes], keys, wait=True)
         except KeyboardInterrupt:
             # A cell may have reached the store just before the interrupt arrived.
             for spec in specs:
@@ -306,6 +301,8 @@ class PerplexityBenchmarkRunner:
             raise
         finally:
             self.executor.close()
+            for claim in self.claims.values():
+                claim.release()
         failed = self.failed_cells()
         if self.shard is not None:
             self.say(f"shard {self.shard[0]}/{self.shard[1]}: {len(self.computed)} cells "
@@ -318,6 +315,49 @@ class PerplexityBenchmarkRunner:
                  + (f", {len(failed)} FAILED" if failed else ""))
         self.report()
         return results
+
+    def compute(self, specs: list, keys: dict, wait: bool) -> None:
+        """Has the executor compute the specs this run can claim, storing each as it arrives
+        and rewriting the results; with wait, waits for the claims other runs hold."""
+        if not specs:
+            return
+        claim = lambda spec: self.claim(spec, keys[spec], wait)  # noqa: E731
+        for spec, result, where in self.executor.run(specs, self.windows_for, claim):
+            self.outcomes[spec] = result
+            self.done += 1
+            if result.get("error"):
+                # A failed cell is reported, never stored: a rerun retries it.
+                self.say(f"[{self.done}/{self.to_do}] FAILED {spec.label}: {result['error']}")
+            else:
+                self.store.put(keys[spec], result)
+                self.computed.append(spec)
+                self.say(f"[{self.done}/{self.to_do}] {self.summary_line(spec, result)}"
+                         + (f"  [{where}]" if where else ""))
+            self.claims.pop(spec).release()
+            if self.shard is None:
+                self.write("running")
+
+    def claim(self, spec: RunSpec, key: dict, wait: bool) -> bool:
+        """True when this run holds the cell's claim and is to compute it (an executor asks
+        just before it sends a cell off). False when another run holds it (wait=False) or
+        stored it meanwhile (then it is reused)."""
+        if spec in self.claims:  # a cell sent off again (its Ray actor died)
+            return True
+        claim = self.store.claim(key) if wait else self.store.try_claim(key)
+        if claim is None:
+            holder = self.store.claim_holder(key) or "another process"
+            self.say(f"{spec.label}: being computed by another run ({holder}); waiting for it "
+                     "after the other cells")
+            return False
+        stored = self.store.get(key)  # the claim's last holder may have stored it
+        if stored is not None:
+            claim.release()
+            self.outcomes[spec] = stored
+            self.reused.append(spec)
+            self.to_do -= 1
+            return False
+        self.claims[spec] = claim
+        return True
 
     def finish_assembly(self, missing: list) -> dict:
         """--assemble: the results from the store alone; missing cells are named, not run."""

@@ -1,12 +1,11 @@
 """Experiment configs: the YAML files hold the original values, the command line overrides them,
 and every bad input fails fast with a clear message before any model is loaded."""
 import pytest
-from eval_assets import tiny_model, tiny_text  # noqa: F401  (fixtures)
+from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
 
 from eval import config as cfg
 from eval import cli, data, models, run
 from eval.config import ConfigError
-from eval.executors.serial import SerialExecutor
 
 
 def test_quick_test_yaml_has_the_original_values():
@@ -117,15 +116,6 @@ def test_bad_param_syntax_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit):
         _args("--param", "magnitude_ratio=0.5")
     assert "METHOD.NAME=VALUE" in capsys.readouterr().err
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if anything tries to load model weights."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before validation finished")
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(SerialExecutor, "load", refuse)
 
 
 BAD_INPUTS = [

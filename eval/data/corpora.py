@@ -338,16 +338,26 @@ HUB_DATASETS = tuple(name for name, entry in DATASETS.items() if entry.hub)
 # --------------------------------------------------------------------------- local files
 
 def local_corpus(name: str, data_file: Path, text_field: str) -> Corpus:
-    """A .txt file is one stream; .jsonl and .parquet records are documents joined into one."""
+    """A .txt file is one stream; .jsonl and .parquet records are documents joined into one.
+    Records without text (null or empty) are skipped and counted in the description; anything
+    else that is not text is a DatasetError naming the file and its line."""
     suffix = data_file.suffix.lower()
+    skipped = []
     if suffix == ".txt":
-        documents = [data_file.read_text(encoding="utf-8")]
+        documents = [_utf8(data_file, data_file.read_bytes())]
     elif suffix == ".jsonl":
         documents = []
-        with open(data_file, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    documents.append(_field(json.loads(line), text_field, f"{data_file}:{number}"))
+        for number, line in enumerate(_utf8(data_file, data_file.read_bytes()).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{data_file}, line {number}, column {err.colno}: not valid "
+                                   f"JSON ({err.msg}); each line must be one JSON object such "
+                                   f'as {{"{text_field}": "..."}}') from None
+            text = _field(record, text_field, f"{data_file}, line {number}")
+            (documents.append(text) if text else skipped.append(number))
     else:
         import pyarrow.parquet
 
@@ -355,14 +365,38 @@ def local_corpus(name: str, data_file: Path, text_field: str) -> Corpus:
         if text_field not in table.column_names:
             raise DatasetError(f"{data_file} has no column {text_field!r}; its columns are "
                                f"{', '.join(table.column_names)} (choose one with --text-field)")
-        documents = [str(text) for text in table.column(text_field).to_pylist() if text]
+        documents = []
+        for row, text in enumerate(table.column(text_field).to_pylist()):
+            text = _field({text_field: text}, text_field, f"{data_file}, row {row}")
+            (documents.append(text) if text else skipped.append(row))
+    if not documents:
+        raise DatasetError(f"{data_file} holds no text in field {text_field!r}")
+    where = "lines" if suffix == ".jsonl" else "rows"
+    note = (f"; {len(skipped)} records without text skipped ({where} "
+            f"{', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})"
+            if skipped else "")
     return Corpus(name, f"local file {data_file} ({suffix[1:]}, field {text_field!r}); "
-                  "one stream", documents, per_document=False)
+                  f"one stream{note}", documents, per_document=False)
 
 
-def _field(record, text_field: str, where: str) -> str:
+def _utf8(data_file: Path, raw: bytes) -> str:
+    try:  # newlines as text mode reads them (\r\n and \r become \n)
+        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DatasetError(f"{data_file}, line {line}: not UTF-8 text (byte "
+                           f"0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8, "
+                           f"e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _field(record, text_field: str, where: str):
+    """The text of a record: a string, or None when it has none (null or empty)."""
     if not isinstance(record, dict) or text_field not in record:
         keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
         raise DatasetError(f"{where} has no field {text_field!r} (it has: {keys}); choose the "
                            "text field with --text-field")
-    return str(record[text_field])
+    text = record[text_field]
+    if text is not None and not isinstance(text, str):
+        raise DatasetError(f"{where}: field {text_field!r} is {type(text).__name__} "
+                           f"{str(text)[:40]!r}, not text")
+    return text or None

@@ -1,12 +1,14 @@
 """Where the cells of a run are computed: in this process (`serial`) or on Ray actors (`ray`).
 
 An executor receives the runner's pending computations (RunSpecs, grouped by (dataset, L)) and
-yields `(spec, R, where)` as each one finishes; R carries an `error` when the cell failed. It
-stores nothing: the runner is the only writer of the cell store and the results.
+yields `(spec, R, where)` as each one finishes; R carries an `error` when the cell failed. Just
+before it sends a cell off it asks `claim(spec)`, and skips the cell when that says no (another
+run is computing it). It stores nothing: the runner is the only writer of the cell store and
+the results.
 
     executor = make_executor("ray", config, say, address="auto")
     executor.prepare()                     # may fix the device the cells will run on
-    for spec, result, where in executor.run(specs, windows_for): ...
+    for spec, result, where in executor.run(specs, windows_for, claim): ...
     executor.close()
 
 `shard(specs, index, count)` is the deterministic partition of a run for job arrays.

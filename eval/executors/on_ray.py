@@ -116,13 +116,14 @@ class RayExecutor:
     def submit(self, label: str, spec, windows_ref):
         return self.actors[label].compute.remote(spec, [windows_ref])
 
-    def run(self, specs, windows_for):
+    def run(self, specs, windows_for, claim):
         import ray
         from ray.exceptions import RayActorError
 
         if not specs:
             return
-        self.start_actors(min(self.slots, len(specs)))
+        if not self.actors:
+            self.start_actors(min(self.slots, len(specs)))
         pending = deque(specs)
         windows = {}  # (dataset, L) -> ObjectRef, put once
         last_group = {}  # actor label -> the group it last worked on
@@ -135,10 +136,15 @@ class RayExecutor:
                              if (s.dataset, s.context_length) == last_group.get(label)),
                             pending[0])
                 pending.remove(spec)
+                if not claim(spec):  # another run computes it, or has stored it
+                    idle.insert(0, label)
+                    continue
                 group = last_group[label] = (spec.dataset, spec.context_length)
                 if group not in windows:
                     windows[group] = ray.put(windows_for(spec))
                 in_flight[self.submit(label, spec, windows[group])] = (label, spec)
+            if not in_flight:
+                break
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             label, spec = in_flight.pop(ref)
             try:

@@ -28,9 +28,11 @@ class SerialExecutor:
     def model_info(self):
         return None if self.loaded is None else model_info(self.loaded)
 
-    def run(self, specs, windows_for):
+    def run(self, specs, windows_for, claim):
         from .. import run
         for spec in specs:
+            if not claim(spec):
+                continue
             loaded = self.load()
             yield spec, run.try_cell(self.config, loaded, windows_for(spec), spec,
                                      progress=self.progress), None

@@ -1,0 +1,99 @@
+"""Bad input and failures found by trying the harness as a new user would (issue 14): each
+fails before the model loads, with exit 2 and a message naming the bad value and what would
+be valid, never with a traceback; and what is valid but probably not meant gets a warning."""
+import pytest
+from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
+
+from eval import cli
+
+
+def _base(model, text, output_dir, *extra):
+    return ["--model", str(model), "--data-file", str(text), "--methods", "dense", "h2o",
+            "--context-lengths", "128", "--no-sparsity-sweep", "--output-dir",
+            str(output_dir), "--yes", *extra]
+
+
+@pytest.mark.parametrize("param, message", [
+    ("cab_v3.lambda_redundancy=-1", "lambda_redundancy=-1"),
+    ("cab_v3.no_such_param=1", "no_such_param"),
+])
+def test_params_of_a_method_not_run_are_still_validated(param, message, tiny_model, tiny_text,
+                                                        tmp_path, no_model_loading, capsys):
+    assert cli.main(_base(tiny_model, tiny_text, tmp_path, "--param", param)) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid configuration") and message in err, err
+    assert "cab_v3" in err and "Traceback" not in err
+
+
+def test_a_param_for_a_method_not_run_is_named_in_a_warning(tiny_model, tiny_text, tmp_path,
+                                                             monkeypatch, capsys):
+    monkeypatch.setattr("eval.run.PerplexityBenchmarkRunner.run", lambda self: {})
+    assert cli.main(_base(tiny_model, tiny_text, tmp_path, "--param",
+                          "cab_v3.lambda_redundancy=0.5")) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert "warning:" in err and "'cab_v3', which this run does not include" in err, err
+
+
+def test_a_model_folder_that_does_not_exist_says_so(tiny_text, tmp_path, no_model_loading,
+                                                    capsys):
+    missing = tmp_path / "nonexistent"
+    assert cli.main(_base(missing, tiny_text, tmp_path / "out")) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"no such model folder: '{missing}'" in err, err
+    assert "smollm2-135m" in err and "hub id" in err and "repo id" not in err.lower()
+
+
+@pytest.mark.parametrize("where", ["proc", "parent_is_a_file", "long_name"])
+def test_a_bad_output_location_fails_before_loading(where, tiny_model, tiny_text, tmp_path,
+                                                    no_model_loading, capsys):
+    if where == "proc":
+        extra, message = ["--output-dir", "/proc/cabattn-results"], "/proc/cabattn-results"
+    elif where == "parent_is_a_file":
+        (tmp_path / "a_file").write_text("")
+        extra, message = ["--output-dir", str(tmp_path / "a_file" / "out")], "a_file"
+    else:  # 240 bytes: NAME.json fits, but not the temporary file .NAME_latest.json.XXXXXXXX.tmp
+        extra, message = ["--name", "n" * 240], "give --name at most 229 bytes"
+    assert cli.main(_base(tiny_model, tiny_text, tmp_path, *extra)) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert "--output-dir" in err or "--name" in err
+
+
+def test_a_budget_that_leaves_no_choice_is_warned_about(tiny_model, tiny_text, tmp_path,
+                                                        monkeypatch, capsys):
+    monkeypatch.setattr("eval.run.PerplexityBenchmarkRunner.run", lambda self: {})
+    argv = _base(tiny_model, tiny_text, tmp_path, "--context-lengths", "256",
+                 "--fixed-sparsity", "0.9", "--block-size", "32")
+    assert cli.main(argv) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert "at L = 256, s = 0.9" in err and "every method keeps the same layout" in err, err
+    assert "--block-size 16" in err
+    assert cli.main(argv[:-2] + ["--block-size", "16"]) == cli.EXIT_OK
+    assert "same layout" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("broken.jsonl", b'{"text": "fine"}\n{"text": "no closing quote}\n',
+     "broken.jsonl, line 2, column 10: not valid JSON"),
+    ("latin1.txt", "first line\ncaf\u00e9 au lait\n".encode("latin-1"),
+     "latin1.txt, line 2: not UTF-8 text (byte 0xe9"),
+    ("number.jsonl", b'{"text": "fine"}\n{"text": 42}\n', "number.jsonl, line 2: field 'text' "
+     "is int"),
+    ("nothing.jsonl", b'{"text": null}\n', "holds no text in field 'text'"),
+])
+def test_a_broken_data_file_fails_once_before_loading(name, content, message, tiny_model,
+                                                      tmp_path, no_model_loading, capsys):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert cli.main(_base(tiny_model, path, tmp_path / "out")) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count(message) == 1 and "Traceback" not in err, err
+
+
+def test_jsonl_records_without_text_are_skipped_and_counted(tmp_path):
+    from eval.data.corpora import local_corpus
+    path = tmp_path / "some.jsonl"
+    path.write_text('{"text": "one"}\n{"text": null}\n\n{"text": "two"}\n{"text": ""}\n')
+    corpus = local_corpus("some", path, "text")
+    assert corpus.documents == ["one", "two"]  # not "None"
+    assert "2 records without text skipped (lines 2, 5)" in corpus.description
