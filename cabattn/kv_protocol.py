@@ -78,6 +78,9 @@ class _WindowStream:
                                                            self.window_idx, protocol.seed))
                 protocol.check_keep(keep, layer.positions.shape, layer_idx)
                 layer.compact(keep)
+        positions = layer.positions  # ascending per KV head: [..., 0] oldest, [..., -1] newest
+        protocol.stats.add_sink((positions[..., 0] == 0).sum(), positions[..., 0].numel())
+        protocol.stats.add_cached_age((positions[..., -1:] - positions).sum(), positions.numel())
         return out.transpose(1, 2), None
 
 

@@ -32,6 +32,11 @@ class ProtocolStats:
     # CUDA (what, start event, end event) not yet added to `seconds`: reading them waits for
     # the GPU, so that happens once, when the seconds are read, not inside the forward.
     pending: list = field(default_factory=list)
+    # What the kept attention explains (issue 16), summed over every forward as [measured,
+    # out of] pairs; the sums may be device tensors, read (and waited for) only by record().
+    recall: dict = field(default_factory=dict)  # layer -> [kept softmax mass, query rows]
+    sink: list = field(default_factory=lambda: [0, 0])  # [rows/caches holding key 0, all]
+    cached_age: list = field(default_factory=lambda: [0, 0])  # [summed age, cached entries]
 
     def add_pairs(self, layer_idx: int, kept: torch.Tensor, causal: torch.Tensor) -> None:
         kept, causal = kept.detach().double().cpu(), causal.detach().double().cpu()
@@ -40,6 +45,22 @@ class ProtocolStats:
             self.causal[layer_idx] += causal
         else:
             self.kept[layer_idx], self.causal[layer_idx] = kept.clone(), causal.clone()
+
+    def add_recall(self, layer_idx: int, kept_mass, rows: int) -> None:
+        """Dense softmax mass (summed over rows, each row's being 1) inside what was kept."""
+        measured = self.recall.setdefault(layer_idx, [0, 0])
+        measured[0] = measured[0] + kept_mass
+        measured[1] += rows
+
+    def add_sink(self, holding_first, total: int) -> None:
+        """How many of `total` query-block rows (mask) or caches (kv) hold key 0."""
+        self.sink[0] = self.sink[0] + holding_first
+        self.sink[1] += total
+
+    def add_cached_age(self, age_sum, entries: int) -> None:
+        """Summed age (newest cached position - position) of `entries` cached tokens."""
+        self.cached_age[0] = self.cached_age[0] + age_sum
+        self.cached_age[1] += entries
 
     @contextmanager
     def timing(self, what: str, device: torch.device):
@@ -86,6 +107,38 @@ class ProtocolStats:
         causal = sum(float(t.sum()) for t in self.causal.values())
         return kept / causal
 
+    def layer_recall(self) -> dict:
+        """{layer: share of the dense causal softmax mass inside the kept layout, averaged over
+        heads and query rows} (empty unless the protocol measured it)."""
+        return {layer: float(mass) / rows for layer, (mass, rows) in self.recall.items()}
+
+    @property
+    def attention_recall(self) -> Optional[float]:
+        """Mean over layers of layer_recall(), None when not measured."""
+        recall = self.layer_recall()
+        return sum(recall.values()) / len(recall) if recall else None
+
+    @property
+    def attention_recall_min_layer(self) -> Optional[float]:
+        return min(self.layer_recall().values(), default=None)
+
+    @property
+    def sink_retention(self) -> Optional[float]:
+        """Share of query-block rows (mask) or (layer, KV head, step) caches (kv) that hold
+        key 0 (None when nothing was counted)."""
+        return float(self.sink[0]) / self.sink[1] if self.sink[1] else None
+
+    @property
+    def mean_cached_age(self) -> Optional[float]:
+        """Mean age in tokens of what a cache holds after each step (kv protocol)."""
+        return float(self.cached_age[0]) / self.cached_age[1] if self.cached_age[1] else None
+
+    @property
+    def selection_share(self) -> Optional[float]:
+        """Selection time over attention time."""
+        attention = self.attention_seconds
+        return self.selection_seconds / attention if attention > 0 else None
+
     def layer_head_density(self) -> dict:
         """{layer: [density of each query head]}."""
         return {layer: (self.kept[layer] / self.causal[layer]).tolist() for layer in self.kept}
@@ -97,6 +150,10 @@ class ProtocolStats:
                 "selection_seconds": self.selection_seconds,
                 "attention_seconds": self.attention_seconds,
                 "oracle_selection": self.oracle_selection,
+                "selection_share": self.selection_share,
+                "attention_recall": self.attention_recall,
+                "attention_recall_min_layer": self.attention_recall_min_layer,
+                "sink_retention": self.sink_retention, "mean_cached_age": self.mean_cached_age,
                 "layer_head_density": {str(k): v for k, v in self.layer_head_density().items()}}
 
 
@@ -107,4 +164,6 @@ class DenseStats:
     def record(self) -> dict:
         return {"density": 1.0, "block_size": None, "protocol": "dense", "params": {},
                 "selection_seconds": 0.0, "attention_seconds": None, "oracle_selection": False,
-                "layer_head_density": None}
+                "selection_share": None, "attention_recall": None,
+                "attention_recall_min_layer": None, "sink_retention": None,
+                "mean_cached_age": None, "layer_head_density": None}

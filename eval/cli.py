@@ -157,6 +157,10 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--k-min", type=_positive_int, metavar="K",
                    help="the smallest token budget: K = max(k_min, (1 - s) L) (64)")
     g.add_argument("--kv-chunk", type=int, metavar="C", help="kv protocol chunk (1: exact)")
+    g.add_argument("--diagnostics", action="store_true", default=None,
+                   help="mask protocol: also measure each cell's attention recall (the dense "
+                        "softmax mass the kept blocks hold; one more QK^T pass per layer for "
+                        "a method whose rule does not compute it)")
 
     g = p.add_argument_group("model and machine")
     g.add_argument("--model", metavar="NAME_OR_PATH",
@@ -225,8 +229,8 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
         "text_field": args.text_field, "max_windows": args.max_windows,
         "protocol": args.protocol, "block_size": args.block_size,
         "causal_selection": args.causal_selection, "k_min": args.k_min,
-        "kv_chunk": args.kv_chunk, "batch_size": args.batch_size,
-        "seed": args.seed, "output_dir": args.output_dir, "name": args.name}
+        "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics,
+        "batch_size": args.batch_size, "seed": args.seed, "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():
         if value is not None:
             setattr(cfg, name, value)

@@ -74,6 +74,7 @@ class ExperimentConfig:
     causal_selection: str = "strict"
     k_min: int = 64  # the smallest token budget K (METHODS.md section 0)
     kv_chunk: int = 1
+    diagnostics: bool = False  # mask protocol: measure attention recall (an oracle pass)
     max_windows: Optional[int] = None  # windows per cell, evenly spaced over the corpus
     # Windows per forward: the numbers match batch size 1 to rounding (not part of a cell's key).
     batch_size: int = 1
@@ -398,6 +399,8 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     if not isinstance(config.kv_chunk, int) or isinstance(config.kv_chunk, bool) \
             or config.kv_chunk < 1:
         problems.append(f"kv_chunk {config.kv_chunk!r} must be an integer >= 1")
+    if not isinstance(config.diagnostics, bool):
+        problems.append(f"diagnostics {config.diagnostics!r} must be true or false")
     if config.max_windows is not None and (not isinstance(config.max_windows, int)
                                            or config.max_windows < 1):
         problems.append(f"max_windows {config.max_windows!r} must be an integer >= 1 or null")

@@ -401,9 +401,13 @@ class PerplexityBenchmarkRunner:
         delta = delta_vs_dense(result["perplexity"], dense)
         versus = (f" ({delta * 100:+.2f}% vs dense {dense:.3f})"
                   if spec.method != "dense" and delta is not None else "")
+        explained = "".join(f"  {label} {result[name]:{fmt}}" for name, label, fmt in (
+            ("attention_recall", "recall", ".3f"), ("sink_retention", "sink", ".2f"),
+            ("mean_cached_age", "age", ".0f"), ("selection_share", "sel/attn", ".2f"))
+            if result.get(name) is not None)
         return (f"{spec.label:<40} PPL {result['perplexity']:.3f}{versus}  "
-                f"density {result['density']:.3f}  {result['tokens_per_second']:.0f} tok/s  "
-                f"{result['wall_seconds']:.1f} s")
+                f"density {result['density']:.3f}{explained}  "
+                f"{result['tokens_per_second']:.0f} tok/s  {result['wall_seconds']:.1f} s")
 
     def say(self, message: str) -> None:
         if self.progress:

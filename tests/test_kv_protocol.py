@@ -276,3 +276,18 @@ def test_the_stats_record_says_what_ran(model, ids):
     assert record["block_size"] == 16 and record["params"] == {"h2o_recent_ratio": 0.5}
     assert record["density"] == stats.density < 1
     assert record["selection_seconds"] > 0 and record["attention_seconds"] > 0
+
+
+def test_sink_retention_and_cached_age_of_streaming_llm(model, ids):
+    _, stats = run_kv(model, ids, "streaming_llm")
+    budget = token_budget(LENGTH, SPARSITY, K_MIN)
+    steps = [list(range(budget))]  # what every cache holds after the prefill, then each token
+    steps += [list(range(4)) + list(range(t - (budget - 4) + 1, t + 1))
+              for t in range(budget, LENGTH)]
+    ages = [t[-1] - p for t in steps for p in t]
+    record = stats.record()
+    assert record["sink_retention"] == 1.0
+    assert record["mean_cached_age"] == pytest.approx(sum(ages) / len(ages))
+    assert record["attention_recall"] is None
+    _, recent = run_kv(model, ids, "streaming_llm", n_sink=0)
+    assert recent.sink_retention == pytest.approx(1 / len(steps))  # only the prefill held it
