@@ -3,6 +3,9 @@
 - Figure 4: perplexity vs context length at the fixed sparsity, one panel per dataset.
 - Figure 8: perplexity vs realised density (kept / causal query-key pairs) from the sparsity
   sweep: the accuracy-compute frontier, one panel per dataset.
+- Figure recall: perplexity change vs attention recall (the share of the dense softmax mass
+  the kept blocks hold; written when the cells carry it, i.e. runs with --diagnostics), every
+  method and sparsity, one panel per dataset: why one method loses more than another.
 - Table 3: method x sparsity at the fixed context length, PPL and its change vs dense, as
   markdown and LaTeX.
 Figures are PNG and PDF, written next to the results file as <stem>_figure4.png and so on.
@@ -209,6 +212,56 @@ def figure8(results: dict, stem: Path) -> list:
                               "attention density (accuracy-compute frontier)", draw)
 
 
+def recall_cells(results: dict) -> dict:
+    """{(dataset, method, L, s): (attention recall, PPL change vs dense in %)} of every sparse
+    cell that carries its recall (both sweeps, each (L, s) once)."""
+    all_points = points(results)
+    cells = {}
+    for p in all_points:
+        recall, delta = p.result.get("attention_recall"), delta_vs_dense(all_points, p)
+        if p.method != "dense" and p.sparsity > 0 and recall is not None and delta is not None:
+            cells[(p.dataset, p.method, p.context_length, p.sparsity)] = (recall, delta * 100)
+    return cells
+
+
+def figure_recall(results: dict, stem: Path) -> list:
+    """Perplexity change vs dense against attention recall, one panel per dataset."""
+    import matplotlib.pyplot as plt
+    cells = recall_cells(results)
+    if not cells:
+        return []
+    datasets = list(dict.fromkeys(key[0] for key in cells))
+    methods = list(dict.fromkeys(key[1] for key in cells))
+    style = _style(methods)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets) + 0.6, 4.2),
+                             squeeze=False)
+    axes = axes[0]
+    several_lengths = len({key[2] for key in cells}) > 1
+    for ax, dataset in zip(axes, datasets):
+        for method in methods:
+            mine = sorted((xy, L, s) for (d, m, L, s), xy in cells.items()
+                          if d == dataset and m == method)
+            if not mine:
+                continue
+            ax.scatter([xy[0] for xy, _, _ in mine], [xy[1] for xy, _, _ in mine],
+                       label=method, color=style[method]["color"],
+                       marker=style[method]["marker"])
+            for (x, y), L, s in mine:
+                ax.annotate(f"s={s:g}" + (f" L={L}" if several_lengths else ""), (x, y),
+                            textcoords="offset points", xytext=(4, 3), fontsize=7,
+                            color=style[method]["color"])
+        ax.axhline(0.0, color="black", linestyle="--", linewidth=0.8)
+        ax.set_title(dataset)
+        ax.set_xlabel("attention recall (dense softmax mass kept)")
+        ax.set_ylabel("perplexity change vs dense (%)")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("Perplexity change vs attention recall")
+    _legend(fig, axes)
+    paths = _save(fig, stem, "figure_recall")
+    plt.close(fig)
+    return paths
+
+
 def table3_rows(results: dict) -> tuple:
     """(sparsity levels, rows): a row is (dataset, L, method, [cell text per level]); a cell
     is 'PPL (+x.x%)' against dense at the same L, 'failed' or '-' when not run."""
@@ -271,7 +324,7 @@ def make_report(results_path, output_dir=None) -> list:
     folder = Path(output_dir) if output_dir else results_path.parent
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / results_path.stem
-    paths = figure4(results, stem) + figure8(results, stem)
+    paths = figure4(results, stem) + figure8(results, stem) + figure_recall(results, stem)
     for suffix, text in (("md", table3_markdown(results)), ("tex", table3_latex(results))):
         path = stem.with_name(f"{stem.name}_table3.{suffix}")
         path.write_text(text)

@@ -1,5 +1,5 @@
 """Issue 16 in a whole run: attention recall, sink retention and selection share in every
-sparse cell."""
+sparse cell, and the recall figure."""
 import json
 
 import pytest
@@ -20,7 +20,8 @@ def run(model, text, folder, *extra) -> dict:
     return json.loads((folder / "tiny.json").read_text())["results"]
 
 
-def test_diagnostics_fill_every_sparse_cell(tiny_model, tiny_text, tmp_path):
+def test_diagnostics_fill_every_sparse_cell_and_draw_the_recall_figure(tiny_model, tiny_text,
+                                                                        tmp_path):
     results = run(tiny_model, tiny_text, tmp_path, "--diagnostics")
     for dataset in results.values():
         for method in SPARSE:
@@ -34,3 +35,4 @@ def test_diagnostics_fill_every_sparse_cell(tiny_model, tiny_text, tmp_path):
                     assert cell["selection_share"] > 0
             assert dataset[method]["sparsity_sweep"]["0.5"]["attention_recall"] is not None
         assert dataset["streaming_llm"]["sparsity_sweep"]["0.5"]["sink_retention"] == 1.0
+    assert (tmp_path / "tiny_figure_recall.png").stat().st_size > 1000

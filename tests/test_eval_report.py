@@ -95,3 +95,22 @@ def test_report_cli_names_a_corrupt_file(tmp_path, capsys):
     bad.write_text('{"results": {"brown": ')
     assert report.main([str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_recall_figure_is_written_when_cells_carry_their_recall(results_file):
+    results = json.loads(results_file.read_text())
+    brown = results["results"]["brown"]
+    brown["h2o"]["sparsity_sweep"]["0.9"]["attention_recall"] = 0.8
+    brown["h2o"]["context_length_sweep"]["1024"]["attention_recall"] = 0.8  # the same cell
+    brown["h2o"]["sparsity_sweep"]["0.5"]["attention_recall"] = 0.95
+    brown["cab_v4"]["sparsity_sweep"]["0.9"]["attention_recall"] = 0.6
+    brown["cab_v4"]["sparsity_sweep"]["0.5"]["attention_recall"] = 0.9  # failed: left out
+    results_file.write_text(json.dumps(results))
+    cells = report.recall_cells(report.load_results(results_file))
+    expected = {("brown", "h2o", 1024, 0.9): (0.8, 10.0), ("brown", "h2o", 1024, 0.5): (0.95, 2.0),
+                ("brown", "cab_v4", 1024, 0.9): (0.6, 20.0)}
+    assert set(cells) == set(expected)
+    for key, point in expected.items():
+        assert cells[key] == pytest.approx(point)
+    names = {p.name for p in report.make_report(results_file)}
+    assert {"demo_figure_recall.png", "demo_figure_recall.pdf"} <= names
