@@ -26,6 +26,19 @@ def token_budget(length: int, sparsity: float, k_min: int = 64) -> int:
     return min(length, max(k_min, math.floor(round((1.0 - sparsity) * length, 9))))
 
 
+def sparsity_for_budget(budget: int, length: int, k_min: int = 64) -> float:
+    """The sparsity whose token budget at `length` is exactly `budget` tokens (0.0, dense,
+    when the budget holds the whole window): a fixed cache size as a sparsity."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < k_min:
+        raise ValueError(f"token budget {budget!r} must be an integer >= k_min = {k_min} (the "
+                         "smallest budget any sparsity gives)")
+    if budget >= length:
+        return 0.0
+    sparsity = 1.0 - budget / length
+    assert token_budget(length, sparsity, k_min) == budget, (budget, length, sparsity)
+    return sparsity
+
+
 @dataclass(frozen=True)
 class BlockGrid:
     """The blocks of one window and each query-block row's budget."""

@@ -165,7 +165,8 @@ class KVProtocol:
                              "padding (zeros)")
         model = self.model
         batch, length = input_ids.shape
-        self.budget = self.method.token_budget(length, self.sparsity, self.k_min)
+        self.budget = self.stats.budget_tokens = self.method.token_budget(length, self.sparsity,
+                                                                          self.k_min)
         block_size = self.stats.block_size = resolve_block_size(self.block_size, length)
         self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
                                              self.kv_chunk, block_size, length,

@@ -102,7 +102,7 @@ class MaskProtocol:
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
         grid = make_grid(self.method, length, self.sparsity, self.block_size, self.k_min,
                          self.causal_selection)
-        self.stats.block_size = grid.block_size
+        self.stats.block_size, self.stats.budget_tokens = grid.block_size, grid.budget
         ctx = MaskContext(q, k, grid, scale, layer_idx, self.windows_seen - query.shape[0],
                           self.seed)
         with torch.no_grad(), self.stats.timing("selection", q.device):

@@ -24,6 +24,7 @@ class ProtocolStats:
     options: dict = field(default_factory=dict)  # the protocol's own options, e.g. kv_chunk
     params: dict = field(default_factory=dict)  # the method's parameters, defaults filled in
     block_size: Optional[int] = None  # of the latest window (set by the protocol)
+    budget_tokens: Optional[int] = None  # K of the latest window (set by the protocol)
     k_min: Optional[int] = None
     kept: dict = field(default_factory=dict)
     causal: dict = field(default_factory=dict)
@@ -146,6 +147,7 @@ class ProtocolStats:
     def record(self) -> dict:
         """What ran and what it cost, for a results file (JSON types only)."""
         return {"density": self.density, "block_size": self.block_size, "k_min": self.k_min,
+                "budget_tokens": self.budget_tokens,
                 "protocol": self.protocol, **self.options, "params": dict(self.params),
                 "selection_seconds": self.selection_seconds,
                 "attention_seconds": self.attention_seconds,
@@ -162,7 +164,8 @@ class DenseStats:
     density = 1.0
 
     def record(self) -> dict:
-        return {"density": 1.0, "block_size": None, "protocol": "dense", "params": {},
+        return {"density": 1.0, "block_size": None, "budget_tokens": None,
+                "protocol": "dense", "params": {},
                 "selection_seconds": 0.0, "attention_seconds": None, "oracle_selection": False,
                 "selection_share": None, "attention_recall": None,
                 "attention_recall_min_layer": None, "sink_retention": None,

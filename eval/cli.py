@@ -141,6 +141,9 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--fixed-context-length", type=int, metavar="L",
                    help="context length of the sparsity sweep (default: the preset's, or the "
                         "largest --context-lengths)")
+    g.add_argument("--budget-tokens", nargs="+", type=int, metavar="K",
+                   help="also run fixed token budgets (cache sizes) at every context length "
+                        "(StreamingLLM's convention), results under budget_sweep['K@L']")
     g.add_argument("--no-context-sweep", action="store_true")
     g.add_argument("--no-sparsity-sweep", action="store_true")
     g.add_argument("--max-windows", type=int, metavar="N",
@@ -230,6 +233,7 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
         "protocol": args.protocol, "block_size": args.block_size,
         "causal_selection": args.causal_selection, "k_min": args.k_min,
         "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics,
+        "budget_tokens": args.budget_tokens,
         "batch_size": args.batch_size, "seed": args.seed, "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():
         if value is not None:
@@ -284,6 +288,9 @@ def describe(config: ExperimentConfig) -> str:
     if c.sparsity_sweep.enabled:
         lines.append(f"  sparsity sweep  s = {c.sparsity_sweep.sparsity_levels} at "
                      f"L = {c.sparsity_sweep.fixed_context_length}")
+    if c.budget_tokens:
+        lines.append(f"  budget sweep    K = {c.budget_tokens} tokens at L = "
+                     f"{c.context_lengths()}")
     lines.append(f"  windows   {c.max_windows or 'all'} per cell; output "
                  f"{Path(c.output_dir) / c.name}.json")
     return "\n".join(lines)

@@ -75,6 +75,8 @@ class ExperimentConfig:
     k_min: int = 64  # the smallest token budget K (METHODS.md section 0)
     kv_chunk: int = 1
     diagnostics: bool = False  # mask protocol: measure attention recall (an oracle pass)
+    # Fixed token budgets (cache sizes) run at every context length, besides the sweeps.
+    budget_tokens: Optional[list] = None
     max_windows: Optional[int] = None  # windows per cell, evenly spaced over the corpus
     # Windows per forward: the numbers match batch size 1 to rounding (not part of a cell's key).
     batch_size: int = 1
@@ -399,6 +401,12 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     if not isinstance(config.kv_chunk, int) or isinstance(config.kv_chunk, bool) \
             or config.kv_chunk < 1:
         problems.append(f"kv_chunk {config.kv_chunk!r} must be an integer >= 1")
+    budgets = config.budget_tokens
+    if budgets is not None and (not isinstance(budgets, list) or not budgets or not all(
+            isinstance(K, int) and not isinstance(K, bool) and K >= config.k_min
+            for K in budgets)):
+        problems.append(f"budget_tokens {budgets!r} must be a non-empty list of integers >= "
+                        f"k_min = {config.k_min} (token budgets) or null")
     if not isinstance(config.diagnostics, bool):
         problems.append(f"diagnostics {config.diagnostics!r} must be true or false")
     if config.max_windows is not None and (not isinstance(config.max_windows, int)

@@ -56,6 +56,8 @@ def points(results: dict) -> list:
                     r = r or {"perplexity": None, "error": "missing result"}
                     if sweep == "context_length_sweep":
                         L, s = int(key), r.get("sparsity", fixed_s)
+                    elif sweep == "budget_sweep":  # "K@L", run at the sparsity that gives K
+                        L, s = int(key.split("@")[1]), r.get("sparsity_run", 0.0)
                     else:
                         L, s = r.get("context_length", fixed_L), float(key)
                     s = 0.0 if method == "dense" else s

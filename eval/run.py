@@ -77,6 +77,7 @@ class Cell:
 
 def plan_cells(config: ExperimentConfig) -> list:
     """Every cell of the results, in file order."""
+    from cabattn.grid import sparsity_for_budget
     cells = []
     for dataset in config.datasets:
         for method in config.methods:
@@ -92,6 +93,13 @@ def plan_cells(config: ExperimentConfig) -> list:
                 for s in levels:
                     cells.append(Cell(dataset, method, "sparsity_sweep", str(float(s)), float(s),
                                       RunSpec.for_cell(dataset, L, method, float(s))))
+            # A fixed cache of K tokens at every context length, run as the sparsity that
+            # gives K (so it is the same cell as that sparsity); R records K as budget_tokens.
+            for K in ([] if method == "dense" else config.budget_tokens or []):
+                for L in config.context_lengths():
+                    s = sparsity_for_budget(K, L, config.k_min)
+                    cells.append(Cell(dataset, method, "budget_sweep", f"{K}@{L}", s,
+                                      RunSpec.for_cell(dataset, L, method, s)))
     return cells
 
 
