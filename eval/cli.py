@@ -340,6 +340,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     status = EXIT_OK
     command = ["python", "-m", "eval.run", *(sys.argv[1:] if argv is None else argv)]
+    from .executors import ExecutorError
     from .models import ModelLoadError
     from .run import PerplexityBenchmarkRunner
     for config in configs:
@@ -355,7 +356,7 @@ def main(argv=None) -> int:
         except (ConfigError, CorruptFileError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_CONFIG
-        except ModelLoadError as err:
+        except (ModelLoadError, ExecutorError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_FAILED
         if runner.failed_cells() or runner.missing:

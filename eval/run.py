@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import env
+from . import env, executors
 from .config import (ExperimentConfig, ModelConfig, check_output_location, create_quick_test,
                      validate)
-from .executors import shard
 from .metrics import NonFiniteLossError
 from .results import (CellStore, assemble, delta_vs_dense, failed_result, finite_or_none,
                       write_results)
@@ -207,7 +206,8 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
                             seed=config.seed))
     result.update(stats.record())
     result.update(batch_size=config.batch_size, wall_seconds=wall,
-                  tokens_per_second=sum(token_counts) / wall, peak_memory_mb=memory, peak_memory_kind=memory_kind, finished=_now())
+                  tokens_per_second=sum(token_counts) / wall, peak_memory_mb=memory,
+                  peak_memory_kind=memory_kind, finished=_now())
     return {name: finite_or_none(v) if isinstance(v, float) else v
             for name, v in result.items()}
 
@@ -236,7 +236,6 @@ class PerplexityBenchmarkRunner:
                  notes: tuple = (), command: list | None = None, make_report: bool = True,
                  executor: str = "serial", ray_address: str | None = None, threads: int = 1,
                  shard: tuple | None = None, assemble: bool = False):
-        from .executors import make_executor
         self.config = config
         self.resume = resume
         self.progress = progress
@@ -248,8 +247,8 @@ class PerplexityBenchmarkRunner:
         self.results_path = self.output_dir / f"{config.name}.json"
         self.latest_path = self.output_dir / f"{config.name}_latest.json"
         self.store = CellStore(self.output_dir / f"{config.name}.cells")
-        self.executor = make_executor(executor, config, self.say, progress=progress,
-                                      address=ray_address, threads=threads)
+        self.executor = executors.make_executor(executor, config, self.say, progress=progress,
+                                                address=ray_address, threads=threads)
         self.windows = {}  # (dataset, L) -> eval.data.Windows, tokenised once
         self.outcomes = {}  # RunSpec -> R (computed or reused)
         self.computed, self.reused, self.missing = [], [], []
@@ -283,7 +282,7 @@ class PerplexityBenchmarkRunner:
         self.say(f"{len(specs)} computations for {len(plan_cells(self.config))} result cells; "
                  f"{len(self.reused)} already finished in {self.store.folder}"
                  + (" (reused; --fresh recomputes them)" if self.reused else ""))
-        mine = specs if self.shard is None else shard(specs, *self.shard)
+        mine = specs if self.shard is None else executors.shard(specs, *self.shard)
         todo = [spec for spec in mine if spec not in self.outcomes]
         if self.shard is not None:
             self.say(f"shard {self.shard[0]}/{self.shard[1]}: {len(mine)} computations, "

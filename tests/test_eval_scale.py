@@ -171,3 +171,20 @@ def test_a_serial_run_does_not_import_ray(tiny_model, tiny_text, tmp_path):
     done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_when_every_actor_dies_the_run_stops_with_a_clear_error(local_ray, serial, tiny_model,
+                                                                tiny_text, tmp_path,
+                                                                monkeypatch, capsys):
+    submit = on_ray.RayExecutor.submit
+
+    def submit_and_kill(self, label, spec, windows_ref):
+        ref = submit(self, label, spec, windows_ref)
+        local_ray.kill(self.actors[label])
+        return ref
+
+    monkeypatch.setattr(on_ray.RayExecutor, "submit", submit_and_kill)
+    code, path = run_cli(tiny_model, tiny_text, tmp_path, "--executor", "ray")
+    assert code == cli.EXIT_FAILED
+    assert "every Ray actor died" in capsys.readouterr().err
+    assert not list((tmp_path / "tiny.cells").glob("*.claim"))  # claims released

@@ -16,6 +16,10 @@ the results.
 import re
 
 EXECUTORS = ("serial", "ray")
+
+
+class ExecutorError(RuntimeError):
+    """The executor cannot go on (every Ray actor died); finished cells are stored."""
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 

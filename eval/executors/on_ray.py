@@ -15,7 +15,7 @@ from collections import deque
 from pathlib import Path
 
 from ..config import ConfigError
-from . import load_model, model_info
+from . import ExecutorError, load_model, model_info
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -155,7 +155,7 @@ class RayExecutor:
                 self.say(f"{label} died ({type(err).__name__}); {spec.label} goes back to "
                          f"the queue ({len(self.actors)} actors left)")
                 if not self.actors:
-                    raise RuntimeError(f"every Ray actor died; {len(pending)} cells are not "
+                    raise ExecutorError(f"every Ray actor died; {len(pending)} cells are not "
                                        "computed (the finished ones are stored: rerun the "
                                        "command to resume)") from err
                 continue
