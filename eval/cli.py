@@ -233,8 +233,8 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
         "protocol": args.protocol, "block_size": args.block_size,
         "causal_selection": args.causal_selection, "k_min": args.k_min,
         "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics,
-        "budget_tokens": args.budget_tokens,
-        "batch_size": args.batch_size, "seed": args.seed, "output_dir": args.output_dir, "name": args.name}
+        "budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seed": args.seed,
+        "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():
         if value is not None:
             setattr(cfg, name, value)
