@@ -117,8 +117,8 @@ def test_compute_cell_alone_gives_the_runners_cell(tiny_model, tiny_text, tmp_pa
                                 data_file=str(tiny_text))
     spec = run.RunSpec.for_cell(dataset, 128, "cab_v4", 0.75)
     cell = run.compute_cell(config, loaded, windows, spec)
-    timings = {"selection_seconds", "attention_seconds", "wall_seconds", "tokens_per_second",
-               "peak_memory_mb", "finished"}
+    timings = {"selection_seconds", "attention_seconds", "selection_share", "wall_seconds",
+               "tokens_per_second", "peak_memory_mb", "finished"}
     assert {k: v for k, v in cell.items() if k not in timings} == {
         k: v for k, v in stored.items() if k in cell and k not in timings}
     assert run.cell_key(config, spec)["block_size"] == cell["block_size"] == 16
