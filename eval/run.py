@@ -219,6 +219,10 @@ class PerplexityBenchmarkRunner:
         self.dtype = env.resolve_dtype(config.model.torch_dtype, self.device)
         self.loaded = None
         self.windows = {}  # (dataset, L) -> eval.data.Windows, tokenised once
+        # What the results were computed from, kept in the cell store with every cell so that
+        # a run that reuses cells reports them too: the model, and per "dataset@L" the windows.
+        self.model_info = None
+        self.window_info = {}
         self.outcomes = {}  # RunSpec -> R (computed or reused)
         self.computed, self.reused = [], []
         self.started = _now()
@@ -278,18 +282,22 @@ class PerplexityBenchmarkRunner:
         """R of a computation: from the store when it finished before, else computed now
         under the cell's claim and stored; None when another process holds the claim and
         wait is False. A model that cannot load fails the run (raised here, outside the cell)."""
-        stored = self.store.get(key)
+        stored = self.store.get_record(key)
         if stored is None:
             claim = self.store.claim(key) if wait else self.store.try_claim(key)
             if claim is None:
                 return None
             with claim:
                 # The claim's last holder may have stored the cell since we looked.
-                stored = self.store.get(key)
+                stored = self.store.get_record(key)
                 if stored is None:
                     return self.compute(spec, key)
+        self.model_info = self.model_info or stored["provenance"].get("model_info")
+        windows = stored["provenance"].get("windows")
+        if windows:
+            self.window_info.setdefault(f"{spec.dataset}@{spec.context_length}", windows)
         self.reused.append(spec)
-        return stored
+        return stored["result"]
 
     def compute(self, spec: RunSpec, key: dict) -> dict:
         loaded = self.load()
@@ -301,7 +309,9 @@ class PerplexityBenchmarkRunner:
             result = failed_result(f"{type(err).__name__}: {err}")
             self.say(f"FAILED {spec.label}: {result['error']}")
             return result
-        self.store.put(key, result)
+        self.store.put(key, result, provenance={
+            "model_info": self.model_info,
+            "windows": self.window_info[f"{spec.dataset}@{spec.context_length}"]})
         self.computed.append(spec)
         self.say(self.summary_line(spec, result))
         return result
@@ -317,6 +327,9 @@ class PerplexityBenchmarkRunner:
                                             cache_dir=self.config.model.cache_dir)
             for L in self.config.context_lengths():
                 models.check_context(self.loaded, L)
+            self.model_info = {"name": self.loaded.name, "source": str(self.loaded.source),
+                               "num_parameters": self.loaded.num_parameters,
+                               "max_positions": self.loaded.max_positions}
             self.say(f"model: {self.loaded.name} from {self.loaded.source}, "
                      f"{self.loaded.num_parameters / 1e6:.1f}M parameters, "
                      f"{self.loaded.max_positions} positions")
@@ -332,6 +345,9 @@ class PerplexityBenchmarkRunner:
                 spec.dataset, self.load().tokenizer, spec.context_length,
                 max_windows=self.config.max_windows, data_file=self.config.data_file,
                 text_field=self.config.text_field)
+            self.window_info[f"{spec.dataset}@{spec.context_length}"] = {
+                "num_windows": int(w.input_ids.shape[0]), "description": w.description,
+                "num_documents": w.num_documents}
             self.say(f"{spec.dataset}: {w.input_ids.shape[0]} windows of {spec.context_length} "
                      f"tokens ({w.description})")
         return self.windows[key]
@@ -366,14 +382,7 @@ class PerplexityBenchmarkRunner:
                          for L in self.config.context_lengths()},
             cells_computed=len(self.computed), cells_reused=len(self.reused),
             versions=provenance["versions"], machine=provenance["machine"])
-        if self.loaded is not None:
-            record["model_info"] = {"name": self.loaded.name, "source": str(self.loaded.source),
-                                    "num_parameters": self.loaded.num_parameters,
-                                    "max_positions": self.loaded.max_positions}
-        record["windows"] = {f"{d}@{L}": {"num_windows": int(w.input_ids.shape[0]),
-                                          "description": w.description,
-                                          "num_documents": w.num_documents}
-                             for (d, L), w in self.windows.items()}
+        record.update(model_info=self.model_info, windows=dict(self.window_info))
         return record
 
     def write(self, status: str) -> dict:

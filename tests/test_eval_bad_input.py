@@ -97,3 +97,33 @@ def test_jsonl_records_without_text_are_skipped_and_counted(tmp_path):
     corpus = local_corpus("some", path, "text")
     assert corpus.documents == ["one", "two"]  # not "None"
     assert "2 records without text skipped (lines 2, 5)" in corpus.description
+
+
+TINY_RUN = ["--method", "dense", "--context-lengths", "64", "--no-sparsity-sweep",
+            "--max-windows", "1", "--no-report"]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_run_that_reuses_every_cell_keeps_provenance_and_a_hand_edit_is_refused(
+        tiny_model, tiny_text, tmp_path, capsys):
+    import json
+
+    from eval_assets import tiny_run_args
+    args = tiny_run_args(tiny_model, tiny_text, tmp_path, *TINY_RUN)
+    assert cli.main(args) == cli.EXIT_OK
+    first = json.loads((tmp_path / "tiny.json").read_text())["config"]
+    assert first["model_info"]["num_parameters"] > 0 and first["windows"]
+    assert cli.main(args) == cli.EXIT_OK  # every cell reused: nothing loaded
+    again = json.loads((tmp_path / "tiny.json").read_text())["config"]
+    assert again["cells_reused"] == 1 and again["cells_computed"] == 0
+    assert again["model_info"] == first["model_info"] and again["windows"] == first["windows"]
+
+    (cell,) = (tmp_path / "tiny.cells").glob("*.json")
+    record = json.loads(cell.read_text())
+    for edited, message in (({}, "lacks perplexity"),
+                            ({**record["result"], "perplexity": "garbage"}, "'garbage'")):
+        cell.write_text(json.dumps({**record, "result": edited}))
+        capsys.readouterr()
+        assert cli.main(args) == cli.EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert str(cell) in err and message in err and "Traceback" not in err, err
