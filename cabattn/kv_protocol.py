@@ -13,7 +13,6 @@ folds the mass and the chunk's queries into the layer's cache and evicts. The me
 is the only rule; the protocol has no method-specific code.
 """
 import inspect
-import time
 from typing import Optional, Union
 
 import torch
@@ -63,24 +62,22 @@ class _WindowStream:
     def attend(self, layer_idx: int, query, key, value, scale: Optional[float]):
         protocol, layer = self.protocol, self.cache.layers[layer_idx]
         scale = default_scale(query.shape[-1]) if scale is None else scale
-        start = time.perf_counter()
-        # A full buffer view is contiguous; a partial one (prefill, last chunk) is copied.
-        out, _, mass = ops.attention_with_scores(query.contiguous(), key.contiguous(),
-                                                 value.contiguous(), scale)
-        middle = time.perf_counter()
-        layer.add_mass(mass)
-        if protocol.method.reads_block_queries:
-            layer.note_queries(query, self.first_position)
-        chunk, length = query.shape[2], layer.length
-        self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
-        if length > protocol.budget:
-            keep = protocol.method.kv_keep(layer.state(protocol.budget, scale, layer_idx,
-                                                       self.window_idx, protocol.seed))
-            protocol.check_keep(keep, layer.positions.shape, layer_idx)
-            layer.compact(keep)
-        stats = protocol.stats
-        stats.attention_seconds += middle - start
-        stats.selection_seconds += time.perf_counter() - middle
+        timing = protocol.stats.timing
+        with timing("attention", query.device):
+            # A full buffer view is contiguous; a partial one (prefill, last chunk) is copied.
+            out, _, mass = ops.attention_with_scores(query.contiguous(), key.contiguous(),
+                                                     value.contiguous(), scale)
+        with timing("selection", query.device):
+            layer.add_mass(mass)
+            if layer.block_query_pooling is not None:
+                layer.note_queries(query, self.first_position)
+            chunk, length = query.shape[2], layer.length
+            self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
+            if length > protocol.budget:
+                keep = protocol.method.kv_keep(layer.state(protocol.budget, scale, layer_idx,
+                                                           self.window_idx, protocol.seed))
+                protocol.check_keep(keep, layer.positions.shape, layer_idx)
+                layer.compact(keep)
         return out.transpose(1, 2), None
 
 
@@ -168,7 +165,8 @@ class KVProtocol:
         self.budget = self.method.token_budget(length, self.sparsity, self.k_min)
         block_size = self.stats.block_size = resolve_block_size(self.block_size, length)
         self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
-                                             self.kv_chunk, block_size, length)
+                                             self.kv_chunk, block_size, length,
+                                             self.method.block_query_pooling)
         stream = _WindowStream(self, cache, self.windows_seen)
         prefill = min(self.budget, length)
         spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, length))

@@ -97,10 +97,10 @@ class MaskProtocol:
         grid = make_grid(self.method, length, self.sparsity, self.block_size, self.k_min,
                          self.causal_selection)
         self.stats.block_size = grid.block_size
-        with torch.no_grad(), self.stats.timing("selection"):
+        with torch.no_grad(), self.stats.timing("selection", q.device):
             layout = plan_layout(self.method, q, k, grid, scale, layer_idx,
                                  self.windows_seen - 1, self.seed)
-        with self.stats.timing("attention"):
+        with self.stats.timing("attention", q.device):
             out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
                                                 grid.block_size, scale)
         kept = kept_pairs(layout.block_count, layout.block_index, grid).sum(0)

@@ -27,9 +27,11 @@ class ProtocolStats:
     k_min: Optional[int] = None
     kept: dict = field(default_factory=dict)
     causal: dict = field(default_factory=dict)
-    selection_seconds: float = 0.0
-    attention_seconds: float = 0.0
     oracle_selection: bool = False
+    seconds: dict = field(default_factory=lambda: {"selection": 0.0, "attention": 0.0})
+    # CUDA (what, start event, end event) not yet added to `seconds`: reading them waits for
+    # the GPU, so that happens once, when the seconds are read, not inside the forward.
+    pending: list = field(default_factory=list)
 
     def add_pairs(self, layer_idx: int, kept: torch.Tensor, causal: torch.Tensor) -> None:
         kept, causal = kept.detach().double().cpu(), causal.detach().double().cpu()
@@ -40,14 +42,40 @@ class ProtocolStats:
             self.kept[layer_idx], self.causal[layer_idx] = kept.clone(), causal.clone()
 
     @contextmanager
-    def timing(self, what: str):
-        """Adds the wall time of the block to `selection` or `attention` seconds."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            attr = f"{what}_seconds"
-            setattr(self, attr, getattr(self, attr) + time.perf_counter() - start)
+    def timing(self, what: str, device: torch.device):
+        """Adds the time the block takes to `selection` or `attention` seconds: on the GPU the
+        stream's time between two CUDA events (so work queued before the block, such as the
+        previous layer's attention, is not counted), on the CPU the wall time."""
+        if device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self.pending.append((what, start, end))
+        else:
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds[what] += time.perf_counter() - start
+
+    def _settle(self) -> dict:
+        for what, start, end in self.pending:
+            end.synchronize()
+            self.seconds[what] += start.elapsed_time(end) / 1000
+        self.pending.clear()
+        return self.seconds
+
+    @property
+    def selection_seconds(self) -> float:
+        return self._settle()["selection"]
+
+    @property
+    def attention_seconds(self) -> float:
+        return self._settle()["attention"]
 
     @property
     def density(self) -> float:

@@ -51,8 +51,37 @@ def _block_size(text: str):
             from None
 
 
+def registries_help() -> str:
+    """The datasets, and the methods with their parameters, as the registries declare them."""
+    import textwrap
+
+    from cabattn import methods
+
+    from .data import DATASETS
+
+    lines = ["datasets (--datasets NAME):"]
+    for entry in DATASETS.values():
+        where = "hub" if entry.hub else "offline"
+        lines += textwrap.wrap(f"{entry.name} ({where}): {entry.description}", 95,
+                               initial_indent="  ", subsequent_indent="      ",
+                               break_on_hyphens=False)
+    lines += ["", "methods (--methods NAME) and their parameters (--param METHOD.NAME=VALUE):"]
+    for name in methods.available():
+        cls = methods.METHODS[name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines.append(f"  {name}" + (f": {doc}" if doc and not doc.startswith(cls.__name__)
+                                    else ""))
+        for param, (default, help_text) in cls.parameters().items():
+            lines += textwrap.wrap(f"{param} = {default!r}: {help_text}", 95,
+                                   initial_indent="      ", subsequent_indent="        ",
+                                   break_on_hyphens=False)
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from cabattn import PROTOCOLS
+    from cabattn import PROTOCOLS, methods
+
+    from .data import HUB_DATASETS, OFFLINE_DATASETS
     p = argparse.ArgumentParser(
         prog="python -m eval.run",
         description="Perplexity of a language model under sparse attention (mask protocol) or "
@@ -70,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 Flags given on the command line override the preset or --config file. Results go to
 OUTPUT_DIR/NAME.json (+ NAME_latest.json), finished cells to OUTPUT_DIR/NAME.cells/, figures
 and Table 3 next to the results. Rerunning the same command resumes (finished cells are read
-back, not recomputed); --fresh recomputes everything.""")
+back, not recomputed); --fresh recomputes everything.
+
+""" + registries_help())
     g = p.add_argument_group("presets")
     g.add_argument("--quick-test", action="store_true",
                    help="configs/quick_test.yaml; on the offline defaults (SmolLM2-135M, "
@@ -80,14 +111,14 @@ back, not recomputed); --fresh recomputes everything.""")
 
     g = p.add_argument_group("what to run")
     g.add_argument("--datasets", nargs="+", metavar="NAME",
-                   help="corpora (offline: enwiki-sample pd-books brown; hub: wikitext-103 "
-                        "wikitext-2 c4 pg19)")
+                   help=f"corpora (offline: {' '.join(OFFLINE_DATASETS)}; hub: "
+                        f"{' '.join(HUB_DATASETS)}; see below)")
     g.add_argument("--data-file", metavar="PATH",
                    help="a local .txt, .jsonl or .parquet corpus, labelled in the results by "
                         "--datasets NAME or else by the file's stem")
     g.add_argument("--text-field", metavar="FIELD", help="text column of --data-file (text)")
     g.add_argument("--methods", nargs="+", metavar="NAME",
-                   help="dense h2o cab_v4 cab_v3 streaming_llm local_strided random")
+                   help=f"{' '.join(methods.available())} (see below)")
     g.add_argument("--method", metavar="NAME", help="a single method (same as --methods NAME)")
     g.add_argument("--param", action="append", type=_method_param, default=[],
                    metavar="METHOD.NAME=VALUE",
@@ -122,7 +153,8 @@ back, not recomputed); --fresh recomputes everything.""")
     g = p.add_argument_group("model and machine")
     g.add_argument("--model", metavar="NAME_OR_PATH",
                    help="smollm2-135m (offline default), a hub id or a local folder")
-    g.add_argument("--dtype", choices=("auto", *DTYPES), help="auto: float16 on CUDA, float32 on the CPU")
+    g.add_argument("--dtype", choices=("auto", *DTYPES),
+                   help="auto: float16 on CUDA, float32 on the CPU")
     g.add_argument("--device", metavar="DEVICE", help=f"{', '.join(DEVICES)} or cuda:N")
     g.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is often faster on "
@@ -216,7 +248,7 @@ def describe(config: ExperimentConfig) -> str:
              f"  datasets  {', '.join(c.datasets)}"
              + (f" (file {c.data_file})" if c.data_file else ""),
              f"  methods   {', '.join(c.methods)}  protocol {c.protocol}, block size "
-             f"{c.block_size}, {c.causal_selection} selection"
+             f"{c.block_size}, k_min {c.k_min}, {c.causal_selection} selection"
              + (f", kv chunk {c.kv_chunk}" if c.protocol == "kv" else "")]
     if c.context_length_sweep.enabled:
         lines.append(f"  context sweep   L = {c.context_length_sweep.context_lengths} at "

@@ -201,10 +201,6 @@ def create_quick_test(hub_online: Optional[bool] = None) -> ExperimentConfig:
 # ---------------------------------------------------------------------------------------------
 # Validation: every check that needs no model weights.
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_context_lengths(config: ExperimentConfig, problems: list) -> None:
     lengths = []
     sweeps = [("context_length_sweep.context_lengths", config.context_length_sweep.context_lengths)]
@@ -233,10 +229,12 @@ def _check_sparsities(config: ExperimentConfig, problems: list) -> None:
         problems.append(f"sparsity_sweep.sparsity_levels must be a non-empty list, got {levels!r}")
         levels = []
     values += [("sparsity_sweep.sparsity_levels", s) for s in levels]
+    from cabattn.grid import check_options
     for where, s in values:
-        if not _is_number(s) or not (0.0 <= s < 1.0) or math.isnan(s):
-            problems.append(f"{where}: sparsity {s!r} is outside [0, 1) (0 = dense, 0.9 = keep "
-                            "10% of the causal pairs)")
+        try:
+            check_options(s)
+        except ValueError as err:
+            problems.append(f"{where}: {err}")
 
 
 def _check_choice(problems: list, where: str, value, choices) -> None:

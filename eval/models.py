@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import env
 from .cache import cache_dir as default_cache_dir
-from .cache import locked, write_json
+from .cache import locked
+from .results import write_json_atomic
 from .hub import hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -186,8 +187,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        write_json(staging / "cabattn_source.json",
-                   {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size})
+        write_json_atomic(staging / "cabattn_source.json",
+                          {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size})
         _check_conversion(model, tokenizer, staging)
         # mkdtemp (0700) and safetensors (0600) would hide a shared cache from other users.
         os.chmod(staging, 0o755)

@@ -45,16 +45,17 @@ def write_json_atomic(path, obj) -> None:
         os.close(dir_fd)
 
 
-def read_json(path):
-    """Parse a strict JSON file; CorruptFileError (naming the file) when it cannot be read."""
+def read_json(path, remedy: str = "delete it or start over with --fresh"):
+    """Parse a strict JSON file; CorruptFileError (naming the file and the remedy) when it
+    cannot be read."""
     path = Path(path)
     try:
         return json.loads(path.read_text(), parse_constant=_reject_constant)
     except FileNotFoundError:
         raise CorruptFileError(f"{path}: file does not exist") from None
     except (ValueError, UnicodeDecodeError) as err:
-        raise CorruptFileError(f"{path} is corrupt and cannot be read ({err}); delete it or "
-                               "start over with --fresh") from None
+        raise CorruptFileError(f"{path} is corrupt and cannot be read ({err}); {remedy}") \
+            from None
 
 
 def finite_or_none(value):

@@ -178,3 +178,25 @@ def test_several_problems_are_reported_together(tiny_model, tiny_text, tmp_path,
                      "--output-dir", str(tmp_path), "--yes"]) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
     assert "unknown method 'nope'" in err and "sparsity 2.0" in err
+
+
+def test_k_min_is_settable_and_checked(capsys):
+    (c,), _ = cli.configs_from_args(_args("--k-min", "32"))
+    assert c.k_min == 32
+    c.k_min = 0
+    with pytest.raises(ConfigError, match="k_min 0 must be a positive integer"):
+        cfg.validate(c, check_model=False)
+    with pytest.raises(SystemExit):
+        _args("--k-min", "0")
+    assert "'0' is not a positive integer" in capsys.readouterr().err
+
+
+def test_help_is_built_from_the_registries():
+    from cabattn import methods as registry
+    text = " ".join(cli.build_parser().format_help().split())  # as if never wrapped
+    for entry in data.DATASETS.values():
+        assert f"{entry.name} ({'hub' if entry.hub else 'offline'}): {entry.description}" in text
+    for name, cls in registry.METHODS.items():
+        assert f" {name}" in text
+        for param, (default, doc) in cls.parameters().items():
+            assert f"{param} = {default!r}: {doc}" in text

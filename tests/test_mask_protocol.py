@@ -120,3 +120,24 @@ def test_kv_protocol_dispatch_and_mask_only_patterns(model, ids):
                            protocol="kv"):
             pass
     assert model.config._attn_implementation == original
+
+
+def test_the_stats_record_says_what_ran(model, ids):
+    _, stats = loss(model, ids, method="cab_v4", sparsity=0.9, k_min=32, block_size=32)
+    record = stats.record()
+    assert (record["protocol"], record["causal_selection"]) == ("mask", "strict")
+    assert (record["block_size"], record["k_min"]) == (32, 32)
+    assert record["params"] == methods.get_method("cab_v4").config
+    assert record["oracle_selection"] and record["density"] == stats.density
+    assert set(record["layer_head_density"]) == {"0", "1"}
+    with cabattn.dense(model) as dense:
+        assert dense.record()["protocol"] == "dense" and dense.record()["density"] == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")
+def test_gpu_timings_come_from_cuda_events(model, ids):
+    with torch.no_grad(), cabattn.apply(model.cuda(), method="h2o", sparsity=0.9) as stats:
+        model(ids.cuda(), labels=ids.cuda())
+    assert stats.pending  # events, read once at the end instead of a sync per layer
+    assert stats.selection_seconds > 0 and stats.attention_seconds > 0 and not stats.pending
+    model.cpu()

@@ -1,4 +1,5 @@
 """The method registry and the mask rules on plain tensors (cabattn.sparse_attention)."""
+import dataclasses
 import math
 
 import pytest
@@ -304,3 +305,24 @@ def test_transposed_inputs_are_accepted():
     assert not views[0].is_contiguous()
     torch.testing.assert_close(cabattn.sparse_attention(*views, "cab_v4", 0.7),
                                cabattn.sparse_attention(q, k, v, "cab_v4", 0.7), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_parameters_are_declared_fields_with_a_doc_and_a_check(name):
+    cls = methods.METHODS[name]
+    assert dataclasses.is_dataclass(cls)
+    method = methods.get_method(name)
+    assert list(method.config) == list(cls.parameters())
+    for spec in dataclasses.fields(cls):
+        assert spec.metadata["doc"] and callable(spec.metadata["check"]), spec.name
+        assert spec.metadata["check"](spec.default) is None  # every default is valid
+        assert method.config[spec.name] == spec.default
+
+
+def test_cab_v3_has_no_magnitude_ratio_to_hide():
+    cab_v3 = methods.get_method("cab_v3")
+    assert "magnitude_ratio" not in cab_v3.config and not hasattr(cab_v3, "magnitude_ratio")
+    assert cab_v3.magnitude_share() == 0.0
+    with pytest.raises(ValueError, match="no parameter"):
+        methods.get_method("cab_v3", magnitude_ratio=0.5)
+    assert methods.get_method("cab_v4", magnitude_ratio=0.25).magnitude_share() == 0.25

@@ -1,4 +1,6 @@
 """random: the diagonal plus uniformly drawn blocks (mask) or tokens (kv); seeded."""
+from dataclasses import dataclass
+
 import torch
 
 from . import register
@@ -6,7 +8,9 @@ from .base import BlockPlan, KVState, MaskContext, Method
 
 
 @register
+@dataclass
 class Random(Method):
+    """The diagonal plus uniformly drawn blocks (mask) or tokens (kv); seeded."""
     name = "random"
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:

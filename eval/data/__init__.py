@@ -11,12 +11,12 @@ from pathlib import Path
 
 from ..cache import cache_dir as default_cache_dir
 from ..hub import hub_reachable
-from .corpora import (HUB_DATASETS, LOCAL_SUFFIXES, OFFLINE_DATASETS, PARSER_VERSION,
+from .corpora import (DATASETS, HUB_DATASETS, LOCAL_SUFFIXES, OFFLINE_DATASETS, PARSER_VERSION,
                       DatasetError, FetchError, hub_corpus, local_corpus, offline_corpus)
 from .windows import Windows, cached_tokens, cut_windows, source_key
 
-__all__ = ["OFFLINE_DATASETS", "HUB_DATASETS", "LOCAL_SUFFIXES", "DatasetError", "FetchError",
-           "Windows", "available_datasets", "check_data_file", "validate_dataset",
+__all__ = ["DATASETS", "OFFLINE_DATASETS", "HUB_DATASETS", "LOCAL_SUFFIXES", "DatasetError",
+           "FetchError", "Windows", "available_datasets", "check_data_file", "validate_dataset",
            "load_windows"]
 
 
