@@ -268,6 +268,16 @@ def _confirm(args) -> bool:
 
 
 def main(argv=None) -> int:
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while torch imports, a model loads or validation reads files: nothing to
+        # keep yet (a run in progress has already written its partial results).
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run_command(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         configs, notes = configs_from_args(args)
@@ -300,8 +310,6 @@ def main(argv=None) -> int:
                                            command=command, make_report=not args.no_report)
         try:
             runner.run()
-        except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
         except (ConfigError, CorruptFileError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_CONFIG

@@ -127,3 +127,37 @@ def test_a_run_that_reuses_every_cell_keeps_provenance_and_a_hand_edit_is_refuse
         assert cli.main(args) == cli.EXIT_CONFIG
         err = capsys.readouterr().err
         assert str(cell) in err and message in err and "Traceback" not in err, err
+
+
+# `python -m eval.run`, with torch's import slowed down so that Ctrl-C can reach it there.
+SLOW_TORCH_IMPORT = """
+import builtins, runpy, sys, time
+real_import = builtins.__import__
+def slow_import(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        print("IMPORTING TORCH", flush=True)
+        time.sleep(60)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = slow_import
+sys.argv = ["eval.run", *sys.argv[1:]]
+runpy.run_module("eval.run", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TORCH_IMPORT, "--quick-test", "--yes",
+                             "--output-dir", str(tmp_path)], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().strip() == "IMPORTING TORCH"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, output
+    assert "Traceback" not in output and "interrupted" in output, output
