@@ -261,10 +261,15 @@ def describe(config: ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
-def _confirm(args) -> bool:
-    if args.yes or args.quick_test or not sys.stdin.isatty():
+# A run estimated to take longer asks before it starts (on a terminal, without --yes).
+LONG_RUN_SECONDS = 600
+
+
+def _confirm(args, seconds: float) -> bool:
+    if args.yes or args.quick_test or seconds < LONG_RUN_SECONDS or not sys.stdin.isatty():
         return True
-    return input("Continue with this configuration? [y/N]: ").strip().lower() in ("y", "yes")
+    return input("Continue with this run? (--yes skips this question) [y/N]: "
+                 ).strip().lower() in ("y", "yes")
 
 
 def main(argv=None) -> int:
@@ -293,9 +298,6 @@ def run_command(argv=None) -> int:
     except (ConfigError, CorruptFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    if not _confirm(args):
-        print("aborted")
-        return EXIT_CONFIG
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
@@ -304,16 +306,21 @@ def run_command(argv=None) -> int:
     status = EXIT_OK
     command = ["python", "-m", "eval.run", *(sys.argv[1:] if argv is None else argv)]
     from .models import ModelLoadError
-    from .run import PerplexityBenchmarkRunner
+    from .data import DatasetError, FetchError
+    from .run import PerplexityBenchmarkRunner, RunDeclined
     for config in configs:
         runner = PerplexityBenchmarkRunner(config, resume=args.resume, notes=notes,
-                                           command=command, make_report=not args.no_report)
+                                           command=command, make_report=not args.no_report,
+                                           confirm=lambda seconds: _confirm(args, seconds))
         try:
             runner.run()
-        except (ConfigError, CorruptFileError) as err:
+        except RunDeclined:
+            print("aborted: nothing computed")
+            return EXIT_CONFIG
+        except (ConfigError, CorruptFileError, DatasetError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_CONFIG
-        except ModelLoadError as err:
+        except (ModelLoadError, FetchError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_FAILED
         if runner.failed_cells():

@@ -34,6 +34,18 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class RunDeclined(Exception):
+    """The user did not confirm a long run; nothing was computed."""
+
+
 # -- planning -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -204,13 +216,17 @@ class PerplexityBenchmarkRunner:
     results (JSON, figures, table). `run()` returns the results dict."""
 
     def __init__(self, config: ExperimentConfig, resume: bool = True, progress: bool = True,
-                 notes: tuple = (), command: list | None = None, make_report: bool = True):
+                 notes: tuple = (), command: list | None = None, make_report: bool = True,
+                 confirm=lambda seconds: True):
         self.config = config
         self.resume = resume
         self.progress = progress
         self.notes = list(notes)
         self.command = command
         self.make_report = make_report
+        # Asked with the estimated seconds of the cells to compute (see estimate()) before
+        # the first is computed; False ends the run (RunDeclined).
+        self.confirm = confirm
         self.output_dir = Path(config.output_dir)
         self.results_path = self.output_dir / f"{config.name}.json"
         self.latest_path = self.output_dir / f"{config.name}_latest.json"
@@ -236,11 +252,14 @@ class PerplexityBenchmarkRunner:
                 self.say(f"--fresh: removed {removed} stored cells from {self.store.folder}")
         specs = plan_runs(self.config)
         keys = {spec: cell_key(self.config, spec) for spec in specs}
-        stored = sum(self.store.get(key) is not None for key in keys.values())
+        todo = [spec for spec in specs if self.store.get(keys[spec]) is None]
+        stored = len(specs) - len(todo)
         self.say(f"{len(specs)} computations for {len(plan_cells(self.config))} result cells; "
                  f"{stored} already finished in {self.store.folder}"
                  + (" (reused; --fresh recomputes them)" if stored else ""))
         try:
+            if todo and not self.confirm(self.estimate(todo)):
+                raise RunDeclined("not confirmed")
             # A cell another run is computing right now (it holds the cell's claim) is left
             # for last, then waited for: it is reused once that run stores it.
             busy = []
@@ -315,6 +334,33 @@ class PerplexityBenchmarkRunner:
         self.computed.append(spec)
         self.say(self.summary_line(spec, result))
         return result
+
+    def estimate(self, todo: list) -> float:
+        """Say the size of the computations still to do (windows per cell, forward tokens)
+        and their estimated seconds, from one timed dense forward per context length."""
+        import torch
+
+        windows = {(s.dataset, s.context_length): int(self.windows_for(s).input_ids.shape[0])
+                   for s in todo}
+        seconds_per_window = {}
+        with torch.inference_mode():
+            for L in sorted({L for _, L in windows}):
+                spec = next(s for s in todo if s.context_length == L)
+                ids = self.windows_for(spec).input_ids[:1].to(self.device)
+                self.loaded.model(ids[:, :16])  # warm-up: first calls set up kernels/threads
+                start = time.perf_counter()
+                self.loaded.model(ids)
+                env.synchronize(self.device)
+                seconds_per_window[L] = time.perf_counter() - start
+        tokens = sum(windows[s.dataset, s.context_length] * s.context_length for s in todo)
+        seconds = sum(windows[s.dataset, s.context_length] * seconds_per_window[s.context_length]
+                      for s in todo)
+        per_cell = ", ".join(f"{d}@{L}: {n:,}" for (d, L), n in windows.items())
+        self.say(f"to compute: {len(todo)} cells; windows per cell {per_cell}; "
+                 f"{tokens:,} forward tokens in all; about {_duration(seconds)} at the dense "
+                 f"rate measured now ({tokens / max(seconds, 1e-9):,.0f} tokens/s; sparse "
+                 "methods may be slower)")
+        return seconds
 
     def load(self):
         """The model, loaded once for the whole run (a load failure ends the run)."""

@@ -161,3 +161,31 @@ def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback(tmp_path):
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == cli.EXIT_INTERRUPTED, output
     assert "Traceback" not in output and "interrupted" in output, output
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_run_says_its_size_and_a_long_one_asks_first(tiny_model, tiny_text, tmp_path,
+                                                       monkeypatch, capsys):
+    import re
+    import sys
+
+    from eval_assets import tiny_run_args
+    args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--methods", "dense", "h2o",
+                         "--context-lengths", "64", "128", "--no-sparsity-sweep",
+                         "--max-windows", "3", "--no-report")
+    # On a terminal, without --yes, a run estimated to be long asks; "n" computes nothing.
+    monkeypatch.setattr(cli, "LONG_RUN_SECONDS", 0.0)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    answers = []
+    monkeypatch.setattr("builtins.input", lambda prompt: answers.append(prompt) or "n")
+    assert cli.main([a for a in args if a != "--yes"]) == cli.EXIT_CONFIG
+    out = capsys.readouterr().out
+    assert len(answers) == 1 and "aborted: nothing computed" in out
+    assert not list((tmp_path / "tiny.cells").glob("*.json"))
+    # windows per cell: 3 at each L; forward tokens: dense and h2o at 64 and 128, 3 windows each
+    match = re.search(r"to compute: 4 cells; windows per cell tiny@64: 3, tiny@128: 3; "
+                      r"([\d,]+) forward tokens in all; about \d+ s at the dense rate", out)
+    assert match and int(match[1].replace(",", "")) == 2 * 3 * (64 + 128), out
+    # --yes prints the size and goes on, without asking.
+    assert cli.main(args) == cli.EXIT_OK
+    assert "forward tokens in all" in capsys.readouterr().out and len(answers) == 1
