@@ -9,7 +9,8 @@ by definition); the result records what actually ran (`method_run`, `sparsity_ru
 The runner reads top to bottom: plan the cells (`plan_cells`, `plan_runs`), compute one
 (`compute_cell`: config, loaded model, windows, RunSpec -> R, writing nothing, so any executor
 can call it), store it (the CellStore, one atomically written JSON file per cell, is the only
-writer of cell results; an interrupted run resumes from it), then rewrite the results JSON, the
+writer of cell results; an interrupted run resumes from it; a cell is computed under its claim,
+so two runs into one folder never compute it twice), then rewrite the results JSON, the
 figures and the table. The command line lives in eval.cli.
 """
 import math
