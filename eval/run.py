@@ -210,6 +210,19 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
             for name, v in result.items()}
 
 
+def time_forward(loaded, input_ids, device: str) -> float:
+    """Seconds of one dense forward of a window [1, L] after a short warm-up (the first calls
+    set up kernels and threads): the rate a run's size estimate is made from."""
+    import torch
+    ids = input_ids.to(device)
+    with torch.inference_mode():
+        loaded.model(ids[:, :16])
+        start = time.perf_counter()
+        loaded.model(ids)
+        env.synchronize(device)
+    return time.perf_counter() - start
+
+
 # -- the runner: plan, compute, store -------------------------------------------------------
 
 class PerplexityBenchmarkRunner:
@@ -339,20 +352,13 @@ class PerplexityBenchmarkRunner:
     def estimate(self, todo: list) -> float:
         """Say the size of the computations still to do (windows per cell, forward tokens)
         and their estimated seconds, from one timed dense forward per context length."""
-        import torch
-
         windows = {(s.dataset, s.context_length): int(self.windows_for(s).input_ids.shape[0])
                    for s in todo}
         seconds_per_window = {}
-        with torch.inference_mode():
-            for L in sorted({L for _, L in windows}):
-                spec = next(s for s in todo if s.context_length == L)
-                ids = self.windows_for(spec).input_ids[:1].to(self.device)
-                self.loaded.model(ids[:, :16])  # warm-up: first calls set up kernels/threads
-                start = time.perf_counter()
-                self.loaded.model(ids)
-                env.synchronize(self.device)
-                seconds_per_window[L] = time.perf_counter() - start
+        for L in sorted({L for _, L in windows}):
+            spec = next(s for s in todo if s.context_length == L)
+            seconds_per_window[L] = time_forward(self.load(), self.windows_for(spec).input_ids[:1],
+                                                 self.device)
         tokens = sum(windows[s.dataset, s.context_length] * s.context_length for s in todo)
         seconds = sum(windows[s.dataset, s.context_length] * seconds_per_window[s.context_length]
                       for s in todo)
