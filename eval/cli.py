@@ -296,10 +296,15 @@ def describe(config: ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
-def _confirm(args) -> bool:
-    if args.yes or args.quick_test or not sys.stdin.isatty():
+# A run estimated to take longer asks before it starts (on a terminal, without --yes).
+LONG_RUN_SECONDS = 600
+
+
+def _confirm(args, seconds: float) -> bool:
+    if args.yes or args.quick_test or seconds < LONG_RUN_SECONDS or not sys.stdin.isatty():
         return True
-    return input("Continue with this configuration? [y/N]: ").strip().lower() in ("y", "yes")
+    return input("Continue with this run? (--yes skips this question) [y/N]: "
+                 ).strip().lower() in ("y", "yes")
 
 
 def _check_scaling(args) -> None:
@@ -314,6 +319,16 @@ def _check_scaling(args) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while torch imports, a model loads or validation reads files: nothing to
+        # keep yet (a run in progress has already written its partial results).
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run_command(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_scaling(args)
@@ -330,9 +345,6 @@ def main(argv=None) -> int:
     except (ConfigError, CorruptFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    if not _confirm(args):
-        print("aborted")
-        return EXIT_CONFIG
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
@@ -342,21 +354,23 @@ def main(argv=None) -> int:
     command = ["python", "-m", "eval.run", *(sys.argv[1:] if argv is None else argv)]
     from .executors import ExecutorError
     from .models import ModelLoadError
-    from .run import PerplexityBenchmarkRunner
+    from .data import DatasetError, FetchError
+    from .run import PerplexityBenchmarkRunner, RunDeclined
     for config in configs:
         runner = PerplexityBenchmarkRunner(
             config, resume=args.resume, notes=notes, command=command,
             make_report=not args.no_report, executor=args.executor,
             ray_address=args.ray_address, threads=args.threads or 1, shard=args.shard,
-            assemble=args.assemble)
+            assemble=args.assemble, confirm=lambda seconds: _confirm(args, seconds))
         try:
             runner.run()
-        except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
-        except (ConfigError, CorruptFileError) as err:
+        except RunDeclined:
+            print("aborted: nothing computed")
+            return EXIT_CONFIG
+        except (ConfigError, CorruptFileError, DatasetError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_CONFIG
-        except (ModelLoadError, ExecutorError) as err:
+        except (ModelLoadError, ExecutorError, FetchError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_FAILED
         if runner.failed_cells() or runner.missing:

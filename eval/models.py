@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from . import env
 from .cache import cache_dir as default_cache_dir
@@ -173,7 +174,15 @@ def _converted_default(cache_dir):
               f"dequantised to {folder}")
     with locked(folder):
         if not (folder / "model.safetensors").is_file():
-            _convert_gguf(gguf, folder)
+            # Its own loads (the GGUF, then the checkpoint to check it) show no weight-loading
+            # bars: a first run shows one bar, the load of the model it runs.
+            bars = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()
+            try:
+                _convert_gguf(gguf, folder)
+            finally:
+                if bars:
+                    transformers_logging.enable_progress_bar()
     return folder, source
 
 

@@ -120,12 +120,28 @@ def _save(fig, stem: Path, suffix: str) -> list:
 
 
 def _legend(fig, axes):
+    """One legend for every panel, in a row under them (beside them it left a wide margin)."""
     handles = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    fig.legend(list(handles.values()), list(handles), loc="center left",
-               bbox_to_anchor=(1.0, 0.5), frameon=False, title="method")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncols=min(len(handles), 4 * len(axes)), frameon=False)
+
+
+def _drop_overlapping_labels(fig, axes) -> None:
+    """Hide each point label that would overlap one already shown in its panel: methods at
+    the same sparsity sit at about the same density, and one `s=` label says it for all."""
+    fig.canvas.draw()  # lays the figure out, so that the labels have their final places
+    renderer = fig.canvas.get_renderer()
+    for ax in axes:
+        shown = []
+        for text in ax.texts:
+            box = text.get_window_extent(renderer)
+            if any(box.overlaps(other) for other in shown):
+                text.set_visible(False)
+            else:
+                shown.append(box)
 
 
 def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> list:
@@ -135,8 +151,8 @@ def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> 
     import matplotlib.pyplot as plt
     datasets, methods = _datasets(pts), _methods(pts)
     style = _style(methods)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets) + 0.6, 4.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.6),
+                             squeeze=False, layout="constrained")
     axes = axes[0]
     for ax, dataset in zip(axes, datasets):
         _log_if_wide(ax, draw(ax, dataset, methods, style))
@@ -144,6 +160,7 @@ def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> 
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
     _legend(fig, axes)
+    _drop_overlapping_labels(fig, axes)
     paths = _save(fig, stem, suffix)
     plt.close(fig)
     return paths

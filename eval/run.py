@@ -9,9 +9,10 @@ by definition); the result records what actually ran (`method_run`, `sparsity_ru
 The runner reads top to bottom: plan the cells (`plan_cells`, `plan_runs`), compute one
 (`compute_cell`: config, loaded model, windows, RunSpec -> R, writing nothing, so any executor
 can call it), store it (the CellStore, one atomically written JSON file per cell, is the only
-writer of cell results; an interrupted run resumes from it), then rewrite the results JSON, the
-figures and the table. Where cells are computed (this process, Ray actors) is an executor's
-business (eval.executors); the runner alone writes. The command line lives in eval.cli.
+writer of cell results; an interrupted run resumes from it; a cell is computed under its claim,
+so two runs into one folder never compute it twice), then rewrite the results JSON, the figures
+and the table. Where cells are computed (this process, Ray actors) is an executor's business
+(eval.executors); the runner alone writes. The command line lives in eval.cli.
 """
 import math
 import time
@@ -33,6 +34,18 @@ __all__ = ["Cell", "ExperimentConfig", "ModelConfig", "PerplexityBenchmarkRunner
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class RunDeclined(Exception):
+    """The user did not confirm a long run; nothing was computed."""
 
 
 # -- planning -------------------------------------------------------------------------------
@@ -221,6 +234,19 @@ def try_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
         return failed_result(f"{type(err).__name__}: {err}")
 
 
+def time_forward(loaded, input_ids, device: str) -> float:
+    """Seconds of one dense forward of a window [1, L] after a short warm-up (the first calls
+    set up kernels and threads): the rate a run's size estimate is made from."""
+    import torch
+    ids = input_ids.to(device)
+    with torch.inference_mode():
+        loaded.model(ids[:, :16])
+        start = time.perf_counter()
+        loaded.model(ids)
+        env.synchronize(device)
+    return time.perf_counter() - start
+
+
 # -- the runner: plan, compute, store -------------------------------------------------------
 
 class PerplexityBenchmarkRunner:
@@ -235,7 +261,8 @@ class PerplexityBenchmarkRunner:
     def __init__(self, config: ExperimentConfig, resume: bool = True, progress: bool = True,
                  notes: tuple = (), command: list | None = None, make_report: bool = True,
                  executor: str = "serial", ray_address: str | None = None, threads: int = 1,
-                 shard: tuple | None = None, assemble: bool = False):
+                 shard: tuple | None = None, assemble: bool = False,
+                 confirm=lambda seconds: True):
         self.config = config
         self.resume = resume
         self.progress = progress
@@ -243,6 +270,9 @@ class PerplexityBenchmarkRunner:
         self.command = command
         self.make_report = make_report
         self.shard, self.assemble = shard, assemble
+        # Asked with the estimated seconds of the cells to compute (see estimate()) before
+        # the first is computed; False ends the run (RunDeclined).
+        self.confirm = confirm
         self.output_dir = Path(config.output_dir)
         self.results_path = self.output_dir / f"{config.name}.json"
         self.latest_path = self.output_dir / f"{config.name}_latest.json"
@@ -250,6 +280,10 @@ class PerplexityBenchmarkRunner:
         self.executor = executors.make_executor(executor, config, self.say, progress=progress,
                                                 address=ray_address, threads=threads)
         self.windows = {}  # (dataset, L) -> eval.data.Windows, tokenised once
+        # What the results were computed from, kept in the cell store with every cell so that
+        # a run that reuses cells reports them too: the model, and per "dataset@L" the windows.
+        self.model_info = None
+        self.window_info = {}
         self.outcomes = {}  # RunSpec -> R (computed or reused)
         self.computed, self.reused, self.missing = [], [], []
         self.claims = {}  # RunSpec -> the CellClaim held while it is computed
@@ -275,10 +309,9 @@ class PerplexityBenchmarkRunner:
         specs = plan_runs(self.config)
         keys = {spec: cell_key(self.config, spec) for spec in specs}
         for spec in specs:
-            stored = self.store.get(keys[spec])
-            if stored is not None:
-                self.outcomes[spec] = stored
-                self.reused.append(spec)
+            record = self.store.get_record(keys[spec])
+            if record is not None:
+                self.reuse(spec, record)
         self.say(f"{len(specs)} computations for {len(plan_cells(self.config))} result cells; "
                  f"{len(self.reused)} already finished in {self.store.folder}"
                  + (" (reused; --fresh recomputes them)" if self.reused else ""))
@@ -291,6 +324,8 @@ class PerplexityBenchmarkRunner:
             return self.finish_assembly(todo)
         self.to_do, self.done = len(todo), 0  # for the [done/total] of each cell's line
         try:
+            if todo and not self.confirm(self.estimate(todo)):
+                raise RunDeclined("not confirmed")
             # A cell another run is computing right now (it holds the cell's claim) is left
             # for last, then waited for: it is reused once that run stores it.
             self.compute(todo, keys, wait=False)
@@ -336,7 +371,9 @@ class PerplexityBenchmarkRunner:
                 # A failed cell is reported, never stored: a rerun retries it.
                 self.say(f"[{self.done}/{self.to_do}] FAILED {spec.label}: {result['error']}")
             else:
-                self.store.put(keys[spec], result)
+                self.store.put(keys[spec], result, provenance={
+                    "model_info": self.executor.model_info(),
+                    "windows": self.window_info[f"{spec.dataset}@{spec.context_length}"]})
                 self.computed.append(spec)
                 self.say(f"[{self.done}/{self.to_do}] {self.summary_line(spec, result)}"
                          + (f"  [{where}]" if where else ""))
@@ -356,11 +393,10 @@ class PerplexityBenchmarkRunner:
             self.say(f"{spec.label}: being computed by another run ({holder}); waiting for it "
                      "after the other cells")
             return False
-        stored = self.store.get(key)  # the claim's last holder may have stored it
-        if stored is not None:
+        record = self.store.get_record(key)  # the claim's last holder may have stored it
+        if record is not None:
             claim.release()
-            self.outcomes[spec] = stored
-            self.reused.append(spec)
+            self.reuse(spec, record)
             self.to_do -= 1
             return False
         self.claims[spec] = claim
@@ -385,6 +421,40 @@ class PerplexityBenchmarkRunner:
             for path in make_report(self.results_path):
                 self.say(f"wrote {path}")
 
+    def reuse(self, spec: RunSpec, record: dict) -> None:
+        """A stored cell: its result, and the provenance stored with it (model, windows)."""
+        self.outcomes[spec] = record["result"]
+        self.reused.append(spec)
+        self.model_info = self.model_info or record["provenance"].get("model_info")
+        windows = record["provenance"].get("windows")
+        if windows:
+            self.window_info.setdefault(f"{spec.dataset}@{spec.context_length}", windows)
+
+    def estimate(self, todo: list) -> float:
+        """Say the size of the computations still to do (windows per cell, forward tokens)
+        and their estimated seconds, from one timed dense forward per context length (an
+        executor that cannot time one here, Ray's, gives the size alone)."""
+        windows = {(s.dataset, s.context_length): int(self.windows_for(s).input_ids.shape[0])
+                   for s in todo}
+        tokens = sum(windows[s.dataset, s.context_length] * s.context_length for s in todo)
+        per_cell = ", ".join(f"{d}@{L}: {n:,}" for (d, L), n in windows.items())
+        seconds_per_window = {}
+        for L in sorted({L for _, L in windows}):
+            spec = next(s for s in todo if s.context_length == L)
+            seconds_per_window[L] = self.executor.time_forward(
+                self.windows_for(spec).input_ids[:1])
+        if None in seconds_per_window.values():
+            self.say(f"to compute: {len(todo)} cells; windows per cell {per_cell}; "
+                     f"{tokens:,} forward tokens in all")
+            return 0.0
+        seconds = sum(windows[s.dataset, s.context_length] * seconds_per_window[s.context_length]
+                      for s in todo)
+        self.say(f"to compute: {len(todo)} cells; windows per cell {per_cell}; "
+                 f"{tokens:,} forward tokens in all; about {_duration(seconds)} at the dense "
+                 f"rate measured now ({tokens / max(seconds, 1e-9):,.0f} tokens/s; sparse "
+                 "methods may be slower)")
+        return seconds
+
     def windows_for(self, spec: RunSpec):
         key = (spec.dataset, spec.context_length)
         if key not in self.windows:
@@ -395,6 +465,9 @@ class PerplexityBenchmarkRunner:
                 spec.dataset, self.executor.tokenizer(), spec.context_length,
                 max_windows=self.config.max_windows, data_file=self.config.data_file,
                 text_field=self.config.text_field)
+            self.window_info[f"{spec.dataset}@{spec.context_length}"] = {
+                "num_windows": int(w.input_ids.shape[0]), "description": w.description,
+                "num_documents": w.num_documents}
             self.say(f"{spec.dataset}: {w.input_ids.shape[0]} windows of {spec.context_length} "
                      f"tokens ({w.description})")
         return self.windows[key]
@@ -434,13 +507,8 @@ class PerplexityBenchmarkRunner:
             executor=self.executor.name, cells_computed=len(self.computed),
             cells_reused=len(self.reused), cells_missing=[spec.label for spec in self.missing],
             versions=provenance["versions"], machine=provenance["machine"])
-        info = self.executor.model_info()
-        if info is not None:
-            record["model_info"] = info
-        record["windows"] = {f"{d}@{L}": {"num_windows": int(w.input_ids.shape[0]),
-                                          "description": w.description,
-                                          "num_documents": w.num_documents}
-                             for (d, L), w in self.windows.items()}
+        record.update(model_info=self.executor.model_info() or self.model_info,
+                      windows=dict(self.window_info))
         return record
 
     def write(self, status: str) -> dict:

@@ -97,3 +97,100 @@ def test_jsonl_records_without_text_are_skipped_and_counted(tmp_path):
     corpus = local_corpus("some", path, "text")
     assert corpus.documents == ["one", "two"]  # not "None"
     assert "2 records without text skipped (lines 2, 5)" in corpus.description
+
+
+TINY_RUN = ["--method", "dense", "--context-lengths", "64", "--no-sparsity-sweep",
+            "--max-windows", "1", "--no-report"]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_run_that_reuses_every_cell_keeps_provenance_and_a_hand_edit_is_refused(
+        tiny_model, tiny_text, tmp_path, capsys):
+    import json
+
+    from eval_assets import tiny_run_args
+    args = tiny_run_args(tiny_model, tiny_text, tmp_path, *TINY_RUN)
+    assert cli.main(args) == cli.EXIT_OK
+    first = json.loads((tmp_path / "tiny.json").read_text())["config"]
+    assert first["model_info"]["num_parameters"] > 0 and first["windows"]
+    assert cli.main(args) == cli.EXIT_OK  # every cell reused: nothing loaded
+    again = json.loads((tmp_path / "tiny.json").read_text())["config"]
+    assert again["cells_reused"] == 1 and again["cells_computed"] == 0
+    assert again["model_info"] == first["model_info"] and again["windows"] == first["windows"]
+
+    (cell,) = (tmp_path / "tiny.cells").glob("*.json")
+    record = json.loads(cell.read_text())
+    for edited, message in (({}, "lacks perplexity"),
+                            ({**record["result"], "perplexity": "garbage"}, "'garbage'")):
+        cell.write_text(json.dumps({**record, "result": edited}))
+        capsys.readouterr()
+        assert cli.main(args) == cli.EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert str(cell) in err and message in err and "Traceback" not in err, err
+
+
+# `python -m eval.run`, with torch's import slowed down so that Ctrl-C can reach it there.
+SLOW_TORCH_IMPORT = """
+import builtins, runpy, sys, time
+real_import = builtins.__import__
+def slow_import(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        print("IMPORTING TORCH", flush=True)
+        time.sleep(60)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = slow_import
+sys.argv = ["eval.run", *sys.argv[1:]]
+runpy.run_module("eval.run", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TORCH_IMPORT, "--quick-test", "--yes",
+                             "--output-dir", str(tmp_path)], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    before = []
+    for line in proc.stdout:  # until torch starts importing
+        if line.strip() == "IMPORTING TORCH":
+            break
+        before.append(line)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    output = "".join(before) + output
+    assert proc.returncode == cli.EXIT_INTERRUPTED, output
+    assert "Traceback" not in output and "interrupted" in output, output
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_run_says_its_size_and_a_long_one_asks_first(tiny_model, tiny_text, tmp_path,
+                                                       monkeypatch, capsys):
+    import re
+    import sys
+
+    from eval_assets import tiny_run_args
+    args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--methods", "dense", "h2o",
+                         "--context-lengths", "64", "128", "--no-sparsity-sweep",
+                         "--max-windows", "3", "--no-report")
+    # On a terminal, without --yes, a run estimated to be long asks; "n" computes nothing.
+    monkeypatch.setattr(cli, "LONG_RUN_SECONDS", 0.0)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    answers = []
+    monkeypatch.setattr("builtins.input", lambda prompt: answers.append(prompt) or "n")
+    assert cli.main([a for a in args if a != "--yes"]) == cli.EXIT_CONFIG
+    out = capsys.readouterr().out
+    assert len(answers) == 1 and "aborted: nothing computed" in out
+    assert not list((tmp_path / "tiny.cells").glob("*.json"))
+    # windows per cell: 3 at each L; forward tokens: dense and h2o at 64 and 128, 3 windows each
+    match = re.search(r"to compute: 4 cells; windows per cell tiny@64: 3, tiny@128: 3; "
+                      r"([\d,]+) forward tokens in all; about \d+ s at the dense rate", out)
+    assert match and int(match[1].replace(",", "")) == 2 * 3 * (64 + 128), out
+    # --yes prints the size and goes on, without asking.
+    assert cli.main(args) == cli.EXIT_OK
+    assert "forward tokens in all" in capsys.readouterr().out and len(answers) == 1

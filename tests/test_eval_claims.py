@@ -77,3 +77,26 @@ def test_a_cell_another_run_computes_is_waited_for_not_recomputed(tiny_model, ti
     assert "being computed by another run (pid" in out
     assert [s.context_length for s in computed] == [96]  # 64 came from the other run
     assert "1 reused" in out
+
+
+def test_two_runs_into_one_folder_compute_each_cell_once(tiny_model, tiny_text, tmp_path):
+    import os
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--method", "dense",
+                         "--context-lengths", "64", "96", "128", "160", "--no-sparsity-sweep",
+                         "--max-windows", "2", "--no-report")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    runs = [subprocess.Popen([sys.executable, "-m", "eval.run", *args], cwd=repo, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [cli.EXIT_OK] * 2, outputs
+    counts = [re.search(r"(\d+) cells computed, (\d+) reused", out) for out in outputs]
+    assert all(counts), outputs
+    assert sum(int(c[1]) for c in counts) == 4, outputs  # each of the 4 cells once in all
+    assert all(int(c[1]) + int(c[2]) == 4 for c in counts)  # each run reports all 4
+    assert len(list((tmp_path / "tiny.cells").glob("*.json"))) == 4
+    assert not list((tmp_path / "tiny.cells").glob("*.claim"))

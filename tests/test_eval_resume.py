@@ -21,8 +21,8 @@ import sys, time
 from eval import cli
 from eval.results import CellStore
 store = CellStore.put
-def put_then_wait(self, key, result):
-    path = store(self, key, result)
+def put_then_wait(self, *args, **kwargs):
+    path = store(self, *args, **kwargs)
     print("CELL STORED", flush=True)
     time.sleep(600)
     return path

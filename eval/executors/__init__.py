@@ -11,6 +11,10 @@ the results.
     for spec, result, where in executor.run(specs, windows_for, claim): ...
     executor.close()
 
+It also gives the run's provenance (`model_info()`), the tokenizer the driver tokenises with,
+and `time_forward(input_ids)`: one dense forward's seconds for the size estimate (None where
+the driver holds no model).
+
 `shard(specs, index, count)` is the deterministic partition of a run for job arrays.
 """
 import re

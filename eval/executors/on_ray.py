@@ -100,6 +100,10 @@ class RayExecutor:
     def model_info(self):
         return self.info
 
+    def time_forward(self, input_ids):
+        """None: the driver holds no model to time a forward with (the actors do)."""
+        return None
+
     def start_actors(self, count: int) -> None:
         import ray
         remote = ray.remote(CellActor).options(

@@ -28,6 +28,12 @@ class SerialExecutor:
     def model_info(self):
         return None if self.loaded is None else model_info(self.loaded)
 
+    def time_forward(self, input_ids) -> float:
+        """Seconds of one dense forward of a window here (the run's size estimate)."""
+        from .. import env, run
+        return run.time_forward(self.load(), input_ids,
+                                env.resolve_device(self.config.model.device))
+
     def run(self, specs, windows_for, claim):
         from .. import run
         for spec in specs:
