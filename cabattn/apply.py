@@ -2,16 +2,28 @@
 
     with cabattn.apply(model, method="cab_v4", sparsity=0.9) as stats:
         loss = model(input_ids, labels=input_ids).loss
-    stats.density
+    stats.density, stats.record()
+
+cabattn.dense(model) is the same context for the model's own attention (its stats record
+dense), so a caller runs every cell through one path.
 """
 import inspect
 from contextlib import contextmanager
 from typing import Union
 
+from .kv_protocol import KVProtocol
+from .mask_protocol import MaskProtocol
 from .methods import Method
 from .sparse import resolve_method
+from .stats import DenseStats
 
-PROTOCOLS = ("mask", "kv")
+PROTOCOLS = {protocol.name: protocol for protocol in (MaskProtocol, KVProtocol)}
+
+
+def get_protocol(name: str) -> type:
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
 
 
 @contextmanager
@@ -21,18 +33,18 @@ def apply(model, method: Union[str, Method] = "dense", sparsity: float = 0.0,
     k_min, seed; causal_selection for mask; kv_chunk, positions for kv) and the method's own
     parameters (see cabattn.methods.get_method). Everything is validated before the model is
     touched; the model's own attention is restored on exit, also after an exception."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
-    if protocol == "mask":
-        from .mask_protocol import MaskProtocol as Protocol
-    else:
-        from .kv_protocol import KVProtocol as Protocol
+    Protocol = get_protocol(protocol)
     # The protocol's own options are the named keyword parameters of its constructor.
     names = {name for name, p in inspect.signature(Protocol).parameters.items()
              if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY} - {
         "model", "method", "sparsity"}
     protocol_options = {k: v for k, v in options.items() if k in names}
     method = resolve_method(method, **{k: v for k, v in options.items() if k not in names})
-    method.check_protocol(protocol)
     with Protocol(model, method, sparsity, **protocol_options) as stats:
         yield stats
+
+
+@contextmanager
+def dense(model):
+    """The model's own attention, untouched; yields DenseStats (the record of a dense run)."""
+    yield DenseStats()

@@ -15,10 +15,28 @@ def auto_block_size(length: int) -> int:
     return int(min(max(nearest, BLOCK_SIZES[0]), BLOCK_SIZES[-1]))
 
 
+def resolve_block_size(block_size, length: int) -> int:
+    """The block size a window of `length` tokens runs with ("auto": auto_block_size)."""
+    return auto_block_size(length) if block_size == "auto" else int(block_size)
+
+
 def token_budget(length: int, sparsity: float, k_min: int = 64) -> int:
     """K = max(k_min, floor((1 - s) * L)), never more than L. The product is rounded to 9
     decimals first: (1 - 0.9) * 1000 is 99.99999999999997 in floating point, and K is 100."""
     return min(length, max(k_min, math.floor(round((1.0 - sparsity) * length, 9))))
+
+
+def sparsity_for_budget(budget: int, length: int, k_min: int = 64) -> float:
+    """The sparsity whose token budget at `length` is exactly `budget` tokens (0.0, dense,
+    when the budget holds the whole window): a fixed cache size as a sparsity."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < k_min:
+        raise ValueError(f"token budget {budget!r} must be an integer >= k_min = {k_min} (the "
+                         "smallest budget any sparsity gives)")
+    if budget >= length:
+        return 0.0
+    sparsity = 1.0 - budget / length
+    assert token_budget(length, sparsity, k_min) == budget, (budget, length, sparsity)
+    return sparsity
 
 
 @dataclass(frozen=True)

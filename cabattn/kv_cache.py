@@ -6,8 +6,9 @@ nothing is reallocated or rebuilt per token. Keys, values, absolute positions an
 accumulator live in parallel buffers and are always compacted together, so entry i of each
 describes the same token. Each KV head has its own keep set.
 
-The layer also keeps, per query head, the coarse (largest-L2) query of every absolute block
-seen so far: the block statistic block-level kv rules (cab_v3/cab_v4) score cached blocks with.
+The layer also keeps, per query head, the coarse query of every absolute block seen so far,
+pooled as the method asks (Method.block_query_pooling: the largest-L2 query, or the mean): the
+block statistic block-level kv rules (cab_v3/cab_v4) score cached blocks with.
 """
 import math
 from typing import Optional
@@ -17,6 +18,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops
 from .methods.base import KVState
+
+BLOCK_QUERY_POOLINGS = (None, "max_l2", "mean")
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -28,15 +31,21 @@ class EvictingLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, capacity: int, block_size: int, num_blocks: int):
+    def __init__(self, capacity: int, block_size: int, num_blocks: int,
+                 block_query_pooling: Optional[str] = None):
         super().__init__()
+        if block_query_pooling not in BLOCK_QUERY_POOLINGS:
+            raise ValueError(f"block query pooling {block_query_pooling!r} is not one the cache "
+                             f"can track; valid: {', '.join(map(str, BLOCK_QUERY_POOLINGS))}")
         self.capacity = capacity
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.block_query_pooling = block_query_pooling
         self.length = 0
         self.key_buffer = self.value_buffer = None
         self.position_buffer = self.mass_buffer = None
-        self.block_query_buffer = self.block_query_norm = None
+        # max_l2: the best query and its norm; mean: the float32 sum and the count of queries
+        self.block_query_buffer = self.block_query_norm = self.block_query_count = None
         self.blocks_seen = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -90,7 +99,33 @@ class EvictingLayer(CacheLayerMixin):
 
     def note_queries(self, query: torch.Tensor, first_position: int) -> None:
         """Folds a chunk of post-RoPE queries [B, Hq, c, d] at absolute positions
-        first_position.. into the largest-L2 query of each block (first on ties)."""
+        first_position.. into each block's coarse query (block_query_pooling)."""
+        if self.block_query_pooling == "mean":
+            self._sum_queries(query, first_position)
+        else:
+            self._best_queries(query, first_position)
+        self.blocks_seen = (first_position + query.shape[2] - 1) // self.block_size + 1
+
+    def _sum_queries(self, query: torch.Tensor, first_position: int) -> None:
+        b, h, chunk, d = query.shape
+        if self.block_query_buffer is None:
+            self.block_query_buffer = torch.zeros(b, h, self.num_blocks, d, dtype=torch.float32,
+                                                  device=query.device)
+            self.block_query_count = torch.zeros(self.num_blocks, dtype=torch.float32,
+                                                 device=query.device)
+        for block, lo, hi in self._block_spans(first_position, chunk):
+            self.block_query_buffer[:, :, block] += query[:, :, lo:hi].float().sum(2)
+            self.block_query_count[block] += hi - lo
+
+    def _block_spans(self, first_position: int, chunk: int):
+        """(block, lo, hi): the chunk's queries lo:hi that fall in each absolute block."""
+        last = first_position + chunk - 1
+        for block in range(first_position // self.block_size, last // self.block_size + 1):
+            yield (block, max(block * self.block_size, first_position) - first_position,
+                   min((block + 1) * self.block_size, last + 1) - first_position)
+
+    def _best_queries(self, query: torch.Tensor, first_position: int) -> None:
+        """The largest-L2 query of each block (first on ties)."""
         b, h, chunk, d = query.shape
         if self.block_query_buffer is None:
             self.block_query_buffer = query.new_zeros(b, h, self.num_blocks, d)
@@ -98,10 +133,7 @@ class EvictingLayer(CacheLayerMixin):
             self.block_query_norm = torch.full((b, h, self.num_blocks), -1.0,
                                                dtype=torch.float32, device=query.device)
         norms = torch.linalg.vector_norm(query, dim=-1, dtype=torch.float32)
-        last = first_position + chunk - 1
-        for block in range(first_position // self.block_size, last // self.block_size + 1):
-            lo = max(block * self.block_size, first_position) - first_position
-            hi = min((block + 1) * self.block_size, last + 1) - first_position
+        for block, lo, hi in self._block_spans(first_position, chunk):
             if hi - lo == 1:  # token-by-token streaming: one query, nothing to reduce
                 best_norm, best_query = norms[:, :, lo], query[:, :, lo]
             else:
@@ -114,14 +146,17 @@ class EvictingLayer(CacheLayerMixin):
             better = best_norm > stored_norm
             stored_norm.copy_(torch.where(better, best_norm, stored_norm))
             stored_query.copy_(torch.where(better[..., None], best_query, stored_query))
-        self.blocks_seen = last // self.block_size + 1
 
     def state(self, budget: int, scale: float, layer_idx: int, window_idx: int,
               seed: int) -> KVState:
         """What a kv rule reads: views of the live entries, no copies (block_queries is None
-        unless note_queries ran)."""
-        block_queries = (None if self.block_query_buffer is None
-                         else self.block_query_buffer[:, :, :self.blocks_seen])
+        unless note_queries ran; mean-pooled ones are divided out here)."""
+        block_queries = None
+        if self.block_query_buffer is not None:
+            block_queries = self.block_query_buffer[:, :, :self.blocks_seen]
+            if self.block_query_pooling == "mean":
+                counts = self.block_query_count[:self.blocks_seen, None]
+                block_queries = (block_queries / counts).to(self.key_buffer.dtype)
         return KVState(keys=self.keys, positions=self.positions, mass=self.mass,
                        block_queries=block_queries,
                        budget=budget, block_size=self.block_size, scale=scale,
@@ -149,9 +184,12 @@ class EvictingLayer(CacheLayerMixin):
         self.blocks_seen = 0
         if self.is_initialized:
             self._set_length(0)
+        if self.block_query_buffer is not None:
+            self.block_query_buffer.zero_()
         if self.block_query_norm is not None:
             self.block_query_norm.fill_(-1.0)
-            self.block_query_buffer.zero_()
+        if self.block_query_count is not None:
+            self.block_query_count.zero_()
 
 
 class KVEvictionCache(Cache):
@@ -162,12 +200,14 @@ class KVEvictionCache(Cache):
     the tokens the forward appends (transformers' update() does not pass them).
     """
 
-    def __init__(self, num_layers: int, budget: int, chunk: int, block_size: int, length: int):
+    def __init__(self, num_layers: int, budget: int, chunk: int, block_size: int, length: int,
+                 block_query_pooling: Optional[str] = None):
         if budget < 1 or chunk < 1:
             raise ValueError(f"budget ({budget}) and chunk ({chunk}) must be at least 1")
         self.budget, self.chunk, self.length = budget, chunk, length
         num_blocks = math.ceil(length / block_size)
-        super().__init__(layers=[EvictingLayer(budget + chunk, block_size, num_blocks)
+        super().__init__(layers=[EvictingLayer(budget + chunk, block_size, num_blocks,
+                                               block_query_pooling)
                                  for _ in range(num_layers)])
         self.chunk_positions: Optional[torch.Tensor] = None
 

@@ -13,7 +13,6 @@ folds the mass and the chunk's queries into the layer's cache and evicts. The me
 is the only rule; the protocol has no method-specific code.
 """
 import inspect
-import time
 from typing import Optional, Union
 
 import torch
@@ -21,10 +20,11 @@ from transformers import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
-from .grid import auto_block_size, check_options
+from .grid import check_options, resolve_block_size
 from .kv_cache import KVEvictionCache
-from .methods import Method, get_method
+from .methods import Method
 from .reference import default_scale
+from .sparse import resolve_method
 from .stats import ProtocolStats
 
 ATTENTION_NAME = "cabattn_kv"
@@ -62,24 +62,25 @@ class _WindowStream:
     def attend(self, layer_idx: int, query, key, value, scale: Optional[float]):
         protocol, layer = self.protocol, self.cache.layers[layer_idx]
         scale = default_scale(query.shape[-1]) if scale is None else scale
-        start = time.perf_counter()
-        # A full buffer view is contiguous; a partial one (prefill, last chunk) is copied.
-        out, _, mass = ops.attention_with_scores(query.contiguous(), key.contiguous(),
-                                                 value.contiguous(), scale)
-        middle = time.perf_counter()
-        layer.add_mass(mass)
-        if protocol.method.reads_block_queries:
-            layer.note_queries(query, self.first_position)
-        chunk, length = query.shape[2], layer.length
-        self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
-        if length > protocol.budget:
-            keep = protocol.method.kv_keep(layer.state(protocol.budget, scale, layer_idx,
-                                                       self.window_idx, protocol.seed))
-            protocol.check_keep(keep, layer.positions.shape, layer_idx)
-            layer.compact(keep)
-        stats = protocol.stats
-        stats.attention_seconds += middle - start
-        stats.selection_seconds += time.perf_counter() - middle
+        timing = protocol.stats.timing
+        with timing("attention", query.device):
+            # A full buffer view is contiguous; a partial one (prefill, last chunk) is copied.
+            out, _, mass = ops.attention_with_scores(query.contiguous(), key.contiguous(),
+                                                     value.contiguous(), scale)
+        with timing("selection", query.device):
+            layer.add_mass(mass)
+            if layer.block_query_pooling is not None:
+                layer.note_queries(query, self.first_position)
+            chunk, length = query.shape[2], layer.length
+            self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
+            if length > protocol.budget:
+                keep = protocol.method.kv_keep(layer.state(protocol.budget, scale, layer_idx,
+                                                           self.window_idx, protocol.seed))
+                protocol.check_keep(keep, layer.positions.shape, layer_idx)
+                layer.compact(keep)
+        positions = layer.positions  # ascending per KV head: [..., 0] oldest, [..., -1] newest
+        protocol.stats.add_sink((positions[..., 0] == 0).sum(), positions[..., 0].numel())
+        protocol.stats.add_cached_age((positions[..., -1:] - positions).sum(), positions.numel())
         return out.transpose(1, 2), None
 
 
@@ -92,9 +93,12 @@ class KVProtocol:
     K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything).
     kv_chunk: tokens per streaming step (1 = exact token-by-token streaming).
     positions: "absolute" (every token keeps its true position).
-    block_size: "auto" (auto_block_size(L)) or one of 16, 32, 64, 128: the block the
+    block_size: "auto" (grid.auto_block_size(L)) or one of 16, 32, 64, 128: the block the
     block-level rules and the per-block coarse queries use.
     """
+
+    name = "kv"
+    OPTIONS = ("kv_chunk",)  # recorded with every cell, next to the shared options
 
     def __init__(self, model, method: Union[Method, str], sparsity: float, kv_chunk: int = 1,
                  positions: str = "absolute", block_size: Union[int, str] = "auto",
@@ -110,20 +114,14 @@ class KVProtocol:
         if positions not in POSITIONS:
             raise ValueError(f"positions {positions!r} is not supported; valid choices: "
                              f"{', '.join(POSITIONS)}")
-        if isinstance(method, Method):
-            if method_params:
-                raise ValueError(f"method parameters {sorted(method_params)} were given with "
-                                 f"an already built method {method!r}; pass them to it instead")
-        elif isinstance(method, str):
-            method = get_method(method, **method_params)
-        else:
-            raise TypeError(f"method must be a cabattn Method or a method name, got "
-                            f"{type(method).__name__}")
-        method.check_protocol("kv")
+        method = resolve_method(method, **method_params)
+        method.check_protocol(self.name)
         self.model, self.method, self.sparsity = model, method, float(sparsity)
         self.kv_chunk, self.positions, self.block_size = kv_chunk, positions, block_size
         self.k_min, self.seed = k_min, seed
-        self.stats = ProtocolStats()
+        self.stats = ProtocolStats(
+            protocol=self.name, options={name: getattr(self, name) for name in self.OPTIONS},
+            params=method.config, k_min=k_min)
         self.budget = 0  # K of the window being scored
         self.cache: Optional[KVEvictionCache] = None  # the window being (or last) scored
         self.windows_seen = 0
@@ -167,10 +165,12 @@ class KVProtocol:
                              "padding (zeros)")
         model = self.model
         batch, length = input_ids.shape
-        self.budget = self.method.token_budget(length, self.sparsity, self.k_min)
-        block_size = auto_block_size(length) if self.block_size == "auto" else self.block_size
+        self.budget = self.stats.budget_tokens = self.method.token_budget(length, self.sparsity,
+                                                                          self.k_min)
+        block_size = self.stats.block_size = resolve_block_size(self.block_size, length)
         self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
-                                             self.kv_chunk, block_size, length)
+                                             self.kv_chunk, block_size, length,
+                                             self.method.block_query_pooling)
         stream = _WindowStream(self, cache, self.windows_seen)
         prefill = min(self.budget, length)
         spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, length))
@@ -187,7 +187,7 @@ class KVProtocol:
                 logits.append(out.logits)
         logits = torch.cat(logits, dim=1)
         self._record_pairs(stream, batch, length)
-        self.windows_seen += 1
+        self.windows_seen += batch  # row b of the batch was window windows_seen + b
         loss = None
         if labels is not None:
             loss = model.loss_function(logits=logits, labels=labels,

@@ -11,7 +11,7 @@ from transformers.masking_utils import sdpa_mask
 
 from . import ops
 from .grid import causal_pairs, check_options, kept_pairs
-from .methods import Method
+from .methods import MaskContext, Method
 from .sparse import make_grid, plan_layout
 from .stats import ProtocolStats
 
@@ -43,14 +43,26 @@ def attention_modules(model):
 class MaskProtocol:
     """Context manager: inside it, the model's attention is the method's block-sparse
     attention; __enter__ returns the ProtocolStats that every forward adds to."""
+    name = "mask"
+    # Recorded with every cell, next to the shared options. diagnostics: also measure each
+    # layer's attention recall, from the oracle block statistics (an extra QK^T pass for a
+    # method whose rule does not compute them).
+    OPTIONS = ("causal_selection", "diagnostics")
+
     def __init__(self, model, method: Method, sparsity: float, block_size="auto",
-                 k_min: int = 64, causal_selection: str = "strict", seed: int = 42):
+                 k_min: int = 64, causal_selection: str = "strict", seed: int = 42,
+                 diagnostics: bool = False):
         check_options(sparsity, block_size, k_min, causal_selection)
+        if not isinstance(diagnostics, bool):
+            raise ValueError(f"diagnostics {diagnostics!r} must be true or false")
+        method.check_protocol(self.name)
         self.model, self.method, self.sparsity = model, method, float(sparsity)
         self.block_size, self.k_min, self.causal_selection = block_size, k_min, causal_selection
-        self.seed = seed
+        self.seed, self.diagnostics = seed, diagnostics
         self.windows_seen = 0
-        self.stats = ProtocolStats(oracle_selection=method.oracle)
+        self.stats = ProtocolStats(
+            protocol=self.name, options={name: getattr(self, name) for name in self.OPTIONS},
+            params=method.config, k_min=k_min, oracle_selection=method.oracle)
         self._saved = None
 
     def __enter__(self) -> ProtocolStats:
@@ -85,20 +97,28 @@ class MaskProtocol:
                              "padding or an attention_mask of ones")
         scale = module.scaling if scaling is None else scaling
         layer_idx = module.layer_idx
-        if layer_idx == 0:
-            self.windows_seen += 1
+        if layer_idx == 0:  # a new batch of windows: rows are windows_seen - batch + row
+            self.windows_seen += query.shape[0]
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
         grid = make_grid(self.method, length, self.sparsity, self.block_size, self.k_min,
                          self.causal_selection)
-        with torch.no_grad(), self.stats.timing("selection"):
-            layout = plan_layout(self.method, q, k, grid, scale, layer_idx,
-                                 self.windows_seen - 1, self.seed)
-        with self.stats.timing("attention"):
+        self.stats.block_size, self.stats.budget_tokens = grid.block_size, grid.budget
+        ctx = MaskContext(q, k, grid, scale, layer_idx, self.windows_seen - query.shape[0],
+                          self.seed)
+        with torch.no_grad(), self.stats.timing("selection", q.device):
+            layout = plan_layout(self.method, ctx)
+        with self.stats.timing("attention", q.device):
             out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
                                                 grid.block_size, scale)
         kept = kept_pairs(layout.block_count, layout.block_index, grid).sum(0)
         self.stats.add_pairs(layer_idx, kept, torch.full_like(kept, causal_pairs(length)
                                                               * q.shape[0]))
+        sink_rows = layout.keeps_first_block()
+        self.stats.add_sink(sink_rows.sum(), sink_rows.numel())
+        if self.diagnostics:
+            with torch.no_grad():  # ctx.block_scores: the rule's own, or one more QK^T pass
+                self.stats.add_recall(layer_idx, layout.kept_mass(ctx.block_scores[0]).sum(),
+                                      q.shape[0] * q.shape[1] * length)
         return out.transpose(1, 2).contiguous(), None
 
 

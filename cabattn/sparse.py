@@ -13,7 +13,8 @@ from typing import Union
 import torch
 
 from . import ops
-from .grid import BlockGrid, auto_block_size, check_options, realised_density
+from .reference import default_scale
+from .grid import BlockGrid, check_options, realised_density, resolve_block_size
 from .methods import BlockPlan, MaskContext, Method, get_method
 
 
@@ -28,6 +29,19 @@ class Layout:
     def density(self) -> float:
         return realised_density(self.block_count, self.block_index, self.grid)
 
+    def keeps_first_block(self) -> torch.Tensor:
+        """bool [B, Hq, M]: which query-block rows keep key block 0 (indices ascend)."""
+        return (self.block_count > 0) & (self.block_index[..., 0] == 0)
+
+    def kept_mass(self, block_mass: torch.Tensor) -> torch.Tensor:
+        """The dense causal softmax mass inside the layout, summed over each (batch row,
+        head)'s query rows, float64 [B, Hq]; block_mass is block_scores' Sblk [B, Hq, M, M]
+        (a query row's mass sums to 1, so the mass of a whole window is L)."""
+        slots = torch.arange(self.block_index.shape[-1], device=self.block_index.device)
+        valid = slots < self.block_count[..., None].long()
+        mass = block_mass.double().gather(-1, self.block_index.long().clamp(min=0))
+        return (mass * valid).sum((-1, -2))
+
 
 def resolve_method(method: Union[str, Method], **params) -> Method:
     if isinstance(method, Method):
@@ -40,8 +54,8 @@ def resolve_method(method: Union[str, Method], **params) -> Method:
 
 def make_grid(method: Method, length: int, sparsity: float, block_size="auto",
               k_min: int = 64, causal_selection: str = "strict") -> BlockGrid:
-    size = auto_block_size(length) if block_size == "auto" else int(block_size)
-    return BlockGrid(length, size, method.token_budget(length, sparsity, k_min), causal_selection)
+    return BlockGrid(length, resolve_block_size(block_size, length),
+                     method.token_budget(length, sparsity, k_min), causal_selection)
 
 
 def layout_from_plan(plan: BlockPlan, grid: BlockGrid, batch: int, heads: int,
@@ -58,10 +72,11 @@ def layout_from_plan(plan: BlockPlan, grid: BlockGrid, batch: int, heads: int,
     return Layout(count, index, grid)
 
 
-def plan_layout(method: Method, q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, scale: float,
-                layer_idx: int = 0, window_idx: int = 0, seed: int = 42) -> Layout:
-    ctx = MaskContext(q, k, grid, scale, layer_idx, window_idx, seed)
-    return layout_from_plan(method.mask_plan(ctx), grid, q.shape[0], q.shape[1], q.device)
+def plan_layout(method: Method, ctx: MaskContext) -> Layout:
+    """The layout `method` picks for one layer's q and k (ctx keeps the oracle statistics
+    the rule computed, for diagnostics that read them after)."""
+    return layout_from_plan(method.mask_plan(ctx), ctx.grid, ctx.q.shape[0], ctx.q.shape[1],
+                            ctx.q.device)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, method: Union[str, Method], sparsity: float,
@@ -72,8 +87,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, method: Union[str, Method], 
     method = resolve_method(method, **params)
     q, k = q.contiguous(), k.contiguous()  # e.g. [B, L, H, d] inputs transposed to [B, H, L, d]
     grid = make_grid(method, q.shape[2], sparsity, block_size, k_min, causal_selection)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return plan_layout(method, q, k, grid, scale, seed=seed)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    return plan_layout(method, MaskContext(q, k, grid, scale, seed=seed))
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -81,7 +96,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      k_min: int = 64, causal_selection: str = "strict", scale: float = None,
                      seed: int = 42, **params) -> torch.Tensor:
     """Causal attention [B, Hq, L, d] over the key blocks `method` selects at `sparsity`."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, for selection and attention
     layout = select_blocks(q, k, method, sparsity, block_size=block_size, k_min=k_min,
                            causal_selection=causal_selection, scale=scale, seed=seed, **params)

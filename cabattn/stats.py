@@ -1,7 +1,14 @@
-"""Statistics a protocol collects while a model runs under cabattn.apply()."""
+"""What a model ran under cabattn.apply() / cabattn.dense(): the protocol's record.
+
+Each protocol fills a ProtocolStats while the model runs and reports itself through `record()`
+(protocol, block size, its own options, the method's parameters, realised density, timings), so
+a caller stores that record as it is and never needs to know which protocol produced it.
+DenseStats is the same record for the model's own attention.
+"""
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -10,14 +17,27 @@ import torch
 class ProtocolStats:
     """Realised density per layer and head, and where the time went.
 
-    Pairs are summed over every forward since the last reset(): kept (query, key) pairs and
-    causal pairs per layer, each a float64 tensor [Hq]. Density = kept / causal.
+    Pairs are summed over every forward: kept (query, key) pairs and causal pairs per layer,
+    each a float64 tensor [Hq]. Density = kept / causal.
     """
+    protocol: str = ""
+    options: dict = field(default_factory=dict)  # the protocol's own options, e.g. kv_chunk
+    params: dict = field(default_factory=dict)  # the method's parameters, defaults filled in
+    block_size: Optional[int] = None  # of the latest window (set by the protocol)
+    budget_tokens: Optional[int] = None  # K of the latest window (set by the protocol)
+    k_min: Optional[int] = None
     kept: dict = field(default_factory=dict)
     causal: dict = field(default_factory=dict)
-    selection_seconds: float = 0.0
-    attention_seconds: float = 0.0
     oracle_selection: bool = False
+    seconds: dict = field(default_factory=lambda: {"selection": 0.0, "attention": 0.0})
+    # CUDA (what, start event, end event) not yet added to `seconds`: reading them waits for
+    # the GPU, so that happens once, when the seconds are read, not inside the forward.
+    pending: list = field(default_factory=list)
+    # What the kept attention explains (issue 16), summed over every forward as [measured,
+    # out of] pairs; the sums may be device tensors, read (and waited for) only by record().
+    recall: dict = field(default_factory=dict)  # layer -> [kept softmax mass, query rows]
+    sink: list = field(default_factory=lambda: [0, 0])  # [rows/caches holding key 0, all]
+    cached_age: list = field(default_factory=lambda: [0, 0])  # [summed age, cached entries]
 
     def add_pairs(self, layer_idx: int, kept: torch.Tensor, causal: torch.Tensor) -> None:
         kept, causal = kept.detach().double().cpu(), causal.detach().double().cpu()
@@ -27,15 +47,57 @@ class ProtocolStats:
         else:
             self.kept[layer_idx], self.causal[layer_idx] = kept.clone(), causal.clone()
 
+    def add_recall(self, layer_idx: int, kept_mass, rows: int) -> None:
+        """Dense softmax mass (summed over rows, each row's being 1) inside what was kept."""
+        measured = self.recall.setdefault(layer_idx, [0, 0])
+        measured[0] = measured[0] + kept_mass
+        measured[1] += rows
+
+    def add_sink(self, holding_first, total: int) -> None:
+        """How many of `total` query-block rows (mask) or caches (kv) hold key 0."""
+        self.sink[0] = self.sink[0] + holding_first
+        self.sink[1] += total
+
+    def add_cached_age(self, age_sum, entries: int) -> None:
+        """Summed age (newest cached position - position) of `entries` cached tokens."""
+        self.cached_age[0] = self.cached_age[0] + age_sum
+        self.cached_age[1] += entries
+
     @contextmanager
-    def timing(self, what: str):
-        """Adds the wall time of the block to `selection` or `attention` seconds."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            attr = f"{what}_seconds"
-            setattr(self, attr, getattr(self, attr) + time.perf_counter() - start)
+    def timing(self, what: str, device: torch.device):
+        """Adds the time the block takes to `selection` or `attention` seconds: on the GPU the
+        stream's time between two CUDA events (so work queued before the block, such as the
+        previous layer's attention, is not counted), on the CPU the wall time."""
+        if device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self.pending.append((what, start, end))
+        else:
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds[what] += time.perf_counter() - start
+
+    def _settle(self) -> dict:
+        for what, start, end in self.pending:
+            end.synchronize()
+            self.seconds[what] += start.elapsed_time(end) / 1000
+        self.pending.clear()
+        return self.seconds
+
+    @property
+    def selection_seconds(self) -> float:
+        return self._settle()["selection"]
+
+    @property
+    def attention_seconds(self) -> float:
+        return self._settle()["attention"]
 
     @property
     def density(self) -> float:
@@ -46,17 +108,65 @@ class ProtocolStats:
         causal = sum(float(t.sum()) for t in self.causal.values())
         return kept / causal
 
+    def layer_recall(self) -> dict:
+        """{layer: share of the dense causal softmax mass inside the kept layout, averaged over
+        heads and query rows} (empty unless the protocol measured it)."""
+        return {layer: float(mass) / rows for layer, (mass, rows) in self.recall.items()}
+
+    @property
+    def attention_recall(self) -> Optional[float]:
+        """Mean over layers of layer_recall(), None when not measured."""
+        recall = self.layer_recall()
+        return sum(recall.values()) / len(recall) if recall else None
+
+    @property
+    def attention_recall_min_layer(self) -> Optional[float]:
+        return min(self.layer_recall().values(), default=None)
+
+    @property
+    def sink_retention(self) -> Optional[float]:
+        """Share of query-block rows (mask) or (layer, KV head, step) caches (kv) that hold
+        key 0 (None when nothing was counted)."""
+        return float(self.sink[0]) / self.sink[1] if self.sink[1] else None
+
+    @property
+    def mean_cached_age(self) -> Optional[float]:
+        """Mean age in tokens of what a cache holds after each step (kv protocol)."""
+        return float(self.cached_age[0]) / self.cached_age[1] if self.cached_age[1] else None
+
+    @property
+    def selection_share(self) -> Optional[float]:
+        """Selection time over attention time."""
+        attention = self.attention_seconds
+        return self.selection_seconds / attention if attention > 0 else None
+
     def layer_head_density(self) -> dict:
         """{layer: [density of each query head]}."""
         return {layer: (self.kept[layer] / self.causal[layer]).tolist() for layer in self.kept}
 
-    def reset(self) -> None:
-        self.kept.clear()
-        self.causal.clear()
-        self.selection_seconds = self.attention_seconds = 0.0
-
-    def as_dict(self) -> dict:
-        return {"density": self.density, "selection_seconds": self.selection_seconds,
+    def record(self) -> dict:
+        """What ran and what it cost, for a results file (JSON types only)."""
+        return {"density": self.density, "block_size": self.block_size, "k_min": self.k_min,
+                "budget_tokens": self.budget_tokens,
+                "protocol": self.protocol, **self.options, "params": dict(self.params),
+                "selection_seconds": self.selection_seconds,
                 "attention_seconds": self.attention_seconds,
                 "oracle_selection": self.oracle_selection,
+                "selection_share": self.selection_share,
+                "attention_recall": self.attention_recall,
+                "attention_recall_min_layer": self.attention_recall_min_layer,
+                "sink_retention": self.sink_retention, "mean_cached_age": self.mean_cached_age,
                 "layer_head_density": {str(k): v for k, v in self.layer_head_density().items()}}
+
+
+class DenseStats:
+    """The record of the model's own attention: nothing selected, every causal pair kept."""
+    density = 1.0
+
+    def record(self) -> dict:
+        return {"density": 1.0, "block_size": None, "budget_tokens": None,
+                "protocol": "dense", "params": {},
+                "selection_seconds": 0.0, "attention_seconds": None, "oracle_selection": False,
+                "selection_share": None, "attention_recall": None,
+                "attention_recall_min_layer": None, "sink_retention": None,
+                "mean_cached_age": None, "layer_head_density": None}

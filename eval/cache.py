@@ -6,7 +6,6 @@ benchmark, say) from fetching or converting the same thing at once.
 """
 import contextlib
 import fcntl
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -47,12 +46,3 @@ def atomic_path(path: Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, ensure_ascii=False))
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())

@@ -8,12 +8,14 @@ all problems at once.
 """
 import functools
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import yaml
 
+from .env import DEVICES, DTYPES
 from .hub import hub_reachable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -22,11 +24,6 @@ QUICK_TEST_YAML = CONFIG_DIR / "quick_test.yaml"
 ICML_FULL_YAML = CONFIG_DIR / "icml_full.yaml"
 DEFAULT_OUTPUT_DIR = "results/perplexity"
 
-PROTOCOLS = ("mask", "kv")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda")
-# Parameters of the protocols themselves; every other key of `method_params` belongs to a method.
-PROTOCOL_PARAMS = ("block_size", "causal_selection", "k_min", "kv_chunk")
 
 
 class ConfigError(ValueError):
@@ -75,8 +72,14 @@ class ExperimentConfig:
     protocol: str = "mask"
     block_size: Union[str, int] = "auto"
     causal_selection: str = "strict"
+    k_min: int = 64  # the smallest token budget K (METHODS.md section 0)
     kv_chunk: int = 1
+    diagnostics: bool = False  # mask protocol: measure attention recall (an oracle pass)
+    # Fixed token budgets (cache sizes) run at every context length, besides the sweeps.
+    budget_tokens: Optional[list] = None
     max_windows: Optional[int] = None  # windows per cell, evenly spaced over the corpus
+    # Windows per forward: the numbers match batch size 1 to rounding (not part of a cell's key).
+    batch_size: int = 1
     data_file: Optional[str] = None  # a local .txt/.jsonl/.parquet corpus
     text_field: str = "text"
     output_dir: str = DEFAULT_OUTPUT_DIR
@@ -203,10 +206,6 @@ def create_quick_test(hub_online: Optional[bool] = None) -> ExperimentConfig:
 # ---------------------------------------------------------------------------------------------
 # Validation: every check that needs no model weights.
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_context_lengths(config: ExperimentConfig, problems: list) -> None:
     lengths = []
     sweeps = [("context_length_sweep.context_lengths", config.context_length_sweep.context_lengths)]
@@ -235,10 +234,12 @@ def _check_sparsities(config: ExperimentConfig, problems: list) -> None:
         problems.append(f"sparsity_sweep.sparsity_levels must be a non-empty list, got {levels!r}")
         levels = []
     values += [("sparsity_sweep.sparsity_levels", s) for s in levels]
+    from cabattn.grid import check_options
     for where, s in values:
-        if not _is_number(s) or not (0.0 <= s < 1.0) or math.isnan(s):
-            problems.append(f"{where}: sparsity {s!r} is outside [0, 1) (0 = dense, 0.9 = keep "
-                            "10% of the causal pairs)")
+        try:
+            check_options(s)
+        except ValueError as err:
+            problems.append(f"{where}: {err}")
 
 
 def _check_choice(problems: list, where: str, value, choices) -> None:
@@ -248,7 +249,7 @@ def _check_choice(problems: list, where: str, value, choices) -> None:
 
 def _check_methods(config: ExperimentConfig, problems: list) -> None:
     from cabattn import methods as registry
-    from cabattn.grid import BLOCK_SIZES, CAUSAL_SELECTIONS
+    from cabattn.grid import check_options
 
     names = registry.available()
     if not config.methods:
@@ -266,16 +267,17 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
                             f"{', '.join(names)}")
         elif not isinstance(params, dict):
             problems.append(f"method_params.{name} must be a mapping, got {params!r}")
-    for name in config.methods:
+    # Every method's parameters, run or not: a typo must not wait for the run that uses it.
+    for name in dict.fromkeys([*config.methods, *config.method_params]):
         if name in names and isinstance(config.method_params.get(name, {}), dict):
             try:
                 registry.get_method(name, **config.method_params.get(name, {}))
             except (ValueError, TypeError) as err:
                 problems.append(f"method {name!r}: {err}")
-    if config.block_size != "auto" and config.block_size not in BLOCK_SIZES:
-        problems.append(f"block_size {config.block_size!r} is not supported; valid: auto, "
-                        + ", ".join(map(str, BLOCK_SIZES)))
-    _check_choice(problems, "causal_selection", config.causal_selection, CAUSAL_SELECTIONS)
+    try:  # the protocol options both protocols share, checked as the protocols check them
+        check_options(0.0, config.block_size, config.k_min, config.causal_selection)
+    except ValueError as err:
+        problems.append(str(err))
 
 
 def _check_datasets(config: ExperimentConfig, problems: list) -> None:
@@ -283,10 +285,16 @@ def _check_datasets(config: ExperimentConfig, problems: list) -> None:
 
     if not config.datasets:
         problems.append("no datasets given; valid: " + ", ".join(data.available_datasets()))
+    found = len(problems)
     for name in config.datasets:
         try:
             data.validate_dataset(name, data_file=config.data_file)
         except (ValueError, FileNotFoundError, OSError) as err:
+            problems.append(str(err))
+    if config.data_file is not None and len(problems) == found and config.datasets:
+        try:  # read it now: a broken line must not wait until the model has loaded
+            data.check_data_file(config.datasets[0], config.data_file, config.text_field)
+        except (ValueError, OSError) as err:
             problems.append(str(err))
 
 
@@ -311,6 +319,67 @@ def _check_model(config: ExperimentConfig, problems: list) -> None:
                             f"allows ({positions} positions)")
 
 
+def config_warnings(config: ExperimentConfig) -> list:
+    """What is valid but probably not meant (a valid config assumed): parameters of methods
+    the run does not include, and sparsity points whose budget leaves no method a choice."""
+    from cabattn import grid
+
+    found = [f"parameters {params} are given for method {name!r}, which this run does not "
+             f"include (methods: {', '.join(config.methods)}); they have no effect"
+             for name, params in config.method_params.items() if name not in config.methods]
+    sparse = [m for m in config.methods if m != "dense"]
+    if not sparse or config.protocol != "mask":
+        return found
+    shift = 1 if config.causal_selection == "strict" else 0
+    for L, s in dict.fromkeys(config.cells_needed()):
+        if s == 0.0:
+            continue
+        budget = grid.token_budget(L, s, config.k_min)
+        block = grid.resolve_block_size(config.block_size, L)
+        # Each row keeps its diagonal (and, strict, the block before): with no more blocks
+        # than that, every method keeps the same layout and gives the same perplexity.
+        if math.ceil(budget / block) <= 1 + shift:
+            choices = [b for b in grid.BLOCK_SIZES if math.ceil(budget / b) > 1 + shift]
+            advice = (f"block size {choices[-1]} (--block-size {choices[-1]}) would leave a "
+                      "choice" if choices else "no block size leaves a choice; lower the "
+                      "sparsity or raise k_min")
+            blocks = math.ceil(budget / block)
+            layout = "its diagonal block" if blocks == 1 else "its diagonal and the block before"
+            found.append(f"at L = {L}, s = {s:g} the budget K = {budget} tokens is {blocks} "
+                         f"block(s) of {block} per row: every method keeps the same layout "
+                         f"(each row {layout}) and gives the same perplexity; {advice}")
+    return found
+
+
+# The longest file name a run writes: atomic_path's temporary for NAME_latest.json
+# (".NAME_latest.json." + mkstemp's 8 random characters + ".tmp").
+_LONGEST_NAME = ".{name}_latest.json.XXXXXXXX.tmp"
+
+
+def check_output_location(config: ExperimentConfig) -> None:
+    """Create the output folder and the cell store's folder and write and remove a file with
+    the longest name the run will need: ConfigError now, not after the first cell."""
+    folder = Path(config.output_dir)
+    longest = _LONGEST_NAME.format(name=config.name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+        if len(os.fsencode(longest)) > limit:
+            spare = limit - len(os.fsencode(_LONGEST_NAME.format(name="")))
+            raise ConfigError(f"name {config.name[:40]!r}... is too long: "
+                              f"{len(os.fsencode(config.name))} bytes, and the run's longest "
+                              f"file name (.NAME_latest.json.XXXXXXXX.tmp) must fit in {limit} "
+                              f"bytes; give --name at most {spare} bytes")
+        (folder / f"{config.name}.cells").mkdir(exist_ok=True)
+        probe = folder / longest.replace("XXXXXXXX", f"{os.getpid():08d}"[-8:])
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output folder {str(folder)!r} cannot be written: "
+                          f"{err.strerror or err} ({err.filename or folder}); give --output-dir "
+                          "a folder you can create and write") from None
+
+
 def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     """Raise ConfigError listing every problem; loads no weights."""
     problems = []
@@ -318,8 +387,9 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
         problems.append(f"name {config.name!r} must be a non-empty file name without '/'")
     if not isinstance(config.seed, int) or isinstance(config.seed, bool):
         problems.append(f"seed {config.seed!r} must be an integer")
-    _check_choice(problems, "protocol", config.protocol, PROTOCOLS)
-    _check_choice(problems, "model.torch_dtype", config.model.torch_dtype, DTYPES)
+    from cabattn import PROTOCOLS
+    _check_choice(problems, "protocol", config.protocol, tuple(PROTOCOLS))
+    _check_choice(problems, "model.torch_dtype", config.model.torch_dtype, ("auto", *DTYPES))
     device = str(config.model.device)
     if device not in DEVICES and not device.startswith("cuda:"):
         problems.append(f"model.device {device!r} is not one of: {', '.join(DEVICES)}, cuda:N")
@@ -331,9 +401,20 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     if not isinstance(config.kv_chunk, int) or isinstance(config.kv_chunk, bool) \
             or config.kv_chunk < 1:
         problems.append(f"kv_chunk {config.kv_chunk!r} must be an integer >= 1")
+    budgets = config.budget_tokens
+    if budgets is not None and (not isinstance(budgets, list) or not budgets or not all(
+            isinstance(K, int) and not isinstance(K, bool) and K >= config.k_min
+            for K in budgets)):
+        problems.append(f"budget_tokens {budgets!r} must be a non-empty list of integers >= "
+                        f"k_min = {config.k_min} (token budgets) or null")
+    if not isinstance(config.diagnostics, bool):
+        problems.append(f"diagnostics {config.diagnostics!r} must be true or false")
     if config.max_windows is not None and (not isinstance(config.max_windows, int)
                                            or config.max_windows < 1):
         problems.append(f"max_windows {config.max_windows!r} must be an integer >= 1 or null")
+    if not isinstance(config.batch_size, int) or isinstance(config.batch_size, bool) \
+            or config.batch_size < 1:
+        problems.append(f"batch_size {config.batch_size!r} must be an integer >= 1")
     if config.data_file is not None and not Path(config.data_file).is_file():
         problems.append(f"data file {config.data_file!r} does not exist")
     if not (config.context_length_sweep.enabled or config.sparsity_sweep.enabled):

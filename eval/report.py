@@ -3,6 +3,9 @@
 - Figure 4: perplexity vs context length at the fixed sparsity, one panel per dataset.
 - Figure 8: perplexity vs realised density (kept / causal query-key pairs) from the sparsity
   sweep: the accuracy-compute frontier, one panel per dataset.
+- Figure recall: perplexity change vs attention recall (the share of the dense softmax mass
+  the kept blocks hold; written when the cells carry it, i.e. runs with --diagnostics), every
+  method and sparsity, one panel per dataset: why one method loses more than another.
 - Table 3: method x sparsity at the fixed context length, PPL and its change vs dense, as
   markdown and LaTeX.
 Figures are PNG and PDF, written next to the results file as <stem>_figure4.png and so on.
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .results import CorruptFileError, read_json
+from .results import delta_vs_dense as results_delta
 
 DENSITY_TICKS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -52,6 +56,8 @@ def points(results: dict) -> list:
                     r = r or {"perplexity": None, "error": "missing result"}
                     if sweep == "context_length_sweep":
                         L, s = int(key), r.get("sparsity", fixed_s)
+                    elif sweep == "budget_sweep":  # "K@L", run at the sparsity that gives K
+                        L, s = int(key.split("@")[1]), r.get("sparsity_run", 0.0)
                     else:
                         L, s = r.get("context_length", fixed_L), float(key)
                     s = 0.0 if method == "dense" else s
@@ -71,9 +77,7 @@ def dense_perplexity(all_points: list, dataset: str, context_length: int):
 def delta_vs_dense(all_points: list, p: Point):
     dense = p.result.get("dense_perplexity") or dense_perplexity(all_points, p.dataset,
                                                                  p.context_length)
-    if p.perplexity is None or not dense:
-        return None
-    return p.perplexity / dense - 1
+    return results_delta(p.perplexity, dense)
 
 
 def _datasets(all_points):
@@ -116,12 +120,28 @@ def _save(fig, stem: Path, suffix: str) -> list:
 
 
 def _legend(fig, axes):
+    """One legend for every panel, in a row under them (beside them it left a wide margin)."""
     handles = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    fig.legend(list(handles.values()), list(handles), loc="center left",
-               bbox_to_anchor=(1.0, 0.5), frameon=False, title="method")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncols=min(len(handles), 4 * len(axes)), frameon=False)
+
+
+def _drop_overlapping_labels(fig, axes) -> None:
+    """Hide each point label that would overlap one already shown in its panel: methods at
+    the same sparsity sit at about the same density, and one `s=` label says it for all."""
+    fig.canvas.draw()  # lays the figure out, so that the labels have their final places
+    renderer = fig.canvas.get_renderer()
+    for ax in axes:
+        shown = []
+        for text in ax.texts:
+            box = text.get_window_extent(renderer)
+            if any(box.overlaps(other) for other in shown):
+                text.set_visible(False)
+            else:
+                shown.append(box)
 
 
 def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> list:
@@ -131,8 +151,8 @@ def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> 
     import matplotlib.pyplot as plt
     datasets, methods = _datasets(pts), _methods(pts)
     style = _style(methods)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets) + 0.6, 4.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.6),
+                             squeeze=False, layout="constrained")
     axes = axes[0]
     for ax, dataset in zip(axes, datasets):
         _log_if_wide(ax, draw(ax, dataset, methods, style))
@@ -140,6 +160,7 @@ def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> 
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
     _legend(fig, axes)
+    _drop_overlapping_labels(fig, axes)
     paths = _save(fig, stem, suffix)
     plt.close(fig)
     return paths
@@ -210,6 +231,56 @@ def figure8(results: dict, stem: Path) -> list:
                               "attention density (accuracy-compute frontier)", draw)
 
 
+def recall_cells(results: dict) -> dict:
+    """{(dataset, method, L, s): (attention recall, PPL change vs dense in %)} of every sparse
+    cell that carries its recall (both sweeps, each (L, s) once)."""
+    all_points = points(results)
+    cells = {}
+    for p in all_points:
+        recall, delta = p.result.get("attention_recall"), delta_vs_dense(all_points, p)
+        if p.method != "dense" and p.sparsity > 0 and recall is not None and delta is not None:
+            cells[(p.dataset, p.method, p.context_length, p.sparsity)] = (recall, delta * 100)
+    return cells
+
+
+def figure_recall(results: dict, stem: Path) -> list:
+    """Perplexity change vs dense against attention recall, one panel per dataset."""
+    import matplotlib.pyplot as plt
+    cells = recall_cells(results)
+    if not cells:
+        return []
+    datasets = list(dict.fromkeys(key[0] for key in cells))
+    methods = list(dict.fromkeys(key[1] for key in cells))
+    style = _style(methods)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets) + 0.6, 4.2),
+                             squeeze=False)
+    axes = axes[0]
+    several_lengths = len({key[2] for key in cells}) > 1
+    for ax, dataset in zip(axes, datasets):
+        for method in methods:
+            mine = sorted((xy, L, s) for (d, m, L, s), xy in cells.items()
+                          if d == dataset and m == method)
+            if not mine:
+                continue
+            ax.scatter([xy[0] for xy, _, _ in mine], [xy[1] for xy, _, _ in mine],
+                       label=method, color=style[method]["color"],
+                       marker=style[method]["marker"])
+            for (x, y), L, s in mine:
+                ax.annotate(f"s={s:g}" + (f" L={L}" if several_lengths else ""), (x, y),
+                            textcoords="offset points", xytext=(4, 3), fontsize=7,
+                            color=style[method]["color"])
+        ax.axhline(0.0, color="black", linestyle="--", linewidth=0.8)
+        ax.set_title(dataset)
+        ax.set_xlabel("attention recall (dense softmax mass kept)")
+        ax.set_ylabel("perplexity change vs dense (%)")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("Perplexity change vs attention recall")
+    _legend(fig, axes)
+    paths = _save(fig, stem, "figure_recall")
+    plt.close(fig)
+    return paths
+
+
 def table3_rows(results: dict) -> tuple:
     """(sparsity levels, rows): a row is (dataset, L, method, [cell text per level]); a cell
     is 'PPL (+x.x%)' against dense at the same L, 'failed' or '-' when not run."""
@@ -272,7 +343,7 @@ def make_report(results_path, output_dir=None) -> list:
     folder = Path(output_dir) if output_dir else results_path.parent
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / results_path.stem
-    paths = figure4(results, stem) + figure8(results, stem)
+    paths = figure4(results, stem) + figure8(results, stem) + figure_recall(results, stem)
     for suffix, text in (("md", table3_markdown(results)), ("tex", table3_latex(results))):
         path = stem.with_name(f"{stem.name}_table3.{suffix}")
         path.write_text(text)

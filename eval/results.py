@@ -4,10 +4,12 @@ A file is never left half-written: it is written to a temporary file in the same
 fsync'd, then os.replace'd over the target. NaN and infinity are refused on write and on read
 (the original code averaged NaN results away; here a failed cell is `null` plus an error).
 """
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
 from pathlib import Path
 
 from .cache import atomic_path
@@ -43,16 +45,17 @@ def write_json_atomic(path, obj) -> None:
         os.close(dir_fd)
 
 
-def read_json(path):
-    """Parse a strict JSON file; CorruptFileError (naming the file) when it cannot be read."""
+def read_json(path, remedy: str = "delete it or start over with --fresh"):
+    """Parse a strict JSON file; CorruptFileError (naming the file and the remedy) when it
+    cannot be read."""
     path = Path(path)
     try:
         return json.loads(path.read_text(), parse_constant=_reject_constant)
     except FileNotFoundError:
         raise CorruptFileError(f"{path}: file does not exist") from None
     except (ValueError, UnicodeDecodeError) as err:
-        raise CorruptFileError(f"{path} is corrupt and cannot be read ({err}); delete it or "
-                               "start over with --fresh") from None
+        raise CorruptFileError(f"{path} is corrupt and cannot be read ({err}); {remedy}") \
+            from None
 
 
 def finite_or_none(value):
@@ -83,8 +86,39 @@ class CellStore:
     def path(self, key: dict) -> Path:
         return self.folder / f"{cell_id(key)}.json"
 
+    def claim_path(self, key: dict) -> Path:
+        return self.folder / f"{cell_id(key)}.claim"
+
+    # -- claims: one computer per cell ------------------------------------------------------
+    # A claim is an exclusive flock on <cell>.claim, held while the cell is computed. The
+    # kernel drops the lock when its process dies (kill -9, out of memory), so a claim is
+    # never stale; the file itself only says who holds it (pid and host), for messages.
+
+    def try_claim(self, key: dict):
+        """A CellClaim when no other process is computing the cell, else None. Release it
+        (or use it as a context manager) once the cell is stored or has failed."""
+        return CellClaim.acquire(self.claim_path(key), blocking=False)
+
+    def claim(self, key: dict):
+        """The cell's CellClaim, waiting while another process holds it (it is released when
+        that process has stored the cell, has failed it, or has died)."""
+        return CellClaim.acquire(self.claim_path(key), blocking=True)
+
+    def claim_holder(self, key: dict) -> str:
+        """Who holds the cell's claim, as written in its claim file ('' when unknown)."""
+        try:
+            return self.claim_path(key).read_text().strip()
+        except OSError:
+            return ""
+
     def get(self, key: dict):
         """The stored result of the cell, or None when it has not finished yet."""
+        record = self.get_record(key)
+        return None if record is None else record["result"]
+
+    def get_record(self, key: dict):
+        """{"key", "result", "provenance"} of a finished cell, or None; CorruptFileError when
+        the file is not what put() writes (a hand edit is checked like a damaged file)."""
         path = self.path(key)
         if not path.exists():
             return None
@@ -92,11 +126,18 @@ class CellStore:
         if not isinstance(record, dict) or record.get("key") != key or "result" not in record:
             raise CorruptFileError(f"{path} is corrupt: it does not hold the result of the cell "
                                    "it is named after; delete it or start over with --fresh")
-        return record["result"]
+        problem = result_problem(record["result"])
+        if problem:
+            raise CorruptFileError(f"{path} is corrupt: {problem}; delete it (the cell is "
+                                   "recomputed) or start over with --fresh")
+        provenance = record.get("provenance")
+        return {**record, "provenance": provenance if isinstance(provenance, dict) else {}}
 
-    def put(self, key: dict, result: dict) -> Path:
+    def put(self, key: dict, result: dict, provenance: dict | None = None) -> Path:
+        """Store a finished cell's R with what it was computed from (model, windows), so a
+        run that reuses every cell still reports them."""
         path = self.path(key)
-        write_json_atomic(path, {"key": key, "result": result})
+        write_json_atomic(path, {"key": key, "result": result, "provenance": provenance or {}})
         return path
 
     def __len__(self) -> int:
@@ -111,3 +152,128 @@ class CellStore:
             path.unlink()
             removed += 1
         return removed
+
+
+class CellClaim:
+    """An exclusive claim on one cell (see CellStore.try_claim); a context manager."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, path: Path, blocking: bool):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder before us may have removed the file between our open and our lock:
+            # then we hold a lock on a name that no longer exists; start again.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+                return cls(path, fd)
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()  # while locked: nobody else can hold a lock on this file now
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)  # drops the lock
+        self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# The results record: DATASET -> METHOD -> sweep -> point -> R, plus the config record.
+
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The metrics of R, each with the check its value passes in a finished cell (a failed one has
+# them all null, and is never stored).
+METRIC_CHECKS = {"perplexity": _is_number, "cross_entropy": _is_number,
+                 "bits_per_token": _is_number, "bits_per_byte": _is_number,
+                 "num_tokens": _is_count, "num_samples": _is_count,
+                 "ppl_ci95": lambda v: (isinstance(v, list) and len(v) == 2
+                                        and all(map(_is_number, v))),
+                 "density": _is_number}
+METRIC_FIELDS = tuple(METRIC_CHECKS)
+
+
+def result_problem(result) -> str | None:
+    """What is wrong with a finished cell's R (missing field, wrong type), or None."""
+    if not isinstance(result, dict):
+        return f"its result is {type(result).__name__}, not a mapping"
+    missing = [name for name in METRIC_CHECKS if name not in result]
+    if missing:
+        return f"its result lacks {', '.join(missing)}"
+    for name, check in METRIC_CHECKS.items():
+        if not check(result[name]):
+            return f"its result has {name} = {result[name]!r}, not a finite number of the right type"
+    if result.get("error"):
+        return f"its result is a failure ({result['error']})"
+    return None
+
+
+def failed_result(error: str) -> dict:
+    """R of a cell that failed: null metrics and the error (never stored, so a rerun retries)."""
+    return {**{name: None for name in METRIC_FIELDS}, "error": error}
+
+
+def delta_vs_dense(perplexity, dense_perplexity):
+    """The relative change of a perplexity against dense's (0.25 = +25%), None when unknown."""
+    if perplexity is None or not dense_perplexity:
+        return None
+    return perplexity / dense_perplexity - 1
+
+
+def assemble(cells: list, outcomes: dict, config_record: dict) -> dict:
+    """The seed-compatible results dict from the planned cells (eval.run.Cell) and the
+    outcome R of each computation (RunSpec -> R); cells without an outcome are left out."""
+    results = {}
+    for cell in cells:
+        outcome = outcomes.get(cell.spec)
+        if outcome is None:
+            continue
+        dense = outcomes.get(cell.spec.dense())
+        dense_ppl = None if dense is None else dense.get("perplexity")
+        record = dict(outcome)
+        record.update(method=cell.method, sparsity=cell.sparsity,
+                      context_length=cell.spec.context_length, method_run=cell.spec.method,
+                      sparsity_run=cell.spec.sparsity, dense_perplexity=dense_ppl,
+                      delta_vs_dense=delta_vs_dense(record.get("perplexity"), dense_ppl))
+        (results.setdefault(cell.dataset, {}).setdefault(cell.method, {})
+         .setdefault(cell.sweep, {}))[cell.point] = record
+    return {"config": config_record, "results": results}
+
+
+def write_results(paths, results: dict) -> None:
+    """The same results to each path (NAME.json and NAME_latest.json), atomically."""
+    for path in paths:
+        write_json_atomic(path, results)

@@ -59,6 +59,18 @@ def tiny_model(tmp_path_factory, tiny_text) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", tiny_text)
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if anything tries to load model weights."""
+    from eval import models
+    from eval.executors.serial import SerialExecutor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before validation finished")
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(SerialExecutor, "load", refuse)
+
+
 def tiny_run_args(model: Path, text: Path, output_dir: Path, *extra) -> list:
     """Command-line arguments of a small run on the tiny model and text."""
     return ["--model", str(model), "--data-file", str(text), "--output-dir", str(output_dir),

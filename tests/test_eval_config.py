@@ -1,10 +1,10 @@
 """Experiment configs: the YAML files hold the original values, the command line overrides them,
 and every bad input fails fast with a clear message before any model is loaded."""
 import pytest
-from eval_assets import tiny_model, tiny_text  # noqa: F401  (fixtures)
+from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
 
 from eval import config as cfg
-from eval import data, models, run
+from eval import cli, data, models, run
 from eval.config import ConfigError
 
 
@@ -91,11 +91,11 @@ def test_missing_config_file():
 
 
 def _args(*argv):
-    return run.build_parser().parse_args(list(argv))
+    return cli.build_parser().parse_args(list(argv))
 
 
 def test_command_line_overrides():
-    (c,), notes = run.configs_from_args(_args(
+    (c,), notes = cli.configs_from_args(_args(
         "--datasets", "brown", "--method", "h2o", "--context-lengths", "256", "512",
         "--sparsity-levels", "0", "0.75", "--max-windows", "3", "--protocol", "kv",
         "--kv-chunk", "4", "--block-size", "32", "--param", "h2o.h2o_recent_ratio=0.25",
@@ -107,7 +107,7 @@ def test_command_line_overrides():
     assert (c.max_windows, c.protocol, c.kv_chunk, c.block_size, c.seed) == (3, "kv", 4, 32, 7)
     assert c.method_params == {"h2o": {"h2o_recent_ratio": 0.25}}
     assert c.model.torch_dtype == "float32"
-    (c,), _ = run.configs_from_args(_args("--context-lengths", "256", "512",
+    (c,), _ = cli.configs_from_args(_args("--context-lengths", "256", "512",
                                           "--fixed-context-length", "256"))
     assert c.sparsity_sweep.fixed_context_length == 256
 
@@ -116,15 +116,6 @@ def test_bad_param_syntax_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit):
         _args("--param", "magnitude_ratio=0.5")
     assert "METHOD.NAME=VALUE" in capsys.readouterr().err
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if anything tries to load model weights."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before validation finished")
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(run.PerplexityBenchmarkRunner, "load", refuse)
 
 
 BAD_INPUTS = [
@@ -148,42 +139,64 @@ def test_bad_input_fails_before_loading(argv, message, tiny_model, tiny_text, tm
     base = ["--model", str(tiny_model), "--data-file", str(tiny_text), "--methods", "dense",
             "h2o", "cab_v4", "--context-lengths", "128", "256", "--output-dir", str(tmp_path),
             "--yes"]
-    assert run.main(base + argv) == run.EXIT_CONFIG
+    assert cli.main(base + argv) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
     assert err.startswith("error: invalid configuration") and message in err, err
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
 def test_unknown_dataset_fails_before_loading(tiny_model, tmp_path, no_model_loading, capsys):
-    assert run.main(["--model", str(tiny_model), "--datasets", "brown", "wikitext-7",
+    assert cli.main(["--model", str(tiny_model), "--datasets", "brown", "wikitext-7",
                      "--method", "dense", "--context-lengths", "128", "--output-dir",
-                     str(tmp_path), "--yes"]) == run.EXIT_CONFIG
+                     str(tmp_path), "--yes"]) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
     assert "unknown dataset 'wikitext-7'" in err and "enwiki-sample" in err
 
 
 def test_missing_data_file_fails_before_loading(tiny_model, tmp_path, no_model_loading, capsys):
     missing = tmp_path / "nope.txt"
-    assert run.main(["--model", str(tiny_model), "--data-file", str(missing), "--method",
+    assert cli.main(["--model", str(tiny_model), "--data-file", str(missing), "--method",
                      "dense", "--context-lengths", "128", "--output-dir", str(tmp_path),
-                     "--yes"]) == run.EXIT_CONFIG
+                     "--yes"]) == cli.EXIT_CONFIG
     assert str(missing) in capsys.readouterr().err
 
 
 def test_hub_dataset_offline_fails_before_loading(tiny_model, tmp_path, no_model_loading,
                                                   monkeypatch, capsys):
     monkeypatch.setattr(data, "hub_reachable", lambda: False)
-    assert run.main(["--model", str(tiny_model), "--datasets", "wikitext-103", "--method",
+    assert cli.main(["--model", str(tiny_model), "--datasets", "wikitext-103", "--method",
                      "dense", "--context-lengths", "128", "--output-dir", str(tmp_path),
-                     "--yes"]) == run.EXIT_CONFIG
+                     "--yes"]) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
     assert "wikitext-103" in err and "--data-file" in err
 
 
 def test_several_problems_are_reported_together(tiny_model, tiny_text, tmp_path,
                                                 no_model_loading, capsys):
-    assert run.main(["--model", str(tiny_model), "--data-file", str(tiny_text), "--methods",
+    assert cli.main(["--model", str(tiny_model), "--data-file", str(tiny_text), "--methods",
                      "nope", "--sparsity-levels", "2", "--context-lengths", "128",
-                     "--output-dir", str(tmp_path), "--yes"]) == run.EXIT_CONFIG
+                     "--output-dir", str(tmp_path), "--yes"]) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
     assert "unknown method 'nope'" in err and "sparsity 2.0" in err
+
+
+def test_k_min_is_settable_and_checked(capsys):
+    (c,), _ = cli.configs_from_args(_args("--k-min", "32"))
+    assert c.k_min == 32
+    c.k_min = 0
+    with pytest.raises(ConfigError, match="k_min 0 must be a positive integer"):
+        cfg.validate(c, check_model=False)
+    with pytest.raises(SystemExit):
+        _args("--k-min", "0")
+    assert "'0' is not a positive integer" in capsys.readouterr().err
+
+
+def test_help_is_built_from_the_registries():
+    from cabattn import methods as registry
+    text = " ".join(cli.build_parser().format_help().split())  # as if never wrapped
+    for entry in data.DATASETS.values():
+        assert f"{entry.name} ({'hub' if entry.hub else 'offline'}): {entry.description}" in text
+    for name, cls in registry.METHODS.items():
+        assert f" {name}" in text
+        for param, (default, doc) in cls.parameters().items():
+            assert f"{param} = {default!r}: {doc}" in text

@@ -7,7 +7,8 @@ import pytest
 import torch
 from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
 
-from eval import data, models, run
+from eval import cli, data, models, run
+from eval.executors.serial import SerialExecutor
 
 L, WINDOWS = 128, 5
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -17,7 +18,7 @@ def test_dense_ppl_is_the_models_own_loss(tiny_model, tiny_text, tmp_path):
     args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--methods", "dense", "h2o",
                          "--context-lengths", str(L), "--sparsity-levels", "0", "--no-report",
                          "--max-windows", str(WINDOWS), "--no-context-sweep")
-    assert run.main(args) == run.EXIT_OK
+    assert cli.main(args) == cli.EXIT_OK
     results = json.loads((tmp_path / "tiny.json").read_text())
     dataset = results["config"]["datasets"][0]
     dense = results["results"][dataset]["dense"]["sparsity_sweep"]["0.0"]
@@ -45,7 +46,7 @@ def test_dense_ppl_is_the_models_own_loss(tiny_model, tiny_text, tmp_path):
 
 
 def test_nan_loss_fails_the_cell_loudly(tiny_model, tiny_text, tmp_path, monkeypatch):
-    load = run.PerplexityBenchmarkRunner.load
+    load = SerialExecutor.load
 
     def load_poisoned(self):
         loaded = load(self)
@@ -53,10 +54,10 @@ def test_nan_loss_fails_the_cell_loudly(tiny_model, tiny_text, tmp_path, monkeyp
             loaded.model.model.norm.weight.fill_(math.nan)
         return loaded
 
-    monkeypatch.setattr(run.PerplexityBenchmarkRunner, "load", load_poisoned)
+    monkeypatch.setattr(SerialExecutor, "load", load_poisoned)
     args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--method", "dense",
                          "--context-lengths", "64", "--no-sparsity-sweep", "--max-windows", "2")
-    assert run.main(args) == run.EXIT_FAILED_CELLS
+    assert cli.main(args) == cli.EXIT_FAILED
     text = (tmp_path / "tiny.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     results = json.loads(text)
@@ -65,3 +66,59 @@ def test_nan_loss_fails_the_cell_loudly(tiny_model, tiny_text, tmp_path, monkeyp
     assert cell["perplexity"] is None and "non-finite loss" in cell["error"]
     assert results["config"]["status"] == "failed cells"
     assert not list((tmp_path / "tiny.cells").glob("*.json"))  # a failure is never stored
+
+
+def test_a_model_that_fails_to_load_fails_the_run_once(tiny_model, tiny_text, tmp_path,
+                                                       monkeypatch, capsys):
+    attempts = []
+
+    def broken_load(*args, **kwargs):
+        attempts.append(args)
+        raise models.ModelLoadError("the weights are unreadable")
+
+    monkeypatch.setattr(models, "load_model", broken_load)
+    args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--methods", "dense", "h2o",
+                         "--context-lengths", "64", "96", "--sparsity-levels", "0.5",
+                         "--no-report", "--max-windows", "1")
+    assert cli.main(args) == cli.EXIT_FAILED
+    assert len(attempts) == 1
+    assert capsys.readouterr().err.count("the weights are unreadable") == 1
+
+
+def test_k_min_from_the_command_line_reaches_the_protocol(tiny_model, tiny_text, tmp_path):
+    cells = {}
+    for k_min in (16, 64):
+        args = tiny_run_args(tiny_model, tiny_text, tmp_path / str(k_min), "--method", "h2o",
+                             "--context-lengths", "128", "--fixed-sparsity", "0.9",
+                             "--no-sparsity-sweep", "--max-windows", "1", "--no-report",
+                             "--k-min", str(k_min))
+        assert cli.main(args) == cli.EXIT_OK
+        results = json.loads((tmp_path / str(k_min) / "tiny.json").read_text())
+        assert results["config"]["k_min"] == k_min
+        (dataset,) = results["results"]
+        cells[k_min] = results["results"][dataset]["h2o"]["context_length_sweep"]["128"]
+    assert cells[16]["k_min"] == 16 and cells[64]["k_min"] == 64
+    assert cells[16]["density"] < cells[64]["density"]  # K = 16 keeps fewer blocks than K = 64
+
+
+def test_compute_cell_alone_gives_the_runners_cell(tiny_model, tiny_text, tmp_path):
+    """What an executor (a Ray actor, a shard) calls: the same numbers as the serial runner."""
+    args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--method", "cab_v4",
+                         "--context-lengths", "128", "--fixed-sparsity", "0.75",
+                         "--no-sparsity-sweep", "--max-windows", "2", "--no-report")
+    assert cli.main(args) == cli.EXIT_OK
+    results = json.loads((tmp_path / "tiny.json").read_text())
+    (dataset,) = results["results"]
+    stored = results["results"][dataset]["cab_v4"]["context_length_sweep"]["128"]
+
+    (config,), _ = cli.configs_from_args(cli.build_parser().parse_args(args))
+    loaded = models.load_model(str(tiny_model))
+    windows = data.load_windows(dataset, loaded.tokenizer, 128, max_windows=2,
+                                data_file=str(tiny_text))
+    spec = run.RunSpec.for_cell(dataset, 128, "cab_v4", 0.75)
+    cell = run.compute_cell(config, loaded, windows, spec)
+    timings = {"selection_seconds", "attention_seconds", "selection_share", "wall_seconds",
+               "tokens_per_second", "peak_memory_mb", "finished"}
+    assert {k: v for k, v in cell.items() if k not in timings} == {
+        k: v for k, v in stored.items() if k in cell and k not in timings}
+    assert run.cell_key(config, spec)["block_size"] == cell["block_size"] == 16

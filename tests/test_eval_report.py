@@ -95,3 +95,52 @@ def test_report_cli_names_a_corrupt_file(tmp_path, capsys):
     bad.write_text('{"results": {"brown": ')
     assert report.main([str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_recall_figure_is_written_when_cells_carry_their_recall(results_file):
+    results = json.loads(results_file.read_text())
+    brown = results["results"]["brown"]
+    brown["h2o"]["sparsity_sweep"]["0.9"]["attention_recall"] = 0.8
+    brown["h2o"]["context_length_sweep"]["1024"]["attention_recall"] = 0.8  # the same cell
+    brown["h2o"]["sparsity_sweep"]["0.5"]["attention_recall"] = 0.95
+    brown["cab_v4"]["sparsity_sweep"]["0.9"]["attention_recall"] = 0.6
+    brown["cab_v4"]["sparsity_sweep"]["0.5"]["attention_recall"] = 0.9  # failed: left out
+    results_file.write_text(json.dumps(results))
+    cells = report.recall_cells(report.load_results(results_file))
+    expected = {("brown", "h2o", 1024, 0.9): (0.8, 10.0), ("brown", "h2o", 1024, 0.5): (0.95, 2.0),
+                ("brown", "cab_v4", 1024, 0.9): (0.6, 20.0)}
+    assert set(cells) == set(expected)
+    for key, point in expected.items():
+        assert cells[key] == pytest.approx(point)
+    names = {p.name for p in report.make_report(results_file)}
+    assert {"demo_figure_recall.png", "demo_figure_recall.pdf"} <= names
+
+
+def test_figure8_labels_do_not_overlap_and_the_legend_is_under_the_panels(tmp_path,
+                                                                         monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ("h2o", "cab_v4", "cab_v3", "streaming_llm", "local_strided", "random")
+    levels = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+    # Every method at about the same density for a given s, and about the same perplexity.
+    sweep = {m: {"sparsity_sweep": {str(s): _r(25.0 + i * 0.05 + s, 1.0 - s + 0.002 * i, 1024, s)
+                                    for s in levels}} for i, m in enumerate(methods)}
+    sweep["dense"] = {"sparsity_sweep": {"0.0": _r(25.0, 1.0, 1024, 0.0)}}
+    path = tmp_path / "crowded.json"
+    path.write_text(json.dumps({"config": {}, "results": {"brown": sweep, "pd-books": sweep}}))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    report.figure8(report.load_results(path), tmp_path / "crowded")
+    (fig,) = figures
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        shown = [t.get_window_extent(renderer) for t in ax.texts if t.get_visible()]
+        assert {t.get_text() for t in ax.texts if t.get_visible()} == {f"s={s:g}" for s in levels}
+        assert not any(a.overlaps(b) for i, a in enumerate(shown) for b in shown[i + 1:])
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes]
+    assert box.y1 <= min(p.y0 for p in panels)  # under the panels, not beside them
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1  # inside the figure: no margin added for it

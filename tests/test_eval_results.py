@@ -50,23 +50,31 @@ def _key(**changes):
     return {**key, **changes}
 
 
+def _result(perplexity=20.0):
+    """A finished cell's R, as compute_cell returns it."""
+    ce = math.log(perplexity)
+    return {"perplexity": perplexity, "cross_entropy": ce, "bits_per_token": ce / math.log(2),
+            "bits_per_byte": 1.25, "num_tokens": 1023, "num_samples": 1,
+            "ppl_ci95": [perplexity, perplexity], "density": 0.1, "wall_seconds": 2.5}
+
+
 def test_cell_store_roundtrip_and_keying(tmp_path):
     store = CellStore(tmp_path / "cells")
     assert store.get(_key()) is None and len(store) == 0
-    store.put(_key(), {"perplexity": 20.0})
-    assert store.get(_key()) == {"perplexity": 20.0}
+    store.put(_key(), _result())
+    assert store.get(_key()) == _result()
     # Key order does not matter; any defining value does.
-    assert store.get(dict(reversed(list(_key().items())))) == {"perplexity": 20.0}
+    assert store.get(dict(reversed(list(_key().items())))) == _result()
     for change in ({"sparsity": 0.5}, {"block_size": 32}, {"params": {"h2o_recent_ratio": 0.4}}):
         assert store.get(_key(**change)) is None
     # A second store over the same folder (a resumed process) sees the cell.
-    assert CellStore(tmp_path / "cells").get(_key()) == {"perplexity": 20.0}
+    assert CellStore(tmp_path / "cells").get(_key()) == _result()
     assert len(store) == 1 and store.clear() == 1 and store.get(_key()) is None
 
 
 def test_corrupt_cell_file_is_named(tmp_path):
     store = CellStore(tmp_path / "cells")
-    path = store.put(_key(), {"perplexity": 20.0})
+    path = store.put(_key(), _result())
     path.write_text('{"key": {"dataset": "bro')  # truncated by hand
     with pytest.raises(CorruptFileError) as err:
         store.get(_key())
@@ -75,3 +83,21 @@ def test_corrupt_cell_file_is_named(tmp_path):
     path.write_text(json.dumps({"key": _key(sparsity=0.5), "result": {}}))
     with pytest.raises(CorruptFileError, match="does not hold the result"):
         store.get(_key())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: {}, "lacks perplexity"),
+    (lambda r: {**r, "perplexity": "garbage"}, "perplexity = 'garbage'"),
+    (lambda r: {**r, "num_tokens": 10.5}, "num_tokens = 10.5"),
+    (lambda r: {**r, "ppl_ci95": None}, "ppl_ci95 = None"),
+    (lambda r: [r], "not a mapping"),
+    (lambda r: {**r, "perplexity": None, "error": "x"}, "perplexity = None"),
+])
+def test_a_hand_edited_cell_that_is_still_json_is_corrupt(edit, message, tmp_path):
+    store = CellStore(tmp_path / "cells")
+    path = store.put(_key(), _result())
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "result": edit(record["result"])}))
+    with pytest.raises(CorruptFileError) as err:
+        store.get(_key())
+    assert str(path) in str(err.value) and message in str(err.value), err.value

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
 
-from eval import run
+from eval import cli, run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -18,16 +18,16 @@ REPO = Path(__file__).resolve().parent.parent
 # stop it between cells at a known point.
 SCRIPT = """
 import sys, time
-from eval import run
+from eval import cli
 from eval.results import CellStore
 store = CellStore.put
-def put_then_wait(self, key, result):
-    path = store(self, key, result)
+def put_then_wait(self, *args, **kwargs):
+    path = store(self, *args, **kwargs)
     print("CELL STORED", flush=True)
     time.sleep(600)
     return path
 CellStore.put = put_then_wait
-sys.exit(run.main(sys.argv[1:]))
+sys.exit(cli.main(sys.argv[1:]))
 """
 RUN = ["--method", "dense", "--context-lengths", "64", "96", "128", "--no-sparsity-sweep",
        "--max-windows", "2", "--no-report"]
@@ -60,17 +60,17 @@ def test_killed_run_resumes_without_recomputing(how, tiny_model, tiny_text, tmp_
     if how == signal.SIGKILL:
         assert code == -signal.SIGKILL
     else:  # SIGTERM stops the run like Ctrl-C: partial results written, exit 130
-        assert code == run.EXIT_INTERRUPTED, output
+        assert code == cli.EXIT_INTERRUPTED, output
         partial = json.loads((tmp_path / "tiny.json").read_text())
         assert partial["config"]["status"] == "interrupted"
         assert list(partial["results"][partial["config"]["datasets"][0]]["dense"]
                     ["context_length_sweep"]) == ["64"]
 
     computed = []
-    evaluate = run.PerplexityBenchmarkRunner.evaluate
-    monkeypatch.setattr(run.PerplexityBenchmarkRunner, "evaluate",
-                        lambda self, spec: computed.append(spec) or evaluate(self, spec))
-    assert run.main(args + ["--resume"]) == run.EXIT_OK
+    compute_cell = run.compute_cell
+    monkeypatch.setattr(run, "compute_cell", lambda config, loaded, windows, spec, **kw:
+                        computed.append(spec) or compute_cell(config, loaded, windows, spec, **kw))
+    assert cli.main(args + ["--resume"]) == cli.EXIT_OK
     assert "1 already finished" in capsys.readouterr().out
     assert sorted(s.context_length for s in computed) == [96, 128]  # 64 was not recomputed
     assert cells[0].read_bytes() == stored
@@ -83,5 +83,5 @@ def test_killed_run_resumes_without_recomputing(how, tiny_model, tiny_text, tmp_
     assert (results["config"]["cells_computed"], results["config"]["cells_reused"]) == (2, 1)
 
     computed.clear()  # --fresh recomputes everything
-    assert run.main(args + ["--fresh"]) == run.EXIT_OK
+    assert cli.main(args + ["--fresh"]) == cli.EXIT_OK
     assert sorted(s.context_length for s in computed) == [64, 96, 128]

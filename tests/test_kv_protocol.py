@@ -43,10 +43,13 @@ class Recorder(Method):
     def __init__(self, inner: Method, dense_keys, dense_values, chunk: int):
         super().__init__()
         self.inner, self.chunk = inner, chunk
-        self.reads_block_queries = inner.reads_block_queries
         self.dense_keys, self.dense_values = dense_keys, dense_values  # layer 0, [B, Hkv, L, d]
         self.protocol = None  # set once the protocol exists: the live cache is its .cache
         self.evictions = 0
+
+    @property
+    def block_query_pooling(self):
+        return self.inner.block_query_pooling
 
     def kv_keep(self, state: KVState) -> torch.Tensor:
         b, h, n = state.positions.shape
@@ -171,7 +174,8 @@ def test_cache_after_every_eviction(model, ids, name, chunk):
     for layer in protocol.cache.layers:
         assert layer.length <= budget
         # coarse block queries are tracked exactly for the rules that read them
-        assert (layer.block_query_buffer is not None) == recorder.reads_block_queries
+        assert (layer.block_query_buffer is not None) == (recorder.block_query_pooling
+                                                          is not None)
 
 
 def test_h2o_keeps_recent_window_and_heavy_hitter():
@@ -236,3 +240,54 @@ def test_bad_keep_is_reported(model, ids):
 
     with pytest.raises(RuntimeError, match="expected int64"):
         run_kv(model, ids, OverBudget())
+
+
+def test_mean_pooled_block_queries_are_the_mean_of_each_blocks_queries():
+    from cabattn.kv_cache import EvictingLayer
+    query = torch.randn(1, 2, 11, 4, dtype=torch.float64)
+    layer = EvictingLayer(capacity=16, block_size=4, num_blocks=3, block_query_pooling="mean")
+    kv = torch.zeros(1, 1, 11, 4, dtype=torch.float64)
+    layer.update(kv, kv, positions=torch.arange(11)[None])
+    for start in range(0, 11, 3):  # chunks of 3 straddle the blocks of 4
+        layer.note_queries(query[:, :, start:start + 3], start)
+    pooled = layer.state(budget=8, scale=1.0, layer_idx=0, window_idx=0, seed=0).block_queries
+    expected = torch.stack([query[:, :, 0:4].mean(2), query[:, :, 4:8].mean(2),
+                            query[:, :, 8:11].mean(2)], dim=2)
+    torch.testing.assert_close(pooled, expected)
+    with pytest.raises(ValueError, match="valid: None, max_l2, mean"):
+        EvictingLayer(capacity=16, block_size=4, num_blocks=3, block_query_pooling="median")
+
+
+@pytest.mark.parametrize("pooling", ["max_l2", "mean"])
+def test_the_cache_pools_queries_as_the_method_does(model, ids, pooling):
+    method = registry.get_method("cab_v4", pooling=pooling)
+    protocol = KVProtocol(model, method, SPARSITY, kv_chunk=5, k_min=K_MIN, block_size=16)
+    with protocol, torch.no_grad():
+        assert math.isfinite(model(ids, labels=ids).loss.item())
+    assert {layer.block_query_pooling for layer in protocol.cache.layers} == {pooling}
+
+
+def test_the_stats_record_says_what_ran(model, ids):
+    protocol = KVProtocol(model, "h2o", SPARSITY, kv_chunk=5, k_min=K_MIN)
+    with protocol as stats, torch.no_grad():
+        model(ids, labels=ids)
+    record = stats.record()
+    assert (record["protocol"], record["kv_chunk"], record["k_min"]) == ("kv", 5, K_MIN)
+    assert record["block_size"] == 16 and record["params"] == {"h2o_recent_ratio": 0.5}
+    assert record["density"] == stats.density < 1
+    assert record["selection_seconds"] > 0 and record["attention_seconds"] > 0
+
+
+def test_sink_retention_and_cached_age_of_streaming_llm(model, ids):
+    _, stats = run_kv(model, ids, "streaming_llm")
+    budget = token_budget(LENGTH, SPARSITY, K_MIN)
+    steps = [list(range(budget))]  # what every cache holds after the prefill, then each token
+    steps += [list(range(4)) + list(range(t - (budget - 4) + 1, t + 1))
+              for t in range(budget, LENGTH)]
+    ages = [t[-1] - p for t in steps for p in t]
+    record = stats.record()
+    assert record["sink_retention"] == 1.0
+    assert record["mean_cached_age"] == pytest.approx(sum(ages) / len(ages))
+    assert record["attention_recall"] is None
+    _, recent = run_kv(model, ids, "streaming_llm", n_sink=0)
+    assert recent.sink_retention == pytest.approx(1 / len(steps))  # only the prefill held it

@@ -131,3 +131,82 @@ def test_kv_protocol_dispatch_and_mask_only_patterns(model, ids):
                            protocol="kv"):
             pass
     assert model.config._attn_implementation == original
+
+
+def test_the_stats_record_says_what_ran(model, ids):
+    _, stats = loss(model, ids, method="cab_v4", sparsity=0.9, k_min=32, block_size=32)
+    record = stats.record()
+    assert (record["protocol"], record["causal_selection"]) == ("mask", "strict")
+    assert (record["block_size"], record["k_min"]) == (32, 32)
+    assert record["params"] == methods.get_method("cab_v4").config
+    assert record["oracle_selection"] and record["density"] == stats.density
+    assert set(record["layer_head_density"]) == {"0", "1"}
+    with cabattn.dense(model) as dense:
+        assert dense.record()["protocol"] == "dense" and dense.record()["density"] == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")
+def test_gpu_timings_come_from_cuda_events(model, ids):
+    with torch.no_grad(), cabattn.apply(model.cuda(), method="h2o", sparsity=0.9) as stats:
+        model(ids.cuda(), labels=ids.cuda())
+    assert stats.pending  # events, read once at the end instead of a sync per layer
+    assert stats.selection_seconds > 0 and stats.attention_seconds > 0 and not stats.pending
+    model.cpu()
+
+
+# -- what the kept attention explains (issue 16) --------------------------------------------------
+
+def captured_qk(model, ids, monkeypatch, **apply_args):
+    """Each layer's post-RoPE (q, k, scale) as the protocol saw them, and its stats."""
+    from cabattn.mask_protocol import MaskProtocol
+    seen, attend = {}, MaskProtocol.attend
+
+    def spy(self, module, query, key, value, attention_mask, scaling):
+        seen[module.layer_idx] = (query.clone(), key.clone(), scaling or module.scaling)
+        return attend(self, module, query, key, value, attention_mask, scaling)
+    monkeypatch.setattr(MaskProtocol, "attend", spy)
+    _, stats = loss(model, ids, **apply_args)
+    return seen, stats
+
+
+@pytest.mark.parametrize("name", ["cab_v3", "h2o", "streaming_llm"])
+def test_attention_recall_is_the_kept_softmax_mass(model, ids, name, monkeypatch):
+    from cabattn.reference import layout_to_mask
+    seen, stats = captured_qk(model, ids, monkeypatch, method=name, sparsity=0.9,
+                              diagnostics=True)
+    per_layer = []
+    for layer, (q, k, scale) in sorted(seen.items()):
+        layout = cabattn.select_blocks(q, k, name, 0.9, scale=scale)
+        keep = layout_to_mask(layout.block_count, layout.block_index, LENGTH,
+                              layout.grid.block_size)
+        k_full = k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q.double() @ k_full.transpose(-1, -2)) * scale
+        causal = torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()
+        p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        per_layer.append(float((p * keep).sum(-1).mean()))
+    assert stats.layer_recall() == pytest.approx(dict(enumerate(per_layer)), abs=1e-5)
+    assert stats.attention_recall == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-5)
+    assert stats.attention_recall_min_layer == pytest.approx(min(per_layer), abs=1e-5)
+    assert 0.05 < stats.attention_recall < 0.999
+
+
+def test_attention_recall_is_one_when_everything_is_kept(model, ids):
+    from cabattn.mask_protocol import MaskProtocol
+    with torch.no_grad(), MaskProtocol(model, methods.get_method("cab_v3"), 0.0,
+                                       diagnostics=True) as stats:
+        model(ids)
+    assert stats.attention_recall == pytest.approx(1.0, abs=1e-5)
+    assert stats.attention_recall_min_layer == pytest.approx(1.0, abs=1e-5)
+    assert stats.sink_retention == 1.0
+
+
+def test_sink_retention_and_selection_share_are_recorded(model, ids):
+    _, sinks = loss(model, ids, method="streaming_llm", sparsity=0.9)
+    record = sinks.record()
+    assert record["sink_retention"] == 1.0
+    assert record["attention_recall"] is None  # measured only with diagnostics
+    assert record["selection_share"] == pytest.approx(
+        record["selection_seconds"] / record["attention_seconds"])
+    _, frc = loss(model, ids, method="cab_v3", sparsity=0.9)
+    _, kept = loss(model, ids, method="cab_v3", sparsity=0.9, keep_sink_blocks=1)
+    assert frc.sink_retention < 1.0 and kept.sink_retention == 1.0

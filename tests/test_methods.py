@@ -1,4 +1,5 @@
 """The method registry and the mask rules on plain tensors (cabattn.sparse_attention)."""
+import dataclasses
 import math
 
 import helpers
@@ -250,8 +251,8 @@ def test_kv_keep_local_strided_uses_the_smallest_power_of_two_stride_that_fits()
     keep = methods.get_method("local_strided").kv_keep(kv_state(n=200, budget=40))
     # last 20 entries; history 0..179 must fit 20 entries: stride 16 (12 entries), not 8 (23).
     assert keep[1, 1].tolist() == list(range(0, 180, 16)) + list(range(180, 200))
-    with pytest.raises(ValueError, match="pattern='budget'"):
-        methods.get_method("local_strided", pattern="fixed").kv_keep(kv_state())
+    with pytest.raises(ValueError, match="pattern='budget'"):  # the protocol asks, once
+        methods.get_method("local_strided", pattern="fixed").check_protocol("kv")
 
 
 def test_kv_keep_random_is_seeded_and_per_head():
@@ -283,3 +284,76 @@ def test_transposed_inputs_are_accepted():
     assert not views[0].is_contiguous()
     torch.testing.assert_close(cabattn.sparse_attention(*views, "cab_v4", 0.7),
                                cabattn.sparse_attention(q, k, v, "cab_v4", 0.7), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_parameters_are_declared_fields_with_a_doc_and_a_check(name):
+    cls = methods.METHODS[name]
+    assert dataclasses.is_dataclass(cls)
+    method = methods.get_method(name)
+    assert list(method.config) == list(cls.parameters())
+    for spec in dataclasses.fields(cls):
+        assert spec.metadata["doc"] and callable(spec.metadata["check"]), spec.name
+        assert spec.metadata["check"](spec.default) is None  # every default is valid
+        assert method.config[spec.name] == spec.default
+
+
+def test_cab_v3_has_no_magnitude_ratio_to_hide():
+    cab_v3 = methods.get_method("cab_v3")
+    assert "magnitude_ratio" not in cab_v3.config and not hasattr(cab_v3, "magnitude_ratio")
+    assert cab_v3.magnitude_share() == 0.0
+    with pytest.raises(ValueError, match="no parameter"):
+        methods.get_method("cab_v3", magnitude_ratio=0.5)
+    assert methods.get_method("cab_v4", magnitude_ratio=0.25).magnitude_share() == 0.25
+
+
+# -- keep_sink_blocks (issue 16) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cab_v3", "cab_v4"])
+def test_keep_sink_blocks_zero_is_the_seed_rule(name):
+    """The seed's plan (diagonal, round(share * picks) by Gblk, the rest by FRC, no sinks)
+    built by hand gives the layout of keep_sink_blocks=0."""
+    from cabattn.methods.common import round_ratio
+    from cabattn.sparse import layout_from_plan, make_grid
+    q, k, _ = qkv()
+    method = methods.get_method(name, keep_sink_blocks=0)
+    layout = cabattn.select_blocks(q, k, method, 0.8)
+    grid = make_grid(method, q.shape[2], 0.8)
+    ctx = methods.MaskContext(q, k, grid, q.shape[-1] ** -0.5)
+    plan = method.mask_plan(ctx)
+    rule = grid.rule_budget()
+    picks = (rule - 1).clamp(min=0)
+    by_magnitude = round_ratio(picks, method.magnitude_share())
+    seed_plan = methods.BlockPlan(rule.clamp(max=1), torch.zeros_like(rule), by_magnitude,
+                                  picks - by_magnitude, plan.score1, plan.score2)
+    seed = layout_from_plan(seed_plan, grid, q.shape[0], q.shape[1], q.device)
+    assert torch.equal(layout.block_count, seed.block_count)
+    assert torch.equal(layout.block_index, seed.block_index)
+
+
+@pytest.mark.parametrize("selection", ["strict", "block"])
+@pytest.mark.parametrize("name", ["cab_v3", "cab_v4"])
+def test_keep_sink_blocks_keeps_block_zero_in_every_row_inside_the_budget(name, selection):
+    q, k, _ = qkv()
+    plain = cabattn.select_blocks(q, k, name, 0.8, causal_selection=selection)
+    sunk = cabattn.select_blocks(q, k, name, 0.8, causal_selection=selection,
+                                 keep_sink_blocks=2)
+    assert bool((sunk.block_index[..., 0] == 0).all())
+    assert not bool((plain.block_index[..., 0] == 0).all())  # the FRC alone drops it somewhere
+    rows = torch.arange(sunk.grid.num_blocks)
+    has_block_1 = (sunk.block_index == 1).any(-1)
+    assert bool(has_block_1[..., rows >= 1 + sunk.grid.shift].all())
+    assert torch.equal(sunk.block_count, plain.block_count)  # counted inside the budget
+    assert sunk.density == pytest.approx(plain.density)
+
+
+@pytest.mark.parametrize("name", ["cab_v3", "cab_v4"])
+def test_kv_keep_sink_blocks_keeps_the_first_blocks_inside_the_budget(name):
+    state = kv_state(n=200, budget=56)  # 12 whole blocks + 8 newest tokens; room for 3
+    state.mass[..., :32] = 0.0  # nothing would pick blocks 0 and 1 by received mass
+    plain = methods.get_method(name).kv_keep(state)
+    keep = methods.get_method(name, keep_sink_blocks=2).kv_keep(state)
+    assert keep.shape == plain.shape
+    assert bool((keep[..., :32] == torch.arange(32)).all())
+    assert keep[0, 0, -8:].tolist() == list(range(192, 200))
+    assert not bool((plain[..., :32] == torch.arange(32)).all())

@@ -22,7 +22,13 @@ def get_method(name: str, **params) -> Method:
     """The named method with its parameters validated (ValueError names the valid choices)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(available())}")
-    return METHODS[name](**params)
+    cls = METHODS[name]
+    unknown = sorted(set(params) - set(cls.parameters()))
+    if unknown:
+        valid = ", ".join(sorted(cls.parameters())) or "none"
+        raise ValueError(f"method {name!r} has no parameter(s) {unknown}; "
+                         f"its parameters are: {valid}")
+    return cls(**params)
 
 
 # Importing the modules registers their classes.

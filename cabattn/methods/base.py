@@ -9,7 +9,7 @@ talk to this interface, so adding a method touches neither the protocols nor the
   block-sparse attention over it.
 - kv protocol: `kv_keep(state)` returns, for one layer's cache, the entries each KV head keeps.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import ClassVar, Optional
 
@@ -35,9 +35,9 @@ class BlockPlan:
 
 @dataclass
 class MaskContext:
-    """What a mask rule may read for one layer and window: post-RoPE q [B, Hq, L, d] and
-    k [B, Hkv, L, d], the block grid, the attention scale, and the oracle block statistics,
-    computed on first use."""
+    """What a mask rule may read for one layer and batch of windows: post-RoPE q [B, Hq, L, d]
+    and k [B, Hkv, L, d] (row b is window window_idx + b), the block grid, the attention scale,
+    and the oracle block statistics, computed on first use."""
     q: torch.Tensor
     k: torch.Tensor
     grid: BlockGrid
@@ -52,10 +52,11 @@ class MaskContext:
         from .. import ops
         return ops.block_scores(self.q, self.k, self.grid.block_size, self.scale)
 
-    def generator(self) -> torch.Generator:
-        """A CPU generator seeded by (seed, window, layer), for randomised rules."""
+    def generator(self, row: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (seed, window, layer) for batch row `row`, for randomised
+        rules: a window draws the same numbers whatever batch it is scored in."""
         g = torch.Generator(device="cpu")
-        g.manual_seed(hash((self.seed, self.window_idx, self.layer_idx)) & 0x7FFFFFFF)
+        g.manual_seed(hash((self.seed, self.window_idx + row, self.layer_idx)) & 0x7FFFFFFF)
         return g
 
 
@@ -67,8 +68,8 @@ class KVState:
     mass [B, Hkv, n] float32 (attention each cached token has received since it entered, summed
     over the KV head's query heads: the H2O accumulator), block_queries [B, Hq, nb, d]: the
     coarse query of every absolute block (position // block_size) seen so far, the newest
-    possibly partial (None unless the method sets reads_block_queries). The rule must keep at
-    most `budget` entries per KV head.
+    possibly partial, pooled as the method's block_query_pooling says (None when that is None).
+    The rule must keep at most `budget` entries per KV head.
     """
     keys: torch.Tensor
     positions: torch.Tensor
@@ -81,62 +82,83 @@ class KVState:
     window_idx: int = 0
     seed: int = 42
 
-    def generator(self) -> torch.Generator:
+    def generator(self, row: int = 0) -> torch.Generator:
+        """As MaskContext.generator, also seeded by the newest cached position."""
         g = torch.Generator(device="cpu")
-        g.manual_seed(hash((self.seed, self.window_idx, self.layer_idx, int(self.positions.max())))
-                      & 0x7FFFFFFF)
+        g.manual_seed(hash((self.seed, self.window_idx + row, self.layer_idx,
+                            int(self.positions.max()))) & 0x7FFFFFFF)
         return g
 
 
+def param(default, doc: str, check=None):
+    """A method parameter: a dataclass field with its default, a one-line doc (shown by
+    `python -m eval.run --help`) and a check (a function value -> None when valid, else the
+    requirement it breaks, e.g. "must be a number in [0, 1]")."""
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def ratio(value):
+    return None if _is_number(value) and 0.0 <= value <= 1.0 else "must be a number in [0, 1]"
+
+
+def non_negative(value):
+    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
+
+
+def positive(value):
+    return None if _is_number(value) and value > 0 else "must be a number > 0"
+
+
+def positive_int(value):
+    ok = not isinstance(value, bool) and isinstance(value, int) and value >= 1
+    return None if ok else "must be a positive integer"
+
+
+def non_negative_int(value):
+    ok = not isinstance(value, bool) and isinstance(value, int) and value >= 0
+    return None if ok else "must be an integer >= 0"
+
+
+def one_of(*choices):
+    def check(value):
+        if value in choices:
+            return None
+        return f"is not valid; valid choices: {', '.join(map(str, choices))}"
+    return check
+
+
+@dataclass
 class Method:
-    """Base of every method. Subclasses set `name`, `params` (public name -> default) and
-    implement `mask_plan` and `kv_keep`; `validate` checks parameter ranges."""
+    """Base of every method. A subclass is a dataclass: it sets `name`, declares its parameters
+    as fields made with `param(default, doc, check)`, and implements `mask_plan` and `kv_keep`.
+    Parameters are checked when the method is built."""
     name: ClassVar[str]
-    params: ClassVar[dict] = {}
     oracle: ClassVar[bool] = False  # selection reads the dense softmax (priced as a QK pass)
-    # kv rule reads KVState.block_queries; the cache tracks them (a few small ops per layer and
-    # chunk) only for methods that do.
-    reads_block_queries: ClassVar[bool] = False
 
-    def __init__(self, **params):
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            valid = ", ".join(sorted(self.params)) or "none"
-            raise ValueError(f"method {self.name!r} has no parameter(s) {unknown}; "
-                             f"its parameters are: {valid}")
-        self.config = {**self.params, **params}
-        for key, value in self.config.items():
-            setattr(self, key, value)
-        self.validate()
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            check = spec.metadata.get("check")
+            value = getattr(self, spec.name)
+            problem = check(value) if check is not None else None
+            if problem:
+                raise ValueError(f"{self.name}: {spec.name}={value!r} {problem}")
 
-    def validate(self) -> None:
-        pass
+    @classmethod
+    def parameters(cls) -> dict:
+        """{name: (default, doc)} of the declared parameters, in declaration order."""
+        return {spec.name: (spec.default, spec.metadata.get("doc", "")) for spec in fields(cls)}
 
-    def _check_ratio(self, name: str) -> None:
-        value = getattr(self, name)
-        if not _is_number(value) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{self.name}: {name}={value!r} must be a number in [0, 1]")
+    @property
+    def config(self) -> dict:
+        """The parameters this instance runs with (defaults filled in)."""
+        return {spec.name: getattr(self, spec.name) for spec in fields(self)}
 
-    def _check_non_negative(self, name: str) -> None:
-        value = getattr(self, name)
-        if not _is_number(value) or value < 0:
-            raise ValueError(f"{self.name}: {name}={value!r} must be a number >= 0")
-
-    def _check_positive(self, name: str) -> None:
-        value = getattr(self, name)
-        if not _is_number(value) or value <= 0:
-            raise ValueError(f"{self.name}: {name}={value!r} must be a number > 0")
-
-    def _check_positive_int(self, name: str) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{self.name}: {name}={value!r} must be a positive integer")
-
-    def _check_choice(self, name: str, choices) -> None:
-        value = getattr(self, name)
-        if value not in choices:
-            raise ValueError(f"{self.name}: {name}={value!r} is not valid; valid choices: "
-                             f"{', '.join(map(str, choices))}")
+    @property
+    def block_query_pooling(self) -> Optional[str]:
+        """How the kv rule wants each block's queries pooled into KVState.block_queries
+        ("max_l2" or "mean"), or None when it does not read them (the cache then tracks
+        nothing)."""
+        return None
 
     def token_budget(self, length: int, sparsity: float, k_min: int = 64) -> int:
         """K for a window of `length` tokens; a method that ignores sparsity overrides it."""
@@ -144,7 +166,7 @@ class Method:
 
     def check_protocol(self, protocol: str) -> None:
         """Raises ValueError when this configuration has no rule for `protocol` ("mask" or
-        "kv"); called before a protocol touches the model."""
+        "kv"); the protocol calls it once, before it touches the model."""
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         raise NotImplementedError
@@ -152,10 +174,6 @@ class Method:
     def kv_keep(self, state: KVState) -> torch.Tensor:
         """Sorted, unique int64 indices [B, Hkv, <= budget] into the cache to keep."""
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
-        return f"{type(self).__name__}({args})"
 
 
 def _is_number(value) -> bool:

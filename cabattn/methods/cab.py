@@ -4,12 +4,14 @@ cab_v4 takes a share (magnitude_ratio) of each row's picks by the oracle block m
 and the rest by block Forman-Ricci curvature; cab_v3 uses curvature alone (no oracle pass).
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .. import ops
 from . import register
-from .base import BlockPlan, KVState, MaskContext, Method
+from .base import (BlockPlan, KVState, MaskContext, Method, non_negative, non_negative_int, one_of,
+                   param, positive, ratio)
 from .common import round_ratio
 
 FORMULAS = {"additive": ops.ADDITIVE, "multiplicative": ops.MULTIPLICATIVE}
@@ -18,23 +20,31 @@ POOLINGS = {"max_l2": ops.MAX_L2, "mean": ops.MEAN}
 SELECTIONS = ("high", "low")
 
 
-@register
-class CabV4(Method):
-    name = "cab_v4"
-    params = {"magnitude_ratio": 0.5, "lambda_redundancy": 0.3, "temperature": 1.0,
-              "frc_formula": "additive", "frc_select": "high", "normalization": "row_minmax",
-              "pooling": "max_l2"}
-    oracle = True
-    reads_block_queries = True
+@dataclass
+class CurvatureMethod(Method):
+    """The curvature rule cab_v3 and cab_v4 share; magnitude_share() is the part of each row's
+    picks taken by the oracle magnitude Gblk instead (none for cab_v3)."""
+    lambda_redundancy: float = param(0.3, "weight of the redundancy term of the curvature",
+                                     non_negative)
+    temperature: float = param(1.0, "multiplies the attention scale inside the curvature",
+                               positive)
+    frc_formula: str = param("additive", "how curvature combines affinity and redundancy",
+                             one_of(*FORMULAS))
+    frc_select: str = param("high", "keep the blocks of highest (or lowest) curvature",
+                            one_of(*SELECTIONS))
+    normalization: str = param("row_minmax", "scaling of the affinities before the curvature",
+                               one_of(*NORMALIZATIONS))
+    pooling: str = param("max_l2", "a block's coarse query/key: the largest-L2 token or the "
+                         "mean (both protocols)", one_of(*POOLINGS))
+    keep_sink_blocks: int = param(0, "leading key blocks every row always keeps (attention "
+                                  "sinks), counted inside the budget; 0 = none", non_negative_int)
 
-    def validate(self) -> None:
-        self._check_ratio("magnitude_ratio")
-        self._check_non_negative("lambda_redundancy")
-        self._check_positive("temperature")
-        self._check_choice("frc_formula", tuple(FORMULAS))
-        self._check_choice("frc_select", SELECTIONS)
-        self._check_choice("normalization", tuple(NORMALIZATIONS))
-        self._check_choice("pooling", tuple(POOLINGS))
+    def magnitude_share(self) -> float:
+        return 0.0
+
+    @property
+    def block_query_pooling(self) -> str:
+        return self.pooling
 
     def curvature(self, coarse_q: torch.Tensor, coarse_k: torch.Tensor, scale: float):
         """FRC [B, Hq, M, M] oriented so that higher is better for the chosen frc_select."""
@@ -49,17 +59,20 @@ class CabV4(Method):
                              ctx.scale)
         rule = ctx.grid.rule_budget(ctx.q.device)
         picks = (rule - 1).clamp(min=0)
-        by_magnitude = round_ratio(picks, self.magnitude_ratio)
-        zeros = torch.zeros_like(rule)
+        # A row whose budget covers its sinks keeps them apart from the diagonal (block 0 is
+        # the diagonal only for a row that keeps everything anyway).
+        sinks = picks.clamp(max=self.keep_sink_blocks)
+        by_magnitude = round_ratio(picks - sinks, self.magnitude_share())
         magnitude = ctx.block_scores[1] if bool(by_magnitude.any()) else None
-        return BlockPlan(n_recent=rule.clamp(max=1), n_sink=zeros, n_score1=by_magnitude,
-                         n_score2=picks - by_magnitude, score1=magnitude, score2=frc)
+        return BlockPlan(n_recent=rule.clamp(max=1), n_sink=sinks, n_score1=by_magnitude,
+                         n_score2=picks - sinks - by_magnitude, score1=magnitude, score2=frc)
 
     def kv_keep(self, state: KVState) -> torch.Tensor:
         """Whole blocks of block_size tokens (by absolute position); the newest, possibly
         partial, block always stays. The mask rule runs for the newest query block over the
         cached key blocks: magnitude = received mass of a block, curvature from the blocks'
-        coarse queries and keys; a KV head scores a block by the mean over its query heads."""
+        coarse queries and keys; a KV head scores a block by the mean over its query heads.
+        The first keep_sink_blocks absolute blocks are kept before any score picks."""
         b, h, n = state.positions.shape
         bs = state.block_size
         newest_block = state.positions[..., -1:] // bs
@@ -92,13 +105,17 @@ class CabV4(Method):
         frc = self.curvature(coarse_q.contiguous(), coarse_k.contiguous(), state.scale)
         frc_newest = frc[:, :, -1, :whole].view(b, h, group, whole).mean(2)
         received = state.mass[:, :, :whole * bs].view(b, h, whole, bs).sum(-1)
-        by_magnitude = int(math.floor(room * self.magnitude_ratio + 0.5))
-        kept = torch.zeros(b, h, whole, dtype=torch.bool, device=state.positions.device)
+        # Sinks are the oldest blocks, kept from the first eviction on, so every head holds
+        # the same number of them.
+        kept = block_ids < min(self.keep_sink_blocks, room)
+        sinks = int(kept[0, 0].sum())
+        by_magnitude = int(math.floor((room - sinks) * self.magnitude_share() + 0.5))
         if by_magnitude:
-            kept.scatter_(-1, received.topk(by_magnitude, dim=-1).indices, True)
+            top = received.masked_fill(kept, float("-inf")).topk(by_magnitude, dim=-1).indices
+            kept.scatter_(-1, top, True)
         rest = frc_newest.float().masked_fill(kept, float("-inf"))
-        if room - by_magnitude:
-            kept.scatter_(-1, rest.topk(room - by_magnitude, dim=-1).indices, True)
+        if room - sinks - by_magnitude:
+            kept.scatter_(-1, rest.topk(room - sinks - by_magnitude, dim=-1).indices, True)
         token_kept = torch.cat([kept.repeat_interleave(bs, dim=-1),
                                 torch.ones(b, h, n - whole * bs, dtype=torch.bool,
                                            device=kept.device)], dim=-1)
@@ -106,8 +123,20 @@ class CabV4(Method):
 
 
 @register
-class CabV3(CabV4):
+@dataclass
+class CabV4(CurvatureMethod):
+    """A share of each row's picks by the oracle block maximum, the rest by curvature."""
+    name = "cab_v4"
+    oracle = True
+    magnitude_ratio: float = param(0.5, "share of each row's picks by the oracle block "
+                                   "maximum Gblk; the rest by curvature", ratio)
+
+    def magnitude_share(self) -> float:
+        return self.magnitude_ratio
+
+
+@register
+@dataclass
+class CabV3(CurvatureMethod):
+    """Block Forman-Ricci curvature alone (no oracle pass)."""
     name = "cab_v3"
-    params = {k: v for k, v in CabV4.params.items() if k != "magnitude_ratio"}
-    oracle = False
-    magnitude_ratio = 0.0

@@ -1,4 +1,6 @@
 """dense: the model's full causal attention; ignores the sparsity."""
+from dataclasses import dataclass
+
 import torch
 
 from . import register
@@ -6,7 +8,9 @@ from .base import BlockPlan, KVState, MaskContext, Method
 
 
 @register
+@dataclass
 class Dense(Method):
+    """The model's full causal attention; ignores the sparsity."""
     name = "dense"
 
     def token_budget(self, length: int, sparsity: float, k_min: int = 64) -> int:

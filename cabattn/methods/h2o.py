@@ -1,21 +1,23 @@
 """h2o (Heavy-Hitter Oracle): a recent window plus the keys that received most attention."""
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import register
-from .base import BlockPlan, KVState, MaskContext, Method
+from .base import BlockPlan, KVState, MaskContext, Method, param, ratio
 from .common import ceil_ratio, keep_recent_and_top
 
 
 @register
+@dataclass
 class H2O(Method):
+    """Heavy-Hitter Oracle: a recent window plus the keys that received the most attention."""
     name = "h2o"
-    params = {"h2o_recent_ratio": 0.5}
     oracle = True
-
-    def validate(self) -> None:
-        self._check_ratio("h2o_recent_ratio")
+    h2o_recent_ratio: float = param(
+        0.5, "share of each row's budget kept as the most recent blocks (tokens under kv); "
+        "the rest goes to the keys that received the most attention", ratio)
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         # c_I(J): attention mass key block J has received from query blocks 0..I.

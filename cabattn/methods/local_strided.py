@@ -1,24 +1,26 @@
 """local_strided: a local window plus evenly strided history (Sparse Transformer style)."""
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import register
-from .base import BlockPlan, KVState, MaskContext, Method
+from .base import BlockPlan, KVState, MaskContext, Method, one_of, param, positive_int
 from .common import ceil_ratio, keep_mask_indices
 
 PATTERNS = ("budget", "fixed")
 
 
 @register
+@dataclass
 class LocalStrided(Method):
+    """A local window plus evenly strided history (Sparse Transformer style)."""
     name = "local_strided"
-    params = {"pattern": "budget", "local_window": 256, "stride": 64}
-
-    def validate(self) -> None:
-        self._check_choice("pattern", PATTERNS)
-        self._check_positive_int("local_window")
-        self._check_positive_int("stride")
+    pattern: str = param("budget", "budget: half the budget recent, half evenly strided "
+                         "history; fixed: local_window + every stride-th token, ignoring s "
+                         "(mask protocol only)", one_of(*PATTERNS))
+    local_window: int = param(256, "recent tokens of the fixed pattern", positive_int)
+    stride: int = param(64, "history stride of the fixed pattern (tokens)", positive_int)
 
     def token_budget(self, length: int, sparsity: float, k_min: int = 64) -> int:
         if self.pattern == "fixed":  # the fixed pattern ignores s
@@ -66,7 +68,6 @@ class LocalStrided(Method):
                              "ignores the budget); the kv protocol needs pattern='budget'")
 
     def kv_keep(self, state: KVState) -> torch.Tensor:
-        self.check_protocol("kv")
         n = state.positions.shape[-1]
         recent = math.ceil(state.budget / 2)
         index = torch.arange(n, device=state.positions.device)

@@ -1,21 +1,21 @@
 """streaming_llm: attention sinks (the first tokens) plus a recent window."""
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import register
-from .base import BlockPlan, KVState, MaskContext, Method
+from .base import BlockPlan, KVState, MaskContext, Method, non_negative_int, param
 from .common import keep_mask_indices
 
 
 @register
+@dataclass
 class StreamingLLM(Method):
+    """Attention sinks (the first tokens) plus a recent window."""
     name = "streaming_llm"
-    params = {"n_sink": 4}
-
-    def validate(self) -> None:
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"streaming_llm: n_sink={self.n_sink!r} must be an integer >= 0")
+    n_sink: int = param(4, "attention-sink tokens always kept (the blocks holding them under "
+                        "the mask protocol)", non_negative_int)
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         rule = ctx.grid.rule_budget(ctx.q.device)

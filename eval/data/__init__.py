@@ -11,12 +11,13 @@ from pathlib import Path
 
 from ..cache import cache_dir as default_cache_dir
 from ..hub import hub_reachable
-from .corpora import (HUB_DATASETS, LOCAL_SUFFIXES, OFFLINE_DATASETS, PARSER_VERSION,
+from .corpora import (DATASETS, HUB_DATASETS, LOCAL_SUFFIXES, OFFLINE_DATASETS, PARSER_VERSION,
                       DatasetError, FetchError, hub_corpus, local_corpus, offline_corpus)
 from .windows import Windows, cached_tokens, cut_windows, source_key
 
-__all__ = ["OFFLINE_DATASETS", "HUB_DATASETS", "LOCAL_SUFFIXES", "DatasetError", "FetchError",
-           "Windows", "available_datasets", "validate_dataset", "load_windows"]
+__all__ = ["DATASETS", "OFFLINE_DATASETS", "HUB_DATASETS", "LOCAL_SUFFIXES", "DatasetError",
+           "FetchError", "Windows", "available_datasets", "check_data_file", "validate_dataset",
+           "load_windows"]
 
 
 def available_datasets() -> tuple:
@@ -48,6 +49,13 @@ def validate_dataset(name: str, data_file=None) -> None:
                            f"unreachable from here; use an offline corpus "
                            f"({', '.join(OFFLINE_DATASETS)}; e.g. --datasets pd-books "
                            f"--max-windows 8) or a local file with --data-file")
+
+
+def check_data_file(name: str, data_file, text_field: str = "text") -> None:
+    """Read and parse a --data-file as the run will (DatasetError naming the file and line),
+    so that its problems surface before any model is loaded."""
+    validate_dataset(name, data_file)
+    local_corpus(name, Path(data_file), text_field)
 
 
 def load_windows(name: str, tokenizer, context_length: int, max_windows=None, data_file=None,

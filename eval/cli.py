@@ -1,0 +1,382 @@
+"""The command line of the benchmark: `python -m eval.run [flags]` (also `python -m eval.cli`).
+
+Builds the experiment configs from a preset or file plus flag overrides, validates them before
+anything loads, then hands each to eval.run.PerplexityBenchmarkRunner. Exit status: 0 all cells
+finished, 1 some cell failed (its error is in the results) or the model could not be loaded,
+2 invalid configuration, 130 interrupted.
+"""
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import (DEFAULT_OUTPUT_DIR, ICML_FULL_YAML, ConfigError, ExperimentConfig,
+                     check_output_location, config_warnings, load_config, quick_test_config,
+                     validate)
+from .env import DEVICES, DTYPES
+from .executors import EXECUTORS, parse_shard
+from .results import CorruptFileError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _method_param(text: str) -> tuple:
+    """METHOD.NAME=VALUE -> (method, name, value); VALUE is read as YAML (0.5, true, high)."""
+    target, sep, value = text.partition("=")
+    method, dot, name = target.partition(".")
+    if not (sep and dot and method and name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not METHOD.NAME=VALUE "
+                                         "(e.g. cab_v4.magnitude_ratio=0.7)")
+    return method, name, yaml.safe_load(value)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _block_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block size {text!r} is not 'auto' or an integer") \
+            from None
+
+
+def registries_help() -> str:
+    """The datasets, and the methods with their parameters, as the registries declare them."""
+    import textwrap
+
+    from cabattn import methods
+
+    from .data import DATASETS
+
+    lines = ["datasets (--datasets NAME):"]
+    for entry in DATASETS.values():
+        where = "hub" if entry.hub else "offline"
+        lines += textwrap.wrap(f"{entry.name} ({where}): {entry.description}", 95,
+                               initial_indent="  ", subsequent_indent="      ",
+                               break_on_hyphens=False)
+    lines += ["", "methods (--methods NAME) and their parameters (--param METHOD.NAME=VALUE):"]
+    for name in methods.available():
+        cls = methods.METHODS[name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines.append(f"  {name}" + (f": {doc}" if doc and not doc.startswith(cls.__name__)
+                                    else ""))
+        for param, (default, help_text) in cls.parameters().items():
+            lines += textwrap.wrap(f"{param} = {default!r}: {help_text}", 95,
+                                   initial_indent="      ", subsequent_indent="        ",
+                                   break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def _shard(text: str) -> tuple:
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cabattn import PROTOCOLS, methods
+
+    from .data import HUB_DATASETS, OFFLINE_DATASETS
+    p = argparse.ArgumentParser(
+        prog="python -m eval.run",
+        description="Perplexity of a language model under sparse attention (mask protocol) or "
+                    "KV-cache eviction (kv protocol): a context-length sweep at a fixed sparsity "
+                    "and a sparsity sweep at a fixed context length, per dataset and method.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  python -m eval.run --quick-test --yes          # offline defaults when the hub is unreachable
+  python -m eval.run --config configs/icml_full.yaml
+  python -m eval.run --datasets enwiki-sample --methods dense h2o cab_v4 \\
+      --context-lengths 512 1024 --sparsity-levels 0 0.5 0.9 --max-windows 8
+  python -m eval.run --model ./my-llama --data-file notes.txt --method cab_v3 \\
+      --param cab_v3.lambda_redundancy=0.5
+
+Flags given on the command line override the preset or --config file. Results go to
+OUTPUT_DIR/NAME.json (+ NAME_latest.json), finished cells to OUTPUT_DIR/NAME.cells/, figures
+and Table 3 next to the results. Rerunning the same command resumes (finished cells are read
+back, not recomputed); --fresh recomputes everything.
+
+""" + registries_help())
+    g = p.add_argument_group("presets")
+    g.add_argument("--quick-test", action="store_true",
+                   help="configs/quick_test.yaml; on the offline defaults (SmolLM2-135M, "
+                        "enwiki-sample, pd-books, brown) when the hub is unreachable")
+    g.add_argument("--icml-full", action="store_true", help="configs/icml_full.yaml (GPU + hub)")
+    g.add_argument("--config", metavar="FILE.yaml", help="a YAML (or JSON) experiment file")
+
+    g = p.add_argument_group("what to run")
+    g.add_argument("--datasets", nargs="+", metavar="NAME",
+                   help=f"corpora (offline: {' '.join(OFFLINE_DATASETS)}; hub: "
+                        f"{' '.join(HUB_DATASETS)}; see below)")
+    g.add_argument("--data-file", metavar="PATH",
+                   help="a local .txt, .jsonl or .parquet corpus, labelled in the results by "
+                        "--datasets NAME or else by the file's stem")
+    g.add_argument("--text-field", metavar="FIELD", help="text column of --data-file (text)")
+    g.add_argument("--methods", nargs="+", metavar="NAME",
+                   help=f"{' '.join(methods.available())} (see below)")
+    g.add_argument("--method", metavar="NAME", help="a single method (same as --methods NAME)")
+    g.add_argument("--param", action="append", type=_method_param, default=[],
+                   metavar="METHOD.NAME=VALUE",
+                   help="a method parameter, e.g. cab_v4.magnitude_ratio=0.7, "
+                        "h2o.h2o_recent_ratio=0.25 (repeatable)")
+    g.add_argument("--context-lengths", nargs="+", type=int, metavar="L",
+                   help="context-length sweep (tokens)")
+    g.add_argument("--fixed-sparsity", type=float, metavar="S",
+                   help="sparsity of the context-length sweep (0.9)")
+    g.add_argument("--sparsity-levels", nargs="+", type=float, metavar="S",
+                   help="sparsity sweep, each in [0, 1)")
+    g.add_argument("--fixed-context-length", type=int, metavar="L",
+                   help="context length of the sparsity sweep (default: the preset's, or the "
+                        "largest --context-lengths)")
+    g.add_argument("--budget-tokens", nargs="+", type=int, metavar="K",
+                   help="also run fixed token budgets (cache sizes) at every context length "
+                        "(StreamingLLM's convention), results under budget_sweep['K@L']")
+    g.add_argument("--no-context-sweep", action="store_true")
+    g.add_argument("--no-sparsity-sweep", action="store_true")
+    g.add_argument("--max-windows", type=int, metavar="N",
+                   help="windows per cell, evenly spaced over the corpus (default: all)")
+
+    g = p.add_argument_group("protocol")
+    g.add_argument("--protocol", choices=list(PROTOCOLS),
+                   help="mask: block-sparse attention, one forward per window (default); "
+                        "kv: streaming KV-cache eviction")
+    g.add_argument("--block-size", type=_block_size, metavar="B",
+                   help="auto (about 64 blocks a window), 16, 32, 64 or 128")
+    g.add_argument("--causal-selection", choices=("strict", "block"),
+                   help="strict (default): a row's selection uses earlier blocks only")
+    g.add_argument("--k-min", type=_positive_int, metavar="K",
+                   help="the smallest token budget: K = max(k_min, (1 - s) L) (64)")
+    g.add_argument("--kv-chunk", type=int, metavar="C", help="kv protocol chunk (1: exact)")
+    g.add_argument("--diagnostics", action="store_true", default=None,
+                   help="mask protocol: also measure each cell's attention recall (the dense "
+                        "softmax mass the kept blocks hold; one more QK^T pass per layer for "
+                        "a method whose rule does not compute it)")
+
+    g = p.add_argument_group("model and machine")
+    g.add_argument("--model", metavar="NAME_OR_PATH",
+                   help="smollm2-135m (offline default), a hub id or a local folder")
+    g.add_argument("--dtype", choices=("auto", *DTYPES),
+                   help="auto: float16 on CUDA, float32 on the CPU")
+    g.add_argument("--device", metavar="DEVICE", help=f"{', '.join(DEVICES)} or cuda:N")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 is often faster on "
+                        "a machine that other jobs keep busy)")
+    g.add_argument("--batch-size", type=_positive_int, metavar="N",
+                   help="windows per forward (1); the numbers match batch size 1 to rounding")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model's own code to run (off by default)")
+    g.add_argument("--seed", type=int, help="seed for bootstrap intervals and random (42)")
+
+    g = p.add_argument_group("scaling out (README: Running the full benchmark on a cluster)")
+    g.add_argument("--executor", choices=EXECUTORS, default="serial",
+                   help="serial: every cell in this process (default); ray: one Ray actor per "
+                        "GPU (or per --threads CPU cores), each loading the model once")
+    g.add_argument("--ray-address", metavar="ADDRESS",
+                   help="the Ray cluster to use (auto: the one `ray start` started here; "
+                        "default: start a local one)")
+    g.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="compute only shard I of N of the cells (a job array's task); the "
+                        "shards share one cell store and write no results file")
+    g.add_argument("--assemble", action="store_true",
+                   help="compute nothing: write the results, figures and table from the cell "
+                        "store and name the cells still missing")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", metavar="DIR", help=f"default {DEFAULT_OUTPUT_DIR}")
+    g.add_argument("--name", help="results file name (default: the preset's or config's name)")
+    resume = g.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_true", default=True,
+                        help="reuse finished cells of an earlier run with the same name (default)")
+    resume.add_argument("--fresh", dest="resume", action="store_false",
+                        help="delete the stored cells and recompute everything")
+    g.add_argument("--no-report", action="store_true", help="skip figures and table")
+    g.add_argument("--yes", action="store_true",
+                   help="never ask for confirmation (without a terminal it never asks either)")
+    return p
+
+
+def _base_configs(args) -> tuple:
+    """(configs, notes) of the preset, file or defaults, before command-line overrides."""
+    presets = sum(bool(x) for x in (args.quick_test, args.icml_full, args.config))
+    if presets > 1:
+        raise ConfigError("choose one of --quick-test, --icml-full, --config")
+    if args.quick_test:
+        config, note = quick_test_config()
+        return [config], [note] if note else []
+    if args.icml_full:
+        return load_config(ICML_FULL_YAML), []
+    if args.config:
+        return load_config(args.config), []
+    return [ExperimentConfig(name="perplexity")], []
+
+
+def _override(config: ExperimentConfig, args) -> ExperimentConfig:
+    cfg, model = config, config.model
+    if args.methods and args.method:
+        raise ConfigError("give --methods or --method, not both")
+    simple = {"datasets": args.datasets, "methods": args.methods or (
+        [args.method] if args.method else None), "data_file": args.data_file,
+        "text_field": args.text_field, "max_windows": args.max_windows,
+        "protocol": args.protocol, "block_size": args.block_size,
+        "causal_selection": args.causal_selection, "k_min": args.k_min,
+        "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics,
+        "budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seed": args.seed,
+        "output_dir": args.output_dir, "name": args.name}
+    for name, value in simple.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.data_file is not None and args.datasets is None:
+        cfg.datasets = [Path(args.data_file).stem]
+    if args.model is not None:
+        model.name, model.max_length = args.model, None
+    if args.dtype is not None:
+        model.torch_dtype = args.dtype
+    if args.device is not None:
+        model.device = args.device
+    if args.trust_remote_code:
+        model.trust_remote_code = True
+    if args.context_lengths is not None:
+        cfg.context_length_sweep.context_lengths = args.context_lengths
+        if args.fixed_context_length is None:
+            cfg.sparsity_sweep.fixed_context_length = max(args.context_lengths)
+    if args.fixed_context_length is not None:
+        cfg.sparsity_sweep.fixed_context_length = args.fixed_context_length
+    if args.fixed_sparsity is not None:
+        cfg.context_length_sweep.fixed_sparsity = args.fixed_sparsity
+    if args.sparsity_levels is not None:
+        cfg.sparsity_sweep.sparsity_levels = args.sparsity_levels
+    if args.no_context_sweep:
+        cfg.context_length_sweep.enabled = False
+    if args.no_sparsity_sweep:
+        cfg.sparsity_sweep.enabled = False
+    for method, name, value in args.param:
+        cfg.method_params = {**cfg.method_params,
+                             method: {**cfg.method_params.get(method, {}), name: value}}
+    return cfg
+
+
+def configs_from_args(args) -> tuple:
+    configs, notes = _base_configs(args)
+    return [_override(c, args) for c in configs], notes
+
+
+def describe(config: ExperimentConfig) -> str:
+    c = config
+    lines = [f"experiment {c.name}: {c.description}",
+             f"  model     {c.model.name} (dtype {c.model.torch_dtype}, device {c.model.device})",
+             f"  datasets  {', '.join(c.datasets)}"
+             + (f" (file {c.data_file})" if c.data_file else ""),
+             f"  methods   {', '.join(c.methods)}  protocol {c.protocol}, block size "
+             f"{c.block_size}, k_min {c.k_min}, {c.causal_selection} selection"
+             + (f", kv chunk {c.kv_chunk}" if c.protocol == "kv" else "")]
+    if c.context_length_sweep.enabled:
+        lines.append(f"  context sweep   L = {c.context_length_sweep.context_lengths} at "
+                     f"s = {c.context_length_sweep.fixed_sparsity}")
+    if c.sparsity_sweep.enabled:
+        lines.append(f"  sparsity sweep  s = {c.sparsity_sweep.sparsity_levels} at "
+                     f"L = {c.sparsity_sweep.fixed_context_length}")
+    if c.budget_tokens:
+        lines.append(f"  budget sweep    K = {c.budget_tokens} tokens at L = "
+                     f"{c.context_lengths()}")
+    lines.append(f"  windows   {c.max_windows or 'all'} per cell; output "
+                 f"{Path(c.output_dir) / c.name}.json")
+    return "\n".join(lines)
+
+
+# A run estimated to take longer asks before it starts (on a terminal, without --yes).
+LONG_RUN_SECONDS = 600
+
+
+def _confirm(args, seconds: float) -> bool:
+    if args.yes or args.quick_test or seconds < LONG_RUN_SECONDS or not sys.stdin.isatty():
+        return True
+    return input("Continue with this run? (--yes skips this question) [y/N]: "
+                 ).strip().lower() in ("y", "yes")
+
+
+def _check_scaling(args) -> None:
+    if args.shard and args.assemble:
+        raise ConfigError("give --shard I/N (compute one shard) or --assemble (compute nothing), "
+                          "not both")
+    if (args.shard or args.assemble) and not args.resume:
+        raise ConfigError("--fresh deletes every stored cell, the other shards' too; clear "
+                          "the cell store once before starting the shards")
+    if args.ray_address and args.executor != "ray":
+        raise ConfigError(f"--ray-address {args.ray_address} needs --executor ray")
+
+
+def main(argv=None) -> int:
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while torch imports, a model loads or validation reads files: nothing to
+        # keep yet (a run in progress has already written its partial results).
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run_command(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_scaling(args)
+        configs, notes = configs_from_args(args)
+        for note in notes:
+            print(f"note: {note}", flush=True)
+        for config in configs:
+            print(describe(config), flush=True)
+            validate(config)
+        for config in configs:  # only once every config is valid: this creates folders
+            check_output_location(config)
+            for warning in config_warnings(config):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+    except (ConfigError, CorruptFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    # A plain `kill` then ends the run like Ctrl-C: the partial results are written first.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    status = EXIT_OK
+    command = ["python", "-m", "eval.run", *(sys.argv[1:] if argv is None else argv)]
+    from .executors import ExecutorError
+    from .models import ModelLoadError
+    from .data import DatasetError, FetchError
+    from .run import PerplexityBenchmarkRunner, RunDeclined
+    for config in configs:
+        runner = PerplexityBenchmarkRunner(
+            config, resume=args.resume, notes=notes, command=command,
+            make_report=not args.no_report, executor=args.executor,
+            ray_address=args.ray_address, threads=args.threads or 1, shard=args.shard,
+            assemble=args.assemble, confirm=lambda seconds: _confirm(args, seconds))
+        try:
+            runner.run()
+        except RunDeclined:
+            print("aborted: nothing computed")
+            return EXIT_CONFIG
+        except (ConfigError, CorruptFileError, DatasetError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+        except (ModelLoadError, ExecutorError, FetchError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        if runner.failed_cells() or runner.missing:
+            status = EXIT_FAILED
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
