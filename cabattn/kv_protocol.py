@@ -151,6 +151,9 @@ class KVProtocol:
     the model's positions; see the module's doc).
     block_size: "auto" (grid.auto_block_size(L)) or one of 16, 32, 64, 128: the block the
     block-level rules and the per-block coarse queries use.
+    keep_logits: False scores a window without holding its [L, vocab] logits (a long stream's
+    do not fit in memory): the forward then needs labels, returns logits=None and the loss,
+    and leaves the NLL of every prediction in `token_nll` [B, L-1] float32.
     """
 
     name = "kv"
@@ -158,7 +161,7 @@ class KVProtocol:
 
     def __init__(self, model, method: Union[Method, str], sparsity: float, kv_chunk: int = 1,
                  positions: str = "absolute", block_size: Union[int, str] = "auto",
-                 k_min: int = 64, seed: int = 42, **method_params):
+                 k_min: int = 64, seed: int = 42, keep_logits: bool = True, **method_params):
         check_options(sparsity, block_size, k_min)  # the options both protocols share
         if isinstance(kv_chunk, bool) or not isinstance(kv_chunk, int) or kv_chunk < 1:
             raise ValueError(f"kv_chunk {kv_chunk!r} must be a positive integer "
@@ -170,7 +173,8 @@ class KVProtocol:
         method.check_protocol(self.name)
         self.model, self.method, self.sparsity = model, method, float(sparsity)
         self.kv_chunk, self.positions, self.block_size = kv_chunk, positions, block_size
-        self.k_min, self.seed = k_min, seed
+        self.k_min, self.seed, self.keep_logits = k_min, seed, keep_logits
+        self.token_nll: Optional[torch.Tensor] = None
         self.rotary_emb, self.rotate = ((None, None) if positions == "absolute"
                                         else _rotary_embedding(model))
         options = {name: getattr(self, name) for name in self.OPTIONS}
@@ -216,6 +220,8 @@ class KVProtocol:
                             f"all-ones attention_mask; got {unsupported}")
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("the kv protocol needs input_ids [batch, length]")
+        if not self.keep_logits and labels is None:
+            raise ValueError("a KVProtocol with keep_logits=False scores windows: it needs labels")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("the kv protocol streams unpadded windows; the attention_mask has "
                              "padding (zeros)")
@@ -247,10 +253,19 @@ class KVProtocol:
                                           position_ids=model_positions[:, start:end],
                                           use_cache=True,
                                           **{self._cache_kwarg: cache, _STREAM_KWARG: stream})
-                logits.append(out.logits)
-        logits = torch.cat(logits, dim=1)
+                if self.keep_logits:
+                    logits.append(out.logits)
+                else:  # predictions start..end-1 of tokens start+1..end (the last has none)
+                    predicted = labels[:, start + 1:end + 1]
+                    logits.append(torch.nn.functional.cross_entropy(
+                        out.logits[:, :predicted.shape[1]].float().transpose(1, 2), predicted,
+                        reduction="none"))
         self._record_pairs(stream, batch, length)
         self.windows_seen += batch  # row b of the batch was window windows_seen + b
+        if not self.keep_logits:
+            self.token_nll = torch.cat(logits, dim=1)
+            return CausalLMOutputWithPast(loss=self.token_nll.mean(), logits=None)
+        logits = torch.cat(logits, dim=1)
         loss = None
         if labels is not None:
             loss = model.loss_function(logits=logits, labels=labels,

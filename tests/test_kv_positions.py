@@ -129,3 +129,18 @@ def test_a_rope_that_is_not_the_identity_at_zero_is_rejected(single_thread):
                                          "original_max_position_embeddings": 64})
     with pytest.raises(ValueError, match="attention_scaling"):
         KVProtocol(yarn, "streaming_llm", SPARSITY, positions="cache")
+
+
+def test_scoring_without_logits_gives_each_predictions_nll(model, ids):
+    kept, _ = stream_logits(model, ids, "h2o", "cache", kv_chunk=4)
+    protocol = KVProtocol(model, "h2o", SPARSITY, k_min=K_MIN, positions="cache", kv_chunk=4,
+                          keep_logits=False)
+    with protocol, torch.no_grad():
+        out = model(ids, labels=ids)
+    assert out.logits is None and protocol.token_nll.shape == (1, LENGTH - 1)
+    expected = torch.nn.functional.cross_entropy(kept.logits[0, :-1], ids[0, 1:],
+                                                 reduction="none")
+    torch.testing.assert_close(protocol.token_nll[0], expected)
+    torch.testing.assert_close(out.loss, kept.loss)
+    with pytest.raises(ValueError, match="needs labels"), protocol, torch.no_grad():
+        model(ids)
