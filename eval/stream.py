@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(STREAM_METHODS), metavar="LABEL",
                    help=f"any of {', '.join(STREAM_METHODS)} (all)")
     p.add_argument("--dataset", default="pd-books", help=f"{', '.join(available_datasets())}")
+    p.add_argument("--data-file", metavar="PATH", help="a local text/JSON(L) file instead "
+                   "(--dataset then only labels it)")
+    p.add_argument("--text-field", default="text", help="text column of --data-file (text)")
     p.add_argument("--block-size", type=_block_size, default="auto",
                    help="cab_v3/cab_v4 block: auto (about 64 blocks in the cache) or 16..128")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Bad input fails here, before the model loads."""
-    from .data import validate_dataset
+    from .data import check_data_file, validate_dataset
     unknown = [m for m in args.methods if m not in STREAM_METHODS]
     if unknown:
         raise ValueError(f"unknown stream method(s) {', '.join(unknown)}; valid: "
@@ -82,7 +85,10 @@ def check_args(args) -> None:
     if args.segment > args.tokens - 1:
         raise ValueError(f"--segment {args.segment} is longer than the stream's "
                          f"{args.tokens - 1} predictions")
-    validate_dataset(args.dataset)
+    if args.data_file is None:
+        validate_dataset(args.dataset)
+    else:
+        check_data_file(args.dataset, args.data_file, args.text_field)
 
 
 def block_size(args) -> int:
@@ -92,9 +98,12 @@ def block_size(args) -> int:
 
 def cell_key(args, label: str, positions: int) -> dict:
     method, params = STREAM_METHODS[label]
-    key = {"kind": "stream", "dataset": args.dataset, "model": args.model,
+    from .run import data_identity
+    key = {"kind": "stream", "dataset": args.dataset, "data_file": data_identity(args),
+           "text_field": args.text_field, "model": args.model,
            "dtype": args.dtype, "device": args.device.split(":")[0], "tokens": args.tokens,
-           "seed": args.seed, "method": method, "params": params}
+           "seed": args.seed, "segment": args.segment, "summary_tokens": args.summary_tokens,
+           "method": method, "params": params}
     if method == "dense":
         key["tokens"] = min(args.tokens, positions)
     else:
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-    except ValueError as error:
+    except ValueError as error:  # DatasetError is one
         print(f"error: {error}", file=sys.stderr)
         return 2
     import torch
@@ -193,7 +202,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     store = CellStore(out / f"{args.name}.cells")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    windows = load_windows(args.dataset, loaded.tokenizer, args.tokens, max_windows=1)
+    windows = load_windows(args.dataset, loaded.tokenizer, args.tokens, max_windows=1,
+                           data_file=args.data_file, text_field=args.text_field)
     ids = windows.input_ids[:1].to(args.device)
     results = {}
     for label in tqdm(args.methods, desc="stream", unit="method"):
