@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=_block_size, default="auto",
                    help="cab_v3/cab_v4 block: auto (about 64 blocks in the cache) or 16..128")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", *env.DTYPES))
+    p.add_argument("--device", default="auto", help=f"{', '.join(env.DEVICES)} or cuda:N")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", default="results/stream")
@@ -193,6 +193,8 @@ def main(argv=None) -> int:
         return 2
     import torch
     from tqdm.auto import tqdm
+    args.device = env.resolve_device(args.device)
+    args.dtype = env.resolve_dtype(args.dtype, args.device)
 
     from .data import load_windows
     from .models import load_model
