@@ -159,8 +159,8 @@ class EvictingLayer(CacheLayerMixin):
             if self.block_query_pooling == "mean":
                 counts = self.block_query_count[:self.blocks_seen, None]
                 block_queries = (block_queries / counts).to(self.key_buffer.dtype)
-        return KVState(keys=self.keys if keys is None else keys, positions=self.positions, mass=self.mass,
-                       block_queries=block_queries,
+        return KVState(keys=self.keys if keys is None else keys, positions=self.positions,
+                       mass=self.mass, block_queries=block_queries,
                        budget=budget, block_size=self.block_size, scale=scale,
                        layer_idx=layer_idx, window_idx=window_idx, seed=seed)
 

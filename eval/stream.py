@@ -171,9 +171,10 @@ def stream_figure(results: dict, positions: int, stem: Path, title: str) -> list
         ends = [s["end"] for s in r["segments"]]
         ax.plot(ends, [s["perplexity"] for s in r["segments"]], label=label,
                 markersize=3, **style[label])
-    ax.axvline(positions, color="gray", linewidth=0.8, linestyle=":")
-    ax.text(positions, ax.get_ylim()[1], " model's positions", va="top", fontsize=8,
-            color="gray")
+    if positions < max(r["segments"][-1]["end"] for r in results.values()):
+        ax.axvline(positions, color="gray", linewidth=0.8, linestyle=":")
+        ax.text(positions, ax.get_ylim()[1], " model's positions", va="top", fontsize=8,
+                color="gray")
     _log_if_wide(ax, [s["perplexity"] for r in results.values() for s in r["segments"]])
     ax.set_xlabel("tokens streamed")
     ax.set_ylabel("perplexity per segment")
