@@ -124,8 +124,7 @@ def bench_batch(args) -> None:
     loaded = load_model(config, say=lambda message: None)
     rows = ["| protocol | method | L | batch 1 s | batch N s | speed-up | PPL rel. diff |",
             "|---|---|---|---|---|---|---|"]
-    for protocol, method in (("mask", "dense"), ("mask", "cab_v3"), ("mask", "h2o"),
-                             ("kv", "h2o")):
+    for protocol, method in (cell.split(":") for cell in args.cells):
         config.protocol, config.kv_chunk = protocol, 16
         windows = load_windows("enwiki-sample", loaded.tokenizer, args.length,
                                max_windows=args.max_windows)
@@ -158,6 +157,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4, help="batch: N (4)")
     p.add_argument("--threads", type=int, default=2, help="batch: torch threads (2)")
     p.add_argument("--repeats", type=int, default=2, help="batch: repeats (2)")
+    p.add_argument("--cells", nargs="+", metavar="PROTOCOL:METHOD",
+                   default=["mask:dense", "mask:cab_v3", "mask:h2o", "kv:h2o"],
+                   help="batch: the cells timed (mask:dense mask:cab_v3 mask:h2o kv:h2o)")
     p.add_argument("--no-record", action="store_true", help="print only")
     args = p.parse_args(argv)
     (bench_executors if args.what == "executors" else bench_batch)(args)
