@@ -11,6 +11,10 @@ section to bench/RESULTS.md.
   .venv/bin/python bench/bench_kv.py                 # SmolLM2-135M, a pd-books window
   .venv/bin/python bench/bench_kv.py --tiny          # a random 4-layer Llama, random tokens
 
+--positions compares positions="absolute" with "cache" (StreamingLLM's pos-shift: every step
+rotates the live keys at their cache indices) at chunk C, same window, same method:
+  .venv/bin/python bench/bench_kv.py --positions --tiny
+
 --score scores one window with the kv protocol only and prints the result (the issue's
 done-when: h2o at s = 0.9, c = 1 on a 2048-token book window):
   .venv/bin/python bench/bench_kv.py --score --method h2o --length 2048 --sparsity 0.9 --chunk 1
@@ -71,13 +75,37 @@ def chunk_forwards(model, ids, start: int, chunk: int) -> float:
     return time.perf_counter() - begin
 
 
-def kv_run(model, ids, args, chunk: int):
+def kv_run(model, ids, args, chunk: int, positions: str = "absolute"):
     """(seconds, loss, ProtocolStats) of the kv protocol over the window."""
-    with KVProtocol(model, args.method, args.sparsity, kv_chunk=chunk) as stats:
+    with KVProtocol(model, args.method, args.sparsity, kv_chunk=chunk,
+                    positions=positions) as stats:
         start = time.perf_counter()
         out = model(ids, labels=ids)
         seconds = time.perf_counter() - start
     return seconds, float(out.loss), stats
+
+
+def compare_positions(model, ids, args, what: str, budget: int) -> None:
+    """kv c=C with positions absolute, cache, absolute again (the mean of the two absolute
+    runs is the reference, so a drift in the machine's load shows as their spread)."""
+    runs = [kv_run(model, ids, args, args.chunk, positions)
+            for positions in ("absolute", "cache", "absolute")]
+    absolute = (runs[0][0] + runs[2][0]) / 2
+    streamed = ids.shape[1] - budget
+    header = (f"{what}; L={ids.shape[1]}, s={args.sparsity} (K={budget}, {streamed} streamed "
+              f"tokens), c={args.chunk}, method {args.method}, CPU "
+              f"({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
+              f"threads, torch {torch.__version__}. One run each, in the order listed.")
+    rows = ["| positions | seconds | tokens/s | loss | attention s | selection+eviction s |",
+            "|---|---|---|---|---|---|"]
+    for (seconds, loss, stats), positions in zip(runs, ("absolute", "cache", "absolute")):
+        rows.append(f"| {positions} | {seconds:.2f} | {(ids.shape[1] - 1) / seconds:.1f} | "
+                    f"{loss:.4f} | {stats.attention_seconds:.2f} | "
+                    f"{stats.selection_seconds:.2f} |")
+    rows += ["", f"- cache / absolute: **{runs[1][0] / absolute:.2f}x** the time (rotating the "
+             f"live keys at every step; absolute runs {runs[0][0]:.2f} s and {runs[2][0]:.2f} s)"]
+    report("kv protocol: positions cache vs absolute (bench_kv.py --positions)", header, rows,
+           record=not args.no_record)
 
 
 def main(argv=None):
@@ -92,6 +120,8 @@ def main(argv=None):
                    "1 can be faster on a CPU that other jobs keep busy)")
     p.add_argument("--score", action="store_true", help="only score the window with the kv "
                    "protocol and print loss, PPL, density and timing")
+    p.add_argument("--positions", action="store_true", help="compare positions absolute "
+                   "and cache at chunk C")
     p.add_argument("--no-record", action="store_true", help="print only")
     args = p.parse_args(argv)
     if args.threads:
@@ -110,6 +140,9 @@ def main(argv=None):
                   f"{stats.density:.4f}  wall {seconds:.1f} s ({(length - 1) / seconds:.1f} "
                   f"tokens/s)  attention {stats.attention_seconds:.1f} s  selection+eviction "
                   f"{stats.selection_seconds:.1f} s")
+            return
+        if args.positions:
+            compare_positions(model, ids, args, what, budget)
             return
         plain = plain_decode(model, ids, budget)
         c1, loss1, stats1 = kv_run(model, ids, args, 1)

@@ -2,7 +2,8 @@
 
 Each layer preallocates room for `budget + chunk` entries per KV head, so a chunk is appended
 by copying into the buffer and eviction compacts the buffer in place with ops.kv_compact_:
-nothing is reallocated or rebuilt per token. Keys, values, absolute positions and the H2O mass
+nothing is reallocated or rebuilt per token. Keys (post-RoPE, or un-rotated under the kv
+protocol's positions="cache"), values, absolute positions and the H2O mass
 accumulator live in parallel buffers and are always compacted together, so entry i of each
 describes the same token. Each KV head has its own keep set.
 
@@ -148,17 +149,18 @@ class EvictingLayer(CacheLayerMixin):
             stored_query.copy_(torch.where(better[..., None], best_query, stored_query))
 
     def state(self, budget: int, scale: float, layer_idx: int, window_idx: int,
-              seed: int) -> KVState:
+              seed: int, keys: Optional[torch.Tensor] = None) -> KVState:
         """What a kv rule reads: views of the live entries, no copies (block_queries is None
-        unless note_queries ran; mean-pooled ones are divided out here)."""
+        unless note_queries ran; mean-pooled ones are divided out here). `keys`: the live keys
+        as attended when the buffer holds them un-rotated (positions="cache")."""
         block_queries = None
         if self.block_query_buffer is not None:
             block_queries = self.block_query_buffer[:, :, :self.blocks_seen]
             if self.block_query_pooling == "mean":
                 counts = self.block_query_count[:self.blocks_seen, None]
                 block_queries = (block_queries / counts).to(self.key_buffer.dtype)
-        return KVState(keys=self.keys, positions=self.positions, mass=self.mass,
-                       block_queries=block_queries,
+        return KVState(keys=self.keys if keys is None else keys, positions=self.positions,
+                       mass=self.mass, block_queries=block_queries,
                        budget=budget, block_size=self.block_size, scale=scale,
                        layer_idx=layer_idx, window_idx=window_idx, seed=seed)
 

@@ -3,16 +3,31 @@
 Inside `with KVProtocol(model, method, sparsity) as stats:`, `model(input_ids, labels=...)`
 scores each window as a stream: the first min(K, L) tokens are prefilled densely, the rest
 are fed in chunks of `kv_chunk` tokens, and after a chunk passes a layer that layer's cache is
-evicted down to K entries per KV head by `method.kv_keep`. Every token keeps its absolute
-position (position_ids are passed explicitly). The loss counts every prediction, prefill
-included.
+evicted down to K entries per KV head by `method.kv_keep`. The loss counts every prediction,
+prefill included.
+
+RoPE positions (`positions`): "absolute" (default) rotates every token at its true position
+(position_ids are passed explicitly), so a window cannot exceed the model's positions.
+"cache" is StreamingLLM's pos-shift: a cached entry is rotated at its index inside the cache,
+so positions never exceed K + c - 1 and a stream can run past the model's window. The cache
+holds keys *before* rotation (the model is run at position 0, where its rotary embedding is the
+identity) and every attention step rotates the live keys at 0..n-1 and the chunk's queries at
+their indices, with the model's own rotary embedding. Rotating on every step rather than
+re-rotating stored keys by the shift at each eviction costs one elementwise pass over the
+cache per layer and chunk (small next to attention's c x n x Hq dot products) and keeps each
+key exactly one rounding away from its un-rotated value, however long the stream: re-rotation
+by deltas would compound one rounding per eviction (thousands over a 32K-token stream, visible
+in bf16). Methods still see each entry's absolute position (token identity: sinks, blocks) and
+the keys as they were attended, rotated at their cache indices.
 
 Attention runs through a function registered with transformers' AttentionInterface, so no
 model code is edited: it calls ops.attention_with_scores (output and the H2O mass in one pass),
 folds the mass and the chunk's queries into the layer's cache and evicts. The method's kv_keep
 is the only rule; the protocol has no method-specific code.
 """
+import functools
 import inspect
+import sys
 from typing import Optional, Union
 
 import torch
@@ -28,7 +43,7 @@ from .sparse import resolve_method
 from .stats import ProtocolStats
 
 ATTENTION_NAME = "cabattn_kv"
-POSITIONS = ("absolute",)  # "cache" (StreamingLLM pos-shift) is not implemented, see below
+POSITIONS = ("absolute", "cache")
 # The keyword that carries a window's stream from the model's forward down to the attention
 # function: transformers forwards unknown keyword arguments to the attention interface.
 _STREAM_KWARG = "cabattn_kv_stream"
@@ -58,11 +73,26 @@ class _WindowStream:
         self.protocol, self.cache, self.window_idx = protocol, cache, window_idx
         self.first_position = 0
         self.kept_pairs = [0] * len(cache.layers)  # per (batch row, query head)
+        # positions="cache": (cos, sin) [1, capacity, d] of cache indices 0..capacity-1 and
+        # the model's function that rotates by them
+        self.rope = None
+        self.rotate = None
+
+    def use_cache_positions(self, rotary_emb, rotate, like: torch.Tensor) -> None:
+        """like: a tensor of the model's dtype and device."""
+        indices = torch.arange(self.cache.layers[0].capacity, device=like.device)
+        self.rope = rotary_emb(like, indices[None])  # batch 1 broadcasts over the rows
+        self.rotate = rotate
 
     def attend(self, layer_idx: int, query, key, value, scale: Optional[float]):
         protocol, layer = self.protocol, self.cache.layers[layer_idx]
         scale = default_scale(query.shape[-1]) if scale is None else scale
         timing = protocol.stats.timing
+        if self.rope is not None:  # positions="cache": rotate at the entries' cache indices
+            cos, sin = self.rope
+            n, chunk = key.shape[2], query.shape[2]
+            query = self.rotate(query, cos[:, n - chunk:n], sin[:, n - chunk:n])
+            key = self.rotate(key, cos[:, :n], sin[:, :n])
         with timing("attention", query.device):
             # A full buffer view is contiguous; a partial one (prefill, last chunk) is copied.
             out, _, mass = ops.attention_with_scores(query.contiguous(), key.contiguous(),
@@ -75,13 +105,40 @@ class _WindowStream:
             self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
             if length > protocol.budget:
                 keep = protocol.method.kv_keep(layer.state(protocol.budget, scale, layer_idx,
-                                                           self.window_idx, protocol.seed))
+                                                           self.window_idx, protocol.seed,
+                                                           keys=key))
                 protocol.check_keep(keep, layer.positions.shape, layer_idx)
                 layer.compact(keep)
         positions = layer.positions  # ascending per KV head: [..., 0] oldest, [..., -1] newest
         protocol.stats.add_sink((positions[..., 0] == 0).sum(), positions[..., 0].numel())
         protocol.stats.add_cached_age((positions[..., -1:] - positions).sum(), positions.numel())
         return out.transpose(1, 2), None
+
+
+def _rotary_embedding(model):
+    """(rotary embedding module, rotate(x, cos, sin)) of the model, for positions="cache"."""
+    found = [m for name, m in model.named_modules() if name.split(".")[-1] == "rotary_emb"]
+    modeling = sys.modules[type(model).__module__]
+    apply = getattr(modeling, "apply_rotary_pos_emb", None)
+    if len(found) != 1 or apply is None:
+        raise ValueError(f"positions='cache' needs a model with one rotary_emb module and "
+                         f"{type(model).__module__}.apply_rotary_pos_emb (RoPE models such as "
+                         f"Llama); {type(model).__name__} has neither or several; use "
+                         "positions='absolute'")
+    rotary_emb = found[0]
+    scaling = getattr(rotary_emb, "attention_scaling", 1.0)
+    if scaling != 1.0:
+        raise ValueError(f"positions='cache' runs the model at position 0 to get un-rotated "
+                         f"keys, which needs a rotary embedding that is the identity there; "
+                         f"this one scales by attention_scaling={scaling}; use "
+                         "positions='absolute'")
+    return rotary_emb, functools.partial(_rotate_one, apply)
+
+
+def _rotate_one(apply, x, cos, sin):
+    """The model's apply_rotary_pos_emb on one tensor (it rotates a (q, k) pair at the same
+    positions; here queries and keys sit at different cache indices)."""
+    return apply(x, x, cos, sin)[0]
 
 
 class KVProtocol:
@@ -92,9 +149,14 @@ class KVProtocol:
     sparsity: s in [0, 1); the budget per KV head and layer is
     K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything).
     kv_chunk: tokens per streaming step (1 = exact token-by-token streaming).
-    positions: "absolute" (every token keeps its true position).
+    positions: "absolute" (every token keeps its true position) or "cache" (StreamingLLM's
+    pos-shift: RoPE at the entries' indices inside the cache, so a window may be longer than
+    the model's positions; see the module's doc).
     block_size: "auto" (grid.auto_block_size(L)) or one of 16, 32, 64, 128: the block the
     block-level rules and the per-block coarse queries use.
+    keep_logits: False scores a window without holding its [L, vocab] logits (a long stream's
+    do not fit in memory): the forward then needs labels, returns logits=None and the loss,
+    and leaves the NLL of every prediction in `token_nll` [B, L-1] float32.
     """
 
     name = "kv"
@@ -102,15 +164,11 @@ class KVProtocol:
 
     def __init__(self, model, method: Union[Method, str], sparsity: float, kv_chunk: int = 1,
                  positions: str = "absolute", block_size: Union[int, str] = "auto",
-                 k_min: int = 64, seed: int = 42, **method_params):
+                 k_min: int = 64, seed: int = 42, keep_logits: bool = True, **method_params):
         check_options(sparsity, block_size, k_min)  # the options both protocols share
         if isinstance(kv_chunk, bool) or not isinstance(kv_chunk, int) or kv_chunk < 1:
             raise ValueError(f"kv_chunk {kv_chunk!r} must be a positive integer "
                              "(1 = token-by-token streaming)")
-        if positions == "cache":
-            raise ValueError("positions='cache' (StreamingLLM's pos-shift, which re-rotates "
-                             "un-rotated cached keys at their cache index) is not implemented; "
-                             f"valid choices: {', '.join(POSITIONS)}")
         if positions not in POSITIONS:
             raise ValueError(f"positions {positions!r} is not supported; valid choices: "
                              f"{', '.join(POSITIONS)}")
@@ -118,10 +176,15 @@ class KVProtocol:
         method.check_protocol(self.name)
         self.model, self.method, self.sparsity = model, method, float(sparsity)
         self.kv_chunk, self.positions, self.block_size = kv_chunk, positions, block_size
-        self.k_min, self.seed = k_min, seed
-        self.stats = ProtocolStats(
-            protocol=self.name, options={name: getattr(self, name) for name in self.OPTIONS},
-            params=method.config, k_min=k_min)
+        self.k_min, self.seed, self.keep_logits = k_min, seed, keep_logits
+        self.token_nll: Optional[torch.Tensor] = None
+        self.rotary_emb, self.rotate = ((None, None) if positions == "absolute"
+                                        else _rotary_embedding(model))
+        options = {name: getattr(self, name) for name in self.OPTIONS}
+        if positions != "absolute":  # recorded when used; absolute records stay as they were
+            options["positions"] = positions
+        self.stats = ProtocolStats(protocol=self.name, options=options, params=method.config,
+                                   k_min=k_min)
         self.budget = 0  # K of the window being scored
         self.cache: Optional[KVEvictionCache] = None  # the window being (or last) scored
         self.windows_seen = 0
@@ -160,6 +223,8 @@ class KVProtocol:
                             f"all-ones attention_mask; got {unsupported}")
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("the kv protocol needs input_ids [batch, length]")
+        if not self.keep_logits and labels is None:
+            raise ValueError("a KVProtocol with keep_logits=False scores windows: it needs labels")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("the kv protocol streams unpadded windows; the attention_mask has "
                              "padding (zeros)")
@@ -176,18 +241,35 @@ class KVProtocol:
         spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, length))
                                   for start in range(prefill, length, self.kv_chunk)]
         positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        if self.rotary_emb is not None:
+            stream.use_cache_positions(self.rotary_emb, self.rotate,
+                                       model.get_input_embeddings().weight)
+            # the model rotates at position 0 (the identity): the cache keeps un-rotated keys
+            model_positions = torch.zeros_like(positions)
+        else:
+            model_positions = positions
         logits = []
         with torch.no_grad():
             for start, end in spans:
                 cache.begin_chunk(positions[:, start:end])
                 stream.first_position = start
                 out = self._model_forward(input_ids=input_ids[:, start:end],
-                                          position_ids=positions[:, start:end], use_cache=True,
+                                          position_ids=model_positions[:, start:end],
+                                          use_cache=True,
                                           **{self._cache_kwarg: cache, _STREAM_KWARG: stream})
-                logits.append(out.logits)
-        logits = torch.cat(logits, dim=1)
+                if self.keep_logits:
+                    logits.append(out.logits)
+                else:  # predictions start..end-1 of tokens start+1..end (the last has none)
+                    predicted = labels[:, start + 1:end + 1]
+                    logits.append(torch.nn.functional.cross_entropy(
+                        out.logits[:, :predicted.shape[1]].float().transpose(1, 2), predicted,
+                        reduction="none"))
         self._record_pairs(stream, batch, length)
         self.windows_seen += batch  # row b of the batch was window windows_seen + b
+        if not self.keep_logits:
+            self.token_nll = torch.cat(logits, dim=1)
+            return CausalLMOutputWithPast(loss=self.token_nll.mean(), logits=None)
+        logits = torch.cat(logits, dim=1)
         loss = None
         if labels is not None:
             loss = model.loss_function(logits=logits, labels=labels,

@@ -220,7 +220,6 @@ def test_forward_and_attention_restored_on_error(model, ids):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(sparsity=1.0), "sparsity"),
     (dict(kv_chunk=0), "kv_chunk"),
-    (dict(positions="cache"), "pos-shift"),
     (dict(positions="relative"), "absolute"),
     (dict(block_size=48), "block_size"),
 ])

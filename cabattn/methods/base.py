@@ -64,7 +64,8 @@ class MaskContext:
 class KVState:
     """One layer's evicting cache as a kv rule sees it, just after a chunk passed the layer.
 
-    keys [B, Hkv, n, d] post-RoPE, positions [B, Hkv, n] int64 (absolute, ascending per head),
+    keys [B, Hkv, n, d] post-RoPE (as attended: at the tokens' positions, or at their cache
+    indices under positions="cache"), positions [B, Hkv, n] int64 (absolute, ascending per head),
     mass [B, Hkv, n] float32 (attention each cached token has received since it entered, summed
     over the KV head's query heads: the H2O accumulator), block_queries [B, Hq, nb, d]: the
     coarse query of every absolute block (position // block_size) seen so far, the newest
