@@ -80,6 +80,17 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(ptx::kFullMask, x, 2);
 }
 
+// The running maximum m (log2 units) of fragment row h (0: lo, s[.][0..1]; 1: hi, s[.][2..3])
+// once the tile's scores s are seen: the online softmax's step shared by both kernels.
+template <int kSTiles>
+__device__ __forceinline__ float updated_row_max(const float (&s)[kSTiles][4], int h, float m,
+                                                 float scale_log2) {
+  float row_max = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kSTiles; ++j) row_max = fmaxf(row_max, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+  return fmaxf(m, quad_max(row_max) * scale_log2);
+}
+
 // The keys of one query block's CSR row: position pos (0 .. positions - 1) of the walk is key
 // index[pos / block_size] * block_size + pos % block_size; -1 for a key that does not exist
 // (an out-of-range block index, or past the sequence end).
@@ -267,11 +278,7 @@ block_sparse_attention_tc_kernel(const FlashFwdParams p) {
       // Online softmax, rows lo (h = 0: s[.][0..1]) and hi (h = 1: s[.][2..3]).
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float row_max = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < Traits::kSTiles; ++j)
-          row_max = fmaxf(row_max, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-        const float m_new = fmaxf(m[h], quad_max(row_max) * p.scale_log2);
+        const float m_new = updated_row_max(s, h, m[h], p.scale_log2);
         // A row that has seen no key keeps m = -inf; subtract 0 then so no inf - inf occurs.
         const float m_ref = m_new == -INFINITY ? 0.f : m_new;
         const float alpha = exp2f(m[h] - m_ref);
@@ -412,11 +419,7 @@ block_scores_tc_kernel(const FlashFwdParams p) {
       if (first_walk) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          float row_max = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < Traits::kSTiles; ++j)
-            row_max = fmaxf(row_max, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-          const float m_new = fmaxf(m[h], quad_max(row_max) * p.scale_log2);
+          const float m_new = updated_row_max(s, h, m[h], p.scale_log2);
           const float m_ref = m_new == -INFINITY ? 0.f : m_new;
           float row_sum = 0.f;
 #pragma unroll
