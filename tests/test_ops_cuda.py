@@ -206,8 +206,12 @@ def test_block_sparse_attention_all_blocks_is_dense(gpu, dtype):
 
 @pytest.mark.parametrize("dtype", ALL_TYPES)
 @pytest.mark.parametrize("dim", [64, 128])
+# Short chunks against long caches split their keys across thread blocks (split-K: 8 splits
+# at (8, 2), 1, 1000; 4 at (4, 1), 16, 700, and 2 at (6, 2), 37, 200 and (8, 2), 128, 300,
+# whose first rows see none of the last split's keys); the others run unsplit.
 @pytest.mark.parametrize("heads,q_len,k_len", [((4, 4), 1, 1), ((6, 2), 37, 200),
-                                               ((8, 2), 128, 300), ((3, 1), 70, 70)])
+                                               ((8, 2), 128, 300), ((3, 1), 70, 70),
+                                               ((8, 2), 1, 1000), ((4, 1), 16, 700)])
 def test_attention_with_scores_within_reference_error(gpu, dtype, dim, heads, q_len, k_len):
     q, k, v = qkv(gpu, 2, heads[0], heads[1], q_len, dim, dtype, k_length=k_len)
     scale = reference.default_scale(dim)

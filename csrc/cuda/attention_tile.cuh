@@ -145,18 +145,21 @@ struct LayoutKeys {
   }
 };
 
-struct DenseKeys {
-  int64_t end;  // keys 0 .. end-1
-  __device__ __forceinline__ int64_t positions() const { return end; }
-  __device__ __forceinline__ int64_t key(int64_t pos) const { return pos < end ? pos : -1; }
+struct KeyRange {
+  int64_t begin, end;  // keys begin .. end-1 (none when end <= begin)
+  __device__ __forceinline__ int64_t positions() const { return end > begin ? end - begin : 0; }
+  __device__ __forceinline__ int64_t key(int64_t pos) const {
+    return pos < positions() ? begin + pos : -1;
+  }
 };
 
 // FlashAttention-2 style forward of one query tile over the keys `keys` yields, with the causal
 // rule key <= row + causal_offset. Writes out rows [row0, min(row0 + kRows, rows_end)) and their
-// lse (natural log; -inf and a zero output for a row that sees no key).
-template <typename T, int D, int TC, typename Keys>
+// lse (natural log; -inf and a zero output for a row that sees no key). OutT is T, or float for
+// a split-K partial that a merge combines.
+template <typename T, int D, int TC, typename Keys, typename OutT>
 __device__ __forceinline__ void flash_forward_tile(
-    const T* q, const T* k, const T* v, T* out, float* lse, int64_t row0, int64_t rows_end,
+    const T* q, const T* k, const T* v, OutT* out, float* lse, int64_t row0, int64_t rows_end,
     int64_t causal_offset, float scale_log2, const Keys& keys, char* smem) {
   using G = TileGeometry<T, D, TC>;
   float* Qs = reinterpret_cast<float*>(smem);
@@ -229,7 +232,7 @@ __device__ __forceinline__ void flash_forward_tile(
     const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
 #pragma unroll
     for (int t = 0; t < G::kColsPerThread; ++t)
-      out[row * D + col_group + TC * t] = static_cast<T>(acc[i][t] * inv);
+      out[row * D + col_group + TC * t] = static_cast<OutT>(acc[i][t] * inv);
     if (col_group == 0) lse[row] = l[i] > 0.f ? (m[i] + log2f(l[i])) * kLn2 : -INFINITY;
   }
 }

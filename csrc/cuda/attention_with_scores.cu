@@ -1,6 +1,10 @@
 // CUDA kernels of cabattn::attention_with_scores: a chunk of Lq queries against Lk keys whose
 // last Lq are the chunk itself.
-//   pass 1: FlashAttention-2 style forward per (batch, query head, 64-query tile) -> out, lse;
+//   pass 1: FlashAttention-2 style forward per (key split, 64-query tile, query head, batch)
+//           -> out, lse. A short chunk (the kv protocol's c = 1..16) has one query tile per
+//           head, too few thread blocks to fill the GPU, so its keys are split across thread
+//           blocks (split-K, as in Flash-Decoding): each split writes float partials normalised
+//           over its own keys and merge_splits_kernel combines them exactly.
 //   pass 2: per (batch, KV head, 64-key tile) recompute the logits of every query head of the
 //           group against that key tile, turn them into probabilities with pass 1's lse and sum
 //           them per key. Each key's mass is owned by one thread block: no atomics, and the sum
@@ -13,30 +17,70 @@ namespace {
 
 constexpr const char* kOp = "cabattn::attention_with_scores";
 constexpr int kTC = 8;  // 64-row query tiles
+// A split of fewer key tiles costs more in its merge and its query load than it saves.
+constexpr int64_t kMinTilesPerSplit = 2;
 
 struct ChunkParams {
   int64_t q_heads, kv_heads, q_len, k_len;
+  int64_t q_tiles;         // query tiles per (batch, head)
+  int64_t keys_per_split;  // a multiple of kTileKeys; >= k_len when the keys are not split
   float scale_log2;
 };
 
-template <typename T, int D>
+// blockIdx.x = split * q_tiles + query tile. out, lse: [splits][batch][q_heads][q_len](x D).
+template <typename T, int D, typename OutT>
 __global__ void __launch_bounds__(kTileThreads)
 chunk_forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                     T* __restrict__ out, float* __restrict__ lse, ChunkParams p) {
+                     OutT* __restrict__ out, float* __restrict__ lse, ChunkParams p) {
   using G = TileGeometry<T, D, kTC>;
   extern __shared__ __align__(16) char smem[];
   const int64_t batch = blockIdx.z, head = blockIdx.y;
-  const int64_t row0 = int64_t(blockIdx.x) * G::kRows;
+  const int64_t split = blockIdx.x / p.q_tiles;
+  const int64_t row0 = (blockIdx.x % p.q_tiles) * G::kRows;
   const int64_t bh = batch * p.q_heads + head;
   const int64_t kv_bh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
+  const int64_t split_rows = int64_t(gridDim.z) * p.q_heads * p.q_len;
   const int64_t causal_offset = p.k_len - p.q_len;
   const int64_t last_row = min(row0 + G::kRows, p.q_len) - 1;
-  DenseKeys keys;
-  keys.end = min(p.k_len, last_row + causal_offset + 1);
+  KeyRange keys;
+  keys.begin = split * p.keys_per_split;
+  keys.end = min(min(p.k_len, last_row + causal_offset + 1), keys.begin + p.keys_per_split);
+  const int64_t rows = split * split_rows + bh * p.q_len;
   flash_forward_tile<T, D, kTC>(q + bh * p.q_len * D, k + kv_bh * p.k_len * D,
-                                v + kv_bh * p.k_len * D, out + bh * p.q_len * D,
-                                lse + bh * p.q_len, row0, p.q_len, causal_offset, p.scale_log2,
-                                keys, smem);
+                                v + kv_bh * p.k_len * D, out + rows * D, lse + rows, row0,
+                                p.q_len, causal_offset, p.scale_log2, keys, smem);
+}
+
+// One thread block per query row, a thread per head-dim column: lse = log sum_s exp(lse_s) and
+// out = sum_s exp(lse_s - lse) out_s over the splits' partials. A split that saw none of the
+// row's keys has lse_s = -inf and weighs nothing.
+template <typename T, int D>
+__global__ void __launch_bounds__(D)
+merge_splits_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
+                    T* __restrict__ out, float* __restrict__ lse, int splits, int64_t rows) {
+  const int64_t row = blockIdx.x;
+  float max_lse = -INFINITY;
+  for (int s = 0; s < splits; ++s) max_lse = fmaxf(max_lse, part_lse[s * rows + row]);
+  const float ref = max_lse == -INFINITY ? 0.f : max_lse;
+  float sum = 0.f, acc = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float w = expf(part_lse[s * rows + row] - ref);
+    sum += w;
+    acc = fmaf(w, part_out[(s * rows + row) * D + threadIdx.x], acc);
+  }
+  out[row * D + threadIdx.x] = static_cast<T>(sum > 0.f ? acc / sum : 0.f);
+  if (threadIdx.x == 0) lse[row] = sum > 0.f ? ref + logf(sum) : -INFINITY;
+}
+
+// Key splits for `blocks` (query tile, head, batch) thread blocks over `key_tiles` tiles: about
+// two waves of thread blocks on the device, each split at least kMinTilesPerSplit tiles.
+int64_t split_count(int64_t blocks, int64_t key_tiles) {
+  int device = 0, sm_count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  if (blocks >= sm_count) return 1;
+  const int64_t wanted = (2 * int64_t(sm_count) + blocks - 1) / blocks;
+  return std::max<int64_t>(1, std::min(wanted, key_tiles / kMinTilesPerSplit));
 }
 
 template <typename T, int D>
@@ -117,16 +161,41 @@ key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* _
 
 template <typename T, int D>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-            at::Tensor& lse, at::Tensor& mass, const ChunkParams& p) {
+            at::Tensor& lse, at::Tensor& mass, ChunkParams p) {
   using G = TileGeometry<T, D, kTC>;
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t batch = q.size(0);
 
-  const dim3 forward_grid((p.q_len + G::kRows - 1) / G::kRows, p.q_heads, q.size(0));
+  p.q_tiles = (p.q_len + G::kRows - 1) / G::kRows;
+  const int64_t key_tiles = (p.k_len + G::kKeys - 1) / G::kKeys;
+  int64_t splits = split_count(p.q_tiles * p.q_heads * batch, key_tiles);
+  const int64_t tiles_per_split = (key_tiles + splits - 1) / splits;
+  splits = (key_tiles + tiles_per_split - 1) / tiles_per_split;  // no split left empty
+  p.keys_per_split = tiles_per_split * G::kKeys;
+  TORCH_CHECK(p.q_tiles * splits <= std::numeric_limits<int>::max(), kOp, ": ", p.q_len,
+              " queries are more than this kernel's grid holds");
+
+  const dim3 forward_grid(p.q_tiles * splits, p.q_heads, batch);
   const size_t forward_smem = flash_forward_smem_bytes<T, D, kTC>();
-  auto forward = chunk_forward_kernel<T, D>;
-  set_dynamic_smem(kOp, forward, forward_smem);
-  launch_kernel(kOp, forward, forward_grid, G::kThreads, forward_smem, stream, q.data_ptr<T>(),
-                k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(), p);
+  if (splits == 1) {
+    auto forward = chunk_forward_kernel<T, D, T>;
+    set_dynamic_smem(kOp, forward, forward_smem);
+    launch_kernel(kOp, forward, forward_grid, G::kThreads, forward_smem, stream,
+                  q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(),
+                  lse.data_ptr<float>(), p);
+  } else {
+    const int64_t rows = batch * p.q_heads * p.q_len;
+    auto part_out = at::empty({splits, rows, D}, q.options().dtype(at::kFloat));
+    auto part_lse = at::empty({splits, rows}, q.options().dtype(at::kFloat));
+    auto forward = chunk_forward_kernel<T, D, float>;
+    set_dynamic_smem(kOp, forward, forward_smem);
+    launch_kernel(kOp, forward, forward_grid, G::kThreads, forward_smem, stream,
+                  q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
+                  part_out.data_ptr<float>(), part_lse.data_ptr<float>(), p);
+    launch_kernel(kOp, merge_splits_kernel<T, D>, dim3(rows), dim3(D), 0, stream,
+                  part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<T>(),
+                  lse.data_ptr<float>(), static_cast<int>(splits), rows);
+  }
 
   const dim3 mass_grid((p.k_len + G::kKeys - 1) / G::kKeys, p.kv_heads, q.size(0));
   const size_t mass_smem = key_mass_smem_bytes<T, D>();

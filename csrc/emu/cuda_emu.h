@@ -98,6 +98,8 @@ extern thread_local dim3 current_grid_dim;    // gridDim
 
 // Largest dynamic shared memory per block with the opt-in attribute (H100/H200: 227 KB).
 constexpr int kMaxDynamicSharedOptin = 232448;
+// Streaming multiprocessors (H100/H200 SXM: 132), for the kernels that size their grid by them.
+constexpr int kMultiProcessorCount = 132;
 constexpr int kMaxDynamicSharedDefault = 49152;
 
 void syncthreads();
@@ -292,7 +294,10 @@ constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 using cudaStream_t = struct CUstream_emu*;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 
 namespace cabattn {
 namespace emu {
@@ -307,9 +312,15 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
-  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
-  *value = cabattn::emu::kMaxDynamicSharedOptin;
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = cabattn::emu::kMultiProcessorCount;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = cabattn::emu::kMaxDynamicSharedOptin;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 template <typename... Params>
 inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr,
