@@ -10,9 +10,10 @@ import torch
 
 from . import ops
 
-# The schemas of torch.ops.cabattn (registered by cabattn._C), one place: copied here.
+# The schemas of torch.ops.cabattn's kernels (registered by cabattn._C), one place: copied here.
+# (deferred_checks and raise_deferred_checks are defined by csrc/cuda/device_checks.cu itself.)
 _LIBRARY = torch.library.Library("cabattn_emu", "DEF")
-for _name in ops.__all__:
+for _name in ops.KERNELS:
     if hasattr(torch.ops.cabattn, _name):
         _LIBRARY.define(str(getattr(torch.ops.cabattn, _name).default._schema)
                         .removeprefix("cabattn::"))

@@ -249,7 +249,8 @@ class KVProtocol:
         else:
             model_positions = positions
         logits = []
-        with torch.no_grad():
+        # the CUDA kernels' input checks are read back once per window, not per layer and chunk
+        with torch.no_grad(), ops.deferred_checks():
             for start, end in spans:
                 cache.begin_chunk(positions[:, start:end])
                 stream.first_position = start

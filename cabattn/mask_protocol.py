@@ -74,9 +74,22 @@ class MaskProtocol:
         for module in modules:
             setattr(module, _ATTRIBUTE, self)
         self.model.set_attn_implementation(ATTENTION_NAME)
+        # The CUDA kernels' input checks are read back once per forward, not once per layer.
+        self._hooks = (self.model.register_forward_pre_hook(self._begin_forward),
+                       self.model.register_forward_hook(self._end_forward, always_call=True))
         return self.stats
 
+    def _begin_forward(self, model, args):
+        self._checks = ops.deferred_checks()
+        self._checks.__enter__()
+
+    def _end_forward(self, model, args, output):
+        checks, self._checks = self._checks, None
+        checks.__exit__(None, None, None)
+
     def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
         self.model.set_attn_implementation(self._saved)
         for module in attention_modules(self.model):
             if hasattr(module, _ATTRIBUTE):

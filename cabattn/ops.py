@@ -5,14 +5,18 @@ kernels are tested against. The C++ side validates devices, dtypes, shapes and c
 raises errors that name the bad argument. The fake implementations let torch.compile trace
 through the operators without running them.
 """
+import contextlib
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the operators)
 from .reference import (ADDITIVE, GLOBAL_MINMAX, MAX_L2, MEAN, MULTIPLICATIVE, ROW_MINMAX,
                         num_blocks)
 
-__all__ = ["coarsen", "block_scores", "frc_scores", "select_blocks", "block_sparse_attention",
-           "attention_with_scores", "kv_compact_", "MAX_L2", "MEAN", "ADDITIVE",
+# The kernel operators, one function each below (cabattn.emu copies their schemas).
+KERNELS = ("coarsen", "block_scores", "frc_scores", "select_blocks", "block_sparse_attention",
+           "attention_with_scores", "kv_compact_")
+__all__ = [*KERNELS, "deferred_checks", "MAX_L2", "MEAN", "ADDITIVE",
            "MULTIPLICATIVE", "ROW_MINMAX", "GLOBAL_MINMAX"]
 
 _ops = torch.ops.cabattn
@@ -54,6 +58,29 @@ def attention_with_scores(q, k, v, scale: float):
 def kv_compact_(x: torch.Tensor, keep: torch.Tensor) -> None:
     """In place x[b, h, :K] = x[b, h, keep[b, h]] for sorted unique int64 keep [B, H, K]."""
     _ops.kv_compact_(x, keep)
+
+
+@contextlib.contextmanager
+def deferred_checks():
+    """Within it, the CUDA kernels that validate index inputs on the device (select_blocks'
+    counts, block_sparse_attention's layout, kv_compact_'s keep) flag a bad value into a
+    persistent device word instead of each reading a flag back: a forward inside it has no host
+    synchronisation of theirs and can be captured in a CUDA graph. Leaving it reads the words
+    once and raises a RuntimeError naming the operator (the same call outside it raises the
+    error that names the bad value). Nested, the outermost exit checks. A no-op for the CPU
+    kernels, which check before computing, and in a build without the CUDA kernels."""
+    try:
+        enable = _ops.deferred_checks
+    except AttributeError:  # built without the CUDA kernels
+        yield
+        return
+    previous = enable(True)
+    try:
+        yield
+    finally:
+        enable(previous)
+    if not previous:
+        _ops.raise_deferred_checks()
 
 
 @torch.library.register_fake("cabattn::coarsen")

@@ -40,7 +40,9 @@ class ProtocolStats:
     cached_age: list = field(default_factory=lambda: [0, 0])  # [summed age, cached entries]
 
     def add_pairs(self, layer_idx: int, kept: torch.Tensor, causal: torch.Tensor) -> None:
-        kept, causal = kept.detach().double().cpu(), causal.detach().double().cpu()
+        """Per-head kept and causal pair counts; summed on their device (no host read inside a
+        forward: reading happens in record())."""
+        kept, causal = kept.detach().double(), causal.detach().double()
         if layer_idx in self.kept:
             self.kept[layer_idx] += kept
             self.causal[layer_idx] += causal

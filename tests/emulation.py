@@ -51,8 +51,7 @@ def cuda_target(name: str):
     .emulated (the emulation is slow: tests pick smaller shapes for it)."""
     if name == "cuda":
         return types.SimpleNamespace(device="cuda", ops=ops, emulated=False)
-    functions = {n: _emulated(getattr(ops, n)) for n in ops.__all__
-                 if callable(getattr(ops, n))}
+    functions = {n: _emulated(getattr(ops, n)) for n in ops.KERNELS}
     return types.SimpleNamespace(device="cpu", ops=types.SimpleNamespace(**functions),
                                  emulated=True)
 

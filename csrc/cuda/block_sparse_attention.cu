@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     check_layout_on_host();
     return {out, lse};
   }
-  DeviceCheck check(q);
+  DeviceCheck check(q, CheckedOp::kBlockSparseAttention);
   const int64_t rows = block_count.numel();
   launch_kernel(kOp, check_layout_kernel, static_cast<unsigned>((rows + 255) / 256), 256, 0,
                 at::cuda::getCurrentCUDAStream(), block_count.data_ptr<int>(),

@@ -65,26 +65,42 @@ inline void launch_kernel(const char* op, void (*kernel)(Params...), dim3 grid, 
 }
 }  // namespace
 
+// The CUDA operators that validate index inputs on the device, each with its word of the
+// deferred status (device_checks.cu).
+enum class CheckedOp : int { kSelectBlocks = 0, kBlockSparseAttention = 1, kKvCompact = 2 };
+constexpr int kCheckedOps = 3;
+
+// Deferred checks (cabattn.ops.deferred_checks(), device_checks.cu): while on, flags go to a
+// persistent per-device status that is read back once, when the mode is left, instead of
+// after every call: a forward then has no host synchronisation and can be captured in a CUDA
+// graph (the status tensor's address never changes).
+bool deferred_checks_enabled();
+at::Tensor deferred_status_word(const at::Tensor& like, CheckedOp op);
+
 // A device word in which a kernel flags an input value the host could not check without a copy
 // (an index out of range, a negative count). After the launch the host reads the word back once
 // and, only when it is set, runs the CPU kernel's value check (checks.h) on host copies, which
 // raises the CPU's error word for word. Never a device assert: that would poison the context
-// for every later CUDA call in the process.
+// for every later CUDA call in the process. Under deferred checks the word is the operator's
+// word of the deferred status and nothing is read back here.
 class DeviceCheck {
  public:
-  explicit DeviceCheck(const at::Tensor& like)
-      : flag_(at::zeros({1}, like.options().dtype(at::kInt))) {}
+  DeviceCheck(const at::Tensor& like, CheckedOp op)
+      : deferred_(deferred_checks_enabled()),
+        flag_(deferred_ ? deferred_status_word(like, op)
+                        : at::zeros({1}, like.options().dtype(at::kInt))) {}
   int* flag() { return flag_.data_ptr<int>(); }
   // Calls host_check() (which must raise) when a kernel set the flag.
   template <typename HostCheck>
   void raise_if_flagged(const char* op, HostCheck&& host_check) {
-    if (flag_.item<int>() == 0) return;
+    if (deferred_ || flag_.item<int>() == 0) return;
     host_check();
     TORCH_CHECK(false, op, ": the CUDA kernel flagged a bad input that the CPU checks accept "
                 "(a bug in cabattn; please report it)");
   }
 
  private:
+  bool deferred_;
   at::Tensor flag_;
 };
 

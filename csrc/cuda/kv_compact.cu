@@ -88,7 +88,7 @@ void kv_compact_cuda(const at::Tensor& x, const at::Tensor& keep) {
   if (x.numel() == 0) return check_keep_values(kOp, keep.cpu(), length);  // nothing to move
   const int64_t row_bytes = x.numel() / (groups * length) * x.element_size();
 
-  DeviceCheck check(keep);
+  DeviceCheck check(keep, CheckedOp::kKvCompact);
   auto gathered = at::empty({groups, kept, row_bytes}, x.options().dtype(at::kByte));
   gather_rows_widest(gathered.data_ptr(), x.data_ptr(), keep.data_ptr<int64_t>(), check.flag(),
                      groups, kept, length, kept, row_bytes);

@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   while (p.sort_size < blocks) p.sort_size *= 2;
   const size_t smem = size_t(p.sort_size) * (sizeof(double) + sizeof(int)) + blocks;
 
-  DeviceCheck check(n_recent);
+  DeviceCheck check(n_recent, CheckedOp::kSelectBlocks);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(blocks, heads, batch);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] {
