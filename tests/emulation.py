@@ -74,8 +74,9 @@ def runs_cuda_kernels(device) -> bool:
     return device == "cuda" or emulated()
 
 
-def xfail_if_emulated(request, finding: str):
+def xfail_if_emulated(request, finding: str, strict: bool = True):
     """Marks an `emu` case that fails by a known finding of issue 11 as strictly expected to
-    fail, until the kernel's fix lands (then the strict xfail turns into a failure)."""
+    fail, until the kernel's fix lands (then the strict xfail turns into a failure). strict=False
+    for a finding at the edge of the bar, which the host compiler's rounding can tip either way."""
     if emulated():
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"issue 11, {finding}"))
+        request.applymarker(pytest.mark.xfail(strict=strict, reason=f"issue 11, {finding}"))

@@ -75,8 +75,12 @@ def test_coarsen_max_l2_ties_go_to_first_token(device):
 def test_block_scores_matches_reference(device, batch, kv_heads, ratio, length, block_size,
                                        request):
     if length == 1100:
-        xfail_if_emulated(request, "found by the emulation: block_scores.cu's float32 Sblk "
-                          "error is 2.4x the float32 reference's at L=1100, block_size=128")
+        # At the bar: 2.4x in the build that found it; a rebuild whose inlining moved the host
+        # compiler's FMA contraction measured Sblk 0.97x and Gblk 2.42x in norm, which the bar's
+        # units of slack let pass.
+        xfail_if_emulated(request, "found by the emulation: block_scores.cu's float32 error is "
+                          "at 2x the float32 reference's at L=1100, block_size=128",
+                          strict=False)
     for dtype in dtypes_for(device):
         q, k = gqa_inputs(device, dtype, batch, kv_heads, ratio, length, scale=1.5)
         scale = 0.3
