@@ -31,6 +31,7 @@ import sys
 from typing import Optional, Union
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -157,6 +158,7 @@ class KVProtocol:
     keep_logits: False scores a window without holding its [L, vocab] logits (a long stream's
     do not fit in memory): the forward then needs labels, returns logits=None and the loss,
     and leaves the NLL of every prediction in `token_nll` [B, L-1] float32.
+    progress: a tqdm bar over each window's tokens (long streams).
     """
 
     name = "kv"
@@ -164,7 +166,8 @@ class KVProtocol:
 
     def __init__(self, model, method: Union[Method, str], sparsity: float, kv_chunk: int = 1,
                  positions: str = "absolute", block_size: Union[int, str] = "auto",
-                 k_min: int = 64, seed: int = 42, keep_logits: bool = True, **method_params):
+                 k_min: int = 64, seed: int = 42, keep_logits: bool = True,
+                 progress: bool = False, **method_params):
         check_options(sparsity, block_size, k_min)  # the options both protocols share
         if isinstance(kv_chunk, bool) or not isinstance(kv_chunk, int) or kv_chunk < 1:
             raise ValueError(f"kv_chunk {kv_chunk!r} must be a positive integer "
@@ -177,6 +180,7 @@ class KVProtocol:
         self.model, self.method, self.sparsity = model, method, float(sparsity)
         self.kv_chunk, self.positions, self.block_size = kv_chunk, positions, block_size
         self.k_min, self.seed, self.keep_logits = k_min, seed, keep_logits
+        self.progress = progress
         self.token_nll: Optional[torch.Tensor] = None
         self.rotary_emb, self.rotate = ((None, None) if positions == "absolute"
                                         else _rotary_embedding(model))
@@ -250,7 +254,9 @@ class KVProtocol:
             model_positions = positions
         logits = []
         # the CUDA kernels' input checks are read back once per window, not per layer and chunk
-        with torch.no_grad(), ops.deferred_checks():
+        bar = tqdm(total=length, desc=f"{self.method.name} stream", unit="token",
+                   disable=not self.progress, leave=False)
+        with torch.no_grad(), ops.deferred_checks(), bar:
             for start, end in spans:
                 cache.begin_chunk(positions[:, start:end])
                 stream.first_position = start
@@ -265,6 +271,7 @@ class KVProtocol:
                     logits.append(torch.nn.functional.cross_entropy(
                         out.logits[:, :predicted.shape[1]].float().transpose(1, 2), predicted,
                         reduction="none"))
+                bar.update(end - start)
         self._record_pairs(stream, batch, length)
         self.windows_seen += batch  # row b of the batch was window windows_seen + b
         if not self.keep_logits:

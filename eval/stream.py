@@ -130,7 +130,7 @@ def score(args, loaded, ids, label: str):
         sparsity = 1.0 - args.cache / args.tokens
         protocol = KVProtocol(model, method, sparsity, kv_chunk=args.chunk, positions="cache",
                               block_size=block_size(args), k_min=args.cache, seed=args.seed,
-                              keep_logits=False, **params)
+                              keep_logits=False, progress=True, **params)
         with protocol as stats:
             model(ids, labels=ids)
         assert protocol.budget == args.cache, (protocol.budget, args.cache)
