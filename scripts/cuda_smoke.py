@@ -94,15 +94,22 @@ def run_case(dtype, dim, block, length, q_heads, kv_heads):
     bad_keep = keep.clone()
     bad_keep[0, 0, -1] = length + 3
     raised = 0
-    for call in (lambda: ops.block_sparse_attention(q, k, v, count, bad_index, block, scale),
-                 lambda: ops.kv_compact_(k.clone(), bad_keep)):
+    calls = (lambda: ops.block_sparse_attention(q, k, v, count, bad_index, block, scale),
+             lambda: ops.kv_compact_(k.clone(), bad_keep))
+    for call in calls:
         try:
             call()
         except RuntimeError:
             raised += 1
+    try:  # the same under deferred checks: nothing read back per call, one raise on leaving
+        with ops.deferred_checks():
+            for call in calls:
+                call()
+    except RuntimeError:
+        raised += 1
     again = k.clone()
     ops.kv_compact_(again, keep)
-    errors["bad indices raise"] = float(raised != 2 or not torch.equal(again, expected))
+    errors["bad indices raise"] = float(raised != 3 or not torch.equal(again, expected))
     torch.cuda.synchronize()
     return errors
 
