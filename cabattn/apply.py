@@ -11,6 +11,7 @@ import inspect
 from contextlib import contextmanager
 from typing import Union
 
+from . import ops
 from .kv_protocol import KVProtocol
 from .mask_protocol import MaskProtocol
 from .methods import Method
@@ -28,11 +29,14 @@ def get_protocol(name: str) -> type:
 
 @contextmanager
 def apply(model, method: Union[str, Method] = "dense", sparsity: float = 0.0,
-          protocol: str = "mask", **options):
+          protocol: str = "mask", kernels: str = "extension", **options):
     """Context manager yielding cabattn.ProtocolStats. Options are the protocol's (block_size,
     k_min, seed; causal_selection for mask; kv_chunk, positions for kv) and the method's own
-    parameters (see cabattn.methods.get_method). Everything is validated before the model is
-    touched; the model's own attention is restored on exit, also after an exception."""
+    parameters (see cabattn.methods.get_method). kernels: "extension" (the compiled operators)
+    or "reference" (plain PyTorch and FlexAttention, cabattn.reference_path; recorded as the
+    stats' `kernels`). Everything is validated before the model is touched; the model's own
+    attention is restored on exit, also after an exception."""
+    ops.check_kernel_path(kernels)
     Protocol = get_protocol(protocol)
     # The protocol's own options are the named keyword parameters of its constructor.
     names = {name for name, p in inspect.signature(Protocol).parameters.items()
@@ -40,7 +44,9 @@ def apply(model, method: Union[str, Method] = "dense", sparsity: float = 0.0,
         "model", "method", "sparsity"}
     protocol_options = {k: v for k, v in options.items() if k in names}
     method = resolve_method(method, **{k: v for k, v in options.items() if k not in names})
-    with Protocol(model, method, sparsity, **protocol_options) as stats:
+    with ops.use_kernels(kernels), Protocol(model, method, sparsity,
+                                            **protocol_options) as stats:
+        stats.kernels = kernels
         yield stats
 
 

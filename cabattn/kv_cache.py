@@ -130,10 +130,13 @@ class EvictingLayer(CacheLayerMixin):
         b, h, chunk, d = query.shape
         if self.block_query_buffer is None:
             self.block_query_buffer = query.new_zeros(b, h, self.num_blocks, d)
-            # -1 < any norm, so a block's first query always wins
+            # -1 < any norm, so a block's first query always wins; norms in float32 at least
+            # (a float64 model keeps float64: the reference path's exact runs)
             self.block_query_norm = torch.full((b, h, self.num_blocks), -1.0,
-                                               dtype=torch.float32, device=query.device)
-        norms = torch.linalg.vector_norm(query, dim=-1, dtype=torch.float32)
+                                               dtype=torch.promote_types(query.dtype,
+                                                                         torch.float32),
+                                               device=query.device)
+        norms = torch.linalg.vector_norm(query, dim=-1, dtype=self.block_query_norm.dtype)
         for block, lo, hi in self._block_spans(first_position, chunk):
             if hi - lo == 1:  # token-by-token streaming: one query, nothing to reduce
                 best_norm, best_query = norms[:, :, lo], query[:, :, lo]

@@ -16,10 +16,50 @@ from .reference import (ADDITIVE, GLOBAL_MINMAX, MAX_L2, MEAN, MULTIPLICATIVE, R
 # The kernel operators, one function each below (cabattn.emu copies their schemas).
 KERNELS = ("coarsen", "block_scores", "frc_scores", "select_blocks", "block_sparse_attention",
            "attention_with_scores", "kv_compact_")
-__all__ = [*KERNELS, "deferred_checks", "MAX_L2", "MEAN", "ADDITIVE",
-           "MULTIPLICATIVE", "ROW_MINMAX", "GLOBAL_MINMAX"]
+__all__ = [*KERNELS, "deferred_checks", "use_kernels", "has_kernels_for",
+           "KERNEL_PATHS", "MAX_L2", "MEAN", "ADDITIVE", "MULTIPLICATIVE", "ROW_MINMAX",
+           "GLOBAL_MINMAX"]
 
 _ops = torch.ops.cabattn
+
+# Where the operators run: the compiled extension (the default) or the reference path, plain
+# PyTorch and FlexAttention (cabattn.reference_path; docs/selfcheck.md, "The reference path").
+KERNEL_PATHS = ("extension", "reference")
+
+
+def check_kernel_path(path: str) -> None:
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"kernels {path!r} is not valid; valid choices: "
+                         f"{', '.join(KERNEL_PATHS)}")
+
+
+@contextlib.contextmanager
+def use_kernels(path: str):
+    """Within it, every function of this module runs on `path`: "extension" (whatever runs now:
+    the compiled operators, unless an enclosing context chose otherwise), "reference", or
+    "emulation" (the CUDA kernels emulated on the CPU, cabattn.emu: for tests and the CPU
+    self-check). The previous path is restored on exit, also after an exception."""
+    global _ops
+    if path == "emulation":
+        from .emu import OPS as chosen
+    else:
+        check_kernel_path(path)
+        if path == "extension":
+            yield
+            return
+        from . import reference_path as chosen
+    saved, _ops = _ops, chosen
+    try:
+        yield
+    finally:
+        _ops = saved
+
+
+def has_kernels_for(device_type: str) -> bool:
+    """Whether this build of the extension has kernels for `device_type` ("cpu", "cuda"): a
+    build without nvcc has none for CUDA (setup.py says so when it builds)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("cabattn::block_sparse_attention",
+                                                          device_type.upper())
 
 
 def coarsen(x: torch.Tensor, block_size: int, mode: int = MAX_L2) -> torch.Tensor:

@@ -21,6 +21,7 @@ class ProtocolStats:
     each a float64 tensor [Hq]. Density = kept / causal.
     """
     protocol: str = ""
+    kernels: str = "extension"  # the operators' path: "extension" or "reference" (apply sets it)
     options: dict = field(default_factory=dict)  # the protocol's own options, e.g. kv_chunk
     params: dict = field(default_factory=dict)  # the method's parameters, defaults filled in
     block_size: Optional[int] = None  # of the latest window (set by the protocol)
@@ -150,7 +151,8 @@ class ProtocolStats:
         """What ran and what it cost, for a results file (JSON types only)."""
         return {"density": self.density, "block_size": self.block_size, "k_min": self.k_min,
                 "budget_tokens": self.budget_tokens,
-                "protocol": self.protocol, **self.options, "params": dict(self.params),
+                "protocol": self.protocol, "kernels": self.kernels, **self.options,
+                "params": dict(self.params),
                 "selection_seconds": self.selection_seconds,
                 "attention_seconds": self.attention_seconds,
                 "oracle_selection": self.oracle_selection,
@@ -162,12 +164,13 @@ class ProtocolStats:
 
 
 class DenseStats:
-    """The record of the model's own attention: nothing selected, every causal pair kept."""
+    """The record of the model's own attention: nothing selected, every causal pair kept, no
+    cabattn operator run (kernels None)."""
     density = 1.0
 
     def record(self) -> dict:
         return {"density": 1.0, "block_size": None, "budget_tokens": None,
-                "protocol": "dense", "params": {},
+                "protocol": "dense", "kernels": None, "params": {},
                 "selection_seconds": 0.0, "attention_seconds": None, "oracle_selection": False,
                 "selection_share": None, "attention_recall": None,
                 "attention_recall_min_layer": None, "sink_retention": None,

@@ -10,15 +10,12 @@ import os
 import tempfile
 from pathlib import Path
 
-CACHE_ENV = "CABATTN_CACHE"
-
-
 def cache_dir(override=None) -> Path:
-    """override, else $CABATTN_CACHE, else ~/.cache/cabattn; created if missing."""
-    path = Path(override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cabattn")
-    path = path.expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """cabattn.cache.cache_dir: override, else $CABATTN_CACHE, else ~/.cache/cabattn (the
+    library keeps the rule, for its self-check; imported here on use, so that importing the
+    harness does not load torch)."""
+    from cabattn.cache import cache_dir as library_cache_dir
+    return library_cache_dir(override)
 
 
 @contextlib.contextmanager

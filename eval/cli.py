@@ -87,7 +87,7 @@ def _shard(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cabattn import PROTOCOLS, methods
+    from cabattn import PROTOCOLS, methods, ops
 
     from .data import HUB_DATASETS, OFFLINE_DATASETS
     p = argparse.ArgumentParser(
@@ -160,6 +160,10 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--k-min", type=_positive_int, metavar="K",
                    help="the smallest token budget: K = max(k_min, (1 - s) L) (64)")
     g.add_argument("--kv-chunk", type=int, metavar="C", help="kv protocol chunk (1: exact)")
+    g.add_argument("--kernels", choices=ops.KERNEL_PATHS,
+                   help="extension: the compiled operators, self-checked on a GPU first "
+                        "(default); reference: plain PyTorch and FlexAttention, slower, "
+                        "the independent check (docs/selfcheck.md)")
     g.add_argument("--diagnostics", action="store_true", default=None,
                    help="mask protocol: also measure each cell's attention recall (the dense "
                         "softmax mass the kept blocks hold; one more QK^T pass per layer for "
@@ -232,7 +236,7 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
         "text_field": args.text_field, "max_windows": args.max_windows,
         "protocol": args.protocol, "block_size": args.block_size,
         "causal_selection": args.causal_selection, "k_min": args.k_min,
-        "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics,
+        "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics, "kernels": args.kernels,
         "budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seed": args.seed,
         "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():

@@ -75,6 +75,9 @@ class ExperimentConfig:
     k_min: int = 64  # the smallest token budget K (METHODS.md section 0)
     kv_chunk: int = 1
     diagnostics: bool = False  # mask protocol: measure attention recall (an oracle pass)
+    # Where the operators run: the compiled extension, or the reference path (plain PyTorch
+    # and FlexAttention; docs/selfcheck.md).
+    kernels: str = "extension"
     # Fixed token budgets (cache sizes) run at every context length, besides the sweeps.
     budget_tokens: Optional[list] = None
     max_windows: Optional[int] = None  # windows per cell, evenly spaced over the corpus
@@ -380,6 +383,20 @@ def check_output_location(config: ExperimentConfig) -> None:
                           "a folder you can create and write") from None
 
 
+def _check_kernels(config: ExperimentConfig, problems: list) -> None:
+    """The kernel path, and an extension with kernels for the run's device (a build without
+    nvcc has CPU kernels only): said here, before any model loads."""
+    from cabattn import ops
+    _check_choice(problems, "kernels", config.kernels, ops.KERNEL_PATHS)
+    device = str(config.model.device)
+    if (config.kernels == "extension" and device.startswith("cuda")
+            and not ops.has_kernels_for("cuda")):
+        problems.append(f"model.device {device!r}: cabattn's extension was built without CUDA "
+                        "kernels (CPU only); rebuild it on this machine with nvcc present "
+                        "(python setup.py build_ext --inplace) or run on the reference path "
+                        "(--kernels reference)")
+
+
 def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     """Raise ConfigError listing every problem; loads no weights."""
     problems = []
@@ -423,6 +440,7 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     _check_sparsities(config, problems)
     _check_methods(config, problems)
     _check_datasets(config, problems)
+    _check_kernels(config, problems)
     if check_model and not problems:
         _check_model(config, problems)
     if problems:

@@ -133,7 +133,7 @@ def protocol_settings(config: ExperimentConfig, spec: RunSpec) -> dict:
     protocol = cabattn.get_protocol(config.protocol)
     return {"protocol": config.protocol,
             "block_size": cabattn.resolve_block_size(config.block_size, spec.context_length),
-            "k_min": config.k_min,
+            "k_min": config.k_min, "kernels": config.kernels,
             **{name: getattr(config, name) for name in protocol.OPTIONS}}
 
 

@@ -18,16 +18,6 @@ CUDA_TARGETS = [pytest.param("cuda", marks=pytest.mark.skipif(
 
 
 @contextlib.contextmanager
-def _emulating():
-    from cabattn import emu
-    saved, ops._ops = ops._ops, emu.OPS
-    try:
-        yield
-    finally:
-        ops._ops = saved
-
-
-@contextlib.contextmanager
 def cpu_kernels():
     """cabattn.ops on the CPU kernels for a while, also inside an `emu` test."""
     saved, ops._ops = ops._ops, torch.ops.cabattn
@@ -40,7 +30,7 @@ def cpu_kernels():
 def _emulated(function):
     @functools.wraps(function)
     def call(*args, **kwargs):
-        with _emulating():
+        with ops.use_kernels("emulation"):
             return function(*args, **kwargs)
     return call
 

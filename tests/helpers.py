@@ -4,6 +4,8 @@ import pytest
 import torch
 from emulation import runs_cuda_kernels
 
+from cabattn.correctness import bar_problem
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 HALF_TYPES = [torch.float16, torch.bfloat16]
 
@@ -59,34 +61,13 @@ def reference_dtype(input_dtype, output_dtype, device):
     return input_dtype
 
 
-def errors(got, exact):
-    """(largest element-wise error, norm of the error / norm of the exact value)."""
-    diff = got.double().cpu() - exact.double().cpu()
-    scale = exact.double().norm().item()
-    return diff.abs().max().item(), diff.norm().item() / (scale if scale else 1.0)
-
-
 def assert_within_reference_error(got, exact, reference, name="output", ulps=None):
-    """KERNELS.md's bar: the kernel's error against the float64 `exact` is at most twice the
-    error of `reference` (see reference_dtype), both element-wise (a few wrong rows show) and
-    in norm, plus a few units of the accumulation precision at the largest exact value: errors
-    at rounding level come in whole units, and a reference that happens to round well must not
-    fail a kernel one unit off. In float64 the reference is the exact value itself, so those
-    units (16: sums over a few hundred keys) are the whole bar. The output must be fully written
-    (outputs are poisoned before every call, see poison_uninitialized)."""
-    assert not torch.isnan(got).any(), f"{name}: unwritten (NaN) elements"
-    ulps = ulps or (16 if got.dtype == torch.float64 else 2)
-    unit = ulps * torch.finfo(torch.float64 if got.dtype == torch.float64 else torch.float32).eps
-    kernel_max, kernel_norm = errors(got, exact)
-    ref_max, ref_norm = errors(reference, exact)
-    bar_max = 2 * ref_max + unit * exact.double().abs().max().item()
-    bar_norm = 2 * ref_norm + unit
-    assert kernel_max <= bar_max, (
-        f"{name}: largest error {kernel_max:.3e} > {bar_max:.3e} (2 x the reference's "
-        f"{ref_max:.3e} + {ulps} units)")
-    assert kernel_norm <= bar_norm, (
-        f"{name}: relative error {kernel_norm:.3e} > {bar_norm:.3e} (2 x the reference's "
-        f"{ref_norm:.3e} + {ulps} units)")
+    """KERNELS.md's bar (cabattn.correctness): the kernel's error against the float64 `exact`
+    is at most twice the error of `reference` (see reference_dtype), element-wise and in norm,
+    plus a few units of the accumulation precision. The output must be fully written (outputs
+    are poisoned before every call, see poison_uninitialized)."""
+    problem = bar_problem(got, exact, reference, ulps)
+    assert problem is None, f"{name}: {problem}"
 
 
 @pytest.fixture

@@ -56,11 +56,30 @@ def shard(specs: list, index: int, count: int) -> list:
     return list(specs[index - 1::count])
 
 
+class KernelCheckError(ExecutorError):
+    """The compiled kernels failed the self-check on this device: nothing was computed."""
+
+
+def check_kernels(config, device: str, say) -> None:
+    """Before a model loads on a CUDA device with the compiled kernels: the self-check
+    (cabattn.selfcheck, cached per device and build; docs/selfcheck.md). Run by every process
+    that computes cells, so by every Ray actor too."""
+    if config.kernels != "extension" or not device.startswith("cuda"):
+        return
+    from cabattn import selfcheck
+    try:
+        selfcheck.ensure(device, say)
+    except selfcheck.SelfCheckError as err:
+        raise KernelCheckError(str(err)) from None
+
+
 def load_model(config, say):
-    """The model a run's cells use, checked against every context length of the run."""
+    """The model a run's cells use (once its device's kernels passed the self-check), checked
+    against every context length of the run."""
     from .. import env, models
     device = env.resolve_device(config.model.device)
     dtype = env.resolve_dtype(config.model.torch_dtype, device)
+    check_kernels(config, device, say)
     say(f"loading model {config.model.name} ({dtype}, {device}) ...")
     loaded = models.load_model(config.model.name, dtype=dtype, device=device,
                                trust_remote_code=config.model.trust_remote_code,
