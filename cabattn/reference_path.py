@@ -17,6 +17,7 @@ the path a user can always take when the self-check fails on their device
 (docs/selfcheck.md). It is slower, and never differs beyond KERNELS.md's correctness bar.
 """
 import functools
+import warnings
 
 import torch
 
@@ -129,11 +130,13 @@ def block_sparse_attention(q, k, v, block_count, block_index, block_size, scale)
                                           mask_mod=layout_mask, seq_lengths=(length, length))
     attend = _compiled_flex() if backend == "flex-compiled" else _flex.flex_attention
     options = dict(block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    if hasattr(_flex, "AuxRequest"):
-        out, aux = attend(q, k, v, return_aux=_flex.AuxRequest(lse=True), **options)
-        lse = aux.lse
-    else:  # torch before AuxRequest
-        out, lse = attend(q, k, v, return_lse=True, **options)
+    with warnings.catch_warnings():  # eager on purpose (short windows, CPU): no fused kernel
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        if hasattr(_flex, "AuxRequest"):
+            out, aux = attend(q, k, v, return_aux=_flex.AuxRequest(lse=True), **options)
+            lse = aux.lse
+        else:  # torch before AuxRequest
+            out, lse = attend(q, k, v, return_lse=True, **options)
     return out, lse.float()
 
 
