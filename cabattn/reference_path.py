@@ -9,8 +9,8 @@ the same methods and protocols, with
   float32 from half-precision inputs (as the kernels accumulate) and one head at a time where
   they would build an L x L matrix;
 - block_sparse_attention: FlexAttention over a BlockMask made from the same layout (compiled on
-  CUDA for long windows, eager elsewhere), or SDPA with the layout's token mask where
-  FlexAttention is missing.
+  CUDA where the eager one's L x L scores would take more than EAGER_SCORES_BYTES, eager
+  elsewhere), or SDPA with the layout's token mask where FlexAttention is missing.
 
 It shares no code with the extension's kernels, so it is the independent check of a number and
 the path a user can always take when the self-check fails on their device
@@ -28,9 +28,9 @@ try:
 except ImportError:  # a torch without FlexAttention: SDPA with a mask instead
     _flex = None
 
-# From this many query rows on, CUDA runs FlexAttention compiled (its fused kernel never builds
-# the L x L scores); shorter windows run it eagerly and skip the compilation.
-COMPILE_FROM = 1024
+# Eager FlexAttention builds the float32 scores [B, Hq, L, L]; past this many bytes CUDA runs it
+# compiled (its fused kernel never builds them), below it skips the compilation (seconds).
+EAGER_SCORES_BYTES = 4 * 2 ** 30
 # Elements of one L x L float32 score matrix the per-head reference definitions may build at
 # once (block_scores, attention_with_scores): 2^28 is 1 GiB.
 _CHUNK_ELEMENTS = 2 ** 28
@@ -45,11 +45,12 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(_accumulation_dtype(x.dtype))
 
 
-def attention_backend(device: torch.device, length: int) -> str:
-    """"flex-compiled", "flex" (eager) or "sdpa": what block_sparse_attention runs here."""
+def attention_backend(q: torch.Tensor) -> str:
+    """"flex-compiled", "flex" (eager) or "sdpa": what block_sparse_attention runs for q."""
     if _flex is None:
         return "sdpa"
-    if device.type == "cuda" and length >= COMPILE_FROM:
+    batch, heads, length, _ = q.shape
+    if q.device.type == "cuda" and batch * heads * length * length * 4 > EAGER_SCORES_BYTES:
         return "flex-compiled"
     return "flex"
 
@@ -108,7 +109,7 @@ def kv_compact_(x, keep):
 
 def block_sparse_attention(q, k, v, block_count, block_index, block_size, scale):
     length = q.shape[2]
-    backend = attention_backend(q.device, length)
+    backend = attention_backend(q)
     if backend == "sdpa":
         return _sdpa_attention(q, k, v, block_count, block_index, block_size, scale)
     blocks = block_count.shape[-1]
