@@ -147,16 +147,16 @@ def _coarsen(dtype, block, mode, half_reference):
                  f"{name}", dtype, run)
 
 
-def _block_scores(dtype, dim, block, heads, length, half_reference):
+def _block_scores(dtype, dim, block, heads, length, batch, half_reference):
     def run(device):
-        q = _random((2, heads[0], length, dim), dtype, device, 2)
-        k = _random((2, heads[1], length, dim), dtype, device, 3)
+        q = _random((batch, heads[0], length, dim), dtype, device, 2)
+        k = _random((batch, heads[1], length, dim), dtype, device, 3)
         scale = reference.default_scale(dim)
         return _against_reference(ops.block_scores(q, k, block, scale),
                                   lambda *t: reference.block_scores(*t, block, scale), (q, k),
                                   half_reference, ("Sblk", "Gblk"))
-    return Check("block_scores", f"q {_shape((2, heads[0], length, dim))} k "
-                 f"{_shape((2, heads[1], length, dim))} block {block}", dtype, run)
+    return Check("block_scores", f"q {_shape((batch, heads[0], length, dim))} k "
+                 f"{_shape((batch, heads[1], length, dim))} block {block}", dtype, run)
 
 
 def _frc_scores(dtype, formula, normalization, half_reference):
@@ -216,11 +216,14 @@ def _attention_with_scores(dtype, dim, heads, q_len, k_len, half_reference):
         k = _random((2, heads[1], k_len, dim), dtype, device, 13)
         v = _random((2, heads[1], k_len, dim), dtype, device, 14)
         scale = reference.default_scale(dim)
-        # mass adds up Lq x group probabilities per key: a few more float32 units
+        # mass adds up Lq x group probabilities per key: a few more float32 units; split-K
+        # rescales each split's probabilities by exp(lse_split - lse), whose float32 argument
+        # carries |lse| (about log Lk) units: the CUDA kernel's largest mass error at
+        # (8, 2), 1, 1000, bfloat16 reaches 20 units (found here, emulated), so 32
         return _against_reference(
             ops.attention_with_scores(q, k, v, scale),
             lambda *t: reference.attention_with_scores(*t, scale), (q, k, v), half_reference,
-            ("out", "lse", "mass"), ulps={"mass": 8})
+            ("out", "lse", "mass"), ulps={"mass": 32 if k_len >= 8 * q_len else 8})
     return Check("attention_with_scores", f"q {_shape((2, heads[0], q_len, dim))} k/v "
                  f"{_shape((2, heads[1], k_len, dim))}", dtype, run)
 
@@ -246,24 +249,25 @@ def operator_checks(half_reference: bool = True) -> list:
               _coarsen(f16, 64, ops.MEAN, half_reference),
               _coarsen(bf16, 128, ops.MAX_L2, half_reference),
               _coarsen(bf16, 16, ops.MEAN, half_reference)]
-    # (dtype, head dim, block, (Hq, Hkv), L): every dtype at both head dims, every block size
-    # twice, GQA 1 and 4, L never a multiple of the block
-    for dtype, dim, block, heads, length in [(f32, 64, 16, (4, 4), 200),
-                                             (f32, 128, 128, (4, 1), 300),
-                                             (f16, 64, 16, (4, 1), 200),
-                                             (f16, 128, 64, (8, 2), 333),
-                                             (bf16, 64, 128, (4, 1), 300),
-                                             (bf16, 128, 64, (4, 4), 333)]:
-        checks.append(_block_scores(dtype, dim, block, heads, length, half_reference))
+    # (dtype, head dim, block, (Hq, Hkv), L, batch): every dtype at both head dims, every
+    # block size twice, GQA 1 and 4, L never a multiple of the block; the half-precision
+    # (tensor-core) cases are the small ones, the emulation runs them slowest
+    for dtype, dim, block, heads, length, batch in [(f32, 64, 16, (4, 4), 200, 2),
+                                                    (f32, 128, 128, (4, 1), 300, 2),
+                                                    (f16, 64, 16, (4, 1), 200, 1),
+                                                    (f16, 128, 64, (4, 1), 260, 1),
+                                                    (bf16, 64, 128, (4, 1), 300, 1),
+                                                    (bf16, 128, 64, (4, 4), 200, 1)]:
+        checks.append(_block_scores(dtype, dim, block, heads, length, batch, half_reference))
     checks += [_frc_scores(f32, ops.ADDITIVE, ops.ROW_MINMAX, half_reference),
                _frc_scores(bf16, ops.MULTIPLICATIVE, ops.GLOBAL_MINMAX, half_reference),
                _select_blocks(64, 1, 6), _select_blocks(7, 0, 3)]
     # (dtype, head dim, block, (Hq, Hkv), L, budget in blocks, batch): one-block, all-block and
     # partial layouts over every dtype and head dim
     for dtype, dim, block, heads, length, budget, batch in [
-            (f32, 64, 16, (4, 4), 200, 1, 2), (f32, 128, 64, (8, 2), 333, 3, 1),
-            (f16, 64, 128, (4, 1), 300, 2, 1), (f16, 128, 16, (4, 4), 200, 13, 2),
-            (bf16, 64, 64, (8, 2), 333, 1, 2), (bf16, 128, 128, (4, 1), 200, 2, 1)]:
+            (f32, 64, 16, (4, 4), 200, 1, 2), (f32, 128, 64, (8, 2), 333, 3, 2),
+            (f16, 64, 128, (4, 1), 300, 2, 1), (f16, 128, 16, (4, 4), 200, 13, 1),
+            (bf16, 64, 64, (4, 1), 333, 1, 1), (bf16, 128, 128, (4, 1), 200, 2, 1)]:
         checks.append(_block_sparse_attention(dtype, dim, block, heads, length, budget, batch,
                                               half_reference))
     # (dtype, head dim, (Hq, Hkv), Lq, Lk): one query or a short chunk against a long cache
@@ -433,8 +437,8 @@ def describe_device(device: str) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
     if device == "emu":
-        return f"the CUDA kernels emulated on the CPU ({platform.processor() or 'cpu'})"
-    return f"the CPU ({platform.processor() or 'cpu'})"
+        return f"the CUDA kernels emulated on the CPU ({platform.machine()})"
+    return f"the CPU kernels ({platform.machine()})"
 
 
 def _build_hash() -> str:
@@ -466,6 +470,7 @@ def cache_path(device: str, folder=None) -> Path:
 def check(device: str = "cuda", force: bool = False, folder=None, say=print) -> Verdict:
     """The verdict for `device`: the cached one unless force, else the checks run now (and
     their verdict cached). Says one line; never raises on a failed check (see ensure)."""
+    _target(device)  # a bad device or a build without its kernels: said before anything else
     path = cache_path(device, folder)
     if path.exists() and not force:
         stored = json.loads(path.read_text())
