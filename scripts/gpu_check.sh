@@ -6,8 +6,13 @@
 #
 # Steps, each with its own time limit and log, all within one overall budget
 # (GPU_CHECK_SECONDS, default 460: a step never runs past it, one that cannot start is marked
-# skipped): build cabattn._C in place for the card (TORCH_CUDA_ARCH_LIST=9.0 unless set); run
-# the operator tests (tests/test_ops_*.py, CUDA included); run scripts/cuda_smoke.py (both of
+# skipped): build cabattn._C in place for the card (TORCH_CUDA_ARCH_LIST=9.0 unless set; the
+# build log's tail goes into the summary and the log itself is removed when it passes, to keep
+# within the 8 files); `paths`: the self-check (python -m cabattn.selfcheck --force, every
+# operator against the reference on this card) and then both kernel paths on a random Llama of
+# realistic shape (scripts/compare_paths.py: 8 layers, 32/8 heads of 128, bf16, L 4096, every
+# method under both protocols, per-cell loss agreement), one log; run the operator tests
+# (tests/test_ops_*.py and tests/kernels/test_cuda_graph.py, CUDA included); run scripts/cuda_smoke.py (both of
 # its cases: block 128, L 200, head dim 128, fp16; block 16, L 200, head dim 64, bf16) under
 # compute-sanitizer memcheck, racecheck, synccheck and initcheck, the four at once; run the
 # kernel benchmark (bench/bench_kernels.py --device cuda) on two lengths and two sparsities, so
@@ -73,8 +78,17 @@ if ! step build 240 "$PY" setup.py build_ext --inplace; then
   cat "$SUMMARY"
   exit 1
 fi
+BUILD_TAIL=$(tail -n 8 "$OUT_DIR/build.log")
+rm -f "$OUT_DIR/build.log"
+
+# Nothing is measured with kernels that have not passed on this card: the self-check first
+# (forced: this is the check itself, not a cached verdict), then the model-level comparison.
+step paths 120 bash -c "$PY -m cabattn.selfcheck --device cuda --force \
+  --cache-dir '$OUT_DIR/cache' && $PY scripts/compare_paths.py --device cuda"
+rm -rf "$OUT_DIR/cache"
+
 step tests 150 "$PY" -m pytest -q -ra tests/test_ops_selection.py tests/test_ops_attention.py \
-  tests/test_ops_cuda.py tests/test_cuda_build.py
+  tests/test_ops_cuda.py tests/test_cuda_build.py tests/kernels/test_cuda_graph.py
 
 # The four sanitizer tools at once: each is bound by its own instrumentation on the CPU cores,
 # and one small smoke run per tool covers both cases.
@@ -92,6 +106,13 @@ step bench 150 "$PY" bench/bench_kernels.py --device cuda --lengths 4096 32768 \
   --sparsities 0 0.9
 
 {
+  echo
+  echo "build (tail):"
+  printf '%s\n' "$BUILD_TAIL" | sed 's/^/    /'
+  echo
+  echo "self-check and both paths:"
+  grep -E '^cabattn self-check|^  |^(mask|kv) |cells? (FAILED|within)' "$OUT_DIR/paths.log" \
+    2>/dev/null | sed 's/^/    /'
   echo
   grep -E '(passed|failed|error)' "$OUT_DIR/tests.log" 2>/dev/null | tail -1 | sed 's/^/tests: /'
   echo
