@@ -49,7 +49,7 @@ def sweep_config(output_dir: str, max_windows: int, lengths=(256, 512)):
 def timed_run(config, **runner_options) -> tuple:
     """(wall seconds of the run after the executor is ready, seconds to get it ready,
     [(spec, result, where)] in order of arrival)."""
-    from eval.run import PerplexityBenchmarkRunner
+    from eval.runner import PerplexityBenchmarkRunner
     runner = PerplexityBenchmarkRunner(config, resume=False, progress=False, make_report=False,
                                        **runner_options)
     executor, arrivals, marks = runner.executor, [], {}
@@ -118,7 +118,7 @@ def bench_batch(args) -> None:
     import torch
     from eval.data import load_windows
     from eval.executors import load_model
-    from eval.run import RunSpec, compute_cell
+    from eval.cell import RunSpec, compute_cell
     torch.set_num_threads(args.threads)
     config = sweep_config(tempfile.gettempdir(), args.max_windows)
     loaded = load_model(config, say=lambda message: None)

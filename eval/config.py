@@ -13,8 +13,13 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
 import yaml
 
+from cabattn import PROTOCOLS, grid
+from cabattn import methods as registry
+
+from . import data, models
 from .env import DEVICES, DTYPES
 from .hub import hub_reachable
 
@@ -234,10 +239,9 @@ def _check_sparsities(config: ExperimentConfig, problems: list) -> None:
         problems.append(f"sparsity_sweep.sparsity_levels must be a non-empty list, got {levels!r}")
         levels = []
     values += [("sparsity_sweep.sparsity_levels", s) for s in levels]
-    from cabattn.grid import check_options
     for where, s in values:
         try:
-            check_options(s)
+            grid.check_options(s)
         except ValueError as err:
             problems.append(f"{where}: {err}")
 
@@ -248,9 +252,6 @@ def _check_choice(problems: list, where: str, value, choices) -> None:
 
 
 def _check_methods(config: ExperimentConfig, problems: list) -> None:
-    from cabattn import methods as registry
-    from cabattn.grid import check_options
-
     names = registry.available()
     if not config.methods:
         problems.append("no methods given; valid: " + ", ".join(names))
@@ -275,14 +276,12 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
             except (ValueError, TypeError) as err:
                 problems.append(f"method {name!r}: {err}")
     try:  # the protocol options both protocols share, checked as the protocols check them
-        check_options(0.0, config.block_size, config.k_min, config.causal_selection)
+        grid.check_options(0.0, config.block_size, config.k_min, config.causal_selection)
     except ValueError as err:
         problems.append(str(err))
 
 
 def _check_datasets(config: ExperimentConfig, problems: list) -> None:
-    from eval import data
-
     if not config.datasets:
         problems.append("no datasets given; valid: " + ", ".join(data.available_datasets()))
     found = len(problems)
@@ -301,7 +300,6 @@ def _check_datasets(config: ExperimentConfig, problems: list) -> None:
 @functools.lru_cache(maxsize=8)
 def _model_max_positions(name: str, trust_remote_code: bool, cache_dir) -> int:
     """The longest context a model allows, read from its configuration alone (no weights)."""
-    from . import models
     return models.max_positions(models.load_config(name, trust_remote_code, cache_dir))
 
 
@@ -322,8 +320,6 @@ def _check_model(config: ExperimentConfig, problems: list) -> None:
 def config_warnings(config: ExperimentConfig) -> list:
     """What is valid but probably not meant (a valid config assumed): parameters of methods
     the run does not include, and sparsity points whose budget leaves no method a choice."""
-    from cabattn import grid
-
     found = [f"parameters {params} are given for method {name!r}, which this run does not "
              f"include (methods: {', '.join(config.methods)}); they have no effect"
              for name, params in config.method_params.items() if name not in config.methods]
@@ -387,14 +383,12 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
         problems.append(f"name {config.name!r} must be a non-empty file name without '/'")
     if not isinstance(config.seed, int) or isinstance(config.seed, bool):
         problems.append(f"seed {config.seed!r} must be an integer")
-    from cabattn import PROTOCOLS
     _check_choice(problems, "protocol", config.protocol, tuple(PROTOCOLS))
     _check_choice(problems, "model.torch_dtype", config.model.torch_dtype, ("auto", *DTYPES))
     device = str(config.model.device)
     if device not in DEVICES and not device.startswith("cuda:"):
         problems.append(f"model.device {device!r} is not one of: {', '.join(DEVICES)}, cuda:N")
     elif device.startswith("cuda"):
-        import torch
         if not torch.cuda.is_available():
             problems.append(f"model.device {device!r} was asked for but no CUDA device is "
                             "present; use --device cpu or auto")

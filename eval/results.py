@@ -254,7 +254,7 @@ def delta_vs_dense(perplexity, dense_perplexity):
 
 
 def assemble(cells: list, outcomes: dict, config_record: dict) -> dict:
-    """The seed-compatible results dict from the planned cells (eval.run.Cell) and the
+    """The seed-compatible results dict from the planned cells (eval.runner.Cell) and the
     outcome R of each computation (RunSpec -> R); cells without an outcome are left out."""
     results = {}
     for cell in cells:

@@ -15,6 +15,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from .. import ops
 from ..grid import BlockGrid, token_budget
 
 
@@ -49,7 +50,6 @@ class MaskContext:
     @cached_property
     def block_scores(self):
         """(Sblk, Gblk) of the dense softmax: oracle statistics, one QK^T pass."""
-        from .. import ops
         return ops.block_scores(self.q, self.k, self.grid.block_size, self.scale)
 
     def generator(self, row: int = 0) -> torch.Generator:

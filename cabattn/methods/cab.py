@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from . import register
+from .registry import register
 from .base import (BlockPlan, KVState, MaskContext, Method, non_negative, non_negative_int, one_of,
                    param, positive, ratio)
 from .common import round_ratio

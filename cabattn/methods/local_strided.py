@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
+from .registry import register
 from .base import BlockPlan, KVState, MaskContext, Method, one_of, param, positive_int
 from .common import ceil_ratio, keep_mask_indices
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
+from .registry import register
 from .base import BlockPlan, KVState, MaskContext, Method, non_negative_int, param
 from .common import keep_mask_indices
 
