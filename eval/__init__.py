@@ -7,7 +7,7 @@ The original benchmark's Python API, by its original names:
 
 ExperimentConfig, ModelConfig, create_quick_test (eval.config) and run_benchmark,
 PerplexityBenchmarkRunner (eval.runner) are imported on first use: importing a light module
-of the harness (eval.results, eval.cache) does not load torch and the model libraries.
+of the harness (eval.cache, eval.hub) does not load torch and the model libraries.
 """
 import importlib
 

@@ -42,3 +42,16 @@ def shard(text: str) -> tuple:
         return parse_shard(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_option(group, option, help_prefix: str = "") -> None:
+    """The flag --NAME-WITH-DASHES of a declared option (cabattn.checks.Option); it defaults to
+    None (not given), so that a preset's or file's value stands unless the flag is given."""
+    flag, help_text = "--" + option.name.replace("_", "-"), help_prefix + option.doc
+    if isinstance(option.default, bool):
+        group.add_argument(flag, action="store_true", default=None, help=help_text)
+    elif option.choices:
+        group.add_argument(flag, choices=option.choices, help=f"{help_text} ({option.default})")
+    else:
+        group.add_argument(flag, type=type(option.default), metavar=option.name.upper(),
+                           help=f"{help_text} ({option.default})")

@@ -64,7 +64,7 @@ def protocol_settings(config: ExperimentConfig, spec: RunSpec) -> dict:
     return {"protocol": config.protocol,
             "block_size": cabattn.resolve_block_size(config.block_size, spec.context_length),
             "k_min": config.k_min,
-            **{name: getattr(config, name) for name in protocol.OPTIONS}}
+            **{option.name: getattr(config, option.name) for option in protocol.OPTIONS}}
 
 
 def method_params(config: ExperimentConfig, method: str) -> dict:

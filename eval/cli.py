@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cabattn import PROTOCOLS, methods
+from cabattn import PROTOCOLS, methods, protocol_options
 
 from . import arguments
 from .config import (DEFAULT_OUTPUT_DIR, ICML_FULL_YAML, ConfigError, ExperimentConfig,
@@ -116,15 +116,11 @@ back, not recomputed); --fresh recomputes everything.
                         "kv: streaming KV-cache eviction")
     g.add_argument("--block-size", type=arguments.block_size, metavar="B",
                    help="auto (about 64 blocks a window), 16, 32, 64 or 128")
-    g.add_argument("--causal-selection", choices=("strict", "block"),
-                   help="strict (default): a row's selection uses earlier blocks only")
     g.add_argument("--k-min", type=arguments.positive_int, metavar="K",
                    help="the smallest token budget: K = max(k_min, (1 - s) L) (64)")
-    g.add_argument("--kv-chunk", type=int, metavar="C", help="kv protocol chunk (1: exact)")
-    g.add_argument("--diagnostics", action="store_true", default=None,
-                   help="mask protocol: also measure each cell's attention recall (the dense "
-                        "softmax mass the kept blocks hold; one more QK^T pass per layer for "
-                        "a method whose rule does not compute it)")
+    for protocol in PROTOCOLS.values():  # each protocol's own options, as it declares them
+        for option in protocol.OPTIONS:
+            arguments.add_option(g, option, help_prefix=f"{protocol.name} protocol: ")
 
     g = p.add_argument_group("model and machine")
     g.add_argument("--model", metavar="NAME_OR_PATH",
@@ -191,9 +187,8 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
     simple = {"datasets": args.datasets, "methods": args.methods or (
         [args.method] if args.method else None), "data_file": args.data_file,
         "text_field": args.text_field, "max_windows": args.max_windows,
-        "protocol": args.protocol, "block_size": args.block_size,
-        "causal_selection": args.causal_selection, "k_min": args.k_min,
-        "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics,
+        "protocol": args.protocol, "block_size": args.block_size, "k_min": args.k_min,
+        **{name: getattr(args, name) for name in protocol_options()},
         "budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seed": args.seed,
         "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():

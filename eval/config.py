@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 import yaml
 
-from cabattn import PROTOCOLS, grid
+from cabattn import PROTOCOLS, checks, grid, protocol_options
 from cabattn import methods as registry
 
 from . import data, models
@@ -221,7 +221,7 @@ def _check_context_lengths(config: ExperimentConfig, problems: list) -> None:
             problems.append(f"{where} must be a non-empty list of integers, got {values!r}")
             continue
         for L in values:
-            if not isinstance(L, int) or isinstance(L, bool) or L < 2:
+            if not checks.is_integer(L) or L < 2:
                 problems.append(f"{where}: context length {L!r} must be an integer >= 2")
             else:
                 lengths.append(L)
@@ -255,17 +255,14 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
     names = registry.available()
     if not config.methods:
         problems.append("no methods given; valid: " + ", ".join(names))
-    for name in config.methods:
-        if name not in names:
-            problems.append(f"unknown method {name!r}; valid methods: {', '.join(names)}")
+    problems += filter(None, (checks.unknown("method", name, names) for name in config.methods))
     if not isinstance(config.method_params, dict):
         problems.append(f"method_params must map a method to its parameters, got "
                         f"{config.method_params!r}")
         return
     for name, params in config.method_params.items():
         if name not in names:
-            problems.append(f"method_params: unknown method {name!r}; valid methods: "
-                            f"{', '.join(names)}")
+            problems.append(f"method_params: {checks.unknown('method', name, names)}")
         elif not isinstance(params, dict):
             problems.append(f"method_params.{name} must be a mapping, got {params!r}")
     # Every method's parameters, run or not: a typo must not wait for the run that uses it.
@@ -276,9 +273,13 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
             except (ValueError, TypeError) as err:
                 problems.append(f"method {name!r}: {err}")
     try:  # the protocol options both protocols share, checked as the protocols check them
-        grid.check_options(0.0, config.block_size, config.k_min, config.causal_selection)
+        grid.check_options(0.0, config.block_size, config.k_min)
     except ValueError as err:
         problems.append(str(err))
+    for option in protocol_options().values():  # and each protocol's own, as declared
+        message = checks.problem(option.name, getattr(config, option.name), option.check)
+        if message:
+            problems.append(message)
 
 
 def _check_datasets(config: ExperimentConfig, problems: list) -> None:
@@ -381,9 +382,10 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     problems = []
     if not isinstance(config.name, str) or not config.name or "/" in config.name:
         problems.append(f"name {config.name!r} must be a non-empty file name without '/'")
-    if not isinstance(config.seed, int) or isinstance(config.seed, bool):
+    if not checks.is_integer(config.seed):
         problems.append(f"seed {config.seed!r} must be an integer")
-    _check_choice(problems, "protocol", config.protocol, tuple(PROTOCOLS))
+    if message := checks.unknown("protocol", config.protocol, PROTOCOLS):
+        problems.append(message)
     _check_choice(problems, "model.torch_dtype", config.model.torch_dtype, ("auto", *DTYPES))
     device = str(config.model.device)
     if device not in DEVICES and not device.startswith("cuda:"):
@@ -392,22 +394,14 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
         if not torch.cuda.is_available():
             problems.append(f"model.device {device!r} was asked for but no CUDA device is "
                             "present; use --device cpu or auto")
-    if not isinstance(config.kv_chunk, int) or isinstance(config.kv_chunk, bool) \
-            or config.kv_chunk < 1:
-        problems.append(f"kv_chunk {config.kv_chunk!r} must be an integer >= 1")
     budgets = config.budget_tokens
     if budgets is not None and (not isinstance(budgets, list) or not budgets or not all(
-            isinstance(K, int) and not isinstance(K, bool) and K >= config.k_min
-            for K in budgets)):
+            checks.is_integer(K) and K >= config.k_min for K in budgets)):
         problems.append(f"budget_tokens {budgets!r} must be a non-empty list of integers >= "
                         f"k_min = {config.k_min} (token budgets) or null")
-    if not isinstance(config.diagnostics, bool):
-        problems.append(f"diagnostics {config.diagnostics!r} must be true or false")
-    if config.max_windows is not None and (not isinstance(config.max_windows, int)
-                                           or config.max_windows < 1):
+    if config.max_windows is not None and checks.positive_int(config.max_windows):
         problems.append(f"max_windows {config.max_windows!r} must be an integer >= 1 or null")
-    if not isinstance(config.batch_size, int) or isinstance(config.batch_size, bool) \
-            or config.batch_size < 1:
+    if checks.positive_int(config.batch_size):
         problems.append(f"batch_size {config.batch_size!r} must be an integer >= 1")
     if config.data_file is not None and not Path(config.data_file).is_file():
         problems.append(f"data file {config.data_file!r} does not exist")

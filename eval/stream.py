@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cabattn
+from cabattn.checks import lookup
 from cabattn.grid import resolve_block_size
 from cabattn.kv_protocol import KVProtocol
 
@@ -85,10 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Bad input fails here, before the model loads."""
-    unknown = [m for m in args.methods if m not in STREAM_METHODS]
-    if unknown:
-        raise ValueError(f"unknown stream method(s) {', '.join(unknown)}; valid: "
-                         f"{', '.join(STREAM_METHODS)}")
+    for label in args.methods:
+        lookup("stream method", label, STREAM_METHODS)
     if args.cache >= args.tokens:
         raise ValueError(f"--cache {args.cache} must be smaller than --tokens {args.tokens} "
                          "(nothing would be evicted)")

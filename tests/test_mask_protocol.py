@@ -92,7 +92,7 @@ def test_bad_arguments_fail_before_touching_the_model(model):
     original = model.config._attn_implementation
     for kwargs, message in [({"method": "cab_v5"}, "valid methods"),
                             ({"method": "h2o", "sparsity": 1.2}, "outside [0, 1)"),
-                            ({"method": "h2o", "protocol": "tokens"}, "valid: mask, kv"),
+                            ({"method": "h2o", "protocol": "tokens"}, "valid protocols: mask, kv"),
                             ({"method": "h2o", "lambda_redundancy": 0.3}, "no parameter")]:
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
             with cabattn.apply(model, **kwargs):

@@ -98,36 +98,6 @@ def param(default, doc: str, check=None):
     return field(default=default, metadata={"doc": doc, "check": check})
 
 
-def ratio(value):
-    return None if _is_number(value) and 0.0 <= value <= 1.0 else "must be a number in [0, 1]"
-
-
-def non_negative(value):
-    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
-
-
-def positive(value):
-    return None if _is_number(value) and value > 0 else "must be a number > 0"
-
-
-def positive_int(value):
-    ok = not isinstance(value, bool) and isinstance(value, int) and value >= 1
-    return None if ok else "must be a positive integer"
-
-
-def non_negative_int(value):
-    ok = not isinstance(value, bool) and isinstance(value, int) and value >= 0
-    return None if ok else "must be an integer >= 0"
-
-
-def one_of(*choices):
-    def check(value):
-        if value in choices:
-            return None
-        return f"is not valid; valid choices: {', '.join(map(str, choices))}"
-    return check
-
-
 @dataclass
 class Method:
     """Base of every method. A subclass is a dataclass: it sets `name`, declares its parameters
@@ -176,6 +146,3 @@ class Method:
         """Sorted, unique int64 indices [B, Hkv, <= budget] into the cache to keep."""
         raise NotImplementedError
 
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

@@ -1,4 +1,5 @@
 """The method registry: every Method subclass by its name, and the one way to build one."""
+from ..checks import lookup
 from .base import Method
 
 METHODS: dict = {}
@@ -16,9 +17,7 @@ def available() -> list:
 
 def get_method(name: str, **params) -> Method:
     """The named method with its parameters validated (ValueError names the valid choices)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(available())}")
-    cls = METHODS[name]
+    cls = lookup("method", name, dict(sorted(METHODS.items())))
     unknown = sorted(set(params) - set(cls.parameters()))
     if unknown:
         valid = ", ".join(sorted(cls.parameters())) or "none"

@@ -19,6 +19,8 @@ the driver holds no model).
 """
 import re
 
+from cabattn.checks import lookup
+
 from .common import ExecutorError, load_model, model_info
 from .on_ray import RayExecutor
 from .serial import SerialExecutor
@@ -34,11 +36,10 @@ def make_executor(name: str, config, say, progress: bool = False, address=None,
                   threads: int = 1):
     """progress: per-window bars (serial); address: a Ray cluster ("auto", "ray://host:10001";
     None starts a local one); threads: torch threads per Ray CPU actor."""
+    lookup("executor", name, dict.fromkeys(EXECUTORS))
     if name == "serial":
         return SerialExecutor(config, say, progress)
-    if name == "ray":
-        return RayExecutor(config, say, address, threads)
-    raise ValueError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
+    return RayExecutor(config, say, address, threads)
 
 
 def parse_shard(text: str) -> tuple:

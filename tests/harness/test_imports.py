@@ -20,6 +20,7 @@ EXTENSIONS = ("cabattn._C", "cabattn._emu")  # compiled: they import nothing of 
 
 # Bottom to top. A module may import modules of its own layer (no cycle) and of lower ones.
 LAYERS = [
+    ("value checks", ["cabattn.checks"]),
     ("kernels", ["cabattn._C", "cabattn._emu", "cabattn.reference", "cabattn.ops",
                  "cabattn.emu"]),
     ("block grid and statistics", ["cabattn.grid", "cabattn.stats"]),
