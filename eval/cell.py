@@ -103,7 +103,7 @@ def attention(config: ExperimentConfig, model, spec: RunSpec):
     """The attention a cell runs under (a context yielding its stats): the model's own for
     dense, else the method under the configured protocol."""
     if spec.method == "dense":
-        return cabattn.dense(model)
+        return cabattn.model_attention(model)
     return cabattn.apply(model, method=spec.method, sparsity=spec.sparsity, seed=config.seed,
                          **protocol_settings(config, spec),
                          **config.method_params.get(spec.method, {}))

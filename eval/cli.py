@@ -17,8 +17,8 @@ from cabattn import PROTOCOLS, methods, protocol_options
 
 from . import arguments
 from .config import (DEFAULT_OUTPUT_DIR, ICML_FULL_YAML, ConfigError, ExperimentConfig,
-                     check_output_location, config_warnings, load_config, quick_test_config,
-                     validate)
+                     check_output_location, config_warnings, default_config, load_config,
+                     quick_test_config, validate)
 from .data import DATASETS, HUB_DATASETS, OFFLINE_DATASETS, DatasetError, FetchError
 from .env import DEVICES, DTYPES
 from .executors import EXECUTORS, ExecutorError
@@ -27,6 +27,9 @@ from .results import CorruptFileError
 from .runner import PerplexityBenchmarkRunner, RunDeclined
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+# How the command is typed: from a checkout (the package is the folder eval/), or installed
+# (the package is cabattn_eval, the command cabattn-eval; setup.py).
+PROG = "python -m eval.run" if __package__ == "eval" else "cabattn-eval"
 
 
 def registries_help() -> str:
@@ -52,7 +55,7 @@ def registries_help() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m eval.run",
+        prog=PROG,
         description="Perplexity of a language model under sparse attention (mask protocol) or "
                     "KV-cache eviction (kv protocol): a context-length sweep at a fixed sparsity "
                     "and a sparsity sweep at a fixed context length, per dataset and method.",
@@ -177,6 +180,9 @@ def _base_configs(args) -> tuple:
         return load_config(ICML_FULL_YAML), []
     if args.config:
         return load_config(args.config), []
+    if args.datasets is None and args.data_file is None:
+        config, note = default_config()
+        return [config], [note] if note else []
     return [ExperimentConfig(name="perplexity")], []
 
 
@@ -306,7 +312,7 @@ def run_command(argv=None) -> int:
     # A plain `kill` then ends the run like Ctrl-C: the partial results are written first.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     status = EXIT_OK
-    command = ["python", "-m", "eval.run", *(sys.argv[1:] if argv is None else argv)]
+    command = [*PROG.split(), *(sys.argv[1:] if argv is None else argv)]
     for config in configs:
         runner = PerplexityBenchmarkRunner(
             config, resume=args.resume, notes=notes, command=command,

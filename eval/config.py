@@ -94,7 +94,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def cells_needed(self) -> list:
+    def sweep_points(self) -> list:
         """Every (context length, sparsity) point of the two sweeps."""
         points = []
         if self.context_length_sweep.enabled:
@@ -106,7 +106,7 @@ class ExperimentConfig:
         return points
 
     def context_lengths(self) -> list:
-        return sorted({L for L, _ in self.cells_needed()})
+        return sorted({L for L, _ in self.sweep_points()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +199,19 @@ def quick_test_config(hub_online: Optional[bool] = None) -> tuple:
     saying which variant was chosen)."""
     online = hub_reachable() if hub_online is None else hub_online
     return apply_offline_fallback(load_config(QUICK_TEST_YAML)[0], online)
+
+
+def default_config(hub_online: Optional[bool] = None) -> tuple:
+    """(the experiment `python -m eval.run` runs without a preset, a file or --datasets; a note
+    or None): its hub corpus, or every offline corpus when the hub is unreachable."""
+    config = ExperimentConfig(name="perplexity")
+    if hub_reachable() if hub_online is None else hub_online:
+        return config, None
+    note = (f"the Hugging Face hub is unreachable: running on the offline corpora "
+            f"({', '.join(data.OFFLINE_DATASETS)}) instead of {', '.join(config.datasets)} "
+            "(--datasets chooses)")
+    config.datasets = list(data.OFFLINE_DATASETS)
+    return config, note
 
 
 def create_quick_test(hub_online: Optional[bool] = None) -> ExperimentConfig:
@@ -301,7 +314,7 @@ def _check_datasets(config: ExperimentConfig, problems: list) -> None:
 @functools.lru_cache(maxsize=8)
 def _model_max_positions(name: str, trust_remote_code: bool, cache_dir) -> int:
     """The longest context a model allows, read from its configuration alone (no weights)."""
-    return models.max_positions(models.load_config(name, trust_remote_code, cache_dir))
+    return models.max_positions(models.load_model_config(name, trust_remote_code, cache_dir))
 
 
 def _check_model(config: ExperimentConfig, problems: list) -> None:
@@ -328,7 +341,7 @@ def config_warnings(config: ExperimentConfig) -> list:
     if not sparse or config.protocol != "mask":
         return found
     shift = 1 if config.causal_selection == "strict" else 0
-    for L, s in dict.fromkeys(config.cells_needed()):
+    for L, s in dict.fromkeys(config.sweep_points()):
         if s == 0.0:
             continue
         budget = grid.token_budget(L, s, config.k_min)

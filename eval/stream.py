@@ -104,7 +104,7 @@ def block_size(args) -> int:
     return resolve_block_size(args.block_size, args.cache)
 
 
-def cell_key(args, label: str, positions: int) -> dict:
+def stream_key(args, label: str, positions: int) -> dict:
     method, params = STREAM_METHODS[label]
     key = {"kind": "stream", "dataset": args.dataset, "data_file": data_identity(args),
            "text_field": args.text_field, "model": args.model,
@@ -126,7 +126,7 @@ def score(args, loaded, ids, label: str):
     with torch.inference_mode():
         if method == "dense":
             ids = ids[:, :loaded.max_positions]
-            with cabattn.dense(model) as stats:
+            with cabattn.model_attention(model) as stats:
                 logits = model(ids).logits[0, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
             return nll.double(), stats.record()
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     ids = windows.input_ids[:1].to(args.device)
     results = {}
     for label in tqdm(args.methods, desc="stream", unit="method"):
-        key = cell_key(args, label, loaded.max_positions)
+        key = stream_key(args, label, loaded.max_positions)
         with store.claim(key):
             result = store.get(key)
             if result is None:

@@ -141,7 +141,7 @@ def test_the_stats_record_says_what_ran(model, ids):
     assert record["params"] == methods.get_method("cab_v4").config
     assert record["oracle_selection"] and record["density"] == stats.density
     assert set(record["layer_head_density"]) == {"0", "1"}
-    with cabattn.dense(model) as dense:
+    with cabattn.model_attention(model) as dense:
         assert dense.record()["protocol"] == "dense" and dense.record()["density"] == 1.0
 
 

@@ -21,11 +21,11 @@ import re
 
 from cabattn.checks import lookup
 
-from .common import ExecutorError, load_model, model_info
+from .common import ExecutorError, load_run_model, model_info
 from .on_ray import RayExecutor
 from .serial import SerialExecutor
 
-__all__ = ["EXECUTORS", "ExecutorError", "RayExecutor", "SerialExecutor", "load_model",
+__all__ = ["EXECUTORS", "ExecutorError", "RayExecutor", "SerialExecutor", "load_run_model",
            "make_executor", "model_info", "parse_shard", "shard"]
 
 EXECUTORS = ("serial", "ray")

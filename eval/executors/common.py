@@ -6,7 +6,7 @@ class ExecutorError(RuntimeError):
     """The executor cannot go on (every Ray actor died); finished cells are stored."""
 
 
-def load_model(config, say):
+def load_run_model(config, say):
     """The model a run's cells use, checked against every context length of the run."""
     device = env.resolve_device(config.model.device)
     dtype = env.resolve_dtype(config.model.torch_dtype, device)

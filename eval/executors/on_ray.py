@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import models
 from ..cell import try_cell
 from ..config import ConfigError
-from .common import ExecutorError, load_model, model_info
+from .common import ExecutorError, load_run_model, model_info
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -32,7 +32,7 @@ class CellActor:
         self.group, self.windows = None, None
 
     def load(self) -> dict:
-        self.loaded = load_model(self.config, say=lambda message: None)
+        self.loaded = load_run_model(self.config, say=lambda message: None)
         return model_info(self.loaded)
 
     def compute(self, spec, windows_ref: list) -> dict:

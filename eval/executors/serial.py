@@ -1,7 +1,7 @@
 """The serial executor: every cell in this process, one after the other, on one model."""
 from .. import env
 from ..cell import time_forward, try_cell
-from .common import load_model, model_info
+from .common import load_run_model, model_info
 
 
 class SerialExecutor:
@@ -17,7 +17,7 @@ class SerialExecutor:
     def load(self):
         """The model, loaded once for the whole run (a load failure ends the run)."""
         if self.loaded is None:
-            self.loaded = load_model(self.config, self.say)
+            self.loaded = load_run_model(self.config, self.say)
             info = model_info(self.loaded)
             self.say(f"model: {info['name']} from {info['source']}, "
                      f"{info['num_parameters'] / 1e6:.1f}M parameters, "

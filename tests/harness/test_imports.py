@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("cabattn", "eval")
+PACKAGES = ("cabattn", "eval", "experiments")
 EXTENSIONS = ("cabattn._C", "cabattn._emu")  # compiled: they import nothing of ours
 
 # Bottom to top. A module may import modules of its own layer (no cycle) and of lower ones.
@@ -27,7 +27,7 @@ LAYERS = [
     ("methods", ["cabattn.methods", "cabattn.methods.*"]),
     ("selection and cache", ["cabattn.sparse", "cabattn.kv_cache"]),
     ("protocols", ["cabattn.mask_protocol", "cabattn.kv_protocol"]),
-    ("library entry", ["cabattn.apply", "cabattn"]),
+    ("library entry", ["cabattn.protocols", "cabattn"]),
     ("harness foundations", ["eval", "eval.cache", "eval.hub", "eval.env", "eval.results",
                              "eval.metrics"]),
     ("data and models", ["eval.data", "eval.data.*", "eval.models"]),
@@ -37,6 +37,7 @@ LAYERS = [
     ("runner", ["eval.runner", "eval.arguments"]),
     ("command lines", ["eval.cli", "eval.stream"]),
     ("python -m entry", ["eval.run"]),
+    ("the original benchmark's paths", ["experiments", "experiments.*"]),
 ]
 
 

@@ -1,10 +1,10 @@
-"""cabattn.apply: run a Hugging Face model under a method, with either protocol.
+"""The protocols by name, and cabattn.apply: a Hugging Face model under a method.
 
     with cabattn.apply(model, method="cab_v4", sparsity=0.9) as stats:
         loss = model(input_ids, labels=input_ids).loss
     stats.density, stats.record()
 
-cabattn.dense(model) is the same context for the model's own attention (its stats record
+cabattn.model_attention(model) is the same context for the model's own attention (its stats record
 dense), so a caller runs every cell through one path.
 """
 from contextlib import contextmanager
@@ -42,6 +42,6 @@ def apply(model, method: Union[str, Method] = "dense", sparsity: float = 0.0,
 
 
 @contextmanager
-def dense(model):
+def model_attention(model):
     """The model's own attention, untouched; yields DenseStats (the record of a dense run)."""
     yield DenseStats()
