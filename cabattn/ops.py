@@ -10,49 +10,54 @@ import contextlib
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the operators)
+from .checks import choice
 from .reference import (ADDITIVE, GLOBAL_MINMAX, MAX_L2, MEAN, MULTIPLICATIVE, ROW_MINMAX,
                         num_blocks)
 
 # The kernel operators, one function each below (cabattn.emu copies their schemas).
 KERNELS = ("coarsen", "block_scores", "frc_scores", "select_blocks", "block_sparse_attention",
            "attention_with_scores", "kv_compact_")
-__all__ = [*KERNELS, "deferred_checks", "use_kernels", "has_kernels_for",
-           "KERNEL_PATHS", "MAX_L2", "MEAN", "ADDITIVE", "MULTIPLICATIVE", "ROW_MINMAX",
+__all__ = [*KERNELS, "deferred_checks", "running", "use_kernels", "has_kernels_for", "KERNEL_PATHS",
+           "KERNEL_PATH_OPTION", "MAX_L2", "MEAN", "ADDITIVE", "MULTIPLICATIVE", "ROW_MINMAX",
            "GLOBAL_MINMAX"]
 
 _ops = torch.ops.cabattn
 
 # Where the operators run: the compiled extension (the default) or the reference path, plain
 # PyTorch and FlexAttention (cabattn.reference_path; docs/selfcheck.md, "The reference path").
+# One option of both protocols, declared once here.
 KERNEL_PATHS = ("extension", "reference")
-
-
-def check_kernel_path(path: str) -> None:
-    if path not in KERNEL_PATHS:
-        raise ValueError(f"kernels {path!r} is not valid; valid choices: "
-                         f"{', '.join(KERNEL_PATHS)}")
+KERNEL_PATH_OPTION = choice(
+    "kernels", "extension", "where the operators run: extension (the compiled kernels, "
+    "self-checked on a GPU before the first cell) or reference (plain PyTorch and "
+    "FlexAttention; slower, independent; docs/selfcheck.md)", KERNEL_PATHS)
 
 
 @contextlib.contextmanager
-def use_kernels(path: str):
-    """Within it, every function of this module runs on `path`: "extension" (whatever runs now:
-    the compiled operators, unless an enclosing context chose otherwise), "reference", or
-    "emulation" (the CUDA kernels emulated on the CPU, cabattn.emu: for tests and the CPU
-    self-check). The previous path is restored on exit, also after an exception."""
+def running(kernels):
+    """Within it, every function of this module calls `kernels`: a namespace of the operators
+    with torch.ops.cabattn's schemas (cabattn.reference_path; cabattn.emu.OPS, the CUDA kernels
+    emulated on the CPU, for tests and the CPU self-check). Restored on exit, also after an
+    exception."""
     global _ops
-    if path == "emulation":
-        from .emu import OPS as chosen
-    else:
-        check_kernel_path(path)
-        if path == "extension":
-            yield
-            return
-        from . import reference_path as chosen
-    saved, _ops = _ops, chosen
+    saved, _ops = _ops, kernels
     try:
         yield
     finally:
         _ops = saved
+
+
+@contextlib.contextmanager
+def use_kernels(path: str):
+    """Within it, the operators run on `path`: "extension" (whatever runs now: the compiled
+    kernels, unless an enclosing context chose otherwise) or "reference"."""
+    KERNEL_PATH_OPTION.require(path)
+    if path == "extension":
+        yield
+        return
+    from . import reference_path
+    with running(reference_path):
+        yield
 
 
 def has_kernels_for(device_type: str) -> bool:

@@ -7,9 +7,9 @@ Every operator runs on fresh random inputs (outputs poisoned first, so an unwrit
 shows) over a few shapes per dtype: float32/float16/bfloat16, head dims 64 and 128, partial
 last blocks, GQA ratios 1, 3 and 4, block sizes 16/64/128, one-block and all-block layouts,
 split-K decoding. Each float output meets KERNELS.md's correctness bar (cabattn.correctness)
-against float64; selection outputs equal the reference's. Then a two-layer random Llama's loss
-under each protocol on the kernels meets the same bar against the reference path
-(cabattn.reference_path), float64 being the exact value. `emu` runs the same checks on the CUDA
+against float64; selection outputs equal the reference's. Then a two-layer random Llama's
+per-token losses under each protocol on the kernels meet the same bar against the reference
+path (cabattn.reference_path), its float64 run being the exact value. `emu` runs the same checks on the CUDA
 kernels emulated on the CPU (cabattn.emu), `cpu` on the CPU kernels.
 
 The verdict is cached per (device name, compute capability, driver, torch version, build) in
@@ -36,7 +36,6 @@ from . import ops, reference
 from .cache import cache_dir
 from .correctness import bar_problem
 
-HALF = (torch.float16, torch.bfloat16)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -324,7 +323,7 @@ class PathComparison:
 def token_losses(model, input_ids, kernels: str, method, protocol, sparsity,
                  options) -> torch.Tensor:
     """The NLL [L - 1] float64 of each prediction of one window, in the logits' precision."""
-    from .apply import apply
+    from .protocols import apply
     with torch.inference_mode(), apply(model, method, sparsity, protocol=protocol,
                                        kernels=kernels, **options):
         logits = model(input_ids).logits[0, :-1]
@@ -390,7 +389,8 @@ def _target(device: str):
     """(the tensors' device, the kernel path's context, whether half outputs meet the half
     reference: the CUDA kernels' bar, see _same_precision)."""
     if device == "emu":
-        return "cpu", ops.use_kernels("emulation"), True
+        from . import emu
+        return "cpu", ops.running(emu.OPS), True
     if device == "cpu":
         return "cpu", contextlib.nullcontext(), False
     if not device.startswith("cuda"):
@@ -405,7 +405,7 @@ def _target(device: str):
     return device, contextlib.nullcontext(), True
 
 
-def run_checks(device: str = "cuda", checks: Optional[list] = None, say=print) -> Verdict:
+def run_checks(device: str = "cuda", checks: Optional[list] = None) -> Verdict:
     """Every check on `device` ("cuda[:N]", "cpu" or "emu"), uncached; a check that raises
     fails with its error (a CUDA error included) and the others still run."""
     where, kernels, half_reference = _target(device)
@@ -478,7 +478,7 @@ def check(device: str = "cuda", force: bool = False, folder=None, say=print) -> 
     else:
         say(f"cabattn self-check on {describe_device(device)}: every operator against the "
             "reference, then a tiny model on both paths ...")
-        verdict = run_checks(device, say=say)
+        verdict = run_checks(device)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": cache_key(device), "verdict": {

@@ -1,4 +1,4 @@
-"""What a model ran under cabattn.apply() / cabattn.dense(): the protocol's record.
+"""What a model ran under cabattn.apply() / cabattn.model_attention(): the protocol's record.
 
 Each protocol fills a ProtocolStats while the model runs and reports itself through `record()`
 (protocol, block size, its own options, the method's parameters, realised density, timings), so
@@ -21,7 +21,6 @@ class ProtocolStats:
     each a float64 tensor [Hq]. Density = kept / causal.
     """
     protocol: str = ""
-    kernels: str = "extension"  # the operators' path: "extension" or "reference" (apply sets it)
     options: dict = field(default_factory=dict)  # the protocol's own options, e.g. kv_chunk
     params: dict = field(default_factory=dict)  # the method's parameters, defaults filled in
     block_size: Optional[int] = None  # of the latest window (set by the protocol)
@@ -151,8 +150,7 @@ class ProtocolStats:
         """What ran and what it cost, for a results file (JSON types only)."""
         return {"density": self.density, "block_size": self.block_size, "k_min": self.k_min,
                 "budget_tokens": self.budget_tokens,
-                "protocol": self.protocol, "kernels": self.kernels, **self.options,
-                "params": dict(self.params),
+                "protocol": self.protocol, **self.options, "params": dict(self.params),
                 "selection_seconds": self.selection_seconds,
                 "attention_seconds": self.attention_seconds,
                 "oracle_selection": self.oracle_selection,

@@ -28,9 +28,11 @@ def cpu_kernels():
 
 
 def _emulated(function):
+    from cabattn import emu
+
     @functools.wraps(function)
     def call(*args, **kwargs):
-        with ops.use_kernels("emulation"):
+        with ops.running(emu.OPS):
             return function(*args, **kwargs)
     return call
 

@@ -80,7 +80,7 @@ def test_the_verdict_is_cached_per_device_and_build(monkeypatch, tmp_path, capsy
 
     coarsen = [c for c in selfcheck.operator_checks() if c.operator == "coarsen"]
 
-    def counted(device, checks=None, say=print):
+    def counted(device, checks=None):
         runs.append(device)
         return real(device, coarsen)
     monkeypatch.setattr(selfcheck, "run_checks", counted)
