@@ -21,8 +21,10 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -480,10 +482,14 @@ def check(device: str = "cuda", force: bool = False, folder=None, say=print) -> 
             "reference, then a tiny model on both paths ...")
         verdict = run_checks(device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": cache_key(device), "verdict": {
-            k: v for k, v in verdict.__dict__.items() if k != "cached"}}, indent=1))
-        tmp.replace(path)
+        # Written beside and renamed: Ray actors on identical GPUs may write the same verdict
+        # at once, and a reader sees a whole file or none.
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp",
+                                         delete=False) as tmp:
+            json.dump({"key": cache_key(device), "verdict": {
+                k: v for k, v in verdict.__dict__.items() if k != "cached"}}, tmp, indent=1)
+        os.chmod(tmp.name, 0o644)  # a shared cache folder: readable by its other users
+        os.replace(tmp.name, path)
     say(summary(verdict, path))
     return verdict
 

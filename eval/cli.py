@@ -244,7 +244,8 @@ def describe(config: ExperimentConfig) -> str:
              + (f" (file {c.data_file})" if c.data_file else ""),
              f"  methods   {', '.join(c.methods)}  protocol {c.protocol}, block size "
              f"{c.block_size}, k_min {c.k_min}, {c.causal_selection} selection"
-             + (f", kv chunk {c.kv_chunk}" if c.protocol == "kv" else "")]
+             + (f", kv chunk {c.kv_chunk}" if c.protocol == "kv" else "")
+             + (", on the reference path" if c.kernels == "reference" else "")]
     if c.context_length_sweep.enabled:
         lines.append(f"  context sweep   L = {c.context_length_sweep.context_lengths} at "
                      f"s = {c.context_length_sweep.fixed_sparsity}")
