@@ -1,4 +1,4 @@
-"""The mask protocol inside a Hugging Face model (METHODS.md 1.2).
+"""The mask protocol inside a Hugging Face model (docs/protocols.md, Mask).
 
 Every attention layer runs through one function registered with transformers'
 AttentionInterface: it selects key blocks from that layer's post-RoPE q and k with the method's

@@ -140,7 +140,7 @@ back, not recomputed); --fresh recomputes everything.
                    help="allow a hub model's own code to run (off by default)")
     g.add_argument("--seed", type=int, help="seed for bootstrap intervals and random (42)")
 
-    g = p.add_argument_group("scaling out (README: Running the full benchmark on a cluster)")
+    g = p.add_argument_group("scaling out (docs/running.md, on a cluster)")
     g.add_argument("--executor", choices=EXECUTORS, default="serial",
                    help="serial: every cell in this process (default); ray: one Ray actor per "
                         "GPU (or per --threads CPU cores), each loading the model once")

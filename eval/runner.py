@@ -1,4 +1,4 @@
-"""The perplexity benchmark's runner: plan, claim, dispatch, store, write (METHODS.md 4, 6).
+"""The perplexity benchmark's runner: plan, claim, dispatch, store, write (docs/running.md).
 
 For every dataset and method it runs a context-length sweep at a fixed sparsity and a sparsity
 sweep at a fixed context length. A cell is one (dataset, method, sparsity, context length); its

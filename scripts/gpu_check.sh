@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (KERNELS.md "The GPU machine"), for a machine with an NVIDIA GPU,
+# The one prepared GPU check (docs/operators.md, On a GPU), for a machine with an NVIDIA GPU,
 # torch, nvcc, ninja and compute-sanitizer, and no network; it finishes in under 8 minutes.
 #
 #   scripts/gpu_check.sh [OUTPUT_DIR]          (default: gpu_check_out)

@@ -1,5 +1,5 @@
 """What the operator tests share: random inputs, a random block layout, the error bar against
-the float64 reference (KERNELS.md, "Correctness bar") and output poisoning."""
+the float64 reference (docs/operators.md, Correctness bar) and output poisoning."""
 import pytest
 import torch
 from emulation import runs_cuda_kernels
@@ -51,7 +51,7 @@ def reference_dtype(input_dtype, output_dtype, device):
     reference of the same (exactly upcast) inputs, not a half-precision one. Half-precision
     outputs: the CPU kernels compute in float32 and round once (the float32 reference, rounded);
     the CUDA kernels round the probabilities to half for the tensor-core P @ V product, as
-    FlashAttention-2 does, so they meet the half-precision reference (KERNELS.md's bar)."""
+    FlashAttention-2 does, so they meet the half-precision reference (docs/operators.md's bar)."""
     if input_dtype == torch.float64:
         return torch.float64
     if output_dtype == torch.float32 or not runs_cuda_kernels(device):
@@ -67,7 +67,7 @@ def errors(got, exact):
 
 
 def assert_within_reference_error(got, exact, reference, name="output", ulps=None):
-    """KERNELS.md's bar: the kernel's error against the float64 `exact` is at most twice the
+    """docs/operators.md's bar: the kernel's error against the float64 `exact` is at most twice the
     error of `reference` (see reference_dtype), both element-wise (a few wrong rows show) and
     in norm, plus a few units of the accumulation precision at the largest exact value: errors
     at rounding level come in whole units, and a reference that happens to round well must not

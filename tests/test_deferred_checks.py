@@ -1,8 +1,8 @@
-"""ops.deferred_checks (issue 12.4): inside it, the CUDA kernels that validate index inputs on the
-device flag a bad value into a persistent status that is read back once, when it is left, not
-after every call, so a forward has no host synchronisation of theirs (CUDA-graph capturable).
-The protocols read it back once per forward. The CPU kernels check eagerly, inside it too.
-Runs on the CPU, on the emulated CUDA kernels (`emu`) and, when present, on CUDA."""
+"""ops.deferred_checks (docs/operators.md): inside it, the CUDA kernels that validate index inputs
+on the device flag a bad value into a persistent status that is read back once, when it is left, not
+after every call, so a forward has no host synchronisation of theirs (CUDA-graph capturable). The
+protocols read it back once per forward. The CPU kernels check eagerly, inside it too. Runs on the
+CPU, on the emulated CUDA kernels (`emu`) and, when present, on CUDA."""
 import collections
 
 import pytest

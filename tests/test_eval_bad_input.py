@@ -1,4 +1,4 @@
-"""Bad input and failures found by trying the harness as a new user would (issue 14): each
+"""Bad input and failures found by trying the harness as a new user would: each
 fails before the model loads, with exit 2 and a message naming the bad value and what would
 be valid, never with a traceback; and what is valid but probably not meant gets a warning."""
 import pytest

@@ -1,4 +1,4 @@
-"""Issue 16 in a whole run: attention recall, sink retention and selection share in every
+"""The diagnostics in a whole run: attention recall, sink retention and selection share in every
 sparse cell, the recall figure, and fixed token budgets (--budget-tokens) as cells."""
 import json
 

@@ -1,4 +1,5 @@
-"""The h2o kv rule end to end (METHODS.md 1.3 and 3), against an independent simulation.
+"""The h2o kv rule end to end (docs/protocols.md, docs/methods.md), against an independent
+simulation.
 
 A one-layer random Llama: layer 0's queries and keys do not depend on eviction, so the test can
 take them from a dense pass and replay the stream itself in float64: prefill K tokens densely,

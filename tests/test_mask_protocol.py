@@ -154,7 +154,7 @@ def test_gpu_timings_come_from_cuda_events(model, ids):
     model.cpu()
 
 
-# -- what the kept attention explains (issue 16) --------------------------------------------------
+# -- what the kept attention explains (docs/metrics.md) -------------------------------------------
 
 def captured_qk(model, ids, monkeypatch, **apply_args):
     """Each layer's post-RoPE (q, k, scale) as the protocol saw them, and its stats."""
