@@ -13,8 +13,7 @@ import torch
 from cabattn import ops
 
 # Where tests that compare the CUDA kernels with the CPU ones run them (see cuda_target).
-CUDA_TARGETS = [pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device present")), "emu"]
+CUDA_TARGETS = [pytest.param("cuda", marks=pytest.mark.gpu), "emu"]
 
 
 @contextlib.contextmanager

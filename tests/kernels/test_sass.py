@@ -7,8 +7,10 @@ import importlib.util
 import os
 
 import pytest
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # (pyproject.toml: markers)
+
 spec = importlib.util.spec_from_file_location("sass_report",
                                               os.path.join(REPO, "bench", "sass_report.py"))
 sass_report = importlib.util.module_from_spec(spec)

@@ -3,7 +3,7 @@ sparse cell, the recall figure, and fixed token budgets (--budget-tokens) as cel
 import json
 
 import pytest
-from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from eval_assets import tiny_run_args
 
 from cabattn.grid import sparsity_for_budget, token_budget
 from eval import cli
