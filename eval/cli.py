@@ -318,7 +318,8 @@ def run_command(argv=None) -> int:
             config, resume=args.resume, notes=notes, command=command,
             make_report=not args.no_report, executor=args.executor,
             ray_address=args.ray_address, threads=args.threads or 1, shard=args.shard,
-            assemble=args.assemble, confirm=lambda seconds: _confirm(args, seconds))
+            assemble=args.assemble, confirm=lambda seconds: _confirm(args, seconds),
+            validated=True)
         try:
             runner.run()
         except RunDeclined:
