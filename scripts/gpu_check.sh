@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (KERNELS.md "The GPU machine"), for a machine with an NVIDIA GPU,
+# The one prepared GPU check (docs/operators.md, On a GPU), for a machine with an NVIDIA GPU,
 # torch, nvcc, ninja and compute-sanitizer, and no network; it finishes in under 8 minutes.
 #
 #   scripts/gpu_check.sh [OUTPUT_DIR]          (default: gpu_check_out)
@@ -12,8 +12,9 @@
 # operator against the reference on this card) and then both kernel paths on a random Llama of
 # realistic shape (scripts/compare_paths.py: 8 layers, 32/8 heads of 128, bf16, L 4096, every
 # method under both protocols, per-cell loss agreement), one log; run the operator tests
-# (tests/test_ops_*.py and tests/kernels/test_cuda_graph.py, CUDA included); run scripts/cuda_smoke.py (both of
-# its cases: block 128, L 200, head dim 128, fp16; block 16, L 200, head dim 64, bf16) under
+# (tests/kernels/test_ops_*.py and test_cuda_graph.py, CUDA included); run
+# scripts/cuda_smoke.py (both of its cases: block 128, L 200, head dim 128, fp16; block 16,
+# L 200, head dim 64, bf16) under
 # compute-sanitizer memcheck, racecheck, synccheck and initcheck, the four at once; run the
 # kernel benchmark (bench/bench_kernels.py --device cuda) on two lengths and two sparsities, so
 # that FlexAttention compiles for four layouts only. OUTPUT_DIR gets summary.md (the table
@@ -87,8 +88,9 @@ step paths 120 bash -c "$PY -m cabattn.selfcheck --device cuda --force \
   --cache-dir '$OUT_DIR/cache' && $PY scripts/compare_paths.py --device cuda"
 rm -rf "$OUT_DIR/cache"
 
-step tests 150 "$PY" -m pytest -q -ra tests/test_ops_selection.py tests/test_ops_attention.py \
-  tests/test_ops_cuda.py tests/test_cuda_build.py tests/kernels/test_cuda_graph.py
+step tests 150 "$PY" -m pytest -q -ra tests/kernels/test_ops_selection.py \
+  tests/kernels/test_ops_attention.py tests/kernels/test_ops_cuda.py \
+  tests/kernels/test_cuda_build.py tests/kernels/test_cuda_graph.py
 
 # The four sanitizer tools at once: each is bound by its own instrumentation on the CPU cores,
 # and one small smoke run per tool covers both cases.

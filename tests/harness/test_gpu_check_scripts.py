@@ -5,11 +5,11 @@ interpreter that must not import what the GPU machine lacks (it has torch and tr
 Ray, gguf, datasets, nor the harness)."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # fresh interpreters (pyproject.toml: markers)
 # (scipy is absent there too, but transformers imports it where present, optionally.)
 ABSENT_ON_THE_GPU_MACHINE = ("ray", "gguf", "datasets", "eval", "pandas", "pyarrow")
 # Runs a module or script like `python -m` / `python FILE` would, then names what it imported
@@ -34,17 +34,15 @@ sys.exit(status)
 
 
 def _run(*args):
-    result = subprocess.run([sys.executable, "-c", RUNNER, *args], cwd=ROOT, text=True,
-                            capture_output=True, timeout=900,
-                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                 "HOME": str(Path.home())})
+    result = subprocess.run([sys.executable, "-c", RUNNER, *args], cwd=REPO, text=True,
+                            capture_output=True, timeout=900, env=subprocess_env())
     assert result.returncode == 0, result.stdout + result.stderr
     assert "imported: []" in result.stdout, result.stdout
     return result.stdout
 
 
 def test_the_gpu_check_script_parses():
-    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], check=True)
+    subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_check.sh")], check=True)
 
 
 def test_the_self_check_needs_only_torch_and_transformers(tmp_path):
@@ -52,7 +50,6 @@ def test_the_self_check_needs_only_torch_and_transformers(tmp_path):
     assert "PASSED, 31 checks" in out, out
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_both_paths_agree_at_the_tiny_shape_with_only_torch_and_transformers():
     out = _run("scripts/compare_paths.py", "--tiny", "--device", "cpu", "--methods", "h2o",
                "cab_v4", "--kv-chunk", "16")

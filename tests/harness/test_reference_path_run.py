@@ -5,7 +5,7 @@ path, and the path is part of a sparse cell's key (docs/selfcheck.md, "The refer
 import json
 
 import pytest
-from eval_assets import make_tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from eval_assets import make_tiny_model, tiny_run_args
 
 from eval.cli import main
 
@@ -23,7 +23,7 @@ MACHINE = {"wall_seconds", "tokens_per_second", "selection_seconds", "attention_
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_text):  # noqa: F811
+def model_dir(tmp_path_factory, tiny_text):
     return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama-d64", tiny_text,
                            hidden_size=128, heads=2, kv_heads=1)
 

@@ -4,7 +4,6 @@ with the operator, shape and dtype and the reference path, and the CPU and the r
 run no self-check. No GPU needed: CUDA's presence and the check's verdict are stood in for."""
 import pytest
 import torch
-from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
 
 from cabattn import ops, selfcheck
 from eval import cli, models

@@ -14,8 +14,7 @@ from transformers.masking_utils import sdpa_mask
 
 from cabattn import ops, reference, selfcheck
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="CUDA graphs need a CUDA device (none present)")
+pytestmark = pytest.mark.gpu  # CUDA graphs need a CUDA device (pyproject.toml: markers)
 
 BLOCK, LENGTH, KEEP = 16, 256, 4  # 16 blocks, each row keeps its diagonal + 3 by curvature
 

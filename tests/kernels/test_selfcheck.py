@@ -13,6 +13,7 @@ from cabattn import emu, selfcheck
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.mark.slow  # a minute of emulated tensor-core kernels on 2 cores
 def test_the_emulated_cuda_kernels_pass_every_check():
     verdict = selfcheck.run_checks("emu")
     assert verdict.passed, verdict.failures
