@@ -1,4 +1,4 @@
-"""KERNELS.md's correctness bar, one definition for the tests and the self-check.
+"""The correctness bar (docs/operators.md), one definition for the tests and the self-check.
 
 A kernel's output is compared with a float64 `exact` value and with the plain-PyTorch reference
 at the kernel's own precision (`same`): the kernel's error must be at most twice the

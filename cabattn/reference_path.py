@@ -14,7 +14,8 @@ the same methods and protocols, with
 
 It shares no code with the extension's kernels, so it is the independent check of a number and
 the path a user can always take when the self-check fails on their device
-(docs/selfcheck.md). It is slower, and never differs beyond KERNELS.md's correctness bar.
+(docs/selfcheck.md). It is slower, and never differs beyond the correctness bar
+(docs/operators.md).
 """
 import functools
 import warnings

@@ -6,11 +6,12 @@ device, before any number is computed with them (docs/selfcheck.md).
 Every operator runs on fresh random inputs (outputs poisoned first, so an unwritten element
 shows) over a few shapes per dtype: float32/float16/bfloat16, head dims 64 and 128, partial
 last blocks, GQA ratios 1, 3 and 4, block sizes 16/64/128, one-block and all-block layouts,
-split-K decoding. Each float output meets KERNELS.md's correctness bar (cabattn.correctness)
-against float64; selection outputs equal the reference's. Then a two-layer random Llama's
-per-token losses under each protocol on the kernels meet the same bar against the reference
-path (cabattn.reference_path), its float64 run being the exact value. `emu` runs the same checks on the CUDA
-kernels emulated on the CPU (cabattn.emu), `cpu` on the CPU kernels.
+split-K decoding. Each float output meets the correctness bar (docs/operators.md, in
+cabattn.correctness) against float64; selection outputs equal the reference's. Then a
+two-layer random Llama's per-token losses under each protocol on the kernels meet the same bar
+against the reference path (cabattn.reference_path), its float64 run being the exact value.
+`emu` runs the same checks on the CUDA kernels emulated on the CPU (cabattn.emu), `cpu` on the
+CPU kernels.
 
 The verdict is cached per (device name, compute capability, driver, torch version, build) in
 the cache folder's selfcheck/ (cabattn.cache), so the harness (which runs it before the first
@@ -70,11 +71,11 @@ def _random(shape, dtype, device, seed: int) -> torch.Tensor:
 
 
 def _same_precision(input_dtype, output_dtype, half_reference: bool):
-    """The precision of the PyTorch reference a kernel output is held to (KERNELS.md): float32
-    for float32 outputs (the kernels accumulate in float32 from any input); for half outputs
-    the half reference when half_reference (the CUDA kernels round P to half for the
-    tensor-core P @ V, as FlashAttention-2 does; so does FlexAttention on the reference path),
-    else the float32 one, rounded (the CPU kernels round once)."""
+    """The precision of the PyTorch reference a kernel output is held to (docs/operators.md,
+    Correctness bar): float32 for float32 outputs (the kernels accumulate in float32 from any
+    input); for half outputs the half reference when half_reference (the CUDA kernels round P
+    to half for the tensor-core P @ V, as FlashAttention-2 does; so does FlexAttention on the
+    reference path), else the float32 one, rounded (the CPU kernels round once)."""
     if input_dtype == torch.float64:
         return torch.float64
     if output_dtype == torch.float32 or not half_reference:
@@ -339,7 +340,7 @@ def compare_paths(model, exact_model, input_ids, method: str, protocol: str, spa
     """One window [1, L] under the method on both paths: `model` on the kernels and on the
     reference path, `exact_model` (the same weights in float64, or float32 where float64 is
     too slow) on the reference path. The bar holds the per-token losses (L - 1 of them: a
-    statistic a scalar loss is too few elements for) to KERNELS.md's rule, in float32 units."""
+    statistic a scalar loss is too few elements for) to that bar's rule, in float32 units."""
     got = token_losses(model, input_ids, "extension", method, protocol, sparsity, options)
     same = token_losses(model, input_ids, "reference", method, protocol, sparsity, options)
     exact = token_losses(exact_model, input_ids, "reference", method, protocol, sparsity,

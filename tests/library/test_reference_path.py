@@ -1,6 +1,7 @@
-"""The reference path (kernels="reference", cabattn.reference_path): its operators meet
-KERNELS.md's bar on the self-check's shapes, and every method under both protocols gives the
-kernels' loss and density on a tiny model (docs/selfcheck.md, "The reference path")."""
+"""The reference path (kernels="reference", cabattn.reference_path): its operators meet the
+correctness bar (docs/operators.md) on the self-check's shapes, and every method under both
+protocols gives the kernels' per-token losses and density on a tiny model (docs/selfcheck.md,
+"The reference path")."""
 import copy
 
 import pytest
