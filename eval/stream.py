@@ -34,6 +34,7 @@ from cabattn.kv_protocol import KVProtocol
 from . import arguments, env
 from .cell import data_identity
 from .data import available_datasets, check_data_file, load_windows, validate_dataset
+from .executors.common import KernelCheckError, check_kernels
 from .metrics import summarize
 from .models import DEFAULT_MODEL, load_model
 from .report import _log_if_wide, _save, _style
@@ -200,6 +201,11 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = CellStore(out / f"{args.name}.cells")
+    try:  # no stream on kernels that have not passed the self-check on this device
+        check_kernels("extension", args.device, print)
+    except KernelCheckError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     windows = load_windows(args.dataset, loaded.tokenizer, args.tokens, max_windows=1,
                            data_file=args.data_file, text_field=args.text_field)

@@ -10,11 +10,12 @@ class KernelCheckError(ExecutorError):
     """The compiled kernels failed the self-check on this device: nothing was computed."""
 
 
-def check_kernels(config, device: str, say) -> None:
+def check_kernels(kernels: str, device: str, say) -> None:
     """Before a model loads on a CUDA device with the compiled kernels: the self-check
     (cabattn.selfcheck, cached per device and build; docs/selfcheck.md). Every process that
-    computes cells loads its model through load_run_model, so every Ray actor checks too."""
-    if config.kernels != "extension" or not device.startswith("cuda"):
+    computes cells loads its model through load_run_model, so every Ray actor checks too;
+    eval.stream calls it itself."""
+    if kernels != "extension" or not device.startswith("cuda"):
         return
     from cabattn import selfcheck
     try:
@@ -28,7 +29,7 @@ def load_run_model(config, say):
     against every context length of the run."""
     device = env.resolve_device(config.model.device)
     dtype = env.resolve_dtype(config.model.torch_dtype, device)
-    check_kernels(config, device, say)
+    check_kernels(config.kernels, device, say)
     say(f"loading model {config.model.name} ({dtype}, {device}) ...")
     loaded = models.load_model(config.model.name, dtype=dtype, device=device,
                                trust_remote_code=config.model.trust_remote_code,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cabattn import ops, selfcheck
-from eval import cli, models
+from eval import cli, models, stream
 
 
 def _args(model, text, output_dir, *extra):
@@ -30,15 +30,18 @@ def test_an_extension_without_cuda_kernels_is_named_before_the_model_loads(
     assert "Traceback" not in err
 
 
-def test_a_failed_self_check_stops_the_run_before_any_cell(tiny_model, tiny_text, tmp_path,
-                                                          cuda_present, monkeypatch, capsys):
-    failure = ("block_sparse_attention q 2x4x200x64 k/v 2x4x200x64 block 16 one-block layout "
-               "float32: out: largest error 1.0e-02 > 1.2e-07")
+FAILURE = ("block_sparse_attention q 2x4x200x64 k/v 2x4x200x64 block 16 one-block layout "
+           "float32: out: largest error 1.0e-02 > 1.2e-07")
+
+
+@pytest.fixture
+def failing_check(cuda_present, monkeypatch):
+    """The self-check fails (the devices it was asked for are listed); no model may load."""
     seen = []
 
     def failed(device, say, folder=None, force=False):
         seen.append(device)
-        return selfcheck.Verdict(False, 31, 1.0, [failure], "a stand-in GPU (sm_90)",
+        return selfcheck.Verdict(False, 31, 1.0, [FAILURE], "a stand-in GPU (sm_90)",
                                  "2026-12-06T19:00:00+00:00")
     monkeypatch.setattr(ops, "has_kernels_for", lambda device_type: True)
     monkeypatch.setattr(selfcheck, "check", failed)
@@ -46,12 +49,27 @@ def test_a_failed_self_check_stops_the_run_before_any_cell(tiny_model, tiny_text
     def refuse(*args, **kwargs):
         raise AssertionError("the model loaded although the self-check failed")
     monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(stream, "load_model", refuse)
+    return seen
+
+
+def test_a_failed_self_check_stops_the_run_before_any_cell(tiny_model, tiny_text, tmp_path,
+                                                          failing_check, capsys):
     out = tmp_path / "out"
     assert cli.main(_args(tiny_model, tiny_text, out, "--device", "cuda")) == cli.EXIT_FAILED
     err = capsys.readouterr().err
-    assert seen == ["cuda"]
-    assert failure in err and "--kernels reference" in err and "No cell was computed" in err
+    assert failing_check == ["cuda"]
+    assert FAILURE in err and "--kernels reference" in err and "No cell was computed" in err
     assert not list((out / "perplexity.cells").glob("*.json"))
+
+
+def test_a_failed_self_check_stops_a_stream_before_the_model_loads(tiny_model, tiny_text,
+                                                                   tmp_path, failing_check,
+                                                                   capsys):
+    assert stream.main(["--model", str(tiny_model), "--data-file", str(tiny_text), "--dataset",
+                        "tiny", "--output-dir", str(tmp_path), "--tokens", "1536", "--cache",
+                        "64", "--device", "cuda"]) == 1
+    assert failing_check == ["cuda"] and FAILURE in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device,kernels", [("cpu", "extension"), ("cpu", "reference")])
