@@ -24,7 +24,7 @@ from . import env, executors
 from .config import (ExperimentConfig, ModelConfig, check_output_location, create_quick_test,
                      validate)
 from .metrics import NonFiniteLossError
-from .results import (CellStore, assemble, delta_vs_dense, failed_result, finite_or_none,
+from .results import (CELL_FORMAT, CellStore, assemble, delta_vs_dense, failed_result, finite_or_none,
                       write_results)
 
 __all__ = ["Cell", "ExperimentConfig", "ModelConfig", "PerplexityBenchmarkRunner", "RunSpec",
@@ -155,7 +155,8 @@ def data_identity(config: ExperimentConfig):
 def cell_key(config: ExperimentConfig, spec: RunSpec) -> dict:
     """Everything that defines a cell's numbers; a stored cell is reused only on a match."""
     device = env.resolve_device(config.model.device)
-    key = {"dataset": spec.dataset, "data_file": data_identity(config),
+    key = {"cell_format": CELL_FORMAT, "dataset": spec.dataset,
+           "data_file": data_identity(config),
            "text_field": config.text_field, "model": config.model.name,
            "dtype": env.resolve_dtype(config.model.torch_dtype, device),
            "device": device.split(":")[0], "context_length": spec.context_length,

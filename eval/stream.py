@@ -98,8 +98,9 @@ def block_size(args) -> int:
 
 def cell_key(args, label: str, positions: int) -> dict:
     method, params = STREAM_METHODS[label]
+    from .results import CELL_FORMAT
     from .run import data_identity
-    key = {"kind": "stream", "dataset": args.dataset, "data_file": data_identity(args),
+    key = {"cell_format": CELL_FORMAT, "kind": "stream", "dataset": args.dataset, "data_file": data_identity(args),
            "text_field": args.text_field, "model": args.model,
            "dtype": args.dtype, "device": args.device.split(":")[0], "tokens": args.tokens,
            "seed": args.seed, "segment": args.segment, "summary_tokens": args.summary_tokens,
