@@ -169,3 +169,38 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def headline(results: dict) -> list:
+    """Lines for the end of a run: per dataset, at the sparsity sweep's highest s, the best
+    sparse method against the runner-up (the comparison a reader of Table 3 makes first),
+    with its paired interval, p-value, whether it is resolved and the windows that would
+    resolve a 1% and a 0.5% change (docs/statistics.md, How many windows)."""
+    all_points = [p for p in points(results) if p.sweep == "sparsity_sweep"
+                  and p.method != "dense" and p.sparsity > 0 and p.perplexity is not None
+                  and "windows" in p.result]
+    seed = results.get("config", {}).get("seed", 0)
+    lines = []
+    for dataset in dict.fromkeys(p.dataset for p in all_points):
+        mine = [p for p in all_points if p.dataset == dataset]
+        s = max(p.sparsity for p in mine)
+        ranked = sorted((p for p in mine if p.sparsity == s), key=lambda p: p.perplexity)
+        if len(ranked) < 2:
+            continue
+        best, second = ranked[:2]
+        c = compare_cells(second.result, best.result, seed)
+        n = c["num_windows"]
+        floor = 2 / 2 ** n if 2 ** n <= 10_000 else None
+        verdict = ("resolved" if c["p_value"] < ALPHA else "NOT resolved"
+                   + (f" (with {n} windows no p-value can be below {floor:.3g})"
+                      if floor is not None and floor >= ALPHA else ""))
+        lines.append(f"  {dataset} L={best.context_length} s={s:g}: {best.method} "
+                     f"(PPL {best.perplexity:.3f}) vs {second.method} "
+                     f"({second.perplexity:.3f}): {_percent(c['change'])} "
+                     f"{_interval(c['ci95'])}, p {_p(c['p_value'])}, {n} windows: {verdict}; "
+                     f"windows to resolve 1%: {c['windows_needed_1pct'] or '-'}, 0.5%: "
+                     f"{c['windows_needed_0.5pct'] or '-'}")
+    if lines:
+        lines.insert(0, "paired statistics, best vs runner-up at the highest sparsity "
+                        "(python -m eval.compare RESULTS.json --baseline dense for all):")
+    return lines

@@ -421,6 +421,10 @@ class PerplexityBenchmarkRunner:
             from .report import make_report
             for path in make_report(self.results_path):
                 self.say(f"wrote {path}")
+        from .compare import headline
+        from .report import load_results
+        for line in headline(load_results(self.results_path)):
+            self.say(line)
 
     def reuse(self, spec: RunSpec, record: dict) -> None:
         """A stored cell: its result, and the provenance stored with it (model, windows)."""

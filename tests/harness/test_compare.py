@@ -120,3 +120,18 @@ def test_figures_draw_the_paired_intervals(results_file, tmp_path):
     dense = p.result["dense_perplexity"]
     assert (low, high) == pytest.approx([dense * (1 + c) for c in p.result["delta_vs_dense_ci95"]])
     assert report.figure8(results, tmp_path / "f")  # drawn with error bars, no failure
+
+
+def test_headline_names_best_and_runner_up_and_the_windows_needed(results_file):
+    lines = compare.headline(report.load_results(results_file))
+    assert len(lines) == 2 and "best vs runner-up" in lines[0]
+    line = lines[1]
+    assert "brown L=1024 s=0.9" in line and "12 windows" in line
+    assert "windows to resolve 1%: " in line and "0.5%: " in line
+    # Four windows can never resolve anything: the line says so.
+    results = json.loads(results_file.read_text())
+    for sweeps in results["results"]["brown"].values():
+        for cell in sweeps["sparsity_sweep"].values():
+            cell["windows"] = {k: v[:4] for k, v in cell["windows"].items()}
+    line = compare.headline(results)[1]
+    assert "NOT resolved (with 4 windows no p-value can be below 0.125)" in line
