@@ -165,6 +165,10 @@ back, not recomputed); --fresh recomputes everything.
                         "softmax mass the kept blocks hold; one more QK^T pass per layer for "
                         "a method whose rule does not compute it)")
 
+    g.add_argument("--no-key-tokens", dest="key_tokens", action="store_false", default=None,
+                   help="skip the key-token perplexity of each cell (docs/metrics.md; it costs "
+                        "a few dense forwards per dataset and context length)")
+
     g = p.add_argument_group("model and machine")
     g.add_argument("--model", metavar="NAME_OR_PATH",
                    help="smollm2-135m (offline default), a hub id or a local folder")
@@ -233,6 +237,7 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
         "protocol": args.protocol, "block_size": args.block_size,
         "causal_selection": args.causal_selection, "k_min": args.k_min,
         "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics,
+        "key_tokens": args.key_tokens,
         "budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seed": args.seed,
         "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():

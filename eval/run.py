@@ -161,6 +161,7 @@ def cell_key(config: ExperimentConfig, spec: RunSpec) -> dict:
            "dtype": env.resolve_dtype(config.model.torch_dtype, device),
            "device": device.split(":")[0], "context_length": spec.context_length,
            "max_windows": config.max_windows, "seed": config.seed, "method": spec.method,
+           "key_tokens": config.key_tokens,
            "sparsity": spec.sparsity}
     if spec.method != "dense":
         settings = protocol_settings(config, spec)
@@ -189,6 +190,7 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
     import torch
     from tqdm.auto import tqdm
 
+    from . import key_tokens
     from .metrics import summarize
 
     device = env.resolve_device(config.model.device)
@@ -197,6 +199,10 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
     env.reset_peak_memory(device)
     n, L = windows.input_ids.shape
     nll_sums, token_counts = [], []
+    # The windows' key tokens under dense attention, once per (dataset, L) (docs/metrics.md).
+    keys = (key_tokens.find(model, windows.input_ids, key_tokens.key_context(L), device)
+            if config.key_tokens else None)
+    key_nll_sum = 0.0
     start = time.perf_counter()
     with attention(config, model, spec) as stats, torch.inference_mode():
         for first in tqdm(range(0, n, config.batch_size), desc=spec.label, unit="batch",
@@ -213,12 +219,17 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
                                              f"{first + row} of {n}")
                 nll_sums.append(loss * (L - 1))
                 token_counts.append(L - 1)
+                if keys is not None:
+                    nll = key_tokens.token_nll(logits[row:row + 1], ids[None])[0]
+                    key_nll_sum += float(nll[keys.mask[first + row].to(device)].sum())
     env.synchronize(device)
     wall = time.perf_counter() - start
     memory, memory_kind = env.peak_memory_mb(device)
     result = dict(summarize(nll_sums, token_counts, list(windows.num_bytes[:n]),
                             seed=config.seed))
     result.update(stats.record())
+    if keys is not None:
+        result.update(keys.record(key_nll_sum))
     result.update(batch_size=config.batch_size, wall_seconds=wall,
                   tokens_per_second=sum(token_counts) / wall, peak_memory_mb=memory,
                   peak_memory_kind=memory_kind, finished=_now())
