@@ -183,6 +183,9 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own code to run (off by default)")
     g.add_argument("--seed", type=int, help="seed for bootstrap intervals and random (42)")
+    g.add_argument("--seeds", type=_positive_int, metavar="N",
+                   help="run randomised methods (random) with N seeds (seed, seed + 1, ...) and "
+                        "report the mean and the spread between them (1)")
 
     g = p.add_argument_group("scaling out (README: Running the full benchmark on a cluster)")
     g.add_argument("--executor", choices=EXECUTORS, default="serial",
@@ -237,7 +240,7 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
         "protocol": args.protocol, "block_size": args.block_size,
         "causal_selection": args.causal_selection, "k_min": args.k_min,
         "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics,
-        "key_tokens": args.key_tokens,
+        "key_tokens": args.key_tokens, "seeds": args.seeds,
         "budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seed": args.seed,
         "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():

@@ -77,6 +77,8 @@ class ExperimentConfig:
     diagnostics: bool = False  # mask protocol: measure attention recall (an oracle pass)
     # Key-token perplexity in every cell (docs/metrics.md): a few dense forwards per (dataset, L).
     key_tokens: bool = True
+    # Seeds of a randomised method's cells (seed, seed + 1, ...): mean and spread over them.
+    seeds: int = 1
     # Fixed token budgets (cache sizes) run at every context length, besides the sweeps.
     budget_tokens: Optional[list] = None
     max_windows: Optional[int] = None  # windows per cell, evenly spaced over the corpus
@@ -411,6 +413,8 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
                         f"k_min = {config.k_min} (token budgets) or null")
     if not isinstance(config.diagnostics, bool):
         problems.append(f"diagnostics {config.diagnostics!r} must be true or false")
+    if not isinstance(config.seeds, int) or isinstance(config.seeds, bool) or config.seeds < 1:
+        problems.append(f"seeds {config.seeds!r} must be an integer >= 1")
     if not isinstance(config.key_tokens, bool):
         problems.append(f"key_tokens {config.key_tokens!r} must be true or false")
     if config.max_windows is not None and (not isinstance(config.max_windows, int)

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from .cache import atomic_path
-from .statistics import versus_dense
+from .statistics import over_seeds, versus_dense
 
 
 class CorruptFileError(RuntimeError):
@@ -274,14 +274,18 @@ def delta_vs_dense(perplexity, dense_perplexity):
     return perplexity / dense_perplexity - 1
 
 
-def assemble(cells: list, outcomes: dict, config_record: dict) -> dict:
+def assemble(cells: list, outcomes: dict, config_record: dict, seeds: int = 1) -> dict:
     """The seed-compatible results dict from the planned cells (eval.run.Cell) and the
-    outcome R of each computation (RunSpec -> R); cells without an outcome are left out."""
+    outcome R of each computation (RunSpec -> R); cells without an outcome are left out. A
+    randomised method's cell combines its seeds' outcomes (over_seeds) once all are in."""
     results = {}
     for cell in cells:
-        outcome = outcomes.get(cell.spec)
-        if outcome is None:
+        seeded = [outcomes.get(spec) for spec in cell.spec.with_seeds(seeds)]
+        if any(outcome is None for outcome in seeded):
             continue
+        outcome = seeded[0] if len(seeded) == 1 else over_seeds(
+            seeded, [config_record.get("seed", 0) + spec.seed_offset
+                     for spec in cell.spec.with_seeds(seeds)])
         dense = outcomes.get(cell.spec.dense())
         dense_ppl = None if dense is None else dense.get("perplexity")
         record = dict(outcome)

@@ -57,6 +57,7 @@ class RunSpec:
     context_length: int
     method: str
     sparsity: float
+    seed_offset: int = 0  # a randomised method's cell runs seed + 0 .. seed + seeds - 1
 
     @classmethod
     def for_cell(cls, dataset: str, context_length: int, method: str, sparsity: float):
@@ -68,11 +69,20 @@ class RunSpec:
         """The dense computation of the same (dataset, context length)."""
         return RunSpec(self.dataset, self.context_length, "dense", 0.0)
 
+    def with_seeds(self, seeds: int) -> list:
+        """The computations of this cell: one per seed for a randomised method."""
+        from cabattn.methods import METHODS
+        if self.method == "dense" or not METHODS[self.method].randomised:
+            return [self]
+        return [RunSpec(self.dataset, self.context_length, self.method, self.sparsity, offset)
+                for offset in range(seeds)]
+
     @property
     def label(self) -> str:
         if self.method == "dense":
             return f"{self.dataset} dense L={self.context_length}"
-        return f"{self.dataset} {self.method} s={self.sparsity:g} L={self.context_length}"
+        return (f"{self.dataset} {self.method} s={self.sparsity:g} L={self.context_length}"
+                + (f" seed+{self.seed_offset}" if self.seed_offset else ""))
 
 
 @dataclass(frozen=True)
@@ -118,12 +128,13 @@ def plan_cells(config: ExperimentConfig) -> list:
 def plan_runs(config: ExperimentConfig) -> list:
     """Unique computations, grouped by (dataset, L) with dense first: windows are tokenised
     once per group and every sparse cell can report its change against dense at once."""
-    specs = {cell.spec for cell in plan_cells(config)}
+    specs = {seeded for cell in plan_cells(config)
+             for seeded in cell.spec.with_seeds(config.seeds)}
     specs |= {spec.dense() for spec in specs}
     dataset_order = {name: i for i, name in enumerate(config.datasets)}
     method_order = {name: i for i, name in enumerate(["dense", *config.methods])}
     return sorted(specs, key=lambda s: (dataset_order[s.dataset], s.context_length,
-                                        method_order[s.method], s.sparsity))
+                                        method_order[s.method], s.sparsity, s.seed_offset))
 
 
 def protocol_settings(config: ExperimentConfig, spec: RunSpec) -> dict:
@@ -160,7 +171,8 @@ def cell_key(config: ExperimentConfig, spec: RunSpec) -> dict:
            "text_field": config.text_field, "model": config.model.name,
            "dtype": env.resolve_dtype(config.model.torch_dtype, device),
            "device": device.split(":")[0], "context_length": spec.context_length,
-           "max_windows": config.max_windows, "seed": config.seed, "method": spec.method,
+           "max_windows": config.max_windows, "seed": config.seed + spec.seed_offset,
+           "method": spec.method,
            "key_tokens": config.key_tokens,
            "sparsity": spec.sparsity}
     if spec.method != "dense":
@@ -178,7 +190,8 @@ def attention(config: ExperimentConfig, model, spec: RunSpec):
     import cabattn
     if spec.method == "dense":
         return cabattn.dense(model)
-    return cabattn.apply(model, method=spec.method, sparsity=spec.sparsity, seed=config.seed,
+    return cabattn.apply(model, method=spec.method, sparsity=spec.sparsity,
+                         seed=config.seed + spec.seed_offset,
                          **protocol_settings(config, spec),
                          **config.method_params.get(spec.method, {}))
 
@@ -528,7 +541,8 @@ class PerplexityBenchmarkRunner:
         return record
 
     def write(self, status: str) -> dict:
-        results = assemble(plan_cells(self.config), self.outcomes, self.config_record(status))
+        results = assemble(plan_cells(self.config), self.outcomes, self.config_record(status),
+                           seeds=self.config.seeds)
         write_results((self.results_path, self.latest_path), results)
         return results
 

@@ -233,3 +233,27 @@ def versus_dense(result: dict, dense: dict | None, seed: int = 0) -> dict:
         return none
     change = compare_cells(dense, result, seed)
     return {"delta_vs_dense_ci95": change["ci95"], "delta_vs_dense_p": change["p_value"]}
+
+
+def over_seeds(outcomes: list, seeds: list) -> dict:
+    """One cell's R from the R of each of its seeds (a randomised method run with --seeds N).
+
+    The cell's metrics are those of the per-window NLL averaged over the seeds (each window's
+    expected loss under the method's random draws), so the cell stays paired with every other
+    cell on the same windows; with equal windows its perplexity is the geometric mean of the
+    seeds' perplexities. R["perplexity_over_seeds"] holds each seed's perplexity and their
+    mean and spread (seed_spread). A failed seed fails the cell."""
+    from .metrics import summarize
+    failed = next((r for r in outcomes if r.get("error")), None)
+    if failed is not None:
+        return failed
+    first = outcomes[0]["windows"]
+    nll = np.mean([r["windows"]["nll_sum"] for r in outcomes], axis=0)
+    merged = dict(outcomes[0])  # the protocol's record: block size, parameters, ...
+    merged.update(summarize(nll, first["tokens"], first["bytes"], seed=seeds[0]))
+    ppl = [r["perplexity"] for r in outcomes]
+    merged.update(density=float(np.mean([r["density"] for r in outcomes])),
+                  wall_seconds=float(sum(r.get("wall_seconds") or 0 for r in outcomes)),
+                  perplexity_over_seeds={**seed_spread(ppl), "values": ppl,
+                                         "seed_list": list(seeds)})
+    return merged

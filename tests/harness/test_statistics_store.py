@@ -75,3 +75,25 @@ def test_old_store_is_recomputed_once_and_cells_carry_windows(tiny_model, tiny_t
     assert len(rows) == 1 and rows[0]["num_windows"] == 3
     assert rows[0]["change"] == pytest.approx(h2o["delta_vs_dense"], rel=1e-9)
     assert rows[0]["ci95"] == pytest.approx(h2o["delta_vs_dense_ci95"])
+
+
+def test_seeds_run_a_randomised_method_once_per_seed(tiny_model, tiny_text, tmp_path,
+                                                     monkeypatch):
+    stored = _stored(monkeypatch)
+    args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--methods", "dense", "random", "h2o",
+                         "--context-lengths", "128", "--fixed-sparsity", "0.75", "--k-min", "16",
+                         "--block-size", "16", "--no-sparsity-sweep", "--max-windows", "2",
+                         "--no-report", "--no-key-tokens", "--seeds", "3", "--seed", "7")
+    assert cli.main(args) == cli.EXIT_OK
+    seeds = sorted(key["seed"] for key in stored if key["method"] == "random")
+    assert seeds == [7, 8, 9]
+    assert [key["seed"] for key in stored if key["method"] == "h2o"] == [7]  # deterministic
+    cell = _cells(tmp_path / "tiny.json")["random"]["context_length_sweep"]["128"]
+    spread = cell["perplexity_over_seeds"]
+    assert spread["seeds"] == 3 and spread["seed_list"] == [7, 8, 9]
+    assert spread["min"] < spread["max"] and spread["std"] > 0  # the seeds draw differently
+    assert spread["mean"] == pytest.approx(sum(spread["values"]) / 3)
+    # The cell's PPL is that of the seed-averaged window NLLs: the geometric mean here.
+    geometric = (spread["values"][0] * spread["values"][1] * spread["values"][2]) ** (1 / 3)
+    assert cell["perplexity"] == pytest.approx(geometric, rel=1e-9)
+    assert cell["delta_vs_dense_ci95"] is not None
