@@ -219,9 +219,9 @@ def compare_cells(a: dict, b: dict, seed: int = 0, where: str = "cell") -> dict:
     """paired_change of two cells' R (B against A), from their R["windows"]."""
     sides = [WindowScores.from_record(r.get("windows"), where) for r in (a, b)]
     _check_paired(*sides)
-    return dict(_cached_change(tuple(sides[0].nll_sum.tolist()),
-                               tuple(sides[1].nll_sum.tolist()),
-                               tuple(sides[0].tokens.tolist()), int(seed)))
+    change = _cached_change(tuple(sides[0].nll_sum.tolist()), tuple(sides[1].nll_sum.tolist()),
+                            tuple(sides[0].tokens.tolist()), int(seed))
+    return {**change, "ci95": list(change["ci95"])}  # the cached one stays unchanged
 
 
 def versus_dense(result: dict, dense: dict | None, seed: int = 0) -> dict:
