@@ -506,9 +506,13 @@ class PerplexityBenchmarkRunner:
         return [spec for spec, r in self.outcomes.items() if r.get("error")]
 
     def summary_line(self, spec: RunSpec, result: dict) -> str:
-        dense = self.outcomes.get(spec.dense(), {}).get("perplexity")
+        from .statistics import versus_dense
+        dense_result = self.outcomes.get(spec.dense())
+        dense = (dense_result or {}).get("perplexity")
         delta = delta_vs_dense(result["perplexity"], dense)
-        versus = (f" ({delta * 100:+.2f}% vs dense {dense:.3f})"
+        ci = versus_dense(result, dense_result, self.config.seed)["delta_vs_dense_ci95"]
+        interval = f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else ""
+        versus = (f" ({delta * 100:+.2f}%{interval} vs dense {dense:.3f})"
                   if spec.method != "dense" and delta is not None else "")
         explained = "".join(f"  {label} {result[name]:{fmt}}" for name, label, fmt in (
             ("attention_recall", "recall", ".3f"), ("sink_retention", "sink", ".2f"),
