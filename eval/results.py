@@ -254,7 +254,7 @@ def windows_problem(result: dict) -> str | None:
         return "its result lacks the per-window sums (windows: nll_sum, tokens, bytes)"
     n = result["num_samples"]
     for name, values in windows.items():
-        check = _is_number if name == "nll_sum" else _is_count
+        check = is_number if name == "nll_sum" else _is_count
         if not isinstance(values, list) or len(values) != n or not all(map(check, values)):
             return f"its windows.{name} is not {n} finite numbers (one per window)"
     return None
