@@ -146,6 +146,13 @@ class MaskProtocol:
             with torch.no_grad():  # ctx.block_scores: the rule's own, or one more QK^T pass
                 self.stats.add_recall(layer_idx, layout.kept_mass(ctx.block_scores[0]).sum(),
                                       q.shape[0] * q.shape[1] * length)
+                # The attention output error (docs/metrics.md): the layer's dense output on
+                # the same q, k, v against the block-sparse one.
+                dense = torch.nn.functional.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), is_causal=True, scale=scale,
+                    enable_gqa=True)
+                self.stats.add_output_error(layer_idx, (dense - out.float()).square().sum(),
+                                            dense.square().sum())
         return out.transpose(1, 2).contiguous(), None
 
 

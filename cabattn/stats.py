@@ -38,6 +38,8 @@ class ProtocolStats:
     recall: dict = field(default_factory=dict)  # layer -> [kept softmax mass, query rows]
     sink: list = field(default_factory=lambda: [0, 0])  # [rows/caches holding key 0, all]
     cached_age: list = field(default_factory=lambda: [0, 0])  # [summed age, cached entries]
+    # layer -> [sum of squared (dense - method) outputs, sum of squared dense outputs]
+    output_error: dict = field(default_factory=dict)
 
     def add_pairs(self, layer_idx: int, kept: torch.Tensor, causal: torch.Tensor) -> None:
         """Per-head kept and causal pair counts; summed on their device (no host read inside a
@@ -54,6 +56,27 @@ class ProtocolStats:
         measured = self.recall.setdefault(layer_idx, [0, 0])
         measured[0] = measured[0] + kept_mass
         measured[1] += rows
+
+    def add_output_error(self, layer_idx: int, squared_difference, squared_dense) -> None:
+        """||O_dense - O_method||_F^2 and ||O_dense||_F^2 of one forward of a layer."""
+        sums = self.output_error.setdefault(layer_idx, [0, 0])
+        sums[0] = sums[0] + squared_difference
+        sums[1] = sums[1] + squared_dense
+
+    def layer_output_error(self) -> dict:
+        """{layer: ||O_dense - O_method||_F / ||O_dense||_F over every forward}."""
+        return {layer: (float(diff) / float(dense)) ** 0.5 if float(dense) > 0 else 0.0
+                for layer, (diff, dense) in self.output_error.items()}
+
+    @property
+    def attention_output_error(self) -> Optional[float]:
+        """Mean over layers of layer_output_error(), None when not measured."""
+        errors = self.layer_output_error()
+        return sum(errors.values()) / len(errors) if errors else None
+
+    @property
+    def attention_output_error_max_layer(self) -> Optional[float]:
+        return max(self.layer_output_error().values(), default=None)
 
     def add_sink(self, holding_first, total: int) -> None:
         """How many of `total` query-block rows (mask) or caches (kv) hold key 0."""
@@ -157,6 +180,8 @@ class ProtocolStats:
                 "selection_share": self.selection_share,
                 "attention_recall": self.attention_recall,
                 "attention_recall_min_layer": self.attention_recall_min_layer,
+                "attention_output_error": self.attention_output_error,
+                "attention_output_error_max_layer": self.attention_output_error_max_layer,
                 "sink_retention": self.sink_retention, "mean_cached_age": self.mean_cached_age,
                 "layer_head_density": {str(k): v for k, v in self.layer_head_density().items()}}
 
@@ -171,5 +196,6 @@ class DenseStats:
                 "protocol": "dense", "kernels": None, "params": {},
                 "selection_seconds": 0.0, "attention_seconds": None, "oracle_selection": False,
                 "selection_share": None, "attention_recall": None,
-                "attention_recall_min_layer": None, "sink_retention": None,
+                "attention_recall_min_layer": None, "attention_output_error": None,
+                "attention_output_error_max_layer": None, "sink_retention": None,
                 "mean_cached_age": None, "layer_head_density": None}

@@ -16,12 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 import cabattn
-from cabattn.methods import get_method
+from cabattn.methods import METHODS, get_method
 
-from . import env
+from . import env, key_tokens
 from .config import ExperimentConfig
 from .metrics import NonFiniteLossError, summarize
-from .results import failed_result, finite_or_none
+from .results import CELL_FORMAT, failed_result, finite_or_none
 
 __all__ = ["RunSpec", "attention", "cell_key", "compute_cell", "data_identity",
            "method_params", "now", "protocol_settings", "time_forward", "try_cell"]
@@ -39,6 +39,7 @@ class RunSpec:
     context_length: int
     method: str
     sparsity: float
+    seed_offset: int = 0  # a randomised method's cell runs seed + 0 .. seed + seeds - 1
 
     @classmethod
     def for_cell(cls, dataset: str, context_length: int, method: str, sparsity: float):
@@ -50,11 +51,19 @@ class RunSpec:
         """The dense computation of the same (dataset, context length)."""
         return RunSpec(self.dataset, self.context_length, "dense", 0.0)
 
+    def with_seeds(self, seeds: int) -> list:
+        """The computations of this cell: one per seed for a randomised method."""
+        if self.method == "dense" or not METHODS[self.method].randomised:
+            return [self]
+        return [RunSpec(self.dataset, self.context_length, self.method, self.sparsity, offset)
+                for offset in range(seeds)]
+
     @property
     def label(self) -> str:
         if self.method == "dense":
             return f"{self.dataset} dense L={self.context_length}"
-        return f"{self.dataset} {self.method} s={self.sparsity:g} L={self.context_length}"
+        return (f"{self.dataset} {self.method} s={self.sparsity:g} L={self.context_length}"
+                + (f" seed+{self.seed_offset}" if self.seed_offset else ""))
 
 
 def protocol_settings(config: ExperimentConfig, spec: RunSpec) -> dict:
@@ -84,12 +93,13 @@ def data_identity(config: ExperimentConfig):
 def cell_key(config: ExperimentConfig, spec: RunSpec) -> dict:
     """Everything that defines a cell's numbers; a stored cell is reused only on a match."""
     device = env.resolve_device(config.model.device)
-    key = {"dataset": spec.dataset, "data_file": data_identity(config),
-           "text_field": config.text_field, "model": config.model.name,
+    key = {"cell_format": CELL_FORMAT, "dataset": spec.dataset,
+           "data_file": data_identity(config), "text_field": config.text_field,
+           "model": config.model.name,
            "dtype": env.resolve_dtype(config.model.torch_dtype, device),
            "device": device.split(":")[0], "context_length": spec.context_length,
-           "max_windows": config.max_windows, "seed": config.seed, "method": spec.method,
-           "sparsity": spec.sparsity}
+           "max_windows": config.max_windows, "seed": config.seed + spec.seed_offset,
+           "method": spec.method, "sparsity": spec.sparsity, "key_tokens": config.key_tokens}
     if spec.method != "dense":
         settings = protocol_settings(config, spec)
         key.update(protocol=settings.pop("protocol"), block_size=settings.pop("block_size"),
@@ -104,7 +114,8 @@ def attention(config: ExperimentConfig, model, spec: RunSpec):
     dense, else the method under the configured protocol."""
     if spec.method == "dense":
         return cabattn.model_attention(model)
-    return cabattn.apply(model, method=spec.method, sparsity=spec.sparsity, seed=config.seed,
+    return cabattn.apply(model, method=spec.method, sparsity=spec.sparsity,
+                         seed=config.seed + spec.seed_offset,
                          **protocol_settings(config, spec),
                          **config.method_params.get(spec.method, {}))
 
@@ -119,6 +130,10 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
     env.reset_peak_memory(device)
     n, L = windows.input_ids.shape
     nll_sums, token_counts = [], []
+    # The windows' key tokens under dense attention, once per (dataset, L) (docs/metrics.md).
+    keys = (key_tokens.find(model, windows.input_ids, key_tokens.key_context(L), device)
+            if config.key_tokens else None)
+    key_nll_sum = 0.0
     start = time.perf_counter()
     with attention(config, model, spec) as stats, torch.inference_mode():
         for first in tqdm(range(0, n, config.batch_size), desc=spec.label, unit="batch",
@@ -135,12 +150,17 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
                                              f"{first + row} of {n}")
                 nll_sums.append(loss * (L - 1))
                 token_counts.append(L - 1)
+                if keys is not None:
+                    nll = key_tokens.token_nll(logits[row:row + 1], ids[None])[0]
+                    key_nll_sum += float(nll[keys.mask[first + row].to(device)].sum())
     env.synchronize(device)
     wall = time.perf_counter() - start
     memory, memory_kind = env.peak_memory_mb(device)
     result = dict(summarize(nll_sums, token_counts, list(windows.num_bytes[:n]),
                             seed=config.seed))
     result.update(stats.record())
+    if keys is not None:
+        result.update(keys.record(key_nll_sum))
     result.update(batch_size=config.batch_size, wall_seconds=wall,
                   tokens_per_second=sum(token_counts) / wall, peak_memory_mb=memory,
                   peak_memory_kind=memory_kind, finished=now())

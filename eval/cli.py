@@ -112,6 +112,9 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--no-sparsity-sweep", action="store_true")
     g.add_argument("--max-windows", type=int, metavar="N",
                    help="windows per cell, evenly spaced over the corpus (default: all)")
+    g.add_argument("--no-key-tokens", dest="key_tokens", action="store_false", default=None,
+                   help="skip the key-token perplexity of each cell (docs/metrics.md; it costs "
+                        "a few dense forwards per dataset and context length)")
 
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", choices=list(PROTOCOLS),
@@ -140,6 +143,9 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own code to run (off by default)")
     g.add_argument("--seed", type=int, help="seed for bootstrap intervals and random (42)")
+    g.add_argument("--seeds", type=arguments.positive_int, metavar="N",
+                   help="run randomised methods (random) with N seeds (seed, seed + 1, ...) and "
+                        "report the mean and the spread between them (1)")
 
     g = p.add_argument_group("scaling out (docs/running.md, on a cluster)")
     g.add_argument("--executor", choices=EXECUTORS, default="serial",
@@ -196,6 +202,7 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
         "text_field": args.text_field, "max_windows": args.max_windows,
         "protocol": args.protocol, "block_size": args.block_size, "k_min": args.k_min,
         **{name: getattr(args, name) for name in protocol_options()},
+        "key_tokens": args.key_tokens, "seeds": args.seeds,
         "budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seed": args.seed,
         "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():

@@ -81,6 +81,10 @@ class ExperimentConfig:
     kv_chunk: int = 1
     diagnostics: bool = False  # mask protocol: measure attention recall (an oracle pass)
     kernels: str = "extension"  # the compiled operators, or "reference" (docs/selfcheck.md)
+    # Key-token perplexity in every cell (docs/metrics.md): a few dense forwards per (dataset, L).
+    key_tokens: bool = True
+    # Seeds of a randomised method's cells (seed, seed + 1, ...): mean and spread over them.
+    seeds: int = 1
     # Fixed token budgets (cache sizes) run at every context length, besides the sweeps.
     budget_tokens: Optional[list] = None
     max_windows: Optional[int] = None  # windows per cell, evenly spaced over the corpus
@@ -426,6 +430,8 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
             checks.is_integer(K) and K >= config.k_min for K in budgets)):
         problems.append(f"budget_tokens {budgets!r} must be a non-empty list of integers >= "
                         f"k_min = {config.k_min} (token budgets) or null")
+    problems += filter(None, (checks.problem("seeds", config.seeds, checks.positive_int),
+                              checks.problem("key_tokens", config.key_tokens, checks.boolean)))
     if config.max_windows is not None and checks.positive_int(config.max_windows):
         problems.append(f"max_windows {config.max_windows!r} must be an integer >= 1 or null")
     if checks.positive_int(config.batch_size):

@@ -19,7 +19,9 @@ def summarize(nll_sums, token_counts, byte_counts, seed: int = 0, n_boot: int = 
     predictions covering byte_counts[i] UTF-8 bytes.
 
     ppl_ci95 is a percentile bootstrap over windows (resampled with replacement, n_boot
-    times, seeded), each resample token-weighted like the point estimate.
+    times, seeded), each resample token-weighted like the point estimate. `windows` keeps the
+    per-window sums in window order, so that two cells on the same windows can be compared
+    pair by pair (eval.statistics, docs/statistics.md).
     """
     nll = np.asarray(nll_sums, dtype=np.float64).reshape(-1)
     tokens = np.asarray(token_counts, dtype=np.float64).reshape(-1)
@@ -50,4 +52,6 @@ def summarize(nll_sums, token_counts, byte_counts, seed: int = 0, n_boot: int = 
         "num_tokens": int(total_tokens),
         "num_samples": int(len(nll)),
         "ppl_ci95": [float(low), float(high)],
+        "windows": {"nll_sum": nll.tolist(), "tokens": [int(t) for t in tokens],
+                    "bytes": [int(b) for b in num_bytes]},
     }

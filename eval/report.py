@@ -166,6 +166,35 @@ def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> 
     return paths
 
 
+def paired_interval(p: Point):
+    """(low, high) perplexity of a sparse cell's paired 95% interval vs dense (dense's PPL
+    times 1 + the interval of the change), or None when the cell has none."""
+    ci, dense = p.result.get("delta_vs_dense_ci95"), p.result.get("dense_perplexity")
+    if ci is None or dense is None or p.perplexity is None:
+        return None
+    return dense * (1 + ci[0]), dense * (1 + ci[1])
+
+
+def _interval_note(pts: list) -> str:
+    """The title's second line, when the figure draws intervals."""
+    return ("\nbars: paired 95% interval of the change vs dense on the same windows"
+            if any(paired_interval(p) for p in pts) else "")
+
+
+def _interval_bars(ax, cells: list, color) -> list:
+    """Error bars of the paired intervals of cells [(x, Point)]; returns their ends (so the
+    axis scale sees them). Dense, the reference of every interval, has none."""
+    bars = [(x, p.perplexity, paired_interval(p)) for x, p in cells]
+    bars = [(x, y, ci) for x, y, ci in bars if ci is not None]
+    if not bars:
+        return []
+    ax.errorbar([x for x, _, _ in bars], [y for _, y, _ in bars],
+                yerr=[[max(y - ci[0], 0) for _, y, ci in bars],
+                      [max(ci[1] - y, 0) for _, y, ci in bars]],
+                fmt="none", ecolor=color, capsize=2.5, linewidth=1)
+    return [end for _, _, ci in bars for end in ci]
+
+
 def figure4(results: dict, stem: Path) -> list:
     """PPL vs context length at the fixed sparsity, one panel per dataset."""
     pts = [p for p in points(results) if p.sweep == "context_length_sweep"]
@@ -175,13 +204,14 @@ def figure4(results: dict, stem: Path) -> list:
     def draw(ax, dataset, methods, style):
         plotted = []
         for method in methods:
-            cells = sorted((p.context_length, p.perplexity) for p in pts
-                           if p.dataset == dataset and p.method == method
-                           and p.perplexity is not None)
+            cells = sorted([((p.context_length, p.perplexity), p) for p in pts
+                            if p.dataset == dataset and p.method == method
+                            and p.perplexity is not None], key=lambda cell: cell[0])
             if cells:
-                xs, ys = zip(*cells)
+                xs, ys = zip(*(xy for xy, _ in cells))
                 ax.plot(xs, ys, label=method, **style[method])
-                plotted += ys
+                plotted += [*ys, *_interval_bars(ax, [(x, p) for (x, _), p in cells],
+                                               style[method]["color"])]
         lengths = sorted({p.context_length for p in pts if p.dataset == dataset})
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(L) for L in lengths])
@@ -192,7 +222,8 @@ def figure4(results: dict, stem: Path) -> list:
 
     sparsity = results.get("config", {}).get("context_length_sweep", {}).get("fixed_sparsity")
     return _perplexity_figure(pts, stem, "figure4", "Figure 4: perplexity vs context length "
-                              f"(sparsity s = {sparsity}; dense ignores s)", draw)
+                              f"(sparsity s = {sparsity}; dense ignores s)" + _interval_note(pts),
+                              draw)
 
 
 def figure8(results: dict, stem: Path) -> list:
@@ -205,13 +236,15 @@ def figure8(results: dict, stem: Path) -> list:
     def draw(ax, dataset, methods, style):
         plotted = []
         for method in methods:
-            cells = sorted((p.result["density"], p.perplexity, p.sparsity) for p in pts
-                           if p.dataset == dataset and p.method == method)
+            cells = sorted([((p.result["density"], p.perplexity, p.sparsity), p) for p in pts
+                            if p.dataset == dataset and p.method == method],
+                           key=lambda cell: cell[0])
             if not cells:
                 continue
-            xs, ys, ss = zip(*cells)
+            xs, ys, ss = zip(*(xys for xys, _ in cells))
             ax.plot(xs, ys, label=method, **style[method])
-            plotted += ys
+            plotted += [*ys, *_interval_bars(ax, [(xys[0], p) for xys, p in cells],
+                                           style[method]["color"])]
             if method != "dense":
                 for x, y, s in zip(xs, ys, ss):
                     if s > 0:
@@ -228,7 +261,8 @@ def figure8(results: dict, stem: Path) -> list:
         return plotted
 
     return _perplexity_figure(pts, stem, "figure8", "Figure 8: perplexity vs realised "
-                              "attention density (accuracy-compute frontier)", draw)
+                              "attention density (accuracy-compute frontier)"
+                              + _interval_note(pts), draw)
 
 
 def recall_cells(results: dict) -> dict:
@@ -281,12 +315,39 @@ def figure_recall(results: dict, stem: Path) -> list:
     return paths
 
 
+def tied_with_best(pts: list, seed: int = 0) -> set:
+    """{(dataset, method, s)} of Table 3's sparse cells that are the best (lowest PPL) of their
+    column or not significantly different from it: paired sign-flip tests of every other
+    method against the column's best, Holm-corrected over all the table's tests. Columns whose
+    cells lack their per-window sums (older files) mark nothing."""
+    from .statistics import compare_cells, holm
+    columns = {}
+    for p in pts:
+        if p.method != "dense" and p.sparsity > 0 and p.perplexity is not None:
+            columns.setdefault((p.dataset, p.sparsity), []).append(p)
+    tied, tests = set(), []
+    for (dataset, s), cells in columns.items():
+        if not all("windows" in p.result for p in cells):
+            continue
+        best = min(cells, key=lambda p: p.perplexity)
+        tied.add((dataset, best.method, s))
+        tests += [(p, compare_cells(best.result, p.result, seed)["p_value"])
+                  for p in cells if p is not best]
+    _, significant = holm([p_value for _, p_value in tests])
+    tied |= {(p.dataset, p.method, p.sparsity) for (p, _), flag in zip(tests, significant)
+             if not flag}
+    return tied
+
+
 def table3_rows(results: dict) -> tuple:
-    """(sparsity levels, rows): a row is (dataset, L, method, [cell text per level]); a cell
-    is 'PPL (+x.x%)' against dense at the same L, 'failed' or '-' when not run."""
+    """(sparsity levels, rows): a row is (dataset, L, method, [cell text per level], [marked
+    per level]); a cell is 'PPL (+x.x% [low, high])' against dense at the same L with the
+    paired 95% interval of the change (when the cells carry their windows), 'failed' or '-'
+    when not run; marked: best of its column or not significantly different from it."""
     all_points = points(results)
     pts = [p for p in all_points if p.sweep == "sparsity_sweep"]
     levels = sorted({p.sparsity for p in pts if p.method != "dense"} | {0.0}) if pts else []
+    tied = tied_with_best(pts, results.get("config", {}).get("seed", 0))
     rows = []
     for dataset in _datasets(pts):
         for method in _methods([p for p in pts if p.dataset == dataset]):
@@ -303,19 +364,32 @@ def table3_rows(results: dict) -> tuple:
                     cells.append(f"{p.perplexity:.3f}")
                 else:
                     delta = point_delta_vs_dense(all_points, p)
-                    cells.append(f"{p.perplexity:.3f} ({delta * 100:+.1f}%)" if delta is not None
-                                 else f"{p.perplexity:.3f}")
+                    ci = p.result.get("delta_vs_dense_ci95")
+                    interval = (f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+                                if ci is not None and delta is not None else "")
+                    cells.append(f"{p.perplexity:.3f} ({delta * 100:+.1f}%{interval})"
+                                 if delta is not None else f"{p.perplexity:.3f}")
+            marks = [(dataset, method, s) in tied for s in levels]
             L = sorted({p.context_length for p in mine})
-            rows.append((dataset, ",".join(map(str, L)), method, cells))
+            rows.append((dataset, ",".join(map(str, L)), method, cells, marks))
     return levels, rows
+
+
+TABLE3_NOTE = ("PPL (change vs dense [paired 95% interval of the change, %]); marked: the "
+               "best of its column and the methods not significantly different from it "
+               "(paired sign-flip test, Holm-corrected over the table's tests, 5%).")
 
 
 def table3_markdown(results: dict) -> str:
     levels, rows = table3_rows(results)
     head = ["dataset", "L", "method"] + [f"s={s:g}" for s in levels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([d, L, m, *cells]) + " |" for d, L, m, cells in rows]
-    return "\n".join(lines) + "\n"
+    lines += ["| " + " | ".join([d, L, m, *(f"**{c}**" if mark else c
+                                             for c, mark in zip(cells, marks))]) + " |"
+              for d, L, m, cells, marks in rows]
+    note = ("\n" + TABLE3_NOTE.replace("marked", "bold") + "\n"
+            if any(any(marks) for *_, marks in rows) else "")
+    return "\n".join(lines) + "\n" + note
 
 
 def _tex(text: str) -> str:
@@ -326,10 +400,13 @@ def _tex(text: str) -> str:
 def table3_latex(results: dict) -> str:
     levels, rows = table3_rows(results)
     head = ["Dataset", "$L$", "Method"] + [f"$s={s:g}$" for s in levels]
-    lines = [r"% Table 3: perplexity (change vs dense at the same context length)",
+    lines = [r"% Table 3: " + TABLE3_NOTE.replace("marked", "bold"),
              r"\begin{tabular}{ll l" + "r" * len(levels) + "}", r"\toprule",
              " & ".join(head) + r" \\", r"\midrule"]
-    lines += [" & ".join(_tex(x) for x in [d, L, m, *cells]) + r" \\" for d, L, m, cells in rows]
+    lines += [" & ".join([_tex(d), _tex(L), _tex(m), *(rf"\textbf{{{_tex(c)}}}" if mark
+                                                       else _tex(c)
+                                                       for c, mark in zip(cells, marks))])
+              + r" \\" for d, L, m, cells, marks in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 

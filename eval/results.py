@@ -15,6 +15,7 @@ from pathlib import Path
 from cabattn.checks import is_number, non_negative_int
 
 from .cache import atomic_path
+from .statistics import over_seeds, versus_dense
 
 
 class CorruptFileError(RuntimeError):
@@ -66,6 +67,12 @@ def finite_or_none(value):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+# The version of what a stored cell holds; it is part of every cell key, so a store written by
+# an older version is never read as this one: its cells are simply not found, and recomputed.
+# 2: R keeps its per-window sums, R["windows"] (docs/statistics.md).
+CELL_FORMAT = 2
 
 
 def cell_id(key: dict) -> str:
@@ -236,6 +243,20 @@ def result_problem(result) -> str | None:
             return f"its result has {name} = {result[name]!r}, not a finite number of the right type"
     if result.get("error"):
         return f"its result is a failure ({result['error']})"
+    return windows_problem(result)
+
+
+def windows_problem(result: dict) -> str | None:
+    """What is wrong with R["windows"] (one NLL sum, token and byte count per window), or
+    None."""
+    windows = result.get("windows")
+    if not isinstance(windows, dict) or set(windows) != {"nll_sum", "tokens", "bytes"}:
+        return "its result lacks the per-window sums (windows: nll_sum, tokens, bytes)"
+    n = result["num_samples"]
+    for name, values in windows.items():
+        check = is_number if name == "nll_sum" else _is_count
+        if not isinstance(values, list) or len(values) != n or not all(map(check, values)):
+            return f"its windows.{name} is not {n} finite numbers (one per window)"
     return None
 
 
@@ -251,14 +272,18 @@ def delta_vs_dense(perplexity, dense_perplexity):
     return perplexity / dense_perplexity - 1
 
 
-def assemble(cells: list, outcomes: dict, config_record: dict) -> dict:
+def assemble(cells: list, outcomes: dict, config_record: dict, seeds: int = 1) -> dict:
     """The seed-compatible results dict from the planned cells (eval.runner.Cell) and the
-    outcome R of each computation (RunSpec -> R); cells without an outcome are left out."""
+    outcome R of each computation (RunSpec -> R); cells without an outcome are left out. A
+    randomised method's cell combines its seeds' outcomes (over_seeds) once all are in."""
     results = {}
     for cell in cells:
-        outcome = outcomes.get(cell.spec)
-        if outcome is None:
+        seeded = [outcomes.get(spec) for spec in cell.spec.with_seeds(seeds)]
+        if any(outcome is None for outcome in seeded):
             continue
+        outcome = seeded[0] if len(seeded) == 1 else over_seeds(
+            seeded, [config_record.get("seed", 0) + spec.seed_offset
+                     for spec in cell.spec.with_seeds(seeds)])
         dense = outcomes.get(cell.spec.dense())
         dense_ppl = None if dense is None else dense.get("perplexity")
         record = dict(outcome)
@@ -266,6 +291,8 @@ def assemble(cells: list, outcomes: dict, config_record: dict) -> dict:
                       context_length=cell.spec.context_length, method_run=cell.spec.method,
                       sparsity_run=cell.spec.sparsity, dense_perplexity=dense_ppl,
                       delta_vs_dense=delta_vs_dense(record.get("perplexity"), dense_ppl))
+        if cell.spec.method != "dense":  # its paired interval and p (docs/statistics.md)
+            record.update(versus_dense(outcome, dense, seed=config_record.get("seed", 0)))
         (results.setdefault(cell.dataset, {}).setdefault(cell.method, {})
          .setdefault(cell.sweep, {}))[cell.point] = record
     return {"config": config_record, "results": results}

@@ -24,8 +24,10 @@ from cabattn.grid import sparsity_for_budget
 from . import data, env, executors
 from .cell import RunSpec, cell_key, now
 from .config import ExperimentConfig, check_output_location, validate
-from .report import make_report
+from .compare import headline
+from .report import load_results, make_report
 from .results import CellStore, assemble, delta_vs_dense, write_results
+from .statistics import versus_dense
 
 __all__ = ["Cell", "PerplexityBenchmarkRunner", "RunDeclined", "plan_cells", "plan_runs",
            "run_benchmark"]
@@ -87,12 +89,13 @@ def plan_cells(config: ExperimentConfig) -> list:
 def plan_runs(config: ExperimentConfig) -> list:
     """Unique computations, grouped by (dataset, L) with dense first: windows are tokenised
     once per group and every sparse cell can report its change against dense at once."""
-    specs = {cell.spec for cell in plan_cells(config)}
+    specs = {seeded for cell in plan_cells(config)
+             for seeded in cell.spec.with_seeds(config.seeds)}
     specs |= {spec.dense() for spec in specs}
     dataset_order = {name: i for i, name in enumerate(config.datasets)}
     method_order = {name: i for i, name in enumerate(["dense", *config.methods])}
     return sorted(specs, key=lambda s: (dataset_order[s.dataset], s.context_length,
-                                        method_order[s.method], s.sparsity))
+                                        method_order[s.method], s.sparsity, s.seed_offset))
 
 
 # -- the runner: plan, compute, store -------------------------------------------------------
@@ -270,6 +273,8 @@ class PerplexityBenchmarkRunner:
         if self.make_report:
             for path in make_report(self.results_path):
                 self.say(f"wrote {path}")
+        for line in headline(load_results(self.results_path)):
+            self.say(line)
 
     def reuse(self, spec: RunSpec, record: dict) -> None:
         """A stored cell: its result, and the provenance stored with it (model, windows)."""
@@ -326,9 +331,12 @@ class PerplexityBenchmarkRunner:
         return [spec for spec, r in self.outcomes.items() if r.get("error")]
 
     def summary_line(self, spec: RunSpec, result: dict) -> str:
-        dense = self.outcomes.get(spec.dense(), {}).get("perplexity")
+        dense_result = self.outcomes.get(spec.dense())
+        dense = (dense_result or {}).get("perplexity")
         delta = delta_vs_dense(result["perplexity"], dense)
-        versus = (f" ({delta * 100:+.2f}% vs dense {dense:.3f})"
+        ci = versus_dense(result, dense_result, self.config.seed)["delta_vs_dense_ci95"]
+        interval = f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else ""
+        versus = (f" ({delta * 100:+.2f}%{interval} vs dense {dense:.3f})"
                   if spec.method != "dense" and delta is not None else "")
         explained = "".join(f"  {label} {result[name]:{fmt}}" for name, label, fmt in (
             ("attention_recall", "recall", ".3f"), ("sink_retention", "sink", ".2f"),
@@ -359,7 +367,8 @@ class PerplexityBenchmarkRunner:
         return record
 
     def write(self, status: str) -> dict:
-        results = assemble(plan_cells(self.config), self.outcomes, self.config_record(status))
+        results = assemble(plan_cells(self.config), self.outcomes, self.config_record(status),
+                           seeds=self.config.seeds)
         write_results((self.results_path, self.latest_path), results)
         return results
 

@@ -107,7 +107,9 @@ def block_size(args) -> int:
 
 def stream_key(args, label: str, positions: int) -> dict:
     method, params = STREAM_METHODS[label]
-    key = {"kind": "stream", "dataset": args.dataset, "data_file": data_identity(args),
+    from .results import CELL_FORMAT
+    key = {"cell_format": CELL_FORMAT, "kind": "stream", "dataset": args.dataset,
+           "data_file": data_identity(args),
            "text_field": args.text_field, "model": args.model,
            "dtype": args.dtype, "device": args.device.split(":")[0], "tokens": args.tokens,
            "seed": args.seed, "segment": args.segment, "summary_tokens": args.summary_tokens,

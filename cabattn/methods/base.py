@@ -105,6 +105,7 @@ class Method:
     Parameters are checked when the method is built."""
     name: ClassVar[str]
     oracle: ClassVar[bool] = False  # selection reads the dense softmax (priced as a QK pass)
+    randomised: ClassVar[bool] = False  # its selection draws from the seed (runs --seeds N)
 
     def __post_init__(self) -> None:
         for spec in fields(self):

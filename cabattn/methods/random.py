@@ -12,6 +12,7 @@ from .base import BlockPlan, KVState, MaskContext, Method
 class Random(Method):
     """The diagonal plus uniformly drawn blocks (mask) or tokens (kv); seeded."""
     name = "random"
+    randomised = True
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         rule = ctx.grid.rule_budget(ctx.q.device)

@@ -58,7 +58,8 @@ def test_a_cell_another_run_computes_is_waited_for_not_recomputed(tiny_model, ti
     other_result = {"perplexity": 5.0, "cross_entropy": 1.6094379124341003,
                     "bits_per_token": 2.321928094887362, "bits_per_byte": 0.5,
                     "num_tokens": 63, "num_samples": 1, "ppl_ci95": [5.0, 5.0],
-                    "density": 1.0}
+                    "density": 1.0, "windows": {"nll_sum": [101.39458848], "tokens": [63],
+                                                "bytes": [200]}}
 
     wait_for_claim = CellStore.claim
 

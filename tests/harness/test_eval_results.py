@@ -55,7 +55,8 @@ def _result(perplexity=20.0):
     ce = math.log(perplexity)
     return {"perplexity": perplexity, "cross_entropy": ce, "bits_per_token": ce / math.log(2),
             "bits_per_byte": 1.25, "num_tokens": 1023, "num_samples": 1,
-            "ppl_ci95": [perplexity, perplexity], "density": 0.1, "wall_seconds": 2.5}
+            "ppl_ci95": [perplexity, perplexity], "density": 0.1, "wall_seconds": 2.5,
+            "windows": {"nll_sum": [ce * 1023], "tokens": [1023], "bytes": [4000]}}
 
 
 def test_cell_store_roundtrip_and_keying(tmp_path):
@@ -90,6 +91,9 @@ def test_corrupt_cell_file_is_named(tmp_path):
     (lambda r: {**r, "perplexity": "garbage"}, "perplexity = 'garbage'"),
     (lambda r: {**r, "num_tokens": 10.5}, "num_tokens = 10.5"),
     (lambda r: {**r, "ppl_ci95": None}, "ppl_ci95 = None"),
+    (lambda r: {k: v for k, v in r.items() if k != "windows"}, "lacks the per-window sums"),
+    (lambda r: {**r, "windows": {**r["windows"], "tokens": [1023, 1]}},
+     "windows.tokens is not 1 finite numbers"),
     (lambda r: [r], "not a mapping"),
     (lambda r: {**r, "perplexity": None, "error": "x"}, "perplexity = None"),
 ])

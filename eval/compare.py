@@ -1,0 +1,206 @@
+"""python -m eval.compare RESULTS.json --methods A B | --baseline A: paired comparisons.
+
+For every dataset, context length L and sparsity s where both methods have a cell, the change
+of B's perplexity relative to A's (PPL_B / PPL_A - 1) on the same windows, with its paired 95%
+bootstrap interval, the sign-flip permutation p-value, Holm's correction over all the
+comparisons printed, and the windows that would resolve a 1% and a 0.5% change
+(docs/statistics.md). A dense side is its dense cell at the same L (dense has no s).
+Writes <stem>_compare_A_B.md and .tex (or <stem>_compare_vs_A.* for --baseline) next to the
+results; --json prints the comparisons as a JSON list instead of the markdown table.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .report import load_results, points
+from .results import CorruptFileError
+from .statistics import ALPHA, compare_cells, holm
+
+
+def _cells(all_points: list, method: str) -> dict:
+    """{(dataset, L, s): R} of a method's finished cells; a cell that ran dense is (L, 0)."""
+    cells = {}
+    for p in all_points:
+        if p.method == method and p.perplexity is not None:
+            dense = p.method == "dense" or p.sparsity == 0.0
+            cells.setdefault((p.dataset, p.context_length, 0.0 if dense else p.sparsity),
+                             p.result)
+    return cells
+
+
+def _pair_points(a_cells: dict, b_cells: dict, a_dense: bool, b_dense: bool) -> list:
+    """[(dataset, L, s, R_A, R_B)] where both sides have a cell; s > 0 (at s = 0 every method
+    is dense: nothing to compare), a dense side at (dataset, L, 0)."""
+    if a_dense and b_dense:
+        return []
+    pairs = []
+    for (dataset, L, s) in sorted({key for key in [*a_cells, *b_cells] if key[2] > 0}):
+        a = a_cells.get((dataset, L, 0.0 if a_dense else s))
+        b = b_cells.get((dataset, L, 0.0 if b_dense else s))
+        if a is not None and b is not None:
+            pairs.append((dataset, L, s, a, b))
+    return pairs
+
+
+def method_pairs(results: dict, methods=None, baseline=None) -> list:
+    """[(A, B)]: the one pair of --methods A B, or every other method against --baseline A.
+    ValueError naming the methods of the file for a method it does not hold."""
+    present = list(dict.fromkeys(p.method for p in points(results)))
+    asked = list(methods or []) + ([baseline] if baseline else [])
+    unknown = [m for m in asked if m not in present]
+    if unknown:
+        raise ValueError(f"method(s) {', '.join(map(repr, unknown))} not in the results; "
+                         f"methods there: {', '.join(present)}")
+    if baseline:
+        return [(baseline, m) for m in present if m != baseline]
+    if len(methods) != 2 or methods[0] == methods[1]:
+        raise ValueError(f"--methods takes two different methods, got {' '.join(methods)}")
+    return [tuple(methods)]
+
+
+def comparisons(results: dict, pairs: list, alpha: float = ALPHA) -> list:
+    """One dict per (A, B, dataset, L, s), Holm-corrected over the whole list."""
+    all_points = points(results)
+    seed = results.get("config", {}).get("seed", 0)
+    rows = []
+    for a, b in pairs:
+        for dataset, L, s, ra, rb in _pair_points(_cells(all_points, a), _cells(all_points, b),
+                                                  a == "dense", b == "dense"):
+            change = compare_cells(ra, rb, seed, where=f"{dataset} L={L} s={s:g} ({a}, {b})")
+            rows.append({"dataset": dataset, "context_length": L, "sparsity": s, "a": a, "b": b,
+                         "perplexity_a": ra["perplexity"], "perplexity_b": rb["perplexity"],
+                         **change})
+    adjusted, significant = holm([r["p_value"] for r in rows], alpha)
+    for row, p, flag in zip(rows, adjusted, significant):
+        row.update(p_holm=p, significant=flag)
+    return rows
+
+
+def _percent(x: float) -> str:
+    return f"{x * 100:+.2f}%"
+
+
+def _interval(ci) -> str:
+    return f"[{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]%"
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p >= 0.001 else "<0.001"
+
+
+def _cells_text(row: dict) -> list:
+    return [row["dataset"], str(row["context_length"]), f"{row['sparsity']:g}", row["a"],
+            row["b"], f"{row['perplexity_a']:.3f}", f"{row['perplexity_b']:.3f}",
+            _percent(row["change"]), _interval(row["ci95"]), _p(row["p_value"]),
+            _p(row["p_holm"]), "yes" if row["significant"] else "no",
+            str(row["num_windows"]), str(row["windows_needed_1pct"] or "-"),
+            str(row["windows_needed_0.5pct"] or "-")]
+
+
+HEAD = ["dataset", "L", "s", "A", "B", "PPL A", "PPL B", "change B vs A", "95% CI", "p",
+        "p (Holm)", "significant", "windows", "windows for 1%", "windows for 0.5%"]
+
+
+def _footnote(rows: list) -> str:
+    return (f"Change: PPL_B / PPL_A - 1 on the same windows; 95% CI: paired percentile bootstrap "
+            f"(10,000 resamples); p: paired sign-flip permutation test, Holm-corrected over the "
+            f"{len(rows)} comparisons (significant: p (Holm) < {ALPHA:g}); windows for 1%: "
+            "windows whose interval would be +-1% wide, from the spread of the per-window "
+            "differences.")
+
+
+def markdown(rows: list) -> str:
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    lines += ["| " + " | ".join(_cells_text(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n\n" + _footnote(rows) + "\n"
+
+
+def latex(rows: list) -> str:
+    from .report import _tex
+    lines = [f"% {_footnote(rows)}", r"\begin{tabular}{llrll" + "r" * (len(HEAD) - 5) + "}",
+             r"\toprule", " & ".join(_tex(h) for h in HEAD) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex(c) for c in _cells_text(r)) + r" \\" for r in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(results_path: Path, rows: list, label: str) -> list:
+    paths = []
+    for suffix, text in (("md", markdown(rows)), ("tex", latex(rows))):
+        path = results_path.with_name(f"{results_path.stem}_compare_{label}.{suffix}")
+        path.write_text(text)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a results JSON written by python -m eval.run")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--methods", nargs=2, metavar=("A", "B"), help="compare B against A")
+    which.add_argument("--baseline", metavar="A", help="compare every other method against A")
+    parser.add_argument("--json", action="store_true",
+                        help="print the comparisons as a JSON list (no table)")
+    args = parser.parse_args(argv)
+    path = Path(args.results)
+    try:
+        results = load_results(path)
+        rows = comparisons(results, method_pairs(results, args.methods, args.baseline))
+    except (CorruptFileError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("error: the two methods share no (dataset, L, s) with finished cells at s > 0",
+              file=sys.stderr)
+        return 2
+    label = f"vs_{args.baseline}" if args.baseline else "_".join(args.methods)
+    paths = write_tables(path, rows, label)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for written in paths:
+        print(f"wrote {written}")
+    print()
+    print(markdown(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def headline(results: dict) -> list:
+    """Lines for the end of a run: per dataset, at the sparsity sweep's highest s, the best
+    sparse method against the runner-up (the comparison a reader of Table 3 makes first),
+    with its paired interval, p-value, whether it is resolved and the windows that would
+    resolve a 1% and a 0.5% change (docs/statistics.md, How many windows)."""
+    all_points = [p for p in points(results) if p.sweep == "sparsity_sweep"
+                  and p.method != "dense" and p.sparsity > 0 and p.perplexity is not None
+                  and "windows" in p.result]
+    seed = results.get("config", {}).get("seed", 0)
+    lines = []
+    for dataset in dict.fromkeys(p.dataset for p in all_points):
+        mine = [p for p in all_points if p.dataset == dataset]
+        s = max(p.sparsity for p in mine)
+        ranked = sorted((p for p in mine if p.sparsity == s), key=lambda p: p.perplexity)
+        if len(ranked) < 2:
+            continue
+        best, second = ranked[:2]
+        c = compare_cells(second.result, best.result, seed)
+        n = c["num_windows"]
+        floor = 2 / 2 ** n if 2 ** n <= 10_000 else None
+        verdict = ("resolved" if c["p_value"] < ALPHA else "NOT resolved"
+                   + (f" (with {n} windows no p-value can be below {floor:.3g})"
+                      if floor is not None and floor >= ALPHA else ""))
+        lines.append(f"  {dataset} L={best.context_length} s={s:g}: {best.method} "
+                     f"(PPL {best.perplexity:.3f}) vs {second.method} "
+                     f"({second.perplexity:.3f}): {_percent(c['change'])} "
+                     f"{_interval(c['ci95'])}, p {_p(c['p_value'])}, {n} windows: {verdict}; "
+                     f"windows to resolve 1%: {c['windows_needed_1pct'] or '-'}, 0.5%: "
+                     f"{c['windows_needed_0.5pct'] or '-'}")
+    if lines:
+        lines.insert(0, "paired statistics, best vs runner-up at the highest sparsity "
+                        "(python -m eval.compare RESULTS.json --baseline dense for all):")
+    return lines

@@ -1,0 +1,137 @@
+"""eval.compare and Table 3's paired intervals on a small hand-made results file."""
+import json
+
+import numpy as np
+import pytest
+
+from eval import compare, report
+from eval.metrics import summarize
+from eval.statistics import versus_dense
+
+TOKENS, WINDOWS = 1023, 12
+
+
+def _cell(per_token, dense=None, s=0.0, density=1.0):
+    r = summarize(np.asarray(per_token) * TOKENS, [TOKENS] * WINDOWS, [4000] * WINDOWS)
+    r.update(density=density, context_length=1024, sparsity=s)
+    if dense is not None:
+        r.update(dense_perplexity=dense["perplexity"],
+                 delta_vs_dense=r["perplexity"] / dense["perplexity"] - 1,
+                 **versus_dense(r, dense, seed=42))
+    return r
+
+
+@pytest.fixture
+def results_file(tmp_path):
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(2.5, 3.5, size=WINDOWS)
+    dense = _cell(difficulty)
+    # h2o and cab_v4 lose about 5% at s = 0.9 and differ from each other by noise only;
+    # cab_v3 loses 20%; at s = 0.5 everyone is within 1%.
+    h2o9 = _cell(difficulty + 0.05 + rng.normal(0, 0.01, WINDOWS), dense, 0.9, 0.11)
+    v4_9 = _cell(difficulty + 0.05 + rng.normal(0, 0.01, WINDOWS), dense, 0.9, 0.11)
+    v3_9 = _cell(difficulty + 0.18 + rng.normal(0, 0.01, WINDOWS), dense, 0.9, 0.11)
+    h2o5 = _cell(difficulty + 0.005 + rng.normal(0, 0.001, WINDOWS), dense, 0.5, 0.52)
+    v4_5 = _cell(difficulty + 0.004 + rng.normal(0, 0.001, WINDOWS), dense, 0.5, 0.52)
+    v3_5 = _cell(difficulty + 0.03 + rng.normal(0, 0.001, WINDOWS), dense, 0.5, 0.52)
+    results = {"config": {"seed": 42, "sparsity_sweep": {"fixed_context_length": 1024},
+                          "context_length_sweep": {"fixed_sparsity": 0.9}},
+               "results": {"brown": {
+                   "dense": {"sparsity_sweep": {"0.0": dense}},
+                   "h2o": {"sparsity_sweep": {"0.5": h2o5, "0.9": h2o9}},
+                   "cab_v4": {"sparsity_sweep": {"0.5": v4_5, "0.9": v4_9}},
+                   "cab_v3": {"sparsity_sweep": {"0.5": v3_5, "0.9": v3_9}}}}}
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_compare_two_methods_writes_tables_and_json(results_file, capsys):
+    assert compare.main([str(results_file), "--methods", "h2o", "cab_v4"]) == 0
+    out = capsys.readouterr().out
+    for suffix in ("md", "tex"):
+        assert (results_file.parent / f"demo_compare_h2o_cab_v4.{suffix}").is_file()
+    assert "| brown | 1024 | 0.9 | h2o | cab_v4 |" in out
+    assert compare.main([str(results_file), "--methods", "h2o", "cab_v4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["dataset"], r["context_length"], r["sparsity"]) for r in rows] == [
+        ("brown", 1024, 0.5), ("brown", 1024, 0.9)]
+    results = json.loads(results_file.read_text())["results"]["brown"]
+    for row in rows:
+        key = str(row["sparsity"])
+        ppl_a = results["h2o"]["sparsity_sweep"][key]["perplexity"]
+        ppl_b = results["cab_v4"]["sparsity_sweep"][key]["perplexity"]
+        assert row["change"] == pytest.approx(ppl_b / ppl_a - 1, rel=1e-9)
+        assert row["ci95"][0] < row["change"] < row["ci95"][1]
+        assert {"p_value", "significant", "windows_needed_1pct"} <= set(row)
+    # At s = 0.9 the two differ by noise only.
+    assert rows[1]["significant"] is False
+
+
+def test_compare_baseline_is_holm_corrected_over_every_comparison(results_file, capsys):
+    assert compare.main([str(results_file), "--baseline", "dense", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["b"], r["sparsity"]) for r in rows} == {
+        (m, s) for m in ("h2o", "cab_v4", "cab_v3") for s in (0.5, 0.9)}
+    m = len(rows)
+    for row in rows:  # 12 windows all worse: exact p = 2 / 2^12 each; Holm multiplies by <= 6
+        assert row["p_value"] == pytest.approx(2 / 2 ** 12)
+        assert row["p_holm"] == pytest.approx(min(1, m * 2 / 2 ** 12))
+        assert row["significant"] is True
+    assert (results_file.parent / "demo_compare_vs_dense.md").is_file()
+
+
+def test_compare_errors_name_the_valid_choices(results_file, tmp_path, capsys):
+    assert compare.main([str(results_file), "--methods", "h2o", "quest"]) == 2
+    err = capsys.readouterr().err
+    assert "'quest'" in err and "dense, h2o, cab_v4, cab_v3" in err
+    missing = tmp_path / "nothing.json"
+    assert compare.main([str(missing), "--baseline", "dense"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    old = json.loads(results_file.read_text())
+    for cell in old["results"]["brown"]["h2o"]["sparsity_sweep"].values():
+        del cell["windows"]
+    results_file.write_text(json.dumps(old))
+    assert compare.main([str(results_file), "--methods", "dense", "h2o"]) == 2
+    assert "rerun the same eval.run command" in capsys.readouterr().err
+
+
+def test_table3_shows_paired_intervals_and_marks_ties_with_the_best(results_file):
+    levels, rows = report.table3_rows(report.load_results(results_file))
+    assert levels == [0.0, 0.5, 0.9]
+    by_method = {m: (cells, marks) for _, _, m, cells, marks in rows}
+    cells, marks = by_method["cab_v3"]
+    assert "[+" in cells[2] and not any(marks)  # an interval; far from the best
+    # The best at s = 0.9 is h2o or cab_v4 and the other is not significantly different.
+    assert by_method["h2o"][1][2] and by_method["cab_v4"][1][2]
+    assert not any(by_method["dense"][1])
+    md = report.table3_markdown(report.load_results(results_file))
+    assert md.count("**") == 2 * sum(sum(marks) for *_, marks in rows)
+    assert "Holm" in md
+    tex = report.table3_latex(report.load_results(results_file))
+    assert r"\textbf{" in tex
+
+
+def test_figures_draw_the_paired_intervals(results_file, tmp_path):
+    results = report.load_results(results_file)
+    p = next(p for p in report.points(results) if p.method == "cab_v3" and p.sparsity == 0.9)
+    low, high = report.paired_interval(p)
+    assert low < p.perplexity < high
+    dense = p.result["dense_perplexity"]
+    assert (low, high) == pytest.approx([dense * (1 + c) for c in p.result["delta_vs_dense_ci95"]])
+    assert report.figure8(results, tmp_path / "f")  # drawn with error bars, no failure
+
+
+def test_headline_names_best_and_runner_up_and_the_windows_needed(results_file):
+    lines = compare.headline(report.load_results(results_file))
+    assert len(lines) == 2 and "best vs runner-up" in lines[0]
+    line = lines[1]
+    assert "brown L=1024 s=0.9" in line and "12 windows" in line
+    assert "windows to resolve 1%: " in line and "0.5%: " in line
+    # Four windows can never resolve anything: the line says so.
+    results = json.loads(results_file.read_text())
+    for sweeps in results["results"]["brown"].values():
+        for cell in sweeps["sparsity_sweep"].values():
+            cell["windows"] = {k: v[:4] for k, v in cell["windows"].items()}
+    line = compare.headline(results)[1]
+    assert "NOT resolved (with 4 windows no p-value can be below 0.125)" in line
