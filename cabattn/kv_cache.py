@@ -10,6 +10,10 @@ describes the same token. Each KV head has its own keep set.
 The layer also keeps, per query head, the coarse query of every absolute block seen so far,
 pooled as the method asks (Method.block_query_pooling: the largest-L2 query, or the mean): the
 block statistic block-level kv rules (cab_v3/cab_v4) score cached blocks with.
+
+Under kv_mode "select" (Method.kv_mode) nothing is evicted: each layer has room for the whole
+window and keeps, per KV head and page (block of block_size positions), the elementwise minimum
+and maximum of the page's keys as attended, the statistic page-selection rules read.
 """
 import math
 from typing import Optional
@@ -21,6 +25,7 @@ from . import ops
 from .methods.base import KVState
 
 BLOCK_QUERY_POOLINGS = (None, "max_l2", "mean")
+KV_MODES = ("evict", "select")
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -33,7 +38,7 @@ class EvictingLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, capacity: int, block_size: int, num_blocks: int,
-                 block_query_pooling: Optional[str] = None):
+                 block_query_pooling: Optional[str] = None, page_bounds: bool = False):
         super().__init__()
         if block_query_pooling not in BLOCK_QUERY_POOLINGS:
             raise ValueError(f"block query pooling {block_query_pooling!r} is not one the cache "
@@ -48,6 +53,9 @@ class EvictingLayer(CacheLayerMixin):
         # max_l2: the best query and its norm; mean: the float32 sum and the count of queries
         self.block_query_buffer = self.block_query_norm = self.block_query_count = None
         self.blocks_seen = 0
+        # page_bounds: [B, Hkv, num_blocks, d] elementwise min and max of each page's keys
+        self.page_bounds = page_bounds
+        self.page_min = self.page_max = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -58,6 +66,10 @@ class EvictingLayer(CacheLayerMixin):
                                            device=self.device)
         self.mass_buffer = torch.empty(b, h, self.capacity, dtype=torch.float32,
                                        device=self.device)
+        if self.page_bounds:
+            self.page_min = torch.full((b, h, self.num_blocks, d), float("inf"),
+                                       dtype=torch.float32, device=self.device)
+            self.page_max = torch.full_like(self.page_min, float("-inf"))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
@@ -124,6 +136,14 @@ class EvictingLayer(CacheLayerMixin):
         for block in range(first_position // self.block_size, last // self.block_size + 1):
             yield (block, max(block * self.block_size, first_position) - first_position,
                    min((block + 1) * self.block_size, last + 1) - first_position)
+
+    def note_keys(self, keys: torch.Tensor, first_position: int) -> None:
+        """Folds a chunk of keys as attended [B, Hkv, c, d] at positions first_position..
+        into their pages' elementwise minima and maxima."""
+        for page, lo, hi in self._block_spans(first_position, keys.shape[2]):
+            part = keys[:, :, lo:hi].float()
+            self.page_min[:, :, page] = torch.minimum(self.page_min[:, :, page], part.amin(2))
+            self.page_max[:, :, page] = torch.maximum(self.page_max[:, :, page], part.amax(2))
 
     def _best_queries(self, query: torch.Tensor, first_position: int) -> None:
         """The largest-L2 query of each block (first on ties)."""
@@ -192,24 +212,32 @@ class EvictingLayer(CacheLayerMixin):
             self.block_query_norm.fill_(-1.0)
         if self.block_query_count is not None:
             self.block_query_count.zero_()
+        if self.page_min is not None:
+            self.page_min.fill_(float("inf"))
+            self.page_max.fill_(float("-inf"))
 
 
 class KVEvictionCache(Cache):
     """Per-layer EvictingLayers for one window of `length` tokens streamed with a budget of
-    `budget` entries per KV head and chunks of at most `chunk` tokens.
+    `budget` entries per KV head and chunks of at most `chunk` tokens; under kv_mode "select"
+    the layers hold the whole window and track their pages' key bounds instead.
 
     Before each forward, `begin_chunk(positions)` tells the cache the absolute positions of
     the tokens the forward appends (transformers' update() does not pass them).
     """
 
     def __init__(self, num_layers: int, budget: int, chunk: int, block_size: int, length: int,
-                 block_query_pooling: Optional[str] = None):
+                 block_query_pooling: Optional[str] = None, kv_mode: str = "evict"):
         if budget < 1 or chunk < 1:
             raise ValueError(f"budget ({budget}) and chunk ({chunk}) must be at least 1")
+        if kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode {kv_mode!r} is not valid; valid: {', '.join(KV_MODES)}")
         self.budget, self.chunk, self.length = budget, chunk, length
         num_blocks = math.ceil(length / block_size)
-        super().__init__(layers=[EvictingLayer(budget + chunk, block_size, num_blocks,
-                                               block_query_pooling)
+        selects = kv_mode == "select"
+        capacity = length if selects else budget + chunk
+        super().__init__(layers=[EvictingLayer(capacity, block_size, num_blocks,
+                                               block_query_pooling, page_bounds=selects)
                                  for _ in range(num_layers)])
         self.chunk_positions: Optional[torch.Tensor] = None
 

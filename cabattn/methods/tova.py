@@ -1,0 +1,58 @@
+"""tova (Oren et al. 2024, Token Omission Via Attention): keep the keys the newest query
+attends to most, its attention averaged over the layer's query heads."""
+from dataclasses import dataclass
+
+import torch
+
+from . import register
+from .base import BlockPlan, MaskContext, Method, param
+
+
+def head_mean(p: torch.Tensor, kv_heads: int, per_head: bool) -> torch.Tensor:
+    """p [B, Hq, ...] averaged over all query heads ([B, 1, ...]) or, per_head, over each KV
+    head's group ([B, Hkv, ...])."""
+    b, hq = p.shape[:2]
+    groups = kv_heads if per_head else 1
+    return p.view(b, groups, hq // groups, *p.shape[2:]).mean(2)
+
+
+def _flag(value):
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+@register
+@dataclass
+class TOVA(Method):
+    """Keeps what the newest (source) query attends to most, averaged over the layer's query
+    heads: one choice for the whole layer unless per_head."""
+    name = "tova"
+    per_head: bool = param(False, "average the attention over each KV head's own query heads "
+                           "(one choice per KV head) instead of over all the layer's heads",
+                           _flag)
+
+    def mask_plan(self, ctx: MaskContext) -> BlockPlan:
+        grid = ctx.grid
+        b, hq, length, d = ctx.q.shape
+        hkv, m, bs = ctx.k.shape[1], grid.num_blocks, grid.block_size
+        # t: the last token of each block, the source row's last query
+        last = (torch.arange(1, m + 1, device=ctx.q.device) * bs).clamp(max=length) - 1
+        queries = ctx.q[:, :, last].float().reshape(b, hkv, hq // hkv * m, d)
+        logits = (queries @ ctx.k.float().transpose(-1, -2)).view(b, hq, m, length)
+        future = torch.arange(length, device=ctx.q.device) > last[:, None]
+        p = torch.softmax((logits * ctx.scale).masked_fill(future, float("-inf")), dim=-1)
+        mean = head_mean(p, hkv, self.per_head)  # [B, 1 or Hkv, M, L]
+        pad = m * bs - length
+        mass = torch.nn.functional.pad(mean, (0, pad)).view(*mean.shape[:3], m, bs).sum(-1)
+        score = mass.repeat_interleave(hq // mass.shape[1], dim=1)
+        rule = grid.rule_budget(ctx.q.device)
+        # the rule's own diagonal (the source row's block, under strict the previous one)
+        recent = rule.clamp(max=1)
+        by_mass = rule - recent
+        zeros = torch.zeros_like(rule)
+        return BlockPlan(n_recent=recent, n_sink=zeros, n_score1=by_mass, n_score2=zeros,
+                         score1=score.contiguous())
+
+    def check_protocol(self, protocol: str) -> None:
+        if protocol == "kv":
+            raise ValueError("tova's kv rule reads the newest query, which this kv protocol "
+                             "does not keep yet; use protocol='mask'")
