@@ -22,7 +22,8 @@ the keys as they were attended, rotated at their cache indices.
 
 Attention runs through a function registered with transformers' AttentionInterface, so no
 model code is edited: it calls ops.attention_with_scores (output and the H2O mass in one pass),
-folds the mass and the chunk's queries into the layer's cache and evicts. The method's kv_keep
+folds the mass and the chunk's queries (coarse block queries, the recent-query buffer: each only
+for a method that reads it) into the layer's cache and evicts. The method's kv_keep
 is the only rule; the protocol has no method-specific code.
 
 A method whose kv_mode is "select" (Quest's setting) is never evicted from: the cache keeps
@@ -110,6 +111,8 @@ class _WindowStream:
             layer.add_mass(mass)
             if layer.block_query_pooling is not None:
                 layer.note_queries(query, self.first_position)
+            if layer.recent_query_window is not None:
+                layer.note_recent_queries(query)
             chunk, length = query.shape[2], layer.length
             self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
             if length > protocol.budget:
@@ -284,6 +287,7 @@ class KVProtocol:
         self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
                                              self.kv_chunk, block_size, length,
                                              self.method.block_query_pooling,
+                                             self.method.recent_query_window,
                                              self.method.kv_mode)
         stream = _WindowStream(self, cache, self.windows_seen)
         prefill = min(self.budget, length)

@@ -91,6 +91,10 @@ class KVState:
     over the KV head's query heads: the H2O accumulator), block_queries [B, Hq, nb, d]: the
     coarse query of every absolute block (position // block_size) seen so far, the newest
     possibly partial, pooled as the method's block_query_pooling says (None when that is None).
+    recent_queries [B, Hq, n, d]: the last n <= recent_query_window queries seen (post-RoPE, as
+    attended, across chunks), oldest first: the queries of the n newest positions of the
+    stream, the last one at positions.max() (None when the method's recent_query_window is
+    None).
     The rule must keep at most `budget` entries per KV head.
     """
     keys: torch.Tensor
@@ -103,6 +107,7 @@ class KVState:
     layer_idx: int = 0
     window_idx: int = 0
     seed: int = 42
+    recent_queries: Optional[torch.Tensor] = None
 
     def generator(self, row: int = 0) -> torch.Generator:
         """As MaskContext.generator, also seeded by the newest cached position."""
@@ -186,6 +191,13 @@ class Method:
         """How the kv rule wants each block's queries pooled into KVState.block_queries
         ("max_l2" or "mean"), or None when it does not read them (the cache then tracks
         nothing)."""
+        return None
+
+    @property
+    def recent_query_window(self) -> Optional[int]:
+        """How many of the newest post-RoPE queries per query head the kv rule reads
+        (KVState.recent_queries: SnapKV's observation window), or None when it reads none (the
+        cache then keeps none)."""
         return None
 
     def token_budget(self, length: int, sparsity: float, k_min: int = 64) -> int:
