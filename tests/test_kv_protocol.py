@@ -52,6 +52,10 @@ class Recorder(Method):
     def block_query_pooling(self):
         return self.inner.block_query_pooling
 
+    @property
+    def recent_query_window(self):
+        return self.inner.recent_query_window
+
     def kv_keep(self, state: KVState) -> torch.Tensor:
         b, h, n = state.positions.shape
         # the cache held at most K entries before this chunk arrived

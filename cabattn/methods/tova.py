@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from . import register
-from .base import BlockPlan, MaskContext, Method, param
+from .base import BlockPlan, KVState, MaskContext, Method, param
 
 
 def head_mean(p: torch.Tensor, kv_heads: int, per_head: bool) -> torch.Tensor:
@@ -52,7 +52,18 @@ class TOVA(Method):
         return BlockPlan(n_recent=recent, n_sink=zeros, n_score1=by_mass, n_score2=zeros,
                          score1=score.contiguous())
 
-    def check_protocol(self, protocol: str) -> None:
-        if protocol == "kv":
-            raise ValueError("tova's kv rule reads the newest query, which this kv protocol "
-                             "does not keep yet; use protocol='mask'")
+    @property
+    def recent_query_window(self) -> int:
+        return 1  # the newest query
+
+    def kv_keep(self, state: KVState) -> torch.Tensor:
+        """The K entries of highest attention from the newest query (it sees the whole
+        cache), nothing forced in: as the TOVA paper, the newest entry competes too."""
+        b, hkv, n, d = state.keys.shape
+        newest = state.recent_queries[:, :, -1]  # [B, Hq, d]
+        hq = newest.shape[1]
+        logits = newest.float().view(b, hkv, hq // hkv, d) @ state.keys.float().transpose(-1, -2)
+        p = torch.softmax(logits * state.scale, dim=-1).view(b, hq, n)
+        score = head_mean(p, hkv, self.per_head)  # [B, 1 or Hkv, n]
+        keep = score.topk(min(state.budget, n), dim=-1).indices.sort(dim=-1).values
+        return keep.expand(b, hkv, -1).contiguous()

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import (AttentionInterface, AttentionMaskInterface, LlamaConfig,
+                          LlamaForCausalLM)
 from transformers.masking_utils import sdpa_mask
-from transformers import AttentionMaskInterface
 
 import cabattn
 from cabattn import methods
@@ -192,6 +192,45 @@ def test_knorm_kv_keeps_the_lowest_norm_keys_and_the_newest():
             assert keep[b, h].tolist() == sorted(lowest) + [89]
 
 
+def spec_tova_keep(newest, keys, cached, budget, scale, per_head):
+    """{(b, g): sorted positions}: of each KV head's `cached` positions, the `budget` of highest
+    attention from the newest query, averaged over all query heads (or per_head over the KV
+    head's group; ties to the older entry). newest [B, Hq, d], keys [B, Hkv, L, d] by
+    position."""
+    b, hq, _ = newest.shape
+    hkv = keys.shape[1]
+    group = hq // hkv
+    attention = {}
+    for bi in range(b):
+        for h in range(hq):
+            entries = cached[bi, h // group]
+            logits = torch.stack([newest[bi, h].double() @ keys[bi, h // group, j].double()
+                                  for j in entries]) * scale
+            attention[bi, h] = torch.softmax(logits, 0)
+    keep = {}
+    for bi in range(b):
+        for g in range(hkv):
+            heads = range(g * group, (g + 1) * group) if per_head else range(hq)
+            score = sum(attention[bi, h] for h in heads) / len(heads)
+            ranked = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
+            keep[bi, g] = sorted(cached[bi, g][i] for i in ranked[:budget])
+    return keep
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_tova_kv_keeps_the_entries_the_newest_query_attends_to_most(per_head):
+    state = kv_state()
+    state.recent_queries = torch.randn(2, HEADS, 1, 16, generator=torch.Generator().manual_seed(3))
+    keep = methods.get_method("tova", per_head=per_head).kv_keep(state)
+    cached = {(b, g): list(range(90)) for b in range(2) for g in range(KV_HEADS)}
+    want = spec_tova_keep(state.recent_queries[:, :, -1], state.keys, cached, 30, 0.25,
+                          per_head)
+    for (b, g), kept in want.items():
+        assert keep[b, g].tolist() == kept
+    if not per_head:
+        assert bool((keep == keep[:, :1]).all())  # one keep set for the layer
+
+
 def spec_quest_pages(queries, keys, block_size, candidates, n_pick, tie=1e-4):
     """Per query head, the n_pick pages of 0..candidates-1 of highest max over the chunk's
     queries of U (ties to the lower page), and whether a near tie (a gap below `tie` relative
@@ -237,7 +276,7 @@ REFERENCE = "cabattn_test_select_reference"
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, attn_implementation="sdpa")
     return LlamaForCausalLM(config).eval()
@@ -250,7 +289,9 @@ def model(single_thread):
 
 @pytest.fixture(scope="module")
 def ids():
-    return torch.randint(0, 128, (1, LENGTH), generator=torch.Generator().manual_seed(1))
+    """Distinct tokens: a repeated token has the same key norm at both positions (RoPE keeps
+    norms), a tie knorm's float32 keys would break by rounding."""
+    return torch.randperm(256, generator=torch.Generator().manual_seed(1))[None, :LENGTH]
 
 
 def spec_select_mask(q, k, budget, chunk, block_size):
@@ -282,45 +323,13 @@ def spec_select_mask(q, k, budget, chunk, block_size):
     return mask & torch.ones(length, length, dtype=torch.bool).tril()
 
 
-def reference_attention(masks, budget, chunk):
-    """An attention function for a dense teacher-forced forward: softmax over the keys
-    spec_select_mask allows, in float64; each layer's mask is stored in `masks`."""
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        group = query.shape[1] // key.shape[1]
-        mask = spec_select_mask(query, key, budget, chunk, BLOCK)
-        masks[module.layer_idx] = mask
-        k, v = (x.double().repeat_interleave(group, 1) for x in (key, value))
-        logits = (query.double() @ k.transpose(-1, -2)) * scaling
-        p = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-        return (p @ v).to(query.dtype).transpose(1, 2).contiguous(), None
-    return attention
-
-
 @pytest.mark.parametrize("chunk", [1, 5, 24])
 def test_quest_select_mode_equals_the_masked_dense_reference(model, ids, chunk):
     """The stream's loss and realised density are those of a dense forward masked by the
     reference's page picks; the cache kept every token (nothing evicted)."""
     budget = token_budget(LENGTH, SPARSITY, K_MIN)
-    masks = {}
-    AttentionInterface.register(REFERENCE, reference_attention(masks, budget, chunk))
-    AttentionMaskInterface.register(REFERENCE, sdpa_mask)
-    saved = model.config._attn_implementation
-    model.set_attn_implementation(REFERENCE)
-    try:
-        with torch.no_grad():
-            want = model(ids, labels=ids)
-    finally:
-        model.set_attn_implementation(saved)
-    protocol = KVProtocol(model, "quest", SPARSITY, kv_chunk=chunk, k_min=K_MIN,
-                          block_size=BLOCK)
-    with protocol as stats, torch.no_grad():
-        got = model(ids, labels=ids)
-    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
-    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
-    causal = LENGTH * (LENGTH + 1) / 2
-    for layer, density in stats.layer_head_density().items():
-        per_head = (masks[layer].sum((-1, -2))[0] / causal).tolist()
-        assert density == pytest.approx(per_head)
+    protocol, stats, masks = assert_stream_matches(
+        model, ids, "quest", chunk, lambda q, k: spec_select_mask(q, k, budget, chunk, BLOCK))
     record = stats.record()
     assert record["kv_mode"] == "select" and record["protocol"] == "kv"
     assert all(layer.length == LENGTH for layer in protocol.cache.layers)
@@ -344,6 +353,107 @@ def test_quest_select_mode_attends_within_the_budget_token_by_token(model, ids):
         page = t // BLOCK
         kept += (t + 1) if page <= 2 else 2 * BLOCK + t - page * BLOCK + 1
     assert stats.density == pytest.approx(kept / (LENGTH * (LENGTH + 1) / 2))
+
+
+def spec_evict_mask(q, k, budget, chunk, evict):
+    """bool [B, Hq, L, L] of a streaming eviction simulated on positions: the first K tokens
+    prefilled; each chunk joins every KV head's cache, its query t sees the cache plus the
+    chunk up to itself, then a cache over K is cut by evict(cached, newest t) ->
+    {(b, g): kept positions}."""
+    b, hq, length, _ = q.shape
+    group = hq // k.shape[1]
+    mask = torch.zeros(b, hq, length, length, dtype=torch.bool)
+    cached = {(bi, g): [] for bi in range(b) for g in range(k.shape[1])}
+    for start in [0] + list(range(budget, length, chunk)):
+        end = budget if start == 0 else min(start + chunk, length)
+        for (bi, g), entries in cached.items():
+            entries += range(start, end)
+            for h in range(g * group, (g + 1) * group):
+                for t in range(start, end):
+                    mask[bi, h, t, [j for j in entries if j <= t]] = True
+        if len(cached[0, 0]) > budget:
+            cached = evict(cached, end - 1)
+    return mask
+
+
+def knorm_evict(q, k, budget):
+    """knorm: the K - 1 cached keys of lowest L2 norm (ties to the older) and the newest."""
+    def evict(cached, newest):
+        kept = {}
+        for (b, g), entries in cached.items():
+            older = sorted(entries[:-1], key=lambda j: (float(k[b, g, j].double().norm()), j))
+            kept[b, g] = sorted(older[:budget - 1]) + [entries[-1]]
+        return kept
+    return evict
+
+
+def tova_evict(q, k, budget, per_head):
+    def evict(cached, newest):
+        return spec_tova_keep(q[:, :, newest], k, cached, budget, q.shape[-1] ** -0.5,
+                              per_head)
+    return evict
+
+
+def reference_run(model, ids, mask_of):
+    """A dense teacher-forced forward whose attention in every layer is the float64 softmax
+    over mask_of(query, key) (post-RoPE, [B, H, L, d]); returns (output, {layer: mask})."""
+    masks = {}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        group = query.shape[1] // key.shape[1]
+        mask = mask_of(query, key)
+        masks[module.layer_idx] = mask
+        k, v = (x.double().repeat_interleave(group, 1) for x in (key, value))
+        logits = (query.double() @ k.transpose(-1, -2)) * scaling
+        p = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        return (p @ v).to(query.dtype).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(REFERENCE, attention)
+    AttentionMaskInterface.register(REFERENCE, sdpa_mask)
+    saved = model.config._attn_implementation
+    model.set_attn_implementation(REFERENCE)
+    try:
+        with torch.no_grad():
+            return model(ids, labels=ids), masks
+    finally:
+        model.set_attn_implementation(saved)
+
+
+def assert_stream_matches(model, ids, name, chunk, mask_of, **params):
+    """The stream's logits, loss and per-layer, per-head density are the reference's."""
+    want, masks = reference_run(model, ids, mask_of)
+    protocol = KVProtocol(model, name, SPARSITY, kv_chunk=chunk, k_min=K_MIN, block_size=BLOCK,
+                          **params)
+    with protocol as stats, torch.no_grad():
+        got = model(ids, labels=ids)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+    causal = LENGTH * (LENGTH + 1) / 2
+    for layer, density in stats.layer_head_density().items():
+        assert density == pytest.approx((masks[layer].sum((-1, -2))[0] / causal).tolist())
+    return protocol, stats, masks
+
+
+@pytest.mark.parametrize("chunk", [1, 6])
+def test_knorm_stream_equals_the_masked_dense_reference(model, ids, chunk):
+    budget = token_budget(LENGTH, SPARSITY, K_MIN)
+    _, stats, _ = assert_stream_matches(
+        model, ids, "knorm", chunk,
+        lambda q, k: spec_evict_mask(q, k, budget, chunk, knorm_evict(q, k, budget)))
+    assert stats.record()["kv_mode"] == "evict"
+
+
+@pytest.mark.parametrize("chunk,per_head", [(1, False), (6, False), (1, True)])
+def test_tova_stream_equals_the_masked_dense_reference(model, ids, chunk, per_head):
+    budget = token_budget(LENGTH, SPARSITY, K_MIN)
+    protocol, _, _ = assert_stream_matches(
+        model, ids, "tova", chunk,
+        lambda q, k: spec_evict_mask(q, k, budget, chunk, tova_evict(q, k, budget, per_head)),
+        per_head=per_head)
+    positions = protocol.cache.layers[1].positions
+    assert positions.shape[-1] == budget
+    if not per_head:  # one keep set for all the KV heads of a layer
+        assert bool((positions == positions[:, :1]).all())
 
 
 @pytest.mark.parametrize("name", ["knorm", "quest", "tova", "oracle_topk"])
