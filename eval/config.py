@@ -248,7 +248,7 @@ def _check_choice(problems: list, where: str, value, choices) -> None:
 
 
 def _check_methods(config: ExperimentConfig, problems: list) -> None:
-    from cabattn import methods as registry
+    from cabattn import PROTOCOLS, methods as registry
     from cabattn.grid import check_options
 
     names = registry.available()
@@ -271,7 +271,9 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
     for name in dict.fromkeys([*config.methods, *config.method_params]):
         if name in names and isinstance(config.method_params.get(name, {}), dict):
             try:
-                registry.get_method(name, **config.method_params.get(name, {}))
+                method = registry.get_method(name, **config.method_params.get(name, {}))
+                if name in config.methods and config.protocol in PROTOCOLS:
+                    method.check_protocol(config.protocol)  # e.g. oracle_topk has no kv rule
             except (ValueError, TypeError) as err:
                 problems.append(f"method {name!r}: {err}")
     try:  # the protocol options both protocols share, checked as the protocols check them

@@ -120,6 +120,7 @@ def test_bad_param_syntax_is_an_argparse_error(capsys):
 
 BAD_INPUTS = [
     (["--methods", "dense", "cab_v9"], "unknown method 'cab_v9'"),
+    (["--methods", "oracle_topk", "--protocol", "kv"], "oracle_topk has no kv-protocol rule"),
     (["--sparsity-levels", "0", "1.0"], "sparsity 1.0 is outside [0, 1)"),
     (["--sparsity-levels", "-0.1"], "sparsity -0.1 is outside [0, 1)"),
     (["--fixed-sparsity", "1.5"], "sparsity 1.5 is outside [0, 1)"),
