@@ -146,6 +146,10 @@ def non_negative_int(value):
     return None if ok else "must be an integer >= 0"
 
 
+def boolean(value):
+    return None if isinstance(value, bool) else "must be true or false"
+
+
 def one_of(*choices):
     def check(value):
         if value in choices:

@@ -45,10 +45,16 @@ class Quest(Method):
         page_max = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("-inf"))
         page_min = page_min.view(b, -1, m, bs, d).amin(3)
         page_max = page_max.view(b, -1, m, bs, d).amax(3)
-        bound = page_upper_bound(ctx.q, page_min, page_max)  # [B, Hq, L, M]
-        # score[I, J] = max over the queries of block I of U(q, J)
-        bound = torch.nn.functional.pad(bound, (0, 0, 0, pad), value=float("-inf"))
-        score = bound.view(b, hq, m, bs, m).amax(3)
+        hkv = ctx.k.shape[1]
+        group = hq // hkv
+        scores = []
+        for g in range(hkv):  # one KV head's group at a time: U is [B, group, L, M]
+            bound = page_upper_bound(ctx.q[:, g * group:(g + 1) * group],
+                                     page_min[:, g:g + 1], page_max[:, g:g + 1])
+            # score[I, J] = max over the queries of block I of U(q, J)
+            bound = torch.nn.functional.pad(bound, (0, 0, 0, pad), value=float("-inf"))
+            scores.append(bound.view(b, group, m, bs, m).amax(3))
+        score = torch.cat(scores, dim=1)
         rule = grid.rule_budget(ctx.q.device)
         # the rule's own diagonal (the source row's block, under strict the previous one)
         recent = rule.clamp(max=1)

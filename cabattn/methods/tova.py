@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from . import register
-from .base import BlockPlan, KVState, MaskContext, Method, param
+from .base import BlockPlan, KVState, MaskContext, Method, boolean, param
 
 
 def head_mean(p: torch.Tensor, kv_heads: int, per_head: bool) -> torch.Tensor:
@@ -16,10 +16,6 @@ def head_mean(p: torch.Tensor, kv_heads: int, per_head: bool) -> torch.Tensor:
     return p.view(b, groups, hq // groups, *p.shape[2:]).mean(2)
 
 
-def _flag(value):
-    return None if isinstance(value, bool) else "must be true or false"
-
-
 @register
 @dataclass
 class TOVA(Method):
@@ -28,21 +24,24 @@ class TOVA(Method):
     name = "tova"
     per_head: bool = param(False, "average the attention over each KV head's own query heads "
                            "(one choice per KV head) instead of over all the layer's heads",
-                           _flag)
+                           boolean)
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         grid = ctx.grid
-        b, hq, length, d = ctx.q.shape
+        b, hq, length, _ = ctx.q.shape
         hkv, m, bs = ctx.k.shape[1], grid.num_blocks, grid.block_size
         # t: the last token of each block, the source row's last query
         last = (torch.arange(1, m + 1, device=ctx.q.device) * bs).clamp(max=length) - 1
-        queries = ctx.q[:, :, last].float().reshape(b, hkv, hq // hkv * m, d)
-        logits = (queries @ ctx.k.float().transpose(-1, -2)).view(b, hq, m, length)
         future = torch.arange(length, device=ctx.q.device) > last[:, None]
-        p = torch.softmax((logits * ctx.scale).masked_fill(future, float("-inf")), dim=-1)
-        mean = head_mean(p, hkv, self.per_head)  # [B, 1 or Hkv, M, L]
-        pad = m * bs - length
-        mass = torch.nn.functional.pad(mean, (0, pad)).view(*mean.shape[:3], m, bs).sum(-1)
+        group, pad = hq // hkv, m * bs - length
+        masses = []
+        for g in range(hkv):  # one KV head's group at a time: P is [B, group, M, L]
+            logits = ctx.q[:, g * group:(g + 1) * group, last].float() @ \
+                ctx.k[:, g:g + 1].float().transpose(-1, -2)
+            p = torch.softmax((logits * ctx.scale).masked_fill(future, float("-inf")), dim=-1)
+            # each head's mass per key block (summing over J commutes with the head mean)
+            masses.append(torch.nn.functional.pad(p, (0, pad)).view(b, group, m, m, bs).sum(-1))
+        mass = head_mean(torch.cat(masses, dim=1), hkv, self.per_head)  # [B, 1 or Hkv, M, M]
         score = mass.repeat_interleave(hq // mass.shape[1], dim=1)
         rule = grid.rule_budget(ctx.q.device)
         # the rule's own diagonal (the source row's block, under strict the previous one)

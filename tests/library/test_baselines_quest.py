@@ -471,3 +471,10 @@ def test_kv_records_say_whether_the_method_evicted_or_selected(model, ids, name)
         model(ids, labels=ids)
     assert stats.record()["kv_mode"] == methods.METHODS[name].kv_mode
     assert methods.METHODS[name].kv_mode == ("select" if name == "quest" else "evict")
+
+
+def test_bad_parameters_are_refused_naming_the_valid_ones():
+    with pytest.raises(ValueError, match=r"tova: per_head=1 must be true or false"):
+        methods.get_method("tova", per_head=1)
+    with pytest.raises(ValueError, match="quest.*has no parameter.*its parameters are: none"):
+        methods.get_method("quest", page_size=16)
