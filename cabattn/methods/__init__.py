@@ -35,5 +35,5 @@ def get_method(name: str, **params) -> Method:
 from . import (cab, dense, h2o, knorm, local_strided, oracle_topk, quest,  # noqa: E402,F401
                random, streaming_llm, tova)
 
-__all__ = ["BlockPlan", "KVPages", "KVState", "MaskContext", "Method", "METHODS", "available", "get_method",
-           "register"]
+__all__ = ["BlockPlan", "KVPages", "KVState", "MaskContext", "Method", "METHODS", "available",
+           "get_method", "register"]
