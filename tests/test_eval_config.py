@@ -4,7 +4,7 @@ import pytest
 from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
 
 from eval import config as cfg
-from eval import cli, data, models, run
+from eval import cli, data, models, runner
 from eval.config import ConfigError
 
 
@@ -37,8 +37,8 @@ def test_quick_test_offline_fallback():
 
 def test_original_python_api_names():
     import eval
-    assert eval.run_benchmark is run.run_benchmark
-    assert eval.PerplexityBenchmarkRunner is run.PerplexityBenchmarkRunner
+    assert eval.run_benchmark is runner.run_benchmark
+    assert eval.PerplexityBenchmarkRunner is runner.PerplexityBenchmarkRunner
     assert eval.create_quick_test is cfg.create_quick_test
     assert eval.ExperimentConfig is cfg.ExperimentConfig and eval.ModelConfig is cfg.ModelConfig
     with pytest.raises(AttributeError, match="no attribute 'run_benchmarks'"):
@@ -49,8 +49,9 @@ def test_icml_and_ablation_yaml_values():
     (icml,) = cfg.load_config(cfg.ICML_FULL_YAML)
     assert icml.model.name == "meta-llama/Llama-2-7b-hf"
     assert icml.datasets == ["wikitext-103", "c4", "pg19"]
-    assert icml.methods == ["dense", "h2o", "cab_v4", "cab_v3", "streaming_llm",
-                            "local_strided", "random"]
+    baselines = ["dense", "h2o", "cab_v4", "cab_v3", "streaming_llm", "local_strided", "random",
+                 "snapkv", "pyramidkv", "adakv", "tova", "quest", "knorm", "oracle_topk"]
+    assert icml.methods == baselines
     assert icml.context_length_sweep.context_lengths == [512, 1024, 2048, 4096]
     assert icml.sparsity_sweep.sparsity_levels == [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
     assert icml.sparsity_sweep.fixed_context_length == 4096
@@ -59,6 +60,12 @@ def test_icml_and_ablation_yaml_values():
         0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
     assert ablation.sparsity_sweep.fixed_context_length == 4096
     assert not ablation.context_length_sweep.enabled
+    # every method at s = 0.5, 0.8, 0.9 and L = 1024, 2048 on the offline defaults
+    runs = cfg.load_config(cfg.CONFIG_DIR / "baselines.yaml")
+    assert [run.methods for run in runs] == [baselines, baselines]
+    assert {cell for run in runs for cell in run.sweep_points()} == {
+        (length, s) for length in (1024, 2048) for s in (0.5, 0.8, 0.9)}
+    assert {run.model.name for run in runs} == {"smollm2-135m"}
 
 
 def test_experiments_list_with_defaults(tmp_path):

@@ -3,9 +3,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
 from .base import BlockPlan, KVState, MaskContext, Method
 from .common import keep_recent_and_top
+from .registry import register
 
 
 @register

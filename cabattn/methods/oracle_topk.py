@@ -3,9 +3,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
 from .base import BlockPlan, MaskContext, Method
 from .common import diagonal_and_top
+from .registry import register
 
 
 @register

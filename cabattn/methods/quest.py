@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
 from .base import BlockPlan, KVPages, MaskContext, Method
+from .registry import register
 
 
 def page_upper_bound(queries: torch.Tensor, page_min: torch.Tensor,

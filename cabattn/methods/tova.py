@@ -4,8 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
-from .base import BlockPlan, KVState, MaskContext, Method, boolean, param
+from ..checks import boolean
+from .base import BlockPlan, KVState, MaskContext, Method, param
+from .registry import register
 
 
 def head_mean(p: torch.Tensor, kv_heads: int, per_head: bool) -> torch.Tensor:
