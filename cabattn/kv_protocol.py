@@ -29,7 +29,8 @@ is the only rule; the protocol has no method-specific code.
 A method whose kv_mode is "select" (Quest's setting) is never evicted from: the cache keeps
 every token, and each chunk attends to its own pages (blocks of block_size positions) plus the
 ceil(K / B) - 1 older pages each query head's kv_select picks, so memory grows with the window
-while the attended keys stay bounded. Every record says which mode ran (kv_mode).
+while the attended keys stay bounded. Every record says which mode ran (kv_mode; see
+docs/baselines.md, select mode).
 """
 import functools
 import inspect

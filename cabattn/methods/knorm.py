@@ -1,4 +1,5 @@
-"""knorm (Devoto et al. 2024): keys of low L2 norm draw attention, so keep those."""
+"""knorm (Devoto et al. 2024): keys of low L2 norm draw attention, so keep those
+(docs/baselines.md, knorm)."""
 from dataclasses import dataclass
 
 import torch

@@ -1,4 +1,5 @@
-"""oracle_topk: the upper bound of block selection at a budget, not a method."""
+"""oracle_topk: the upper bound of block selection at a budget, not a method
+(docs/baselines.md, oracle_topk)."""
 from dataclasses import dataclass
 
 import torch

@@ -1,4 +1,5 @@
-"""quest (Tang et al. 2024): query-aware selection of key pages by an upper bound of q.k.
+"""quest (Tang et al. 2024): query-aware selection of key pages by an upper bound of q.k
+(docs/baselines.md, quest).
 
 Per KV head and page (a block of block_size keys), m and M are the elementwise minimum and
 maximum of its keys; for a query q, U(q, page) = sum_d max(q_d m_d, q_d M_d) bounds q.k from

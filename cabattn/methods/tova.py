@@ -1,5 +1,5 @@
 """tova (Oren et al. 2024, Token Omission Via Attention): keep the keys the newest query
-attends to most, its attention averaged over the layer's query heads."""
+attends to most, its attention averaged over the layer's query heads (docs/baselines.md, tova)."""
 from dataclasses import dataclass
 
 import torch
