@@ -6,13 +6,19 @@ auto (cabattn.grid.auto_block_size: 32 at 2K, 128 at 8K). For each L it times
   oracle   coarsen(q) + coarsen(k) + block_scores      (h2o / cab_v4 magnitude statistics)
   frc      coarsen(q) + coarsen(k) + frc_scores + select_blocks (cab_v3 at s = 0.9)
 and prints each as a fraction of sdpa; block_scores costs one QK^T pass, so about 0.5 is the
-target. Appends a dated section to bench/RESULTS.md.
+target. A second table times the whole mask-protocol selection (the method's plan and the
+layout) of knorm, quest, tova and oracle_topk at s = 0.9 against sdpa (interleaved rounds,
+median of the per-round ratios), quest's kv page pick for one query over a cache of L tokens
+and tova's kv rule over a cache of K + 1 entries (per step: compared with that step's
+attention, not with a whole forward). Appends dated sections to bench/RESULTS.md.
 
   .venv/bin/python bench/bench_selection.py [--lengths 2048 8192] [--repeats 3]
 """
 import argparse
 import math
+import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -23,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from cabattn import ops  # noqa: E402
 from cabattn.grid import BlockGrid, auto_block_size, token_budget  # noqa: E402
-from bench_common import median_seconds, report  # noqa: E402
+from cabattn.methods import KVPages, KVState, MaskContext, get_method  # noqa: E402
+from cabattn.sparse import make_grid, plan_layout  # noqa: E402
+from bench_common import interleaved_seconds, median_ratio, median_seconds, report  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, SPARSITY = 9, 3, 64, 0.9
 
@@ -57,6 +65,45 @@ def bench_length(length, repeats):
     return block, times
 
 
+QUERY_AWARE = ("knorm", "quest", "tova", "oracle_topk")
+
+
+def bench_query_aware(length, repeats):
+    """{name: [seconds per round]}: sdpa, each QUERY_AWARE method's whole mask selection,
+    quest's kv page pick (one query, a cache of `length` tokens) and tova's kv rule (a cache
+    of K + 1 entries), with the attention of that one query for scale."""
+    torch.manual_seed(0)
+    q = torch.randn(1, Q_HEADS, length, HEAD_DIM)
+    k = torch.randn(1, KV_HEADS, length, HEAD_DIM)
+    v = torch.randn(1, KV_HEADS, length, HEAD_DIM)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    fns = {"sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=True)}
+    for name in QUERY_AWARE:
+        method = get_method(name)
+        grid = make_grid(method, length, SPARSITY)
+        fns[name] = (lambda m=method, g=grid: plan_layout(m, MaskContext(q, k, g, scale)))
+    block, budget = auto_block_size(length), token_budget(length, SPARSITY)
+    pages = k.view(1, KV_HEADS, length // block, block, HEAD_DIM)
+    page_min, page_max = pages.amin(3), pages.amax(3)
+    newest = q[:, :, -1:].contiguous()
+    quest = get_method("quest")
+    fns["quest kv_select"] = lambda: quest.kv_select(KVPages(
+        newest, page_min[:, :, :-1], page_max[:, :, :-1], math.ceil(budget / block) - 1,
+        block, scale))
+    state = KVState(keys=k[:, :, :budget + 1].contiguous(),
+                    positions=torch.arange(budget + 1).expand(1, KV_HEADS, budget + 1),
+                    mass=torch.zeros(1, KV_HEADS, budget + 1), block_queries=None,
+                    budget=budget, block_size=block, scale=scale,
+                    recent_queries=q[:, :, budget:budget + 1])
+    tova = get_method("tova")
+    fns["tova kv_keep"] = lambda: tova.kv_keep(state)
+    fns["step attention"] = lambda: ops.attention_with_scores(
+        q[:, :, budget:budget + 1].contiguous(), state.keys,
+        v[:, :, :budget + 1].contiguous(), scale)
+    return interleaved_seconds(fns, repeats)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
@@ -79,6 +126,26 @@ def main():
         print(rows[-1], flush=True)
 
     report("Selection cost vs dense SDPA (bench_selection.py)", header, rows,
+           record=not args.no_record)
+
+    rows = ["| L | sdpa ms | " + " | ".join(f"{n} ms (/sdpa)" for n in QUERY_AWARE)
+            + " | quest kv_select ms | tova kv_keep ms | step attention ms |",
+            "|---" * (len(QUERY_AWARE) + 5) + "|"]
+    for length in args.lengths:
+        t = bench_query_aware(length, args.repeats)
+        ms = {name: statistics.median(times) * 1e3 for name, times in t.items()}
+        rows.append(f"| {length} | {ms['sdpa']:.1f} | "
+                    + " | ".join(f"{ms[n]:.1f} ({median_ratio(t[n], t['sdpa']):.3f})"
+                                 for n in QUERY_AWARE)
+                    + f" | {ms['quest kv_select']:.3f} | {ms['tova kv_keep']:.3f} "
+                    f"| {ms['step attention']:.3f} |")
+        print(rows[-1], flush=True)
+    report("knorm, quest, tova, oracle_topk: selection vs dense SDPA (bench_selection.py)",
+           header + f"; whole mask selection (plan + select_blocks) at s = {SPARSITY}, strict; "
+           "ratios are medians of per-round ratios (interleaved rounds); kv steps: quest picks "
+           "pages for one query over a cache of L, tova keeps K of K + 1 entries, against the "
+           "attention of one query over K + 1 keys; machine AMD EPYC, AVX-512; load average "
+           f"(1, 5, 15 min) at the end {tuple(round(x, 1) for x in os.getloadavg())}", rows,
            record=not args.no_record)
 
 

@@ -9,7 +9,13 @@ describes the same token. Each KV head has its own keep set.
 
 The layer also keeps, per query head, the coarse query of every absolute block seen so far,
 pooled as the method asks (Method.block_query_pooling: the largest-L2 query, or the mean): the
-block statistic block-level kv rules (cab_v3/cab_v4) score cached blocks with.
+block statistic block-level kv rules (cab_v3/cab_v4) score cached blocks with, and, when the
+method asks (Method.recent_query_window), a rolling buffer of the last w post-RoPE queries per
+query head across chunks: the observation window SnapKV-style rules score the cache with.
+
+Under kv_mode "select" (Method.kv_mode) nothing is evicted: each layer has room for the whole
+window and keeps, per KV head and page (block of block_size positions), the elementwise minimum
+and maximum of the page's keys as attended, the statistic page-selection rules read.
 """
 import math
 from typing import Optional
@@ -21,6 +27,7 @@ from . import ops
 from .methods.base import KVState
 
 BLOCK_QUERY_POOLINGS = (None, "max_l2", "mean")
+KV_MODES = ("evict", "select")
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -33,11 +40,17 @@ class EvictingLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, capacity: int, block_size: int, num_blocks: int,
-                 block_query_pooling: Optional[str] = None):
+                 block_query_pooling: Optional[str] = None,
+                 recent_query_window: Optional[int] = None, page_bounds: bool = False):
         super().__init__()
         if block_query_pooling not in BLOCK_QUERY_POOLINGS:
             raise ValueError(f"block query pooling {block_query_pooling!r} is not one the cache "
                              f"can track; valid: {', '.join(map(str, BLOCK_QUERY_POOLINGS))}")
+        if recent_query_window is not None and (
+                isinstance(recent_query_window, bool) or not isinstance(recent_query_window, int)
+                or recent_query_window < 1):
+            raise ValueError(f"recent query window {recent_query_window!r} must be a positive "
+                             "integer, or None to keep no queries")
         self.capacity = capacity
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -48,6 +61,12 @@ class EvictingLayer(CacheLayerMixin):
         # max_l2: the best query and its norm; mean: the float32 sum and the count of queries
         self.block_query_buffer = self.block_query_norm = self.block_query_count = None
         self.blocks_seen = 0
+        self.recent_query_window = recent_query_window
+        self.recent_query_buffer = None  # [B, Hq, w, d], its first recent_query_count live
+        self.recent_query_count = 0
+        # page_bounds: [B, Hkv, num_blocks, d] elementwise min and max of each page's keys
+        self.page_bounds = page_bounds
+        self.page_min = self.page_max = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -58,6 +77,10 @@ class EvictingLayer(CacheLayerMixin):
                                            device=self.device)
         self.mass_buffer = torch.empty(b, h, self.capacity, dtype=torch.float32,
                                        device=self.device)
+        if self.page_bounds:
+            self.page_min = torch.full((b, h, self.num_blocks, d), float("inf"),
+                                       dtype=torch.float32, device=self.device)
+            self.page_max = torch.full_like(self.page_min, float("-inf"))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
@@ -125,6 +148,14 @@ class EvictingLayer(CacheLayerMixin):
             yield (block, max(block * self.block_size, first_position) - first_position,
                    min((block + 1) * self.block_size, last + 1) - first_position)
 
+    def note_keys(self, keys: torch.Tensor, first_position: int) -> None:
+        """Folds a chunk of keys as attended [B, Hkv, c, d] at positions first_position..
+        into their pages' elementwise minima and maxima."""
+        for page, lo, hi in self._block_spans(first_position, keys.shape[2]):
+            part = keys[:, :, lo:hi].float()
+            self.page_min[:, :, page] = torch.minimum(self.page_min[:, :, page], part.amin(2))
+            self.page_max[:, :, page] = torch.maximum(self.page_max[:, :, page], part.amax(2))
+
     def _best_queries(self, query: torch.Tensor, first_position: int) -> None:
         """The largest-L2 query of each block (first on ties)."""
         b, h, chunk, d = query.shape
@@ -151,6 +182,21 @@ class EvictingLayer(CacheLayerMixin):
             stored_norm.copy_(torch.where(better, best_norm, stored_norm))
             stored_query.copy_(torch.where(better[..., None], best_query, stored_query))
 
+    def note_recent_queries(self, query: torch.Tensor) -> None:
+        """Appends a chunk of post-RoPE queries [B, Hq, c, d] to the rolling buffer of the
+        last recent_query_window queries (oldest first; the oldest fall out)."""
+        b, h, chunk, d = query.shape
+        window = self.recent_query_window
+        if self.recent_query_buffer is None:
+            self.recent_query_buffer = query.new_empty(b, h, window, d)
+        buffer, count = self.recent_query_buffer, self.recent_query_count
+        incoming = min(chunk, window)
+        survivors = min(count, window - incoming)
+        if survivors and count > survivors:  # slide the survivors to the front
+            buffer[:, :, :survivors] = buffer[:, :, count - survivors:count].clone()
+        buffer[:, :, survivors:survivors + incoming] = query[:, :, chunk - incoming:]
+        self.recent_query_count = survivors + incoming
+
     def state(self, budget: int, scale: float, layer_idx: int, window_idx: int,
               seed: int, keys: Optional[torch.Tensor] = None) -> KVState:
         """What a kv rule reads: views of the live entries, no copies (block_queries is None
@@ -162,10 +208,14 @@ class EvictingLayer(CacheLayerMixin):
             if self.block_query_pooling == "mean":
                 counts = self.block_query_count[:self.blocks_seen, None]
                 block_queries = (block_queries / counts).to(self.key_buffer.dtype)
+        recent_queries = None
+        if self.recent_query_buffer is not None:
+            recent_queries = self.recent_query_buffer[:, :, :self.recent_query_count]
         return KVState(keys=self.keys if keys is None else keys, positions=self.positions,
                        mass=self.mass, block_queries=block_queries,
                        budget=budget, block_size=self.block_size, scale=scale,
-                       layer_idx=layer_idx, window_idx=window_idx, seed=seed)
+                       layer_idx=layer_idx, window_idx=window_idx, seed=seed,
+                       recent_queries=recent_queries)
 
     def compact(self, keep: torch.Tensor) -> None:
         """Keeps entries keep [B, Hkv, n'] (sorted, unique, int64) of every head, in place."""
@@ -187,6 +237,7 @@ class EvictingLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
         self.blocks_seen = 0
+        self.recent_query_count = 0
         if self.is_initialized:
             self._set_length(0)
         if self.block_query_buffer is not None:
@@ -195,24 +246,34 @@ class EvictingLayer(CacheLayerMixin):
             self.block_query_norm.fill_(-1.0)
         if self.block_query_count is not None:
             self.block_query_count.zero_()
+        if self.page_min is not None:
+            self.page_min.fill_(float("inf"))
+            self.page_max.fill_(float("-inf"))
 
 
 class KVEvictionCache(Cache):
     """Per-layer EvictingLayers for one window of `length` tokens streamed with a budget of
-    `budget` entries per KV head and chunks of at most `chunk` tokens.
+    `budget` entries per KV head and chunks of at most `chunk` tokens; under kv_mode "select"
+    the layers hold the whole window and track their pages' key bounds instead.
 
     Before each forward, `begin_chunk(positions)` tells the cache the absolute positions of
     the tokens the forward appends (transformers' update() does not pass them).
     """
 
     def __init__(self, num_layers: int, budget: int, chunk: int, block_size: int, length: int,
-                 block_query_pooling: Optional[str] = None):
+                 block_query_pooling: Optional[str] = None,
+                 recent_query_window: Optional[int] = None, kv_mode: str = "evict"):
         if budget < 1 or chunk < 1:
             raise ValueError(f"budget ({budget}) and chunk ({chunk}) must be at least 1")
+        if kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode {kv_mode!r} is not valid; valid: {', '.join(KV_MODES)}")
         self.budget, self.chunk, self.length = budget, chunk, length
         num_blocks = math.ceil(length / block_size)
-        super().__init__(layers=[EvictingLayer(budget + chunk, block_size, num_blocks,
-                                               block_query_pooling)
+        selects = kv_mode == "select"
+        capacity = length if selects else budget + chunk
+        super().__init__(layers=[EvictingLayer(capacity, block_size, num_blocks,
+                                               block_query_pooling, recent_query_window,
+                                               page_bounds=selects)
                                  for _ in range(num_layers)])
         self.chunk_positions: Optional[torch.Tensor] = None
 

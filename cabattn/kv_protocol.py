@@ -22,11 +22,19 @@ the keys as they were attended, rotated at their cache indices.
 
 Attention runs through a function registered with transformers' AttentionInterface, so no
 model code is edited: it calls ops.attention_with_scores (output and the H2O mass in one pass),
-folds the mass and the chunk's queries into the layer's cache and evicts. The method's kv_keep
+folds the mass and the chunk's queries (coarse block queries, the recent-query buffer: each only
+for a method that reads it) into the layer's cache and evicts. The method's kv_keep
 is the only rule; the protocol has no method-specific code.
+
+A method whose kv_mode is "select" (Quest's setting) is never evicted from: the cache keeps
+every token, and each chunk attends to its own pages (blocks of block_size positions) plus the
+ceil(K / B) - 1 older pages each query head's kv_select picks, so memory grows with the window
+while the attended keys stay bounded. Every record says which mode ran (kv_mode; see
+docs/baselines.md, select mode).
 """
 import functools
 import inspect
+import math
 import sys
 from typing import Optional, Union
 
@@ -39,7 +47,7 @@ from . import ops
 from .checks import Option, positive_int
 from .grid import check_options, resolve_block_size
 from .kv_cache import KVEvictionCache
-from .methods import Method
+from .methods import KVPages, Method
 from .reference import default_scale
 from .sparse import resolve_method
 from .stats import ProtocolStats
@@ -95,6 +103,8 @@ class _WindowStream:
             n, chunk = key.shape[2], query.shape[2]
             query = self.rotate(query, cos[:, n - chunk:n], sin[:, n - chunk:n])
             key = self.rotate(key, cos[:, :n], sin[:, :n])
+        if protocol.method.kv_mode == "select":
+            return self.attend_selected(layer_idx, query, key, value, scale)
         with timing("attention", query.device):
             # A full buffer view is contiguous; a partial one (prefill, last chunk) is copied.
             out, _, mass = ops.attention_with_scores(query.contiguous(), key.contiguous(),
@@ -103,6 +113,8 @@ class _WindowStream:
             layer.add_mass(mass)
             if layer.block_query_pooling is not None:
                 layer.note_queries(query, self.first_position)
+            if layer.recent_query_window is not None:
+                layer.note_recent_queries(query)
             chunk, length = query.shape[2], layer.length
             self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
             if length > protocol.budget:
@@ -115,6 +127,42 @@ class _WindowStream:
         protocol.stats.add_sink((positions[..., 0] == 0).sum(), positions[..., 0].numel())
         protocol.stats.add_cached_age((positions[..., -1:] - positions).sum(), positions.numel())
         return out.transpose(1, 2), None
+
+    def attend_selected(self, layer_idx: int, query, key, value, scale: float):
+        """kv_mode "select": the chunk attends to its own pages and the method's picks among
+        the older ones (every older page while they fit the budget's ceil(K / B) - 1)."""
+        protocol, layer = self.protocol, self.cache.layers[layer_idx]
+        timing = protocol.stats.timing
+        chunk, n, bs = query.shape[2], key.shape[2], layer.block_size
+        first_page = (n - chunk) // bs  # the page of the chunk's first token
+        n_pick = math.ceil(protocol.budget / bs) - 1
+        with timing("selection", query.device):
+            layer.note_keys(key[:, :, n - chunk:], n - chunk)
+            if first_page > n_pick:
+                pages = protocol.method.kv_select(KVPages(
+                    query, layer.page_min[:, :, :first_page], layer.page_max[:, :, :first_page],
+                    n_pick, bs, scale, layer_idx, self.window_idx))
+                protocol.check_pages(pages, query.shape[:2], n_pick, first_page, layer_idx)
+                # per query head: the picked pages' tokens, then the chunk's own pages
+                picked = (pages[..., None] * bs + torch.arange(bs, device=pages.device))
+                own = torch.arange(first_page * bs, n, device=pages.device)
+                index = torch.cat([picked.flatten(2), own.expand(*pages.shape[:2], -1)], -1)
+                key, value = (_gather_per_query_head(x, index) for x in (key, value))
+        with timing("attention", query.device):
+            out, _, _ = ops.attention_with_scores(query.contiguous(), key.contiguous(),
+                                                  value.contiguous(), scale)
+        before_chunk = key.shape[2] - chunk  # keys each query sees besides the chunk's own
+        self.kept_pairs[layer_idx] += chunk * before_chunk + chunk * (chunk + 1) // 2
+        return out.transpose(1, 2), None
+
+
+def _gather_per_query_head(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, Hkv, n, d] read at index [B, Hq, m] (query head h reads KV head h // group):
+    [B, Hq, m, d], one gather, without expanding x to the query heads."""
+    b, hq, m = index.shape
+    hkv, d = x.shape[1], x.shape[-1]
+    flat = index.reshape(b, hkv, hq // hkv * m)
+    return x.gather(2, flat[..., None].expand(-1, -1, -1, d)).view(b, hq, m, d)
 
 
 def _rotary_embedding(model):
@@ -192,7 +240,7 @@ class KVProtocol:
         if positions != "absolute":  # recorded when used; absolute records stay as they were
             options["positions"] = positions
         self.stats = ProtocolStats(protocol=self.name, options=options, params=method.config,
-                                   k_min=k_min)
+                                   k_min=k_min, kv_mode=method.kv_mode)
         self.budget = 0  # K of the window being scored
         self.cache: Optional[KVEvictionCache] = None  # the window being (or last) scored
         self.windows_seen = 0
@@ -243,7 +291,9 @@ class KVProtocol:
         block_size = self.stats.block_size = resolve_block_size(self.block_size, length)
         self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
                                              self.kv_chunk, block_size, length,
-                                             self.method.block_query_pooling)
+                                             self.method.block_query_pooling,
+                                             self.method.recent_query_window,
+                                             self.method.kv_mode)
         stream = _WindowStream(self, cache, self.windows_seen)
         prefill = min(self.budget, length)
         spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, length))
@@ -296,6 +346,20 @@ class KVProtocol:
         for layer_idx, kept in enumerate(stream.kept_pairs):
             self.stats.add_pairs(layer_idx, torch.full((heads,), float(batch * kept),
                                                        dtype=torch.float64), causal)
+
+    def check_pages(self, pages: torch.Tensor, heads_shape, n_pick: int, candidates: int,
+                    layer_idx: int) -> None:
+        """A select rule's picks: int64 [B, Hq, n_pick], distinct pages of 0..candidates-1."""
+        ordered = pages.sort(dim=-1).values if pages.dim() == 3 else pages
+        if (pages.dtype != torch.long or pages.dim() != 3
+                or tuple(pages.shape) != (*heads_shape, n_pick)
+                or bool((ordered[..., 1:] == ordered[..., :-1]).any())
+                or (pages.numel() and (int(pages.min()) < 0
+                                       or int(pages.max()) >= candidates))):
+            raise RuntimeError(
+                f"{self.method!r}.kv_select returned {pages.dtype} pages of shape "
+                f"{tuple(pages.shape)} for layer {layer_idx}; expected distinct int64 pages "
+                f"[{heads_shape[0]}, {heads_shape[1]}, {n_pick}] of 0..{candidates - 1}")
 
     def check_keep(self, keep: torch.Tensor, live_shape, layer_idx: int) -> None:
         """Shape, dtype and budget of a rule's keep indices (their order and range are

@@ -74,7 +74,8 @@ class MaskProtocol:
         self.windows_seen = 0
         self.stats = ProtocolStats(
             protocol=self.name, options={o.name: getattr(self, o.name) for o in self.OPTIONS},
-            params=method.config, k_min=k_min, oracle_selection=method.oracle)
+            params=method.config, k_min=k_min, oracle_selection=method.oracle,
+            oracle="upper_bound" if method.reads_own_row else None)
         self._saved = None
 
     def __enter__(self) -> ProtocolStats:

@@ -59,8 +59,12 @@ def make_grid(method: Method, length: int, sparsity: float, block_size="auto",
 
 
 def layout_from_plan(plan: BlockPlan, grid: BlockGrid, batch: int, heads: int,
-                     device) -> Layout:
+                     device, own_row: bool = False) -> Layout:
+    """own_row (Method.reads_own_row): the plan's scores are read at the output row I, not at
+    the source row I - shift, while the candidates stay those of the source row."""
     score1, score2 = plan.score1, plan.score2
+    if own_row and grid.shift:
+        score1, score2 = (_own_rows(score, grid.shift) for score in (score1, score2))
     if score1 is None and score2 is None:  # position-only rules: the op still needs [B, H]
         score1 = torch.zeros(batch, heads, grid.num_blocks, grid.num_blocks, device=device)
     picks = 1 + plan.n_recent + plan.n_sink + plan.n_score1 + plan.n_score2
@@ -72,11 +76,19 @@ def layout_from_plan(plan: BlockPlan, grid: BlockGrid, batch: int, heads: int,
     return Layout(count, index, grid)
 
 
+def _own_rows(score, shift: int):
+    """score [B, H, M, M] moved up `shift` rows, so that ops.select_blocks, which reads row
+    I - shift, reads row I (the last `shift` rows are never a source row)."""
+    if score is None:
+        return None
+    return torch.cat([score[..., shift:, :], score[..., -shift:, :]], dim=-2)
+
+
 def plan_layout(method: Method, ctx: MaskContext) -> Layout:
     """The layout `method` picks for one layer's q and k (ctx keeps the oracle statistics
     the rule computed, for diagnostics that read them after)."""
     return layout_from_plan(method.mask_plan(ctx), ctx.grid, ctx.q.shape[0], ctx.q.shape[1],
-                            ctx.q.device)
+                            ctx.q.device, method.reads_own_row)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, method: Union[str, Method], sparsity: float,

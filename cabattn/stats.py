@@ -29,6 +29,10 @@ class ProtocolStats:
     kept: dict = field(default_factory=dict)
     causal: dict = field(default_factory=dict)
     oracle_selection: bool = False
+    # "upper_bound": the selection read the queries it serves (Method.reads_own_row)
+    oracle: Optional[str] = None
+    # kv protocol: "evict" (the cache is bounded) or "select" (the attended keys are)
+    kv_mode: Optional[str] = None
     seconds: dict = field(default_factory=lambda: {"selection": 0.0, "attention": 0.0})
     # CUDA (what, start event, end event) not yet added to `seconds`: reading them waits for
     # the GPU, so that happens once, when the seconds are read, not inside the forward.
@@ -176,7 +180,8 @@ class ProtocolStats:
                 "protocol": self.protocol, **self.options, "params": dict(self.params),
                 "selection_seconds": self.selection_seconds,
                 "attention_seconds": self.attention_seconds,
-                "oracle_selection": self.oracle_selection,
+                "oracle_selection": self.oracle_selection, "oracle": self.oracle,
+                "kv_mode": self.kv_mode,
                 "selection_share": self.selection_share,
                 "attention_recall": self.attention_recall,
                 "attention_recall_min_layer": self.attention_recall_min_layer,
@@ -195,6 +200,7 @@ class DenseStats:
         return {"density": 1.0, "block_size": None, "budget_tokens": None,
                 "protocol": "dense", "kernels": None, "params": {},
                 "selection_seconds": 0.0, "attention_seconds": None, "oracle_selection": False,
+                "oracle": None, "kv_mode": None,
                 "selection_share": None, "attention_recall": None,
                 "attention_recall_min_layer": None, "attention_output_error": None,
                 "attention_output_error_max_layer": None, "sink_retention": None,

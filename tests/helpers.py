@@ -108,3 +108,18 @@ def poison_uninitialized():
     yield
     torch.use_deterministic_algorithms(False)
     torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def kv_methods(kv_mode=None) -> list:
+    """The registered methods with a kv-protocol rule (check_protocol("kv") passes at their
+    defaults), of one kv_mode ("evict" or "select") or of any."""
+    from cabattn import methods
+    found = []
+    for name in methods.available():
+        try:
+            methods.get_method(name).check_protocol("kv")
+        except ValueError:
+            continue
+        if kv_mode is None or methods.METHODS[name].kv_mode == kv_mode:
+            found.append(name)
+    return found

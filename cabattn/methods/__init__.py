@@ -3,11 +3,12 @@
     cabattn.methods.available()                 -> ["cab_v3", "cab_v4", "dense", ...]
     cabattn.methods.get_method("h2o", h2o_recent_ratio=0.25)
 """
-from .base import BlockPlan, KVState, MaskContext, Method
+from .base import BlockPlan, KVPages, KVState, MaskContext, Method
 from .registry import METHODS, available, get_method, register
 
 # Importing the modules registers their classes.
-from . import cab, dense, h2o, local_strided, random, streaming_llm  # noqa: F401
+from . import (cab, dense, h2o, knorm, local_strided, oracle_topk, quest,  # noqa: F401
+               random, streaming_llm, tova)
 
-__all__ = ["BlockPlan", "KVState", "MaskContext", "Method", "METHODS", "available", "get_method",
-           "register"]
+__all__ = ["BlockPlan", "KVPages", "KVState", "MaskContext", "Method", "METHODS", "available",
+           "get_method", "register"]

@@ -7,7 +7,10 @@ talk to this interface, so adding a method touches neither the protocols nor the
   row's key blocks (how many recent, how many sink, how many by which score). The shared code
   in cabattn.sparse turns the plan into a layout with ops.select_blocks and runs
   block-sparse attention over it.
-- kv protocol: `kv_keep(state)` returns, for one layer's cache, the entries each KV head keeps.
+- kv protocol: a method declares its `kv_mode`. "evict" (the default): `kv_keep(state)` returns,
+  for one layer's cache, the entries each KV head keeps. "select": the cache keeps every token
+  and `kv_select(pages)` returns, for each chunk, the pages each query head attends to (memory
+  is not bounded, the attended keys are).
 """
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -32,6 +35,24 @@ class BlockPlan:
     n_score2: torch.Tensor
     score1: Optional[torch.Tensor] = None
     score2: Optional[torch.Tensor] = None
+
+
+@dataclass
+class KVPages:
+    """One layer's cache as a page-selection rule (kv_mode "select") sees it when a chunk
+    arrives: the chunk's post-RoPE queries [B, Hq, c, d] and, per KV head, the elementwise
+    minimum and maximum of the keys of every candidate page [B, Hkv, P, d] (pages are blocks
+    of block_size tokens by position; the candidates are the whole pages before the chunk's
+    first page). The rule picks `n_pick` < P of them per query head; the chunk then attends to
+    those and to its own pages."""
+    queries: torch.Tensor
+    page_min: torch.Tensor
+    page_max: torch.Tensor
+    n_pick: int
+    block_size: int
+    scale: float
+    layer_idx: int = 0
+    window_idx: int = 0
 
 
 @dataclass
@@ -70,6 +91,10 @@ class KVState:
     over the KV head's query heads: the H2O accumulator), block_queries [B, Hq, nb, d]: the
     coarse query of every absolute block (position // block_size) seen so far, the newest
     possibly partial, pooled as the method's block_query_pooling says (None when that is None).
+    recent_queries [B, Hq, n, d]: the last n <= recent_query_window queries seen (post-RoPE, as
+    attended, across chunks), oldest first: the queries of the n newest positions of the
+    stream, the last one at positions.max() (None when the method's recent_query_window is
+    None).
     The rule must keep at most `budget` entries per KV head.
     """
     keys: torch.Tensor
@@ -82,6 +107,7 @@ class KVState:
     layer_idx: int = 0
     window_idx: int = 0
     seed: int = 42
+    recent_queries: Optional[torch.Tensor] = None
 
     def generator(self, row: int = 0) -> torch.Generator:
         """As MaskContext.generator, also seeded by the newest cached position."""
@@ -106,6 +132,12 @@ class Method:
     name: ClassVar[str]
     oracle: ClassVar[bool] = False  # selection reads the dense softmax (priced as a QK pass)
     randomised: ClassVar[bool] = False  # its selection draws from the seed (runs --seeds N)
+    # The mask rule reads its scores at the output row I itself even under strict selection:
+    # it sees the queries it serves, so it is an upper bound, never a method (recorded as
+    # oracle: upper_bound).
+    reads_own_row: ClassVar[bool] = False
+    # "evict" (kv_keep bounds the cache) or "select" (kv_select bounds the attended pages).
+    kv_mode: ClassVar[str] = "evict"
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -132,6 +164,13 @@ class Method:
         nothing)."""
         return None
 
+    @property
+    def recent_query_window(self) -> Optional[int]:
+        """How many of the newest post-RoPE queries per query head the kv rule reads
+        (KVState.recent_queries: SnapKV's observation window), or None when it reads none (the
+        cache then keeps none)."""
+        return None
+
     def token_budget(self, length: int, sparsity: float, k_min: int = 64) -> int:
         """K for a window of `length` tokens; a method that ignores sparsity overrides it."""
         return token_budget(length, sparsity, k_min)
@@ -147,3 +186,7 @@ class Method:
         """Sorted, unique int64 indices [B, Hkv, <= budget] into the cache to keep."""
         raise NotImplementedError
 
+    def kv_select(self, pages: KVPages) -> torch.Tensor:
+        """kv_mode "select": distinct int64 page indices [B, Hq, pages.n_pick] (any order) of
+        the candidate pages each query head of the chunk attends to."""
+        raise NotImplementedError

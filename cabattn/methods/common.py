@@ -28,3 +28,13 @@ def keep_mask_indices(mask: torch.Tensor) -> torch.Tensor:
     must hold the same number of them (position-based rules keep the same count per head)."""
     b, h, _ = mask.shape
     return mask.nonzero()[:, 2].view(b, h, -1)
+
+
+def diagonal_and_top(rule: torch.Tensor, shift: int):
+    """(n_recent, n_score) int32 [M] of a "diagonal + top-scored" mask rule with rule budgets
+    `rule` (BlockGrid.rule_budget): the output row's diagonal block, then the best-scored of the
+    earlier blocks, k_b - 1 of them. Under strict selection (shift 1) the protocol adds the
+    diagonal outside the rule, so every pick is by score; under block selection (shift 0) the
+    rule's own diagonal is its one recent pick."""
+    recent = rule.clamp(max=1) if shift == 0 else torch.zeros_like(rule)
+    return recent, rule - recent

@@ -5,6 +5,7 @@ import torch
 
 from .registry import register
 from .base import BlockPlan, KVState, MaskContext, Method
+from .common import diagonal_and_top
 
 
 @register
@@ -20,11 +21,10 @@ class Random(Method):
         # Seeded by (seed, window, layer); every head and row draws its own numbers.
         draws = torch.stack([torch.rand(h, m, m, generator=ctx.generator(row))
                              for row in range(b)]).to(ctx.q.device)
-        # k_b - 1 draws from the blocks before the diagonal: under strict selection the rule
-        # (budget k_b - 1) draws them all; under block selection its own diagonal is one pick.
-        recent = rule.clamp(max=1) if ctx.grid.shift == 0 else torch.zeros_like(rule)
+        # k_b - 1 draws from the blocks before the diagonal
+        recent, drawn = diagonal_and_top(rule, ctx.grid.shift)
         zeros = torch.zeros_like(rule)
-        return BlockPlan(n_recent=recent, n_sink=zeros, n_score1=rule - recent, n_score2=zeros,
+        return BlockPlan(n_recent=recent, n_sink=zeros, n_score1=drawn, n_score2=zeros,
                          score1=draws)
 
     def kv_keep(self, state: KVState) -> torch.Tensor:

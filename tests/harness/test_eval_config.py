@@ -48,8 +48,9 @@ def test_icml_and_ablation_yaml_values():
     (icml,) = cfg.load_config(cfg.ICML_FULL_YAML)
     assert icml.model.name == "meta-llama/Llama-2-7b-hf"
     assert icml.datasets == ["wikitext-103", "c4", "pg19"]
-    assert icml.methods == ["dense", "h2o", "cab_v4", "cab_v3", "streaming_llm",
-                            "local_strided", "random"]
+    baselines = ["dense", "h2o", "cab_v4", "cab_v3", "streaming_llm", "local_strided", "random",
+                 "snapkv", "pyramidkv", "adakv", "tova", "quest", "knorm", "oracle_topk"]
+    assert icml.methods == baselines
     assert icml.context_length_sweep.context_lengths == [512, 1024, 2048, 4096]
     assert icml.sparsity_sweep.sparsity_levels == [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
     assert icml.sparsity_sweep.fixed_context_length == 4096
@@ -58,6 +59,12 @@ def test_icml_and_ablation_yaml_values():
         0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
     assert ablation.sparsity_sweep.fixed_context_length == 4096
     assert not ablation.context_length_sweep.enabled
+    # every method at s = 0.5, 0.8, 0.9 and L = 1024, 2048 on the offline defaults
+    runs = cfg.load_config(cfg.CONFIG_DIR / "baselines.yaml")
+    assert [run.methods for run in runs] == [baselines, baselines]
+    assert {cell for run in runs for cell in run.sweep_points()} == {
+        (length, s) for length in (1024, 2048) for s in (0.5, 0.8, 0.9)}
+    assert {run.model.name for run in runs} == {"smollm2-135m"}
 
 
 def test_experiments_list_with_defaults(tmp_path):
@@ -119,6 +126,7 @@ def test_bad_param_syntax_is_an_argparse_error(capsys):
 
 BAD_INPUTS = [
     (["--methods", "dense", "cab_v9"], "unknown method 'cab_v9'"),
+    (["--methods", "oracle_topk", "--protocol", "kv"], "oracle_topk has no kv-protocol rule"),
     (["--sparsity-levels", "0", "1.0"], "sparsity 1.0 is outside [0, 1)"),
     (["--sparsity-levels", "-0.1"], "sparsity -0.1 is outside [0, 1)"),
     (["--fixed-sparsity", "1.5"], "sparsity 1.5 is outside [0, 1)"),

@@ -3,6 +3,7 @@ references, cache invariants after every eviction, and the protocol's bookkeepin
 import inspect
 import math
 
+import helpers
 import pytest
 import torch
 from helpers import tiny_llama
@@ -47,6 +48,10 @@ class Recorder(Method):
     @property
     def block_query_pooling(self):
         return self.inner.block_query_pooling
+
+    @property
+    def recent_query_window(self):
+        return self.inner.recent_query_window
 
     def kv_keep(self, state: KVState) -> torch.Tensor:
         b, h, n = state.positions.shape
@@ -124,7 +129,7 @@ def run_kv(model, ids, method, sparsity=SPARSITY, **kw):
     return out, stats
 
 
-@pytest.mark.parametrize("name", sorted(registry.METHODS))
+@pytest.mark.parametrize("name", helpers.kv_methods())
 def test_every_method_at_zero_sparsity_is_dense(model, ids, dense_loss, name):
     out, stats = run_kv(model, ids, name, sparsity=0.0)
     assert out.loss.item() == pytest.approx(dense_loss, rel=1e-5)
@@ -151,7 +156,7 @@ def test_policy_equals_masked_dense_reference(model, ids, name, rule, chunk):
     assert stats.density == pytest.approx(kept / causal)
 
 
-@pytest.mark.parametrize("name", sorted(set(registry.METHODS) - {"dense"}))
+@pytest.mark.parametrize("name", sorted(set(helpers.kv_methods("evict")) - {"dense"}))
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_cache_after_every_eviction(model, ids, name, chunk):
     """At most K entries per KV head, sorted unique keep sets, original positions (layer 0's

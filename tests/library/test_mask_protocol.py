@@ -7,6 +7,8 @@ import cabattn
 from cabattn import methods
 
 SPARSE = [m for m in methods.available() if m != "dense"]
+# every method but the upper bound that reads the queries it serves (oracle_topk)
+CAUSAL = [m for m in methods.available() if not methods.METHODS[m].reads_own_row]
 LENGTH = 600  # budget at s = 0.9: k_min = 64 tokens, 4 blocks of 16 per row
 
 
@@ -51,14 +53,17 @@ def test_sparsity_zero_gives_the_dense_loss(model, ids, name):
 @pytest.mark.parametrize("name", SPARSE)
 def test_sparse_methods_change_the_loss_at_their_budget(model, ids, name):
     sparse, stats = loss(model, ids, method=name, sparsity=0.9)
-    assert sparse != pytest.approx(loss(model, ids), rel=1e-4)
+    # a random model attends almost uniformly: the rules that keep the most mass (knorm,
+    # oracle_topk) move its loss by only ~5e-5 relative
+    assert sparse != pytest.approx(loss(model, ids), rel=1e-6)
     assert stats.density == pytest.approx(BUDGET_DENSITY, rel=1e-9)
     assert set(stats.layer_head_density()) == {0, 1}
     assert stats.selection_seconds > 0 and stats.attention_seconds > 0
     assert stats.oracle_selection == methods.get_method(name).oracle
+    assert stats.record()["oracle"] == ("upper_bound" if name == "oracle_topk" else None)
 
 
-@pytest.mark.parametrize("name", methods.available())
+@pytest.mark.parametrize("name", CAUSAL)
 def test_strict_selection_logits_before_a_token_ignore_it(model, ids, name):
     cut = 250
     changed = ids.clone()
