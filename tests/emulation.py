@@ -27,6 +27,11 @@ def _emulating():
         ops._ops = saved
 
 
+# cabattn.ops on the emulated CUDA kernels for a while (e.g. to compare them with cpu_kernels()
+# inside one test).
+emulating = _emulating
+
+
 @contextlib.contextmanager
 def cpu_kernels():
     """cabattn.ops on the CPU kernels for a while, also inside an `emu` test."""
