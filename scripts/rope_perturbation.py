@@ -22,12 +22,12 @@ from eval.data import load_windows
 from eval.models import load_model
 
 
-def window_ppl(model, ids, method, sparsity, protocol) -> float:
+def window_ppl(model, ids, method, sparsity, protocol, **options) -> float:
     with torch.no_grad():
         if method == "dense":
             loss = model(ids, labels=ids).loss
         else:
-            with cabattn.apply(model, method, sparsity, protocol=protocol):
+            with cabattn.apply(model, method, sparsity, protocol=protocol, **options):
                 loss = model(ids, labels=ids).loss
     return math.exp(loss.item())
 
@@ -50,6 +50,7 @@ def main():
                         default=["dense", "h2o", "cab_v3", "cab_v4", "streaming_llm"])
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--protocol", default="mask", choices=sorted(cabattn.PROTOCOLS))
+    parser.add_argument("--kv-chunk", type=int, default=1, help="kv protocol: tokens per step")
     parser.add_argument("--eps", type=float, default=3e-7)
     parser.add_argument("--max-l2-tolerance", type=float, default=None)
     args = parser.parse_args()
@@ -59,6 +60,7 @@ def main():
     torch.set_num_threads(1)
     loaded = load_model()
     inv_freq = loaded.model.model.rotary_emb.inv_freq.clone()
+    options = {"kv_chunk": args.kv_chunk} if args.protocol == "kv" else {}
     rows = []
     for length in args.lengths:
         windows = load_windows(args.dataset, loaded.tokenizer, length,
@@ -66,10 +68,12 @@ def main():
         for w in args.windows:
             ids = windows.input_ids[w:w + 1]
             for method in args.methods:
-                base = window_ppl(loaded.model, ids, method, args.sparsity, args.protocol)
+                base = window_ppl(loaded.model, ids, method, args.sparsity, args.protocol,
+                                  **options)
                 set_rope(loaded.model, inv_freq * (1 + args.eps))
                 try:
-                    moved = window_ppl(loaded.model, ids, method, args.sparsity, args.protocol)
+                    moved = window_ppl(loaded.model, ids, method, args.sparsity, args.protocol,
+                                       **options)
                 finally:
                     set_rope(loaded.model, inv_freq)
                 rows.append((length, w, method, base, moved))
