@@ -23,7 +23,7 @@ LAYERS = [
     ("value checks", ["cabattn.checks"]),
     ("kernels", ["cabattn._C", "cabattn._emu", "cabattn.reference", "cabattn.ops",
                  "cabattn.emu"]),
-    ("block grid and statistics", ["cabattn.grid", "cabattn.stats"]),
+    ("block grid and statistics", ["cabattn.grid", "cabattn.stats", "cabattn.ties"]),
     ("methods", ["cabattn.methods", "cabattn.methods.*"]),
     ("selection and cache", ["cabattn.sparse", "cabattn.kv_cache"]),
     ("protocols", ["cabattn.mask_protocol", "cabattn.kv_protocol"]),
