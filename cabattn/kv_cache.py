@@ -8,10 +8,11 @@ accumulator live in parallel buffers and are always compacted together, so entry
 describes the same token. Each KV head has its own keep set.
 
 The layer also keeps, per query head, the coarse query of every absolute block seen so far,
-pooled as the method asks (Method.block_query_pooling: the largest-L2 query, or the mean): the
-block statistic block-level kv rules (cab_v3/cab_v4) score cached blocks with, and, when the
-method asks (Method.recent_query_window), a rolling buffer of the last w post-RoPE queries per
-query head across chunks: the observation window SnapKV-style rules score the cache with.
+pooled as the method asks (Method.block_query_pooling: max_l2, by ops.coarsen over the block's
+queries so far, or the mean): the block statistic block-level kv rules (cab_v3/cab_v4) score
+cached blocks with; and, when the method asks (Method.recent_query_window), a rolling buffer of
+the last w post-RoPE queries per query head across chunks: the observation window SnapKV-style
+rules score the cache with.
 
 Under kv_mode "select" (Method.kv_mode) nothing is evicted: each layer has room for the whole
 window and keeps, per KV head and page (block of block_size positions), the elementwise minimum
@@ -58,8 +59,10 @@ class EvictingLayer(CacheLayerMixin):
         self.length = 0
         self.key_buffer = self.value_buffer = None
         self.position_buffer = self.mass_buffer = None
-        # max_l2: the best query and its norm; mean: the float32 sum and the count of queries
-        self.block_query_buffer = self.block_query_norm = self.block_query_count = None
+        # max_l2: the representatives and the queries of the newest block (max_l2's tolerance
+        # rule needs all of them: a later, larger query can move the pick to an earlier one);
+        # mean: the float32 sum and the count of queries
+        self.block_query_buffer = self.block_query_count = self.open_block_queries = None
         self.blocks_seen = 0
         self.recent_query_window = recent_query_window
         self.recent_query_buffer = None  # [B, Hq, w, d], its first recent_query_count live
@@ -157,30 +160,19 @@ class EvictingLayer(CacheLayerMixin):
             self.page_max[:, :, page] = torch.maximum(self.page_max[:, :, page], part.amax(2))
 
     def _best_queries(self, query: torch.Tensor, first_position: int) -> None:
-        """The largest-L2 query of each block (first on ties)."""
+        """Each touched block's max_l2 representative, pooled by ops.coarsen over the block's
+        queries so far (the same rule, in the same kernel, as the mask protocol)."""
         b, h, chunk, d = query.shape
         if self.block_query_buffer is None:
             self.block_query_buffer = query.new_zeros(b, h, self.num_blocks, d)
-            # -1 < any norm, so a block's first query always wins; norms in float32 at least
-            # (a float64 model keeps float64: the reference path's exact runs)
-            self.block_query_norm = torch.full((b, h, self.num_blocks), -1.0,
-                                               dtype=torch.promote_types(query.dtype,
-                                                                         torch.float32),
-                                               device=query.device)
-        norms = torch.linalg.vector_norm(query, dim=-1, dtype=self.block_query_norm.dtype)
+            self.open_block_queries = query.new_empty(b, h, self.block_size, d)
         for block, lo, hi in self._block_spans(first_position, chunk):
-            if hi - lo == 1:  # token-by-token streaming: one query, nothing to reduce
-                best_norm, best_query = norms[:, :, lo], query[:, :, lo]
-            else:
-                best_norm, arg = norms[:, :, lo:hi].max(-1)  # max returns the first maximum
-                best_query = query[:, :, lo:hi].gather(
-                    2, arg[:, :, None, None].expand(b, h, 1, d)).squeeze(2)
-            stored_norm = self.block_query_norm[:, :, block]
-            stored_query = self.block_query_buffer[:, :, block]
-            # strictly greater: an earlier query of the block wins a tie
-            better = best_norm > stored_norm
-            stored_norm.copy_(torch.where(better, best_norm, stored_norm))
-            stored_query.copy_(torch.where(better[..., None], best_query, stored_query))
+            start = first_position + lo - block * self.block_size  # the span's offset in block
+            end = start + hi - lo
+            self.open_block_queries[:, :, start:end] = query[:, :, lo:hi]
+            so_far = self.open_block_queries[:, :, :end].contiguous()
+            self.block_query_buffer[:, :, block] = ops.coarsen(so_far, self.block_size,
+                                                               ops.MAX_L2)[:, :, 0]
 
     def note_recent_queries(self, query: torch.Tensor) -> None:
         """Appends a chunk of post-RoPE queries [B, Hq, c, d] to the rolling buffer of the
@@ -242,8 +234,6 @@ class EvictingLayer(CacheLayerMixin):
             self._set_length(0)
         if self.block_query_buffer is not None:
             self.block_query_buffer.zero_()
-        if self.block_query_norm is not None:
-            self.block_query_norm.fill_(-1.0)
         if self.block_query_count is not None:
             self.block_query_count.zero_()
         if self.page_min is not None:

@@ -13,11 +13,11 @@ from transformers.masking_utils import sdpa_mask
 
 from typing import Union
 
-from . import ops
+from . import ops, ties
 from .checks import Option, boolean, choice
 from .grid import CAUSAL_SELECTIONS, causal_pairs, check_options, kept_pairs
 from .methods import MaskContext, Method
-from .sparse import make_grid, plan_layout, resolve_method
+from .sparse import layout_from_plan, make_grid, resolve_method
 from .stats import ProtocolStats
 
 ATTENTION_NAME = "cabattn_mask"
@@ -134,7 +134,8 @@ class MaskProtocol:
         ctx = MaskContext(q, k, grid, scale, layer_idx, self.windows_seen - query.shape[0],
                           self.seed)
         with torch.no_grad(), self.stats.timing("selection", q.device):
-            layout = plan_layout(self.method, ctx)
+            plan = self.method.mask_plan(ctx)
+            layout = layout_from_plan(plan, grid, q.shape[0], q.shape[1], q.device)
         with self.stats.timing("attention", q.device):
             out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
                                                 grid.block_size, scale)
@@ -143,6 +144,8 @@ class MaskProtocol:
                                                               * q.shape[0]))
         sink_rows = layout.keeps_first_block()
         self.stats.add_sink(sink_rows.sum(), sink_rows.numel())
+        with torch.no_grad():
+            self._record_near_ties(q, k, plan, layout, grid)
         if self.diagnostics:
             with torch.no_grad():  # ctx.block_scores: the rule's own, or one more QK^T pass
                 self.stats.add_recall(layer_idx, layout.kept_mass(ctx.block_scores[0]).sum(),
@@ -155,6 +158,22 @@ class MaskProtocol:
                 self.stats.add_output_error(layer_idx, (dense - out.float()).square().sum(),
                                             dense.square().sum())
         return out.transpose(1, 2).contiguous(), None
+
+    def _record_near_ties(self, q, k, plan, layout, grid) -> None:
+        """cabattn.ties: tie-decided max_l2 representatives (for a method that pools by
+        max_l2), the kept blocks whose score read one, and the margins of the last score
+        stage's rows."""
+        kept = ties.kept_blocks(layout.block_count, layout.block_index)
+        if self.method.block_query_pooling == "max_l2":
+            q_ties = ties.tie_decided(q, grid.block_size)
+            k_ties = ties.tie_decided(k, grid.block_size)
+            self.stats.add_pooling_ties(q_ties.sum() + k_ties.sum(),
+                                        q_ties.numel() + k_ties.numel())
+            self.stats.add_picks_near_ties(*ties.picks_near_ties(kept, q_ties, k_ties, grid.shift))
+        score, picks = ((plan.score2, plan.n_score2) if plan.score2 is not None
+                        else (plan.score1, plan.n_score1))
+        if score is not None:
+            self.stats.add_margins(ties.row_margins(score, kept, grid.shift, picks > 0))
 
 
 def _is_plain_causal(mask: torch.Tensor, length: int) -> bool:

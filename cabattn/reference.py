@@ -16,6 +16,12 @@ import torch
 
 # The operators' integer modes, defined once for the kernels and for Python in csrc/modes.h.
 from ._C import ADDITIVE, GLOBAL_MINMAX, MAX_L2, MEAN, MULTIPLICATIVE, ROW_MINMAX
+from . import _C
+
+# MAX_L2's relative tolerance on squared norms per input dtype, defined once in csrc/modes.h.
+MAX_L2_TOLERANCE = {
+    dtype: getattr(_C, "MAX_L2_TOLERANCE_" + str(dtype).removeprefix("torch.").upper())
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -31,18 +37,44 @@ def _pad_to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, pad))
 
 
-def coarsen(x: torch.Tensor, block_size: int, mode: int = MAX_L2) -> torch.Tensor:
-    """Block representatives [B, H, M, d]: the largest-L2 token (first on ties) or the mean."""
+def max_l2_tolerance(dtype: torch.dtype) -> float:
+    if dtype not in MAX_L2_TOLERANCE:
+        raise ValueError(f"max_l2 pooling has no tolerance for {dtype}; valid: "
+                         f"{', '.join(map(str, MAX_L2_TOLERANCE))}")
+    return MAX_L2_TOLERANCE[dtype]
+
+
+def block_squared_norms(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Squared L2 norms [B, H, M, block_size] in float64, -1 past the end of a partial block."""
+    b, h, length, d = x.shape
+    m = num_blocks(length, block_size)
+    valid = (torch.arange(m * block_size, device=x.device) < length).view(m, block_size)
+    norms = _pad_to_blocks(x, block_size).view(b, h, m, block_size, d).double().pow(2).sum(-1)
+    return norms.masked_fill(~valid, -1.0)
+
+
+def max_l2_candidates(norms: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """bool, like norms [..., n]: the tokens whose squared norm is within the relative
+    tolerance of the largest (all False where a norm is NaN)."""
+    return norms >= (1 - tolerance) * norms.amax(-1, keepdim=True)
+
+
+def coarsen(x: torch.Tensor, block_size: int, mode: int = MAX_L2, tolerance: float = None):
+    """Block representatives [B, H, M, d]: the mean, or (MAX_L2) the first token whose squared
+    L2 norm is within a relative `tolerance` of the block's largest (default: x's dtype's,
+    MAX_L2_TOLERANCE; pass the original one when x was upcast). A block with a NaN norm is
+    represented by its first token."""
     b, h, length, d = x.shape
     m = num_blocks(length, block_size)
     xb = _pad_to_blocks(x, block_size).view(b, h, m, block_size, d)
-    valid = (torch.arange(m * block_size, device=x.device) < length).view(m, block_size)
     if mode == MEAN:
+        valid = (torch.arange(m * block_size, device=x.device) < length).view(m, block_size)
         sizes = valid.sum(-1).to(x.dtype)
         return xb.sum(3) / sizes[:, None]
-    norms = xb.double().pow(2).sum(-1).masked_fill(~valid, -1.0)
-    first_max = norms.argmax(-1)  # argmax returns the first maximal index
-    return xb.gather(3, first_max[..., None, None].expand(b, h, m, 1, d)).squeeze(3)
+    tolerance = max_l2_tolerance(x.dtype) if tolerance is None else tolerance
+    inside = max_l2_candidates(block_squared_norms(x, block_size), tolerance)
+    first = inside.byte().argmax(-1)  # argmax returns the first maximal index: the first True
+    return xb.gather(3, first[..., None, None].expand(b, h, m, 1, d)).squeeze(3)
 
 
 def _causal_logits(q, k, scale):

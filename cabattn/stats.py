@@ -12,6 +12,10 @@ from typing import Optional
 
 import torch
 
+# A row margin below this share of the row's score range counts as a near tie: well above the
+# float32 rounding of the scores (~1e-6 of their range), well below a typical margin.
+SMALL_MARGIN = 1e-3
+
 
 @dataclass
 class ProtocolStats:
@@ -44,6 +48,12 @@ class ProtocolStats:
     cached_age: list = field(default_factory=lambda: [0, 0])  # [summed age, cached entries]
     # layer -> [sum of squared (dense - method) outputs, sum of squared dense outputs]
     output_error: dict = field(default_factory=dict)
+    # Near ties (cabattn.ties, docs/block_statistics.md): [tie-decided, all] max_l2 block
+    # representatives; [kept blocks whose score read one, all kept off-diagonal blocks]; the
+    # score margins of the rows a score stage picked for (device tensors until record()).
+    pooling_ties: list = field(default_factory=lambda: [0, 0])
+    picks_near_ties: list = field(default_factory=lambda: [0, 0])
+    margins: list = field(default_factory=list)
 
     def add_pairs(self, layer_idx: int, kept: torch.Tensor, causal: torch.Tensor) -> None:
         """Per-head kept and causal pair counts; summed on their device (no host read inside a
@@ -86,6 +96,17 @@ class ProtocolStats:
         """How many of `total` query-block rows (mask) or caches (kv) hold key 0."""
         self.sink[0] = self.sink[0] + holding_first
         self.sink[1] += total
+
+    def add_pooling_ties(self, decided, total: int) -> None:
+        self.pooling_ties[0] = self.pooling_ties[0] + decided
+        self.pooling_ties[1] += total
+
+    def add_picks_near_ties(self, near, kept) -> None:
+        self.picks_near_ties[0] = self.picks_near_ties[0] + near
+        self.picks_near_ties[1] = self.picks_near_ties[1] + kept
+
+    def add_margins(self, margins: torch.Tensor) -> None:
+        self.margins.append(margins.detach())
 
     def add_cached_age(self, age_sum, entries: int) -> None:
         """Summed age (newest cached position - position) of `entries` cached tokens."""
@@ -164,6 +185,35 @@ class ProtocolStats:
         return float(self.cached_age[0]) / self.cached_age[1] if self.cached_age[1] else None
 
     @property
+    def pooling_tie_share(self) -> Optional[float]:
+        """Share of max_l2 block representatives (queries and keys) the first-index rule chose
+        among tokens inside the tolerance (None when nothing was pooled by max_l2)."""
+        return float(self.pooling_ties[0]) / self.pooling_ties[1] if self.pooling_ties[1] else None
+
+    @property
+    def selection_tie_share(self) -> Optional[float]:
+        """Share of kept off-diagonal blocks whose score read a tie-decided representative."""
+        decided, kept = (float(n) for n in self.picks_near_ties)
+        return decided / kept if self.pooling_ties[1] and kept else None
+
+    def _margins(self) -> Optional[torch.Tensor]:
+        return torch.cat([m.cpu() for m in self.margins]) if self.margins else None
+
+    @property
+    def row_margin_median(self) -> Optional[float]:
+        """Median over scored rows of (last kept - first dropped score) / the row's range."""
+        margins = self._margins()
+        return float(margins.median()) if margins is not None and margins.numel() else None
+
+    @property
+    def row_margin_small_share(self) -> Optional[float]:
+        """Share of scored rows whose margin is below SMALL_MARGIN (a near tie)."""
+        margins = self._margins()
+        if margins is None or not margins.numel():
+            return None
+        return float((margins < SMALL_MARGIN).double().mean())
+
+    @property
     def selection_share(self) -> Optional[float]:
         """Selection time over attention time."""
         attention = self.attention_seconds
@@ -188,6 +238,10 @@ class ProtocolStats:
                 "attention_output_error": self.attention_output_error,
                 "attention_output_error_max_layer": self.attention_output_error_max_layer,
                 "sink_retention": self.sink_retention, "mean_cached_age": self.mean_cached_age,
+                "pooling_tie_share": self.pooling_tie_share,
+                "selection_tie_share": self.selection_tie_share,
+                "row_margin_median": self.row_margin_median,
+                "row_margin_small_share": self.row_margin_small_share,
                 "layer_head_density": {str(k): v for k, v in self.layer_head_density().items()}}
 
 
@@ -204,4 +258,6 @@ class DenseStats:
                 "selection_share": None, "attention_recall": None,
                 "attention_recall_min_layer": None, "attention_output_error": None,
                 "attention_output_error_max_layer": None, "sink_retention": None,
-                "mean_cached_age": None, "layer_head_density": None}
+                "mean_cached_age": None, "pooling_tie_share": None,
+                "selection_tie_share": None, "row_margin_median": None,
+                "row_margin_small_share": None, "layer_head_density": None}

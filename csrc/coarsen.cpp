@@ -1,8 +1,12 @@
-// coarsen: one representative vector per block of tokens (docs/block_statistics.md), the token of
-// largest L2 norm (first on ties) or the block mean. Accumulates in double: the cost is one read of
-// x, and the argmax then matches the float64 reference exactly on tie-free inputs.
+// coarsen: one representative vector per block of tokens (docs/block_statistics.md,
+// Coarsening): the first token whose squared L2 norm is within the input dtype's relative
+// tolerance of the block's largest (modes.h), or the block mean. Norms and sums accumulate in
+// double, so the summation order moves a norm by ~1e-16, far inside any tolerance.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include "checks.h"
 #include "common.h"
@@ -16,7 +20,7 @@ void coarsen_blocks(const scalar_t* x, scalar_t* out, int64_t heads, int64_t len
                     int64_t dim, int64_t block_size, int64_t mode) {
   const int64_t blocks = num_blocks(length, block_size);
   at::parallel_for(0, heads * blocks, 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> sums(dim);
+    std::vector<double> sums(dim), norms(block_size);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / blocks, block = task % blocks;
       const int64_t first = block * block_size;
@@ -29,19 +33,22 @@ void coarsen_blocks(const scalar_t* x, scalar_t* out, int64_t heads, int64_t len
           for (int64_t c = 0; c < dim; ++c) sums[c] += static_cast<double>(tokens[t * dim + c]);
         for (int64_t c = 0; c < dim; ++c) rep[c] = static_cast<scalar_t>(sums[c] / size);
       } else {
-        int64_t best = 0;
-        double best_norm = -1.0;
+        double largest = 0.0;
+        bool any_nan = false;
         for (int64_t t = 0; t < size; ++t) {
           double norm = 0.0;
           for (int64_t c = 0; c < dim; ++c) {
             const double v = static_cast<double>(tokens[t * dim + c]);
             norm += v * v;
           }
-          if (norm > best_norm) {  // strict: the first maximal token wins ties
-            best_norm = norm;
-            best = t;
-          }
+          norms[t] = norm;
+          largest = std::max(largest, norm);
+          any_nan |= std::isnan(norm);
         }
+        // A block with a NaN norm has no largest: its first token represents it.
+        const double threshold = (1.0 - max_l2_tolerance<scalar_t>()) * largest;
+        int64_t best = 0;
+        while (!any_nan && norms[best] < threshold) ++best;
         std::copy(tokens + best * dim, tokens + (best + 1) * dim, rep);
       }
     }

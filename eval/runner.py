@@ -340,7 +340,9 @@ class PerplexityBenchmarkRunner:
                   if spec.method != "dense" and delta is not None else "")
         explained = "".join(f"  {label} {result[name]:{fmt}}" for name, label, fmt in (
             ("attention_recall", "recall", ".3f"), ("sink_retention", "sink", ".2f"),
-            ("mean_cached_age", "age", ".0f"), ("selection_share", "sel/attn", ".2f"))
+            ("mean_cached_age", "age", ".0f"), ("selection_share", "sel/attn", ".2f"),
+            ("pooling_tie_share", "ties", ".3f"),
+            ("row_margin_small_share", "near-tie rows", ".3f"))
             if result.get(name) is not None)
         return (f"{spec.label:<40} PPL {result['perplexity']:.3f}{versus}  "
                 f"density {result['density']:.3f}{explained}  "

@@ -17,6 +17,15 @@ CUDA_TARGETS = [pytest.param("cuda", marks=pytest.mark.gpu), "emu"]
 
 
 @contextlib.contextmanager
+def emulating():
+    """cabattn.ops on the emulated CUDA kernels for a while (e.g. to compare them with
+    cpu_kernels() inside one test)."""
+    from cabattn import emu
+    with ops.running(emu.OPS):
+        yield
+
+
+@contextlib.contextmanager
 def cpu_kernels():
     """cabattn.ops on the CPU kernels for a while, also inside an `emu` test."""
     saved, ops._ops = ops._ops, torch.ops.cabattn

@@ -1,5 +1,6 @@
-// CUDA kernel of cabattn::coarsen (docs/block_statistics.md): one warp per (batch, head, block)
-// picks the block's largest-L2 token (first on ties) or averages the block.
+// CUDA kernel of cabattn::coarsen (docs/block_statistics.md, Coarsening): one warp per (batch,
+// head, block) picks the block's first token whose squared L2 norm is within the input dtype's
+// relative tolerance of the largest (modes.h), or averages the block.
 #include "cuda_common.cuh"
 #include "modes.h"
 
@@ -36,10 +37,11 @@ coarsen_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t groups, int
     }
     return;
   }
-  // Squared norms in double, like the reference, so near-equal norms order the same way.
-  int64_t best = first;
-  double best_norm = -1.0;
-  for (int64_t t = first; t < last; ++t) {
+  // Squared norms in double, like the CPU kernel and the reference; after the butterfly every
+  // lane holds the same norm, so the loops below branch uniformly across the warp. Two passes:
+  // the block's largest norm, then the first token within the tolerance of it (the second
+  // pass recomputes each norm in the same order, so the largest token itself always passes).
+  const auto squared_norm = [&](int64_t t) {
     double norm = 0.0;
     for (int64_t c = lane; c < dim; c += 32) {
       const double value = static_cast<double>(static_cast<float>(rows[t * dim + c]));
@@ -48,11 +50,19 @@ coarsen_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t groups, int
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2)
       norm += __shfl_xor_sync(0xffffffffu, norm, offset);
-    if (norm > best_norm) {  // strict: the first maximal token wins
-      best_norm = norm;
-      best = t;
-    }
+    return norm;
+  };
+  double largest = 0.0;
+  bool any_nan = false;
+  for (int64_t t = first; t < last; ++t) {
+    const double norm = squared_norm(t);
+    largest = fmax(largest, norm);
+    any_nan |= isnan(norm);
   }
+  // A block with a NaN norm has no largest: its first token represents it.
+  const double threshold = (1.0 - max_l2_tolerance<T>()) * largest;
+  int64_t best = first;
+  while (!any_nan && squared_norm(best) < threshold) ++best;
   for (int64_t c = lane; c < dim; c += 32) dst[c] = rows[best * dim + c];
 }
 

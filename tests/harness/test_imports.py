@@ -23,7 +23,7 @@ LAYERS = [
     ("value checks", ["cabattn.checks", "cabattn.correctness", "cabattn.cache"]),
     ("kernels", ["cabattn._C", "cabattn._emu", "cabattn.reference", "cabattn.ops",
                  "cabattn.emu", "cabattn.reference_path"]),
-    ("block grid and statistics", ["cabattn.grid", "cabattn.stats"]),
+    ("block grid and statistics", ["cabattn.grid", "cabattn.stats", "cabattn.ties"]),
     ("methods", ["cabattn.methods", "cabattn.methods.*"]),
     ("selection and cache", ["cabattn.sparse", "cabattn.kv_cache"]),
     ("protocols", ["cabattn.mask_protocol", "cabattn.kv_protocol"]),
