@@ -122,8 +122,10 @@ def plan_runs(config: ExperimentConfig) -> list:
     specs |= {spec.dense() for spec in specs}
     dataset_order = {name: i for i, name in enumerate(config.datasets)}
     method_order = {name: i for i, name in enumerate(["dense", *config.methods])}
+    from .tasks.cell import plan_task_runs  # the task cells, after the perplexity ones
     return sorted(specs, key=lambda s: (dataset_order[s.dataset], s.context_length,
-                                        method_order[s.method], s.sparsity))
+                                        method_order[s.method], s.sparsity)
+                  ) + plan_task_runs(config)
 
 
 def protocol_settings(config: ExperimentConfig, spec: RunSpec) -> dict:
@@ -154,6 +156,9 @@ def data_identity(config: ExperimentConfig):
 
 def cell_key(config: ExperimentConfig, spec: RunSpec) -> dict:
     """Everything that defines a cell's numbers; a stored cell is reused only on a match."""
+    from .tasks.cell import TaskSpec, cell_key as task_key
+    if isinstance(spec, TaskSpec):
+        return task_key(config, spec)
     device = env.resolve_device(config.model.device)
     key = {"dataset": spec.dataset, "data_file": data_identity(config),
            "text_field": config.text_field, "model": config.model.name,
@@ -227,9 +232,12 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
 
 def try_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
              progress: bool = False) -> dict:
-    """compute_cell, or a failed R (null metrics + error) when the cell fails."""
+    """compute_cell (compute_task_cell for a task cell), or a failed R (null metrics + error)
+    when the cell fails."""
+    from .tasks.cell import TaskSpec, compute_task_cell
+    compute = compute_task_cell if isinstance(spec, TaskSpec) else compute_cell
     try:
-        return compute_cell(config, loaded, windows, spec, progress=progress)
+        return compute(config, loaded, windows, spec, progress=progress)
     except (RuntimeError, ValueError) as err:
         return failed_result(f"{type(err).__name__}: {err}")
 
@@ -312,7 +320,9 @@ class PerplexityBenchmarkRunner:
             record = self.store.get_record(keys[spec])
             if record is not None:
                 self.reuse(spec, record)
-        self.say(f"{len(specs)} computations for {len(plan_cells(self.config))} result cells; "
+        from .tasks.cell import plan_task_cells
+        cells = len(plan_cells(self.config)) + len(plan_task_cells(self.config))
+        self.say(f"{len(specs)} computations for {cells} result cells; "
                  f"{len(self.reused)} already finished in {self.store.folder}"
                  + (" (reused; --fresh recomputes them)" if self.reused else ""))
         mine = specs if self.shard is None else executors.shard(specs, *self.shard)
@@ -457,6 +467,15 @@ class PerplexityBenchmarkRunner:
 
     def windows_for(self, spec: RunSpec):
         key = (spec.dataset, spec.context_length)
+        from .tasks.cell import TaskSpec, load_samples
+        if key not in self.windows and isinstance(spec, TaskSpec):  # a task's samples
+            self.windows = {k: v for k, v in self.windows.items() if k[0] == spec.dataset}
+            self.windows[key] = samples = load_samples(self.config, self.executor.tokenizer(),
+                                                       spec)
+            self.window_info[f"{spec.dataset}@{spec.context_length}"] = {
+                **samples.info, "description": samples.description}
+            self.say(f"{spec.task}: {len(samples.samples)} samples of {spec.context_length} "
+                     f"tokens ({samples.description})")
         if key not in self.windows:
             from . import data
             # Only one context length's windows are needed at a time (specs are grouped).
@@ -477,6 +496,9 @@ class PerplexityBenchmarkRunner:
         return [spec for spec, r in self.outcomes.items() if r.get("error")]
 
     def summary_line(self, spec: RunSpec, result: dict) -> str:
+        from .tasks.cell import TaskSpec, summary_line
+        if isinstance(spec, TaskSpec):
+            return summary_line(spec, result, self.outcomes.get(spec.dense()))
         dense = self.outcomes.get(spec.dense(), {}).get("perplexity")
         delta = delta_vs_dense(result["perplexity"], dense)
         versus = (f" ({delta * 100:+.2f}% vs dense {dense:.3f})"
@@ -513,6 +535,9 @@ class PerplexityBenchmarkRunner:
 
     def write(self, status: str) -> dict:
         results = assemble(plan_cells(self.config), self.outcomes, self.config_record(status))
+        if self.config.tasks.enabled:
+            from .tasks.cell import assemble_tasks
+            results["tasks"] = assemble_tasks(self.config, self.outcomes)
         write_results((self.results_path, self.latest_path), results)
         return results
 

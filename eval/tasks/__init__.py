@@ -10,7 +10,8 @@ generation, eval/tasks/cell.py is the task cell the runner plans, computes and s
 """
 from .registry import (HAYSTACKS, METRICS, SCORINGS, TASKS, Layout, Sample, TaskError,
                        TaskSamples, available_tasks, task)
-from . import common_words, niah, passkey, variable_tracking  # noqa: F401  (they register)
+# in the order --help lists them
+from . import passkey, niah, variable_tracking, common_words  # noqa: F401,E402,I001
 
 __all__ = ["HAYSTACKS", "METRICS", "SCORINGS", "TASKS", "Layout", "Sample", "TaskError",
            "TaskSamples", "available_tasks", "task"]
