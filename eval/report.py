@@ -8,6 +8,8 @@
   method and sparsity, one panel per dataset: why one method loses more than another.
 - Table 3: method x sparsity at the fixed context length, PPL and its change vs dense, as
   markdown and LaTeX.
+- With a tasks section: the accuracy table, the needle heatmaps and accuracy against
+  perplexity change (eval/tasks/report.py).
 Figures are PNG and PDF, written next to the results file as <stem>_figure4.png and so on.
 """
 import argparse
@@ -348,7 +350,8 @@ def make_report(results_path, output_dir=None) -> list:
         path = stem.with_name(f"{stem.name}_table3.{suffix}")
         path.write_text(text)
         paths.append(path)
-    return paths
+    from .tasks.report import make_task_report  # docs/tasks.md, Outputs
+    return paths + make_task_report(results, stem)
 
 
 def main(argv=None) -> int:

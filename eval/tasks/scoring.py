@@ -10,6 +10,7 @@ share of its answers found in the output (RULER's string match), a local-file sa
 best --task-metric against its answers (LongBench).
 """
 import collections
+import inspect
 import re
 import string
 from contextlib import contextmanager
@@ -49,12 +50,15 @@ def greedy_cached(model, prompt: torch.Tensor, max_new_tokens: int, decode_with:
     """Greedy decoding with the model's KV cache: the prompt runs under whatever attention is
     active (block-sparse under the mask protocol), each new token under `decode_with`, the
     model's own attention: dense decoding of the prefilled cache."""
+    # transformers names the cache argument `cache` from 5.x on (past_key_values before)
+    cache_kwarg = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                   else "past_key_values")
     out = model(prompt, use_cache=True)
     new = [int(out.logits[0, -1].argmax())]
     with own_attention(model, decode_with):
         for _ in range(max_new_tokens - 1):
-            out = model(torch.tensor([[new[-1]]], device=prompt.device),
-                        past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[new[-1]]], device=prompt.device), use_cache=True,
+                        **{cache_kwarg: out.past_key_values})
             new.append(int(out.logits[0, -1].argmax()))
     return new
 
