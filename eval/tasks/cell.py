@@ -1,7 +1,7 @@
 """The task cell (docs/tasks.md, Cells): one (task, method, sparsity, context length), planned
 by the same sweeps as the perplexity cells, keyed, computed and stored like them.
 
-`TaskSpec` mirrors eval.run.RunSpec (what is computed: every method at s = 0 runs as dense)
+`TaskSpec` mirrors eval.cell.RunSpec (what is computed: every method at s = 0 runs as dense)
 with `dataset` = "task:NAME", so the runner's grouping, claims, provenance and shards treat it
 as one more (dataset, L) group; the samples of a (task, L) play the windows' part.
 """
@@ -53,9 +53,9 @@ def task_names(config) -> list:
 
 
 def plan_task_cells(config) -> list:
-    """The task cells, by the same sweeps as the perplexity cells (eval.run.plan_cells) with
+    """The task cells, by the same sweeps as the perplexity cells (eval.runner.plan_cells) with
     the tasks in the datasets' place."""
-    from ..run import plan_cells
+    from ..runner import plan_cells
     cells = plan_cells(replace(config, datasets=task_names(config)))
     return [replace(cell, spec=TaskSpec.for_cell(cell.dataset, cell.spec.context_length,
                                                  cell.spec.method, cell.spec.sparsity))
@@ -85,7 +85,7 @@ def scoring_of(config, task: str) -> str:
 def cell_key(config, spec: TaskSpec) -> dict:
     """Everything that defines a task cell's numbers (the perplexity key's model, protocol and
     method part, with the task's samples in place of the windows)."""
-    from ..run import RunSpec, cell_key as perplexity_key, data_identity
+    from ..cell import RunSpec, cell_key as perplexity_key, data_identity
     key = perplexity_key(config, RunSpec(spec.dataset, spec.context_length, spec.method,
                                          spec.sparsity))
     for name in ("dataset", "data_file", "text_field", "max_windows"):
@@ -120,7 +120,7 @@ def kv_protocol(config, model, spec: TaskSpec):
     """The KVProtocol of a sparse cell, built as cabattn.apply builds it (generation needs the
     protocol itself: KVProtocol.generate)."""
     import cabattn
-    from ..run import protocol_settings
+    from ..cell import protocol_settings
     settings = protocol_settings(config, spec)
     settings.pop("protocol")
     return cabattn.KVProtocol(model, spec.method, spec.sparsity, seed=config.seed, **settings,
@@ -131,7 +131,7 @@ def compute_task_cell(config, loaded, samples, spec: TaskSpec, progress: bool = 
     """R of one task cell: every sample scored under the cell's attention, the summary
     (accuracy with its interval, answer NLL, accuracy by depth), the per-sample scores, the
     protocol's record and the cost. Writes nothing; raises on failure."""
-    from ..run import _now as now, attention
+    from ..cell import attention, now
     device = env.resolve_device(config.model.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     scored = scoring_of(config, spec.task)

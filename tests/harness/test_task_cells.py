@@ -4,7 +4,8 @@ perplexity cell, and the results carry the tasks section."""
 import pytest
 from eval_assets import tiny_model, tiny_text  # noqa: F401
 
-from eval import cli, run
+from eval import cli
+from eval.runner import PerplexityBenchmarkRunner
 from eval.config import ExperimentConfig, TaskConfig
 from eval.results import read_json
 from eval.tasks.cell import TaskSpec
@@ -23,7 +24,7 @@ def task_config(tmp_path, model="smollm2-135m", L=1024, **tasks) -> ExperimentCo
 
 def test_dense_finds_every_pass_key_on_the_default_model(tmp_path):
     config = task_config(tmp_path, names=["passkey"], samples=5, haystack="noise")
-    results = run.PerplexityBenchmarkRunner(config, progress=False, make_report=False).run()
+    results = PerplexityBenchmarkRunner(config, progress=False, make_report=False).run()
     r = results["tasks"]["passkey"]["dense"]["context_length_sweep"]["1024"]
     assert r["accuracy"] == 1.0 and r["samples"] == 5
     assert r["accuracy_ci95"][0] == pytest.approx(0.566, abs=1e-3)  # Wilson, 5 of 5
@@ -46,7 +47,7 @@ def test_task_cell_resumes_and_is_reused(tiny_model, tmp_path):
 
     # the same command again: every task cell is read back, none computed
     config, _ = cli.configs_from_args(cli.build_parser().parse_args(args))
-    runner = run.PerplexityBenchmarkRunner(config[0], progress=False, make_report=False)
+    runner = PerplexityBenchmarkRunner(config[0], progress=False, make_report=False)
     again = runner.run()
     assert runner.computed == [] and len(runner.reused) == 4
     assert all(isinstance(spec, TaskSpec) for spec in runner.reused)
@@ -55,6 +56,6 @@ def test_task_cell_resumes_and_is_reused(tiny_model, tmp_path):
 
     # another sample count is another cell; the stored ones stay
     config[0].tasks.samples = 2
-    runner = run.PerplexityBenchmarkRunner(config[0], progress=False, make_report=False)
+    runner = PerplexityBenchmarkRunner(config[0], progress=False, make_report=False)
     runner.run()
     assert len(runner.computed) == 4 and runner.reused == []

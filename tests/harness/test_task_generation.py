@@ -9,7 +9,7 @@ import torch
 from eval_assets import tiny_model, tiny_text  # noqa: F401
 
 import cabattn
-from eval import models, run
+from eval import cell, models
 from eval.config import ExperimentConfig, TaskConfig
 from eval.tasks import scoring
 from eval.tasks.cell import TaskSpec, compute_task_cell, load_samples
@@ -89,7 +89,7 @@ def test_mask_protocol_generates_after_a_sparse_prefill(tiny, tmp_path):
 
 
 def _last_logits(loaded, ids, config, spec):
-    with run.attention(config, loaded.model, spec), torch.no_grad():
+    with cell.attention(config, loaded.model, spec), torch.no_grad():
         return loaded.model(torch.tensor([ids])).logits[0, -1]
 
 
