@@ -59,3 +59,13 @@ def test_task_cell_resumes_and_is_reused(tiny_model, tmp_path):
     runner = PerplexityBenchmarkRunner(config[0], progress=False, make_report=False)
     runner.run()
     assert len(runner.computed) == 4 and runner.reused == []
+
+
+def test_quick_test_runs_a_small_retrieval_slice():
+    from eval.config import quick_test_config
+    from eval.tasks.cell import plan_task_runs
+    offline, _ = quick_test_config(hub_online=False)
+    assert offline.tasks.names == ["passkey"] and offline.tasks.samples == 3
+    assert len(plan_task_runs(offline)) == 14  # dense at 512 and 1024, 4 methods x 3 points
+    online, _ = quick_test_config(hub_online=True)
+    assert not online.tasks.enabled  # the original quick test is left as it was
