@@ -350,7 +350,7 @@ def make_report(results_path, output_dir=None) -> list:
         path = stem.with_name(f"{stem.name}_table3.{suffix}")
         path.write_text(text)
         paths.append(path)
-    from .tasks.report import make_task_report  # docs/tasks.md, Outputs
+    from .tasks.report import make_task_report  # docs/tasks.md, Cells and outputs
     return paths + make_task_report(results, stem)
 
 

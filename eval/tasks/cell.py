@@ -1,4 +1,4 @@
-"""The task cell (docs/tasks.md, Cells): one (task, method, sparsity, context length), planned
+"""The task cell (docs/tasks.md, Cells and outputs): one (task, method, sparsity, context length), planned
 by the same sweeps as the perplexity cells, keyed, computed and stored like them.
 
 `TaskSpec` mirrors eval.cell.RunSpec (what is computed: every method at s = 0 runs as dense)

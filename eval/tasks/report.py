@@ -1,4 +1,4 @@
-"""The task outputs of a results file (docs/tasks.md, Outputs), written by eval.report:
+"""The task outputs of a results file (docs/tasks.md, Cells and outputs), written by eval.report:
 
 - the accuracy table: method x (L, s) per task, each accuracy with its 95% interval and the
   change of the windows' perplexity against dense (would perplexity have said so?), markdown;
