@@ -1,5 +1,5 @@
-"""The task cell (docs/tasks.md, Cells and outputs): one (task, method, sparsity, context length), planned
-by the same sweeps as the perplexity cells, keyed, computed and stored like them.
+"""The task cell (docs/tasks.md, Cells and outputs): one (task, method, sparsity, context
+length), planned by the same sweeps as the perplexity cells, keyed, computed and stored like them.
 
 `TaskSpec` mirrors eval.cell.RunSpec (what is computed: every method at s = 0 runs as dense)
 with `dataset` = "task:NAME", so the runner's grouping, claims, provenance and shards treat it

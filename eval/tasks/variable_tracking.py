@@ -10,7 +10,8 @@ CHAIN = 4
 
 
 def chain(names: list, value: str) -> list:
-    return [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    return [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}."
+                                              for a, b in zip(names, names[1:])]
 
 
 @task("variable_tracking", "a chain of 4 variable assignments and a distractor chain; every "
