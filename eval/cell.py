@@ -83,9 +83,6 @@ def data_identity(config: ExperimentConfig):
 
 def cell_key(config: ExperimentConfig, spec: RunSpec) -> dict:
     """Everything that defines a cell's numbers; a stored cell is reused only on a match."""
-    from .tasks.cell import TaskSpec, cell_key as task_key
-    if isinstance(spec, TaskSpec):
-        return task_key(config, spec)
     device = env.resolve_device(config.model.device)
     key = {"dataset": spec.dataset, "data_file": data_identity(config),
            "text_field": config.text_field, "model": config.model.name,
@@ -152,11 +149,9 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
 
 
 def try_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
-             progress: bool = False) -> dict:
-    """compute_cell (compute_task_cell for a task cell), or a failed R (null metrics + error)
-    when the cell fails."""
-    from .tasks.cell import TaskSpec, compute_task_cell
-    compute = compute_task_cell if isinstance(spec, TaskSpec) else compute_cell
+             progress: bool = False, compute=compute_cell) -> dict:
+    """compute(...) (compute_cell, or another kind of cell's: eval.cells), or a failed R (null
+    metrics + error) when the cell fails."""
     try:
         return compute(config, loaded, windows, spec, progress=progress)
     except (RuntimeError, ValueError) as err:

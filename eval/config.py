@@ -22,6 +22,7 @@ from cabattn import methods as registry
 from . import data, models
 from .env import DEVICES, DTYPES
 from .hub import hub_reachable
+from .tasks.checks import check_tasks, check_tasks_fit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -444,12 +445,10 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     _check_sparsities(config, problems)
     _check_methods(config, problems)
     _check_datasets(config, problems)
-    from .tasks.checks import check_tasks
     check_tasks(config, problems)
     if check_model and not problems:
         _check_model(config, problems)
     if check_model and not problems and config.tasks.enabled:
-        from .tasks.checks import check_tasks_fit
         check_tasks_fit(config, problems)
     if problems:
         raise ConfigError(f"invalid configuration {config.name!r}:\n  - " + "\n  - ".join(problems))

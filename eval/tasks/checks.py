@@ -3,7 +3,10 @@ files, choices, and whether every task fits every context length of the run (wit
 tokenizer alone)."""
 from dataclasses import replace
 
+from .. import models
+from .longbench import file_task_name, read_task_file
 from .registry import HAYSTACKS, METRICS, SCORINGS, TASKS, TaskError
+from .samples import TaskSpec, load_samples, task_names
 
 
 def _positive(value) -> bool:
@@ -12,7 +15,6 @@ def _positive(value) -> bool:
 
 def check_tasks(config, problems: list) -> None:
     """Appends each problem of config.tasks (ConfigError lists them all)."""
-    from .longbench import file_task_name, read_task_file
     tasks = config.tasks
     for field, value, choices in (("haystack", tasks.haystack, HAYSTACKS),
                                   ("scoring", tasks.scoring, SCORINGS),
@@ -45,8 +47,6 @@ def check_tasks(config, problems: list) -> None:
 def check_tasks_fit(config, problems: list) -> None:
     """Every task's first samples at every context length of the run, built with the model's
     tokenizer on the noise haystack (the fixed parts are what may not fit)."""
-    from .. import models
-    from .cell import load_samples, task_names, TaskSpec
     try:
         tokenizer = models.load_tokenizer(config.model.name, config.model.trust_remote_code,
                                           config.model.cache_dir)

@@ -9,6 +9,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..plotting import legend_below, save_figure, style_of
+
 
 @dataclass
 class TaskPoint:
@@ -71,7 +73,6 @@ def heatmaps(results: dict, stem: Path) -> list:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..report import _save
     paths = []
     pts = [p for p in task_points(results) if p.result.get("by_depth")]
     for task in dict.fromkeys(p.task for p in pts):
@@ -100,7 +101,7 @@ def heatmaps(results: dict, stem: Path) -> list:
         axes[0][0].set_ylabel("needle depth")
         fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
         fig.suptitle(f"{task}: accuracy by needle depth")
-        paths += _save(fig, stem, f"heatmap_{task}")
+        paths += save_figure(fig, stem, f"heatmap_{task}")
         plt.close(fig)
     return paths
 
@@ -110,13 +111,12 @@ def accuracy_vs_perplexity(results: dict, stem: Path) -> list:
     joined over its sparsities (teacher-forced cells, which measure both)."""
     import matplotlib.pyplot as plt
 
-    from ..report import _legend, _save, _style
     pts = [p for p in task_points(results) if p.result.get("delta_vs_dense") is not None]
     tasks = list(dict.fromkeys(p.task for p in pts))
     if not tasks:
         return []
     methods = list(dict.fromkeys(p.method for p in pts))
-    style = _style(methods)
+    style = style_of(methods)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 4.2), squeeze=False,
                              layout="constrained")
     for ax, task in zip(axes[0], tasks):
@@ -141,8 +141,8 @@ def accuracy_vs_perplexity(results: dict, stem: Path) -> list:
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{task}, L = {fixed}")
         ax.grid(True, alpha=0.3)
-    _legend(fig, axes[0])
-    paths = _save(fig, stem, "accuracy_vs_ppl")
+    legend_below(fig, axes[0])
+    paths = save_figure(fig, stem, "accuracy_vs_ppl")
     plt.close(fig)
     return paths
 

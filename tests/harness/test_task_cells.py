@@ -8,7 +8,7 @@ from eval import cli
 from eval.runner import PerplexityBenchmarkRunner
 from eval.config import ExperimentConfig, TaskConfig
 from eval.results import read_json
-from eval.tasks.cell import TaskSpec
+from eval.tasks.samples import TaskSpec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -63,9 +63,10 @@ def test_task_cell_resumes_and_is_reused(tiny_model, tmp_path):
 
 def test_quick_test_runs_a_small_retrieval_slice():
     from eval.config import quick_test_config
-    from eval.tasks.cell import plan_task_runs
+    from eval.runner import plan_runs
     offline, _ = quick_test_config(hub_online=False)
     assert offline.tasks.names == ["passkey"] and offline.tasks.samples == 3
-    assert len(plan_task_runs(offline)) == 14  # dense at 512 and 1024, 4 methods x 3 points
+    tasks = [spec for spec in plan_runs(offline) if isinstance(spec, TaskSpec)]
+    assert len(tasks) == 14  # dense at 512 and 1024, 4 methods x 3 points
     online, _ = quick_test_config(hub_online=True)
     assert not online.tasks.enabled  # the original quick test is left as it was

@@ -12,7 +12,8 @@ import cabattn
 from eval import cell, models
 from eval.config import ExperimentConfig, TaskConfig
 from eval.tasks import scoring
-from eval.tasks.cell import TaskSpec, compute_task_cell, load_samples
+from eval.tasks.cell import compute_task_cell
+from eval.tasks.samples import TaskSpec, load_samples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
