@@ -284,28 +284,9 @@ class KVProtocol:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("the kv protocol streams unpadded windows; the attention_mask has "
                              "padding (zeros)")
-        model = self.model
         batch, length = input_ids.shape
-        self.budget = self.stats.budget_tokens = self.method.token_budget(length, self.sparsity,
-                                                                          self.k_min)
-        block_size = self.stats.block_size = resolve_block_size(self.block_size, length)
-        self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
-                                             self.kv_chunk, block_size, length,
-                                             self.method.block_query_pooling,
-                                             self.method.recent_query_window,
-                                             self.method.kv_mode)
-        stream = _WindowStream(self, cache, self.windows_seen)
-        prefill = min(self.budget, length)
-        spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, length))
-                                  for start in range(prefill, length, self.kv_chunk)]
-        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-        if self.rotary_emb is not None:
-            stream.use_cache_positions(self.rotary_emb, self.rotate,
-                                       model.get_input_embeddings().weight)
-            # the model rotates at position 0 (the identity): the cache keeps un-rotated keys
-            model_positions = torch.zeros_like(positions)
-        else:
-            model_positions = positions
+        cache, stream, spans, positions, model_positions = self._begin(input_ids, length,
+                                                                       length)
         logits = []
         # the operators on the chosen path; the CUDA kernels' input checks are read back once per
         # window, not per layer and chunk
@@ -313,12 +294,8 @@ class KVProtocol:
                    disable=not self.progress, leave=False)
         with torch.no_grad(), ops.use_kernels(self.kernels), ops.deferred_checks(), bar:
             for start, end in spans:
-                cache.begin_chunk(positions[:, start:end])
-                stream.first_position = start
-                out = self._model_forward(input_ids=input_ids[:, start:end],
-                                          position_ids=model_positions[:, start:end],
-                                          use_cache=True,
-                                          **{self._cache_kwarg: cache, _STREAM_KWARG: stream})
+                out = self._step(cache, stream, input_ids[:, start:end], start, end, positions,
+                                 model_positions)
                 if self.keep_logits:
                     logits.append(out.logits)
                 else:  # predictions start..end-1 of tokens start+1..end (the last has none)
@@ -329,6 +306,7 @@ class KVProtocol:
                 bar.update(end - start)
         self._record_pairs(stream, batch, length)
         self.windows_seen += batch  # row b of the batch was window windows_seen + b
+        model = self.model
         if not self.keep_logits:
             self.token_nll = torch.cat(logits, dim=1)
             return CausalLMOutputWithPast(loss=self.token_nll.mean(), logits=None)
@@ -338,6 +316,73 @@ class KVProtocol:
             loss = model.loss_function(logits=logits, labels=labels,
                                        vocab_size=model.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _begin(self, input_ids: torch.Tensor, length: int, budget_length: int):
+        """A stream of `length` tokens whose first input_ids.shape[1] are given: its budget
+        (from `budget_length` tokens), cache, spans (the densely prefilled first min(K, given)
+        tokens, then chunks of kv_chunk) and positions."""
+        batch, given = input_ids.shape
+        self.budget = self.stats.budget_tokens = self.method.token_budget(
+            budget_length, self.sparsity, self.k_min)
+        block_size = self.stats.block_size = resolve_block_size(self.block_size, budget_length)
+        self.cache = cache = KVEvictionCache(self.model.config.num_hidden_layers, self.budget,
+                                             self.kv_chunk, block_size, length,
+                                             self.method.block_query_pooling,
+                                             self.method.recent_query_window,
+                                             self.method.kv_mode)
+        stream = _WindowStream(self, cache, self.windows_seen)
+        prefill = min(self.budget, given)
+        spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, given))
+                                  for start in range(prefill, given, self.kv_chunk)]
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        if self.rotary_emb is not None:
+            stream.use_cache_positions(self.rotary_emb, self.rotate,
+                                       self.model.get_input_embeddings().weight)
+            # the model rotates at position 0 (the identity): the cache keeps un-rotated keys
+            model_positions = torch.zeros_like(positions)
+        else:
+            model_positions = positions
+        return cache, stream, spans, positions, model_positions
+
+    def _step(self, cache, stream, chunk_ids, start, end, positions, model_positions):
+        """One chunk (tokens start..end-1) through the model; eviction happens inside."""
+        cache.begin_chunk(positions[:, start:end])
+        stream.first_position = start
+        return self._model_forward(input_ids=chunk_ids, position_ids=model_positions[:, start:end],
+                                   use_cache=True,
+                                   **{self._cache_kwarg: cache, _STREAM_KWARG: stream})
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 budget_length: Optional[int] = None) -> torch.Tensor:
+        """Greedy decoding with decode-time eviction: the prompt input_ids [B, P] is streamed
+        as a window is, then each new token is the argmax of the last prediction and is fed
+        as a chunk of its own, the cache evicting down to K after every one (memory stays
+        bounded throughout). K = method.token_budget(budget_length, s) (default: P +
+        max_new_tokens); with kv_chunk=1 and budget_length equal to the length of a
+        teacher-forced window, generating the window's tail reproduces that window's stream
+        step for step. Returns the new tokens [B, max_new_tokens] (no early stop)."""
+        if self._saved is None:
+            raise RuntimeError("KVProtocol.generate runs inside `with KVProtocol(...)`")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens!r} must be a positive integer")
+        batch, given = input_ids.shape
+        length = given + max_new_tokens
+        cache, stream, spans, positions, model_positions = self._begin(
+            input_ids, length, budget_length or length)
+        new_tokens = []
+        with torch.no_grad(), ops.use_kernels(self.kernels), ops.deferred_checks():
+            for start, end in spans:
+                out = self._step(cache, stream, input_ids[:, start:end], start, end, positions,
+                                 model_positions)
+            for position in range(given, length):
+                new_tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+                if position + 1 < length:
+                    out = self._step(cache, stream, new_tokens[-1], position, position + 1,
+                                     positions, model_positions)
+        self._record_pairs(stream, batch, length - 1)
+        self.windows_seen += batch
+        return torch.cat(new_tokens, dim=1)
 
     def _record_pairs(self, stream: _WindowStream, batch: int, length: int) -> None:
         heads = self.model.config.num_attention_heads

@@ -169,10 +169,11 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
 
 
 def try_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
-             progress: bool = False) -> dict:
-    """compute_cell, or a failed R (null metrics + error) when the cell fails."""
+             progress: bool = False, compute=compute_cell) -> dict:
+    """compute(...) (compute_cell, or another kind of cell's: eval.cells), or a failed R (null
+    metrics + error) when the cell fails."""
     try:
-        return compute_cell(config, loaded, windows, spec, progress=progress)
+        return compute(config, loaded, windows, spec, progress=progress)
     except (RuntimeError, ValueError) as err:
         return failed_result(f"{type(err).__name__}: {err}")
 

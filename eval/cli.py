@@ -25,6 +25,7 @@ from .executors import EXECUTORS, ExecutorError
 from .models import ModelLoadError
 from .results import CorruptFileError
 from .runner import PerplexityBenchmarkRunner, RunDeclined
+from .tasks import HAYSTACKS, METRICS, SCORINGS, TASKS
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 # How the command is typed: from a checkout (the package is the folder eval/), or installed
@@ -115,6 +116,25 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--no-key-tokens", dest="key_tokens", action="store_false", default=None,
                    help="skip the key-token perplexity of each cell (docs/metrics.md; it costs "
                         "a few dense forwards per dataset and context length)")
+
+    g = p.add_argument_group("tasks beyond perplexity (docs/tasks.md)")
+    g.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help=f"synthetic tasks scored in the same cells: {' '.join(TASKS)}; "
+                        "without --datasets only tasks run")
+    g.add_argument("--task-files", nargs="+", metavar="FILE.jsonl",
+                   help="local task files in LongBench's fields (context, input, answers, "
+                        "optional all_classes), generated and scored by --task-metric")
+    g.add_argument("--haystack", choices=HAYSTACKS,
+                   help="text: consecutive pd-books text (default); noise: repeated filler")
+    g.add_argument("--task-samples", type=arguments.positive_int, metavar="N",
+                   help="samples per (task, L), needle depths spread over [0, 1] (20)")
+    g.add_argument("--task-scoring", choices=SCORINGS,
+                   help="teacher_forced (default): exact match of the answer as one window; "
+                        "generated: greedy decoding (kv: decode-time eviction; mask: "
+                        "block-sparse prefill, dense decoding)")
+    g.add_argument("--task-metric", choices=METRICS, help="of task files' answers (f1)")
+    g.add_argument("--max-new-tokens", type=arguments.positive_int, metavar="N",
+                   help="greedy generation length (32)")
 
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", choices=list(PROTOCOLS),
@@ -208,6 +228,14 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
     for name, value in simple.items():
         if value is not None:
             setattr(cfg, name, value)
+    tasks = {"names": args.tasks, "files": args.task_files, "haystack": args.haystack,
+             "samples": args.task_samples, "scoring": args.task_scoring,
+             "metric": args.task_metric, "max_new_tokens": args.max_new_tokens}
+    for name, value in tasks.items():
+        if value is not None:
+            setattr(cfg.tasks, name, value)
+    if (args.tasks or args.task_files) and args.datasets is None and args.data_file is None:
+        cfg.datasets = []  # --tasks without --datasets: tasks only
     if args.data_file is not None and args.datasets is None:
         cfg.datasets = [Path(args.data_file).stem]
     if args.model is not None:
@@ -262,6 +290,10 @@ def describe(config: ExperimentConfig) -> str:
     if c.budget_tokens:
         lines.append(f"  budget sweep    K = {c.budget_tokens} tokens at L = "
                      f"{c.context_lengths()}")
+    if c.tasks.enabled:
+        t = c.tasks
+        lines.append(f"  tasks     {', '.join(t.names + t.files)} ({t.samples} samples, "
+                     f"{t.haystack} haystack, {t.scoring} scoring)")
     lines.append(f"  windows   {c.max_windows or 'all'} per cell; output "
                  f"{Path(c.output_dir) / c.name}.json")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from cabattn import methods as registry
 from . import data, models
 from .env import DEVICES, DTYPES
 from .hub import hub_reachable
+from .tasks.checks import check_tasks, check_tasks_fit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -62,6 +63,22 @@ class SparsitySweepConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Tasks beyond perplexity (docs/tasks.md), run in the same sweeps as the datasets."""
+    names: list = field(default_factory=list)  # synthetic tasks (eval.tasks.TASKS)
+    files: list = field(default_factory=list)  # local JSONL files in LongBench's fields
+    haystack: str = "text"  # text (pd-books) or noise
+    samples: int = 20  # per (task, L): needle depths spread evenly over [0, 1]
+    scoring: str = "teacher_forced"  # or generated (synthetic tasks; files are generated)
+    metric: str = "f1"  # of generated answers of task files: exact_match, f1, rouge_l
+    max_new_tokens: int = 32  # greedy generation
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.names or self.files)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "perplexity_benchmark"
     description: str = "Language model perplexity under sparse attention / KV eviction"
@@ -74,6 +91,7 @@ class ExperimentConfig:
     context_length_sweep: ContextLengthSweepConfig = field(
         default_factory=ContextLengthSweepConfig)
     sparsity_sweep: SparsitySweepConfig = field(default_factory=SparsitySweepConfig)
+    tasks: TaskConfig = field(default_factory=TaskConfig)
     protocol: str = "mask"
     block_size: Union[str, int] = "auto"
     causal_selection: str = "strict"
@@ -129,9 +147,11 @@ def _build(cls, data, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(known)}")
     nested = {"model": ModelConfig, "context_length_sweep": ContextLengthSweepConfig,
-              "sparsity_sweep": SparsitySweepConfig}
+              "sparsity_sweep": SparsitySweepConfig, "tasks": TaskConfig}
     values = {}
     for key, value in data.items():
+        if key == "tasks" and cls is ExperimentConfig and isinstance(value, list):
+            value = {"names": value}  # `tasks: [passkey, niah_single]`
         if key in nested and cls is ExperimentConfig:
             value = _build(nested[key], value, f"{where}.{key}")
         values[key] = value
@@ -303,8 +323,9 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
 
 
 def _check_datasets(config: ExperimentConfig, problems: list) -> None:
-    if not config.datasets:
-        problems.append("no datasets given; valid: " + ", ".join(data.available_datasets()))
+    if not config.datasets and not config.tasks.enabled:
+        problems.append("no datasets or tasks given; valid datasets: "
+                        + ", ".join(data.available_datasets()))
     found = len(problems)
     for name in config.datasets:
         try:
@@ -447,7 +468,10 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     _check_methods(config, problems)
     _check_datasets(config, problems)
     _check_kernels(config, problems)
+    check_tasks(config, problems)
     if check_model and not problems:
         _check_model(config, problems)
+    if check_model and not problems and config.tasks.enabled:
+        check_tasks_fit(config, problems)
     if problems:
         raise ConfigError(f"invalid configuration {config.name!r}:\n  - " + "\n  - ".join(problems))

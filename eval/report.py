@@ -8,6 +8,8 @@
   method and sparsity, one panel per dataset: why one method loses more than another.
 - Table 3: method x sparsity at the fixed context length, PPL and its change vs dense, as
   markdown and LaTeX.
+- With a tasks section: the accuracy table, the needle heatmaps and accuracy against
+  perplexity change (eval/tasks/report.py).
 Figures are PNG and PDF, written next to the results file as <stem>_figure4.png and so on.
 """
 import argparse
@@ -15,8 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .plotting import legend_below, save_figure, style_of
 from .results import CorruptFileError, read_json
 from .results import delta_vs_dense
+from .tasks.report import make_task_report
 
 DENSITY_TICKS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -88,16 +92,6 @@ def _methods(all_points):
     return list(dict.fromkeys(p.method for p in all_points))
 
 
-def _style(methods):
-    import matplotlib.pyplot as plt
-    colors = plt.get_cmap("tab10").colors
-    markers = "osD^v<>pX*"
-    return {m: dict(color="black" if m == "dense" else colors[i % len(colors)],
-                    marker="*" if m == "dense" else markers[i % len(markers)],
-                    linestyle="--" if m == "dense" else "-")
-            for i, m in enumerate(methods)}
-
-
 def _log_if_wide(ax, values, axis="y"):
     """Log scale when the values span more than a factor of 3 (a blown-up method would
     otherwise flatten every other curve)."""
@@ -108,25 +102,6 @@ def _log_if_wide(ax, values, axis="y"):
         target = ax.yaxis if axis == "y" else ax.xaxis
         target.set_major_formatter(FormatStrFormatter("%g"))  # 60, not 6 x 10^1
         target.set_minor_formatter(FormatStrFormatter("%g"))
-
-
-def _save(fig, stem: Path, suffix: str) -> list:
-    paths = []
-    for ext in ("png", "pdf"):
-        path = stem.with_name(f"{stem.name}_{suffix}.{ext}")
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-        paths.append(path)
-    return paths
-
-
-def _legend(fig, axes):
-    """One legend for every panel, in a row under them (beside them it left a wide margin)."""
-    handles = {}
-    for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-               ncols=min(len(handles), 4 * len(axes)), frameon=False)
 
 
 def _drop_overlapping_labels(fig, axes) -> None:
@@ -150,7 +125,7 @@ def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> 
     perplexities it plotted (they decide whether the y axis is logarithmic)."""
     import matplotlib.pyplot as plt
     datasets, methods = _datasets(pts), _methods(pts)
-    style = _style(methods)
+    style = style_of(methods)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.6),
                              squeeze=False, layout="constrained")
     axes = axes[0]
@@ -159,9 +134,9 @@ def _perplexity_figure(pts: list, stem: Path, suffix: str, title: str, draw) -> 
         ax.set_ylabel("perplexity (lower is better)")
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
-    _legend(fig, axes)
+    legend_below(fig, axes)
     _drop_overlapping_labels(fig, axes)
-    paths = _save(fig, stem, suffix)
+    paths = save_figure(fig, stem, suffix)
     plt.close(fig)
     return paths
 
@@ -285,7 +260,7 @@ def figure_recall(results: dict, stem: Path) -> list:
         return []
     datasets = list(dict.fromkeys(key[0] for key in cells))
     methods = list(dict.fromkeys(key[1] for key in cells))
-    style = _style(methods)
+    style = style_of(methods)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets) + 0.6, 4.2),
                              squeeze=False)
     axes = axes[0]
@@ -309,8 +284,8 @@ def figure_recall(results: dict, stem: Path) -> list:
         ax.set_ylabel("perplexity change vs dense (%)")
         ax.grid(True, alpha=0.3)
     fig.suptitle("Perplexity change vs attention recall")
-    _legend(fig, axes)
-    paths = _save(fig, stem, "figure_recall")
+    legend_below(fig, axes)
+    paths = save_figure(fig, stem, "figure_recall")
     plt.close(fig)
     return paths
 
@@ -425,7 +400,7 @@ def make_report(results_path, output_dir=None) -> list:
         path = stem.with_name(f"{stem.name}_table3.{suffix}")
         path.write_text(text)
         paths.append(path)
-    return paths
+    return paths + make_task_report(results, stem)
 
 
 def main(argv=None) -> int:

@@ -229,16 +229,20 @@ METRIC_CHECKS = {"perplexity": is_number, "cross_entropy": is_number,
                                         and all(map(is_number, v))),
                  "density": is_number}
 METRIC_FIELDS = tuple(METRIC_CHECKS)
+# A task cell's R (kind "task", docs/tasks.md) is checked by its own metrics.
+TASK_METRIC_CHECKS = {"accuracy": is_number, "samples": _is_count,
+                      "accuracy_ci95": METRIC_CHECKS["ppl_ci95"], "density": is_number}
 
 
 def result_problem(result) -> str | None:
     """What is wrong with a finished cell's R (missing field, wrong type), or None."""
     if not isinstance(result, dict):
         return f"its result is {type(result).__name__}, not a mapping"
-    missing = [name for name in METRIC_CHECKS if name not in result]
+    checks = TASK_METRIC_CHECKS if result.get("kind") == "task" else METRIC_CHECKS
+    missing = [name for name in checks if name not in result]
     if missing:
         return f"its result lacks {', '.join(missing)}"
-    for name, check in METRIC_CHECKS.items():
+    for name, check in checks.items():
         if not check(result[name]):
             return f"its result has {name} = {result[name]!r}, not a finite number of the right type"
     if result.get("error"):

@@ -22,12 +22,15 @@ import cabattn
 from cabattn.grid import sparsity_for_budget
 
 from . import data, env, executors
-from .cell import RunSpec, cell_key, now
+from .cell import RunSpec, now
+from .cells import cell_key
 from .config import ExperimentConfig, check_output_location, validate
 from .compare import headline
 from .report import load_results, make_report
 from .results import CellStore, assemble, delta_vs_dense, write_results
 from .statistics import versus_dense
+from .tasks.cell import summary_line as task_summary_line
+from .tasks.samples import TaskSpec, load_samples, task_names
 
 __all__ = ["Cell", "PerplexityBenchmarkRunner", "RunDeclined", "plan_cells", "plan_runs",
            "run_benchmark"]
@@ -59,43 +62,51 @@ class Cell:
     spec: RunSpec
 
 
-def plan_cells(config: ExperimentConfig) -> list:
-    """Every cell of the results, in file order."""
+def plan_cells(config: ExperimentConfig, tasks: bool = False) -> list:
+    """Every cell of the results, in file order; tasks=True: the task cells (docs/tasks.md),
+    by the same sweeps with the tasks in the datasets' place."""
     cells = []
-    for dataset in config.datasets:
+    Spec = TaskSpec if tasks else RunSpec
+    for dataset in (task_names(config) if tasks else config.datasets):
         for method in config.methods:
             if config.context_length_sweep.enabled:
                 s = 0.0 if method == "dense" else float(config.context_length_sweep.fixed_sparsity)
                 for L in config.context_length_sweep.context_lengths:
                     cells.append(Cell(dataset, method, "context_length_sweep", str(int(L)), s,
-                                      RunSpec.for_cell(dataset, int(L), method, s)))
+                                      Spec.for_cell(dataset, int(L), method, s)))
             if config.sparsity_sweep.enabled:
                 L = int(config.sparsity_sweep.fixed_context_length)
                 # Dense ignores s: one point, as in the original results files.
                 levels = [0.0] if method == "dense" else config.sparsity_sweep.sparsity_levels
                 for s in levels:
                     cells.append(Cell(dataset, method, "sparsity_sweep", str(float(s)), float(s),
-                                      RunSpec.for_cell(dataset, L, method, float(s))))
+                                      Spec.for_cell(dataset, L, method, float(s))))
             # A fixed cache of K tokens at every context length, run as the sparsity that
             # gives K (so it is the same cell as that sparsity); R records K as budget_tokens.
             for K in ([] if method == "dense" else config.budget_tokens or []):
                 for L in config.context_lengths():
                     s = sparsity_for_budget(K, L, config.k_min)
                     cells.append(Cell(dataset, method, "budget_sweep", f"{K}@{L}", s,
-                                      RunSpec.for_cell(dataset, L, method, s)))
+                                      Spec.for_cell(dataset, L, method, s)))
     return cells
 
 
 def plan_runs(config: ExperimentConfig) -> list:
     """Unique computations, grouped by (dataset, L) with dense first: windows are tokenised
-    once per group and every sparse cell can report its change against dense at once."""
-    specs = {seeded for cell in plan_cells(config)
-             for seeded in cell.spec.with_seeds(config.seeds)}
-    specs |= {spec.dense() for spec in specs}
-    dataset_order = {name: i for i, name in enumerate(config.datasets)}
+    once per group and every sparse cell can report its change against dense at once. The
+    task cells come after the perplexity cells, grouped by (task, L) alike."""
     method_order = {name: i for i, name in enumerate(["dense", *config.methods])}
-    return sorted(specs, key=lambda s: (dataset_order[s.dataset], s.context_length,
-                                        method_order[s.method], s.sparsity, s.seed_offset))
+    runs = []
+    for tasks in (False, True):
+        specs = {seeded for cell in plan_cells(config, tasks)
+                 for seeded in cell.spec.with_seeds(config.seeds)}
+        specs |= {spec.dense() for spec in specs}
+        order = {f"task:{name}" if tasks else name: i for i, name in enumerate(
+            task_names(config) if tasks else config.datasets)}
+        runs += sorted(specs, key=lambda s: (order[s.dataset], s.context_length,
+                                             method_order[s.method], s.sparsity,
+                                             s.seed_offset))
+    return runs
 
 
 # -- the runner: plan, compute, store -------------------------------------------------------
@@ -166,7 +177,8 @@ class PerplexityBenchmarkRunner:
             record = self.store.get_record(keys[spec])
             if record is not None:
                 self.reuse(spec, record)
-        self.say(f"{len(specs)} computations for {len(plan_cells(self.config))} result cells; "
+        cells = len(plan_cells(self.config)) + len(plan_cells(self.config, tasks=True))
+        self.say(f"{len(specs)} computations for {cells} result cells; "
                  f"{len(self.reused)} already finished in {self.store.folder}"
                  + (" (reused; --fresh recomputes them)" if self.reused else ""))
         mine = specs if self.shard is None else executors.shard(specs, *self.shard)
@@ -312,6 +324,14 @@ class PerplexityBenchmarkRunner:
 
     def windows_for(self, spec: RunSpec):
         key = (spec.dataset, spec.context_length)
+        if key not in self.windows and isinstance(spec, TaskSpec):  # a task's samples
+            self.windows = {k: v for k, v in self.windows.items() if k[0] == spec.dataset}
+            self.windows[key] = samples = load_samples(self.config, self.executor.tokenizer(),
+                                                       spec)
+            self.window_info[f"{spec.dataset}@{spec.context_length}"] = {
+                **samples.info, "description": samples.description}
+            self.say(f"{spec.task}: {len(samples.samples)} samples of {spec.context_length} "
+                     f"tokens ({samples.description})")
         if key not in self.windows:
             # Only one context length's windows are needed at a time (specs are grouped).
             self.windows = {k: v for k, v in self.windows.items() if k[0] == spec.dataset}
@@ -331,6 +351,8 @@ class PerplexityBenchmarkRunner:
         return [spec for spec, r in self.outcomes.items() if r.get("error")]
 
     def summary_line(self, spec: RunSpec, result: dict) -> str:
+        if isinstance(spec, TaskSpec):
+            return task_summary_line(spec, result, self.outcomes.get(spec.dense()))
         dense_result = self.outcomes.get(spec.dense())
         dense = (dense_result or {}).get("perplexity")
         delta = delta_vs_dense(result["perplexity"], dense)
@@ -371,6 +393,9 @@ class PerplexityBenchmarkRunner:
     def write(self, status: str) -> dict:
         results = assemble(plan_cells(self.config), self.outcomes, self.config_record(status),
                            seeds=self.config.seeds)
+        if self.config.tasks.enabled:  # shaped like results (docs/tasks.md)
+            results["tasks"] = assemble(plan_cells(self.config, tasks=True), self.outcomes,
+                                        {})["results"]
         write_results((self.results_path, self.latest_path), results)
         return results
 

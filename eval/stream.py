@@ -37,7 +37,8 @@ from .data import available_datasets, check_data_file, load_windows, validate_da
 from .executors.common import KernelCheckError, check_kernels
 from .metrics import summarize
 from .models import DEFAULT_MODEL, load_model
-from .report import _log_if_wide, _save, _style
+from .plotting import save_figure, style_of
+from .report import _log_if_wide
 from .results import CellStore, write_json_atomic
 
 # label -> (registered method, parameters): the curves of StreamingLLM's Figure 3 and ours
@@ -169,7 +170,7 @@ def stream_figure(results: dict, positions: int, stem: Path, title: str) -> list
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    style = _style(list(results))
+    style = style_of(list(results))
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, r in results.items():
         ends = [s["end"] for s in r["segments"]]
@@ -184,7 +185,7 @@ def stream_figure(results: dict, positions: int, stem: Path, title: str) -> list
     ax.set_ylabel("perplexity per segment")
     ax.set_title(title, fontsize=9)
     ax.legend(frameon=False, fontsize=8)
-    paths = _save(fig, stem, "stream")
+    paths = save_figure(fig, stem, "stream")
     plt.close(fig)
     return paths
 

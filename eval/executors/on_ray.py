@@ -15,7 +15,7 @@ from collections import deque
 from pathlib import Path
 
 from .. import models
-from ..cell import try_cell
+from ..cells import try_cell
 from ..config import ConfigError
 from .common import ExecutorError, load_run_model, model_info
 

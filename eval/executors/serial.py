@@ -1,6 +1,7 @@
 """The serial executor: every cell in this process, one after the other, on one model."""
 from .. import env
-from ..cell import time_forward, try_cell
+from ..cell import time_forward
+from ..cells import try_cell
 from .common import load_run_model, model_info
 
 
