@@ -16,8 +16,8 @@ from .reference import (ADDITIVE, GLOBAL_MINMAX, MAX_L2, MEAN, MULTIPLICATIVE, R
 # The kernel operators, one function each below (cabattn.emu copies their schemas).
 KERNELS = ("coarsen", "block_scores", "frc_scores", "select_blocks", "block_sparse_attention",
            "attention_with_scores", "kv_compact_")
-__all__ = [*KERNELS, "deferred_checks", "cpu_isa", "supported_cpu_isas", "MAX_L2", "MEAN", "ADDITIVE",
-           "MULTIPLICATIVE", "ROW_MINMAX", "GLOBAL_MINMAX"]
+__all__ = [*KERNELS, "deferred_checks", "cpu_isa", "supported_cpu_isas", "MAX_L2", "MEAN",
+           "ADDITIVE", "MULTIPLICATIVE", "ROW_MINMAX", "GLOBAL_MINMAX"]
 
 _ops = torch.ops.cabattn
 

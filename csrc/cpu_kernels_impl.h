@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "cpu_kernels.h"
 
@@ -192,24 +193,32 @@ struct Lanes {
     return p * (vfloat)exponent;  // a vector cast reinterprets the bits
   }
 
-  // The lanes of x[0 .. min(size, kCount)); missing ones read as `fill`.
+  // The lanes of x[0 .. min(size, kCount)); missing ones read as `fill`. The partial vector at
+  // a row's end is built in memory out of line, so the full vectors stay in registers.
   [[gnu::always_inline]] static vfloat load(const float* x, int64_t size, float fill) {
+    if (size < kCount) return load_partial(x, size, fill);
     vfloat v;
-    if (size >= kCount) {
-      std::memcpy(&v, x, sizeof(vfloat));  // a constant size: one unaligned vector load
-    } else {
-      v = vfloat{} + fill;
-      std::memcpy(&v, x, size * sizeof(float));
-    }
+    std::memcpy(&v, x, sizeof(vfloat));  // a constant size: one unaligned vector load
+    return v;
+  }
+
+  [[gnu::noinline, gnu::cold]] static vfloat load_partial(const float* x, int64_t size,
+                                                          float fill) {
+    vfloat v = vfloat{} + fill;
+    std::memcpy(&v, x, size * sizeof(float));
     return v;
   }
 
   // Writes the first min(size, kCount) lanes of v to x.
   [[gnu::always_inline]] static void store(float* x, vfloat v, int64_t size) {
-    if (size >= kCount)
-      std::memcpy(x, &v, sizeof(vfloat));
+    if (size < kCount)
+      store_partial(x, v, size);
     else
-      std::memcpy(x, &v, size * sizeof(float));
+      std::memcpy(x, &v, sizeof(vfloat));
+  }
+
+  [[gnu::noinline, gnu::cold]] static void store_partial(float* x, vfloat v, int64_t size) {
+    std::memcpy(x, &v, size * sizeof(float));
   }
 
   // Lanes t < count keep v, the others become 0.
@@ -229,19 +238,28 @@ struct Lanes {
   }
 
   // Halves the vector until one lane is left (log2 steps, not one per lane: block_scores
-  // reduces two vectors per key block of every row).
+  // reduces two vectors per key block of every row). The halves are register shuffles: halves
+  // taken through memory would keep the caller's accumulator in memory for its whole loop.
   template <int N, typename Op>
   [[gnu::always_inline]] static float reduce(typename Vector<float, N * sizeof(float)>::type v,
                                              Op op) {
     if constexpr (N == 1) {
       return v[0];
     } else {
-      typedef typename Vector<float, N / 2 * sizeof(float)>::type half;
-      half low, high;
-      std::memcpy(&low, &v, sizeof(half));
-      std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(half), sizeof(half));
-      return reduce<N / 2>(op(low, high), op);
+      return reduce<N / 2>(op(low_half(v, std::make_index_sequence<N / 2>()),
+                              high_half(v, std::make_index_sequence<N / 2>())),
+                           op);
     }
+  }
+
+  template <typename V, size_t... kLane>
+  [[gnu::always_inline]] static auto low_half(V v, std::index_sequence<kLane...>) {
+    return __builtin_shufflevector(v, v, kLane...);
+  }
+
+  template <typename V, size_t... kLane>
+  [[gnu::always_inline]] static auto high_half(V v, std::index_sequence<kLane...>) {
+    return __builtin_shufflevector(v, v, (kLane + sizeof...(kLane))...);
   }
 };
 
