@@ -14,7 +14,6 @@ the CPU ISA path the kernels ran (docs/cpu_kernels.md) and the load average.
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -26,19 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import cabattn  # noqa: E402
 from cabattn import ops  # noqa: E402
-from bench_common import interleaved_seconds, median_ratio, report  # noqa: E402
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo where there is one) and its vector ISA paths."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next(line.split(":", 1)[1].strip() for line in info
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, supports {'/'.join(ops.supported_cpu_isas())}"
+from bench_common import cpu_model, interleaved_seconds, median_ratio, report  # noqa: E402
 
 
 def flex_runner(q, k, v, layout, scale):

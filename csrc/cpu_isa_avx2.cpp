@@ -9,7 +9,9 @@
 namespace cabattn {
 namespace {
 
-// Tile shapes measured with bench/bench_tiles.py (docs/cpu_kernels.md, Tile shapes).
+// 6 rows x 1 key panel: 12 ymm accumulators, 2 panel loads and 6 broadcasts per 12 FMAs, the
+// classic AVX2 SGEMM shape; 5 x 1 measures the same, wider shapes spill (bench/bench_tiles.py,
+// docs/cpu_kernels.md, Tile shapes).
 struct Avx2 {
   static constexpr int kVectorBytes = 32;
   static constexpr vector_kernels::TileShape kQkTile{6, 1}, kPvTile{6, 1};

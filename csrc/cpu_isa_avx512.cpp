@@ -9,10 +9,13 @@
 namespace cabattn {
 namespace {
 
-// Tile shapes measured with bench/bench_tiles.py (docs/cpu_kernels.md, Tile shapes).
+// 6 rows x 4 key panels: 24 zmm accumulators, 4 panel loads and 6 broadcasts per 24 FMAs, the
+// fewest loads per FMA of the shapes that fit 32 registers. On Zen 4 (512-bit FMAs as two
+// halves) every shape from 6 x 1 to 12 x 2 runs within 3% (bench/bench_tiles.py, docs/
+// cpu_kernels.md, Tile shapes); cores with two 512-bit FMA pipes need the low load ratio.
 struct Avx512 {
   static constexpr int kVectorBytes = 64;
-  static constexpr vector_kernels::TileShape kQkTile{14, 2}, kPvTile{6, 4};
+  static constexpr vector_kernels::TileShape kQkTile{6, 4}, kPvTile{6, 4};
 };
 
 }  // namespace
