@@ -49,7 +49,7 @@ def sweep_config(output_dir: str, max_windows: int, lengths=(256, 512)):
 def timed_run(config, **runner_options) -> tuple:
     """(wall seconds of the run after the executor is ready, seconds to get it ready,
     [(spec, result, where)] in order of arrival)."""
-    from eval.run import PerplexityBenchmarkRunner
+    from eval.runner import PerplexityBenchmarkRunner
     runner = PerplexityBenchmarkRunner(config, resume=False, progress=False, make_report=False,
                                        **runner_options)
     executor, arrivals, marks = runner.executor, [], {}
@@ -74,13 +74,13 @@ def timed_run(config, **runner_options) -> tuple:
 
 def bench_executors(args) -> None:
     import torch
-    from eval.executors import load_model
+    from eval.executors import load_run_model
     folder = Path(tempfile.mkdtemp(prefix="bench_scale."))
     try:
         config = sweep_config(str(folder / "serial"), args.max_windows, args.lengths)
         torch.set_num_threads(2)
         start = time.perf_counter()
-        load_model(config, say=lambda message: None)
+        load_run_model(config, say=lambda message: None)
         load_seconds = time.perf_counter() - start
         serial_wall, _, serial_cells = timed_run(config, executor="serial")
         ray_config = sweep_config(str(folder / "ray"), args.max_windows, args.lengths)
@@ -117,11 +117,11 @@ def bench_executors(args) -> None:
 def bench_batch(args) -> None:
     import torch
     from eval.data import load_windows
-    from eval.executors import load_model
-    from eval.run import RunSpec, compute_cell
+    from eval.executors import load_run_model
+    from eval.cell import RunSpec, compute_cell
     torch.set_num_threads(args.threads)
     config = sweep_config(tempfile.gettempdir(), args.max_windows)
-    loaded = load_model(config, say=lambda message: None)
+    loaded = load_run_model(config, say=lambda message: None)
     rows = ["| protocol | method | L | batch 1 s | batch N s | speed-up | PPL rel. diff |",
             "|---|---|---|---|---|---|---|"]
     for protocol, method in (cell.split(":") for cell in args.cells):

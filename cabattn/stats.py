@@ -1,4 +1,4 @@
-"""What a model ran under cabattn.apply() / cabattn.dense(): the protocol's record.
+"""What a model ran under cabattn.apply() / cabattn.model_attention(): the protocol's record.
 
 Each protocol fills a ProtocolStats while the model runs and reports itself through `record()`
 (protocol, block size, its own options, the method's parameters, realised density, timings), so

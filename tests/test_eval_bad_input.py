@@ -27,7 +27,7 @@ def test_params_of_a_method_not_run_are_still_validated(param, message, tiny_mod
 
 def test_a_param_for_a_method_not_run_is_named_in_a_warning(tiny_model, tiny_text, tmp_path,
                                                              monkeypatch, capsys):
-    monkeypatch.setattr("eval.run.PerplexityBenchmarkRunner.run", lambda self: {})
+    monkeypatch.setattr("eval.runner.PerplexityBenchmarkRunner.run", lambda self: {})
     assert cli.main(_base(tiny_model, tiny_text, tmp_path, "--param",
                           "cab_v3.lambda_redundancy=0.5")) == cli.EXIT_OK
     err = capsys.readouterr().err
@@ -61,7 +61,7 @@ def test_a_bad_output_location_fails_before_loading(where, tiny_model, tiny_text
 
 def test_a_budget_that_leaves_no_choice_is_warned_about(tiny_model, tiny_text, tmp_path,
                                                         monkeypatch, capsys):
-    monkeypatch.setattr("eval.run.PerplexityBenchmarkRunner.run", lambda self: {})
+    monkeypatch.setattr("eval.runner.PerplexityBenchmarkRunner.run", lambda self: {})
     argv = _base(tiny_model, tiny_text, tmp_path, "--context-lengths", "256",
                  "--fixed-sparsity", "0.9", "--block-size", "32")
     assert cli.main(argv) == cli.EXIT_OK

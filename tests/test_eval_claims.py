@@ -5,7 +5,7 @@ import sys
 import pytest
 from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
 
-from eval import cli, run
+from eval import cell, cli
 from eval.results import CellStore
 
 KEY = {"dataset": "tiny", "context_length": 64, "method": "dense"}
@@ -50,8 +50,8 @@ def test_a_cell_another_run_computes_is_waited_for_not_recomputed(tiny_model, ti
                          "--context-lengths", "64", "96", "--no-sparsity-sweep",
                          "--max-windows", "1", "--no-report")
     config = cli.configs_from_args(cli.build_parser().parse_args(args))[0][0]
-    busy_spec = run.RunSpec("tiny", 64, "dense", 0.0)
-    busy_key = run.cell_key(config, busy_spec)
+    busy_spec = cell.RunSpec("tiny", 64, "dense", 0.0)
+    busy_key = cell.cell_key(config, busy_spec)
     store = CellStore(tmp_path / "tiny.cells")
     other_run = store.try_claim(busy_key)  # "another run" is computing L=64
     other_result = {"perplexity": 5.0, "cross_entropy": 1.6094379124341003,
@@ -69,8 +69,8 @@ def test_a_cell_another_run_computes_is_waited_for_not_recomputed(tiny_model, ti
 
     monkeypatch.setattr(CellStore, "claim", other_run_finishes_then_wait)
     computed = []
-    compute_cell = run.compute_cell
-    monkeypatch.setattr(run, "compute_cell", lambda config, loaded, windows, spec, **kw:
+    compute_cell = cell.compute_cell
+    monkeypatch.setattr(cell, "compute_cell", lambda config, loaded, windows, spec, **kw:
                         computed.append(spec) or compute_cell(config, loaded, windows, spec, **kw))
     assert cli.main(args) == cli.EXIT_OK
     out = capsys.readouterr().out

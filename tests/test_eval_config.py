@@ -4,7 +4,7 @@ import pytest
 from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
 
 from eval import config as cfg
-from eval import cli, data, models, run
+from eval import cli, data, models, runner
 from eval.config import ConfigError
 
 
@@ -37,8 +37,8 @@ def test_quick_test_offline_fallback():
 
 def test_original_python_api_names():
     import eval
-    assert eval.run_benchmark is run.run_benchmark
-    assert eval.PerplexityBenchmarkRunner is run.PerplexityBenchmarkRunner
+    assert eval.run_benchmark is runner.run_benchmark
+    assert eval.PerplexityBenchmarkRunner is runner.PerplexityBenchmarkRunner
     assert eval.create_quick_test is cfg.create_quick_test
     assert eval.ExperimentConfig is cfg.ExperimentConfig and eval.ModelConfig is cfg.ModelConfig
     with pytest.raises(AttributeError, match="no attribute 'run_benchmarks'"):

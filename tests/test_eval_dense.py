@@ -7,7 +7,7 @@ import pytest
 import torch
 from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
 
-from eval import cli, data, models, run
+from eval import cell, cli, data, models
 from eval.executors.serial import SerialExecutor
 
 L, WINDOWS = 128, 5
@@ -115,10 +115,10 @@ def test_compute_cell_alone_gives_the_runners_cell(tiny_model, tiny_text, tmp_pa
     loaded = models.load_model(str(tiny_model))
     windows = data.load_windows(dataset, loaded.tokenizer, 128, max_windows=2,
                                 data_file=str(tiny_text))
-    spec = run.RunSpec.for_cell(dataset, 128, "cab_v4", 0.75)
-    cell = run.compute_cell(config, loaded, windows, spec)
+    spec = cell.RunSpec.for_cell(dataset, 128, "cab_v4", 0.75)
+    computed = cell.compute_cell(config, loaded, windows, spec)
     timings = {"selection_seconds", "attention_seconds", "selection_share", "wall_seconds",
                "tokens_per_second", "peak_memory_mb", "finished"}
-    assert {k: v for k, v in cell.items() if k not in timings} == {
-        k: v for k, v in stored.items() if k in cell and k not in timings}
-    assert run.cell_key(config, spec)["block_size"] == cell["block_size"] == 16
+    assert {k: v for k, v in computed.items() if k not in timings} == {
+        k: v for k, v in stored.items() if k in computed and k not in timings}
+    assert cell.cell_key(config, spec)["block_size"] == computed["block_size"] == 16

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
 
-from eval import cli, run
+from eval import cell, cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -67,8 +67,8 @@ def test_killed_run_resumes_without_recomputing(how, tiny_model, tiny_text, tmp_
                     ["context_length_sweep"]) == ["64"]
 
     computed = []
-    compute_cell = run.compute_cell
-    monkeypatch.setattr(run, "compute_cell", lambda config, loaded, windows, spec, **kw:
+    compute_cell = cell.compute_cell
+    monkeypatch.setattr(cell, "compute_cell", lambda config, loaded, windows, spec, **kw:
                         computed.append(spec) or compute_cell(config, loaded, windows, spec, **kw))
     assert cli.main(args + ["--resume"]) == cli.EXIT_OK
     assert "1 already finished" in capsys.readouterr().out

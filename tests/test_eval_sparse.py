@@ -15,10 +15,7 @@ from eval_assets import make_tiny_model, tiny_run_args, tiny_text  # noqa: F401
 import cabattn
 from eval import data, models
 
-try:  # the command line moves to eval.cli with issue 13's split of eval/run.py
-    from eval.cli import main
-except ImportError:
-    from eval.run import main
+from eval.cli import main
 
 EXIT_OK = 0  # every cell finished (python -m eval.run's documented exit status)
 

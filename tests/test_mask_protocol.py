@@ -92,7 +92,7 @@ def test_bad_arguments_fail_before_touching_the_model(model):
     original = model.config._attn_implementation
     for kwargs, message in [({"method": "cab_v5"}, "valid methods"),
                             ({"method": "h2o", "sparsity": 1.2}, "outside [0, 1)"),
-                            ({"method": "h2o", "protocol": "tokens"}, "valid: mask, kv"),
+                            ({"method": "h2o", "protocol": "tokens"}, "valid protocols: mask, kv"),
                             ({"method": "h2o", "lambda_redundancy": 0.3}, "no parameter")]:
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
             with cabattn.apply(model, **kwargs):
@@ -141,7 +141,7 @@ def test_the_stats_record_says_what_ran(model, ids):
     assert record["params"] == methods.get_method("cab_v4").config
     assert record["oracle_selection"] and record["density"] == stats.density
     assert set(record["layer_head_density"]) == {"0", "1"}
-    with cabattn.dense(model) as dense:
+    with cabattn.model_attention(model) as dense:
         assert dense.record()["protocol"] == "dense" and dense.record()["density"] == 1.0
 
 

@@ -51,7 +51,7 @@ def test_bad_method_parameters_name_the_valid_choices(name, params, message):
     ({"sparsity": 1.0}, "sparsity 1.0 is outside [0, 1)"),
     ({"sparsity": -0.1}, "sparsity -0.1 is outside [0, 1)"),
     ({"sparsity": 0.5, "block_size": 48}, "valid: auto, 16, 32, 64, 128"),
-    ({"sparsity": 0.5, "causal_selection": "future"}, "valid: strict, block"),
+    ({"sparsity": 0.5, "causal_selection": "future"}, "valid choices: strict, block"),
     ({"sparsity": 0.5, "k_min": 0}, "k_min 0 must be a positive integer"),
 ])
 def test_bad_options_are_rejected(options, message):

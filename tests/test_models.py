@@ -43,7 +43,7 @@ def test_converted_checkpoint_is_an_ordinary_one(loaded):
 
 
 def test_config_alone_is_read_from_the_converted_checkpoint(loaded):
-    config = models.load_config()
+    config = models.load_model_config()
     assert models.max_positions(config) == loaded.max_positions
     assert config.num_key_value_heads == loaded.model.config.num_key_value_heads
 

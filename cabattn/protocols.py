@@ -1,29 +1,32 @@
-"""cabattn.apply: run a Hugging Face model under a method, with either protocol.
+"""The protocols by name, and cabattn.apply: a Hugging Face model under a method.
 
     with cabattn.apply(model, method="cab_v4", sparsity=0.9) as stats:
         loss = model(input_ids, labels=input_ids).loss
     stats.density, stats.record()
 
-cabattn.dense(model) is the same context for the model's own attention (its stats record
+cabattn.model_attention(model) is the same context for the model's own attention (its stats record
 dense), so a caller runs every cell through one path.
 """
-import inspect
 from contextlib import contextmanager
 from typing import Union
 
+from .checks import lookup
 from .kv_protocol import KVProtocol
 from .mask_protocol import MaskProtocol
 from .methods import Method
-from .sparse import resolve_method
 from .stats import DenseStats
 
 PROTOCOLS = {protocol.name: protocol for protocol in (MaskProtocol, KVProtocol)}
 
 
 def get_protocol(name: str) -> type:
-    if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    return lookup("protocol", name, PROTOCOLS)
+
+
+def protocol_options() -> dict:
+    """{name: Option} of every protocol's own options (cabattn.checks.Option)."""
+    return {option.name: option for protocol in PROTOCOLS.values()
+            for option in protocol.OPTIONS}
 
 
 @contextmanager
@@ -33,18 +36,12 @@ def apply(model, method: Union[str, Method] = "dense", sparsity: float = 0.0,
     k_min, seed; causal_selection for mask; kv_chunk, positions for kv) and the method's own
     parameters (see cabattn.methods.get_method). Everything is validated before the model is
     touched; the model's own attention is restored on exit, also after an exception."""
-    Protocol = get_protocol(protocol)
-    # The protocol's own options are the named keyword parameters of its constructor.
-    names = {name for name, p in inspect.signature(Protocol).parameters.items()
-             if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY} - {
-        "model", "method", "sparsity"}
-    protocol_options = {k: v for k, v in options.items() if k in names}
-    method = resolve_method(method, **{k: v for k, v in options.items() if k not in names})
-    with Protocol(model, method, sparsity, **protocol_options) as stats:
+    # The protocol takes its own options by keyword and builds the method from the rest.
+    with get_protocol(protocol)(model, method, sparsity, **options) as stats:
         yield stats
 
 
 @contextmanager
-def dense(model):
+def model_attention(model):
     """The model's own attention, untouched; yields DenseStats (the record of a dense run)."""
     yield DenseStats()
