@@ -62,24 +62,24 @@ def block_scores_case(dtype, ratio, length, block_size, dim, seed):
     return "block_scores", (q, k, block_size, dim ** -0.5)
 
 
-# Row counts that leave every tile height a remainder, odd key-panel counts, head dims that are
-# not a multiple of a panel group (40: two 16-column slabs and 8 columns one by one; 32; 128),
-# several key chunks per row, GQA, and each input dtype (float64 runs the tables' float64
-# GEMM; half types compute in float32).
+# Every remainder of the tile heights (rows mod 6: 1 to 5; mod 3: 1, 2) and of the key-panel
+# groups (QK^T: runs of 1 to several 16-key panels; P V: head dims of 2, 3, 4, 5 and 8 slabs of
+# 16 columns, and 40: two slabs and 8 columns one by one), several key chunks per row, GQA,
+# and each input dtype (float64 runs the tables' float64 GEMM; half types compute in float32).
 CASES = [
-    attention_case(torch.float32, 3, 200, 16, 64, 5, 1),
-    attention_case(torch.float32, 1, 130, 32, 128, 100, 2),
-    attention_case(torch.float32, 2, 70, 16, 40, 3, 3),
-    attention_case(torch.float32, 1, 1100, 128, 64, 9, 4),  # up to 3 key chunks per block
-    attention_case(torch.bfloat16, 3, 300, 64, 32, 3, 5),
+    attention_case(torch.float32, 3, 197, 16, 64, 5, 1),  # blocks of 16 rows and a last of 5
+    attention_case(torch.float32, 1, 130, 32, 128, 100, 2),  # 32 and 2 rows
+    attention_case(torch.float32, 2, 65, 16, 40, 3, 3),  # a last block of 1 row
+    attention_case(torch.float32, 1, 1100, 128, 48, 9, 4),  # up to 3 key chunks per block
+    attention_case(torch.bfloat16, 3, 300, 64, 80, 3, 5),
     attention_case(torch.float64, 3, 200, 16, 64, 5, 6),
-    scores_case(torch.float32, 3, 1, 300, 64, 7),  # decode
-    scores_case(torch.float32, 3, 37, 700, 64, 8),  # 2 key chunks
-    scores_case(torch.float16, 1, 16, 100, 40, 9),
+    scores_case(torch.float32, 3, 1, 300, 64, 7),  # decode: 3 rows
+    scores_case(torch.float32, 3, 37, 700, 64, 8),  # 111 rows, 2 key chunks
+    scores_case(torch.float16, 1, 17, 100, 40, 9),  # 17 rows
     scores_case(torch.float64, 3, 5, 50, 64, 10),
-    block_scores_case(torch.float32, 3, 300, 16, 64, 11),
-    block_scores_case(torch.float32, 1, 1100, 64, 40, 12),  # 2 key chunks
-    block_scores_case(torch.bfloat16, 1, 200, 128, 32, 13),
+    block_scores_case(torch.float32, 3, 300, 16, 64, 11),  # row tiles of 128 and 44
+    block_scores_case(torch.float32, 1, 1097, 64, 40, 12),  # 2 key chunks, a last tile of 73
+    block_scores_case(torch.bfloat16, 1, 199, 128, 32, 13),  # 128 and 71
     block_scores_case(torch.float64, 3, 100, 32, 64, 14),
 ]
 NAMES = {"block_sparse_attention": ["out", "lse"], "attention_with_scores": ["out", "lse", "mass"],
