@@ -35,14 +35,19 @@ def main():
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    for name in ("rows", "dim", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.keys < 16 or args.keys % 16:
+        parser.error(f"--keys must be a positive multiple of 16 (one key panel), got {args.keys}")
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         sys.exit(f"bench_tiles: no C++ compiler {compiler!r} (set CXX)")
     paths = [isa for isa in ops.supported_cpu_isas() if isa in TARGETS]
     if not paths:
         sys.exit(f"bench_tiles: this CPU supports none of {', '.join(TARGETS)}")
-    header = (f"{cpu_model()}; {args.rows} rows, d {args.dim}, {args.keys} keys, float32, 1 thread, "
-              f"best and median of {args.rounds} interleaved rounds; load average "
+    header = (f"{cpu_model()}; {args.rows} rows, d {args.dim}, {args.keys} keys, float32, "
+              f"1 thread, best and median of {args.rounds} interleaved rounds; load average "
               f"{os.getloadavg()[0]:.1f} at the start")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
