@@ -3,7 +3,8 @@ import subprocess
 import sys
 
 import pytest
-from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from helpers import REPO, subprocess_env
+from eval_assets import tiny_run_args
 
 from eval import cell, cli
 from eval.results import CellStore
@@ -30,7 +31,7 @@ def test_the_claim_of_a_killed_process_is_free(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from eval.results import CellStore; "
          f"c = CellStore(sys.argv[1]).try_claim({KEY!r}); print('held', flush=True); "
-         "time.sleep(600)", str(store.folder)], stdout=subprocess.PIPE, text=True)
+         "time.sleep(600)", str(store.folder)], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert store.try_claim(KEY) is None
@@ -80,16 +81,13 @@ def test_a_cell_another_run_computes_is_waited_for_not_recomputed(tiny_model, ti
 
 
 def test_two_runs_into_one_folder_compute_each_cell_once(tiny_model, tiny_text, tmp_path):
-    import os
     import re
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
     args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--method", "dense",
                          "--context-lengths", "64", "96", "128", "160", "--no-sparsity-sweep",
                          "--max-windows", "2", "--no-report")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    runs = [subprocess.Popen([sys.executable, "-m", "eval.run", *args], cwd=repo, env=env,
+    env = subprocess_env()
+    runs = [subprocess.Popen([sys.executable, "-m", "eval.run", *args], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]
     outputs = [run.communicate(timeout=300)[0] for run in runs]

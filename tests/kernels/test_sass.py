@@ -1,4 +1,4 @@
-"""Structural checks of the tensor-core kernels without a GPU (issue 12, point 7): every
+"""Structural checks of the tensor-core kernels without a GPU (docs/operators.md): every
 fp16/bf16 instantiation in csrc/cuda/*_tc.cu, compiled for sm_90 as setup.py compiles it,
 runs its matrix products on the tensor cores (HMMA in the SASS, fed by ldmatrix and cp.async)
 and keeps everything in registers (ptxas: no spill stores or loads, no stack frame, no local
@@ -7,8 +7,10 @@ import importlib.util
 import os
 
 import pytest
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # (pyproject.toml: markers)
+
 spec = importlib.util.spec_from_file_location("sass_report",
                                               os.path.join(REPO, "bench", "sass_report.py"))
 sass_report = importlib.util.module_from_spec(spec)

@@ -1,4 +1,5 @@
-"""Hand-computed anchors for the spec's formulas (METHODS.md sections 0 and 2.3, KERNELS.md 3).
+"""Hand-computed anchors for the formulas of docs/methods.md, docs/block_statistics.md and
+docs/operators.md.
 
 A misreading shared by a kernel and its reference would pass every comparison between them;
 these numbers were worked out by hand from the spec's text, not by running the code.

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-from eval_assets import tiny_model, tiny_text  # noqa: F401  (fixtures)
 
 from eval import models
 

@@ -13,6 +13,8 @@ import torch
 from cabattn import methods as registry
 from cabattn.kv_protocol import KVProtocol
 
+pytestmark = pytest.mark.slow  # (pyproject.toml: markers)
+
 SPARSITY = 0.9
 
 

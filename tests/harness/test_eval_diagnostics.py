@@ -1,9 +1,9 @@
-"""Issue 16 in a whole run: attention recall, sink retention and selection share in every
+"""The diagnostics in a whole run: attention recall, sink retention and selection share in every
 sparse cell, the recall figure, and fixed token budgets (--budget-tokens) as cells."""
 import json
 
 import pytest
-from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from eval_assets import tiny_run_args
 
 from cabattn.grid import sparsity_for_budget, token_budget
 from eval import cli

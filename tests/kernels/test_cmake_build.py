@@ -5,14 +5,15 @@ The driver's --check compares the all-blocks layout with ATen's causal SDPA in f
 build that registers the operator but computes it wrongly fails too. This is the slowest test
 file (one CMake build of the CPU sources, 2 parallel jobs).
 """
-import os
 import shutil
 import subprocess
 
 import pytest
 import torch.utils
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # (pyproject.toml: markers)
+
 
 
 def test_cmake_cpu_build_runs_the_driver(tmp_path):
@@ -20,7 +21,7 @@ def test_cmake_cpu_build_runs_the_driver(tmp_path):
     if cmake is None:
         pytest.skip("cmake is not installed")
     build = tmp_path / "build"
-    configure = [cmake, "-S", REPO, "-B", str(build), "-DCABATTN_CUDA=OFF",
+    configure = [cmake, "-S", str(REPO), "-B", str(build), "-DCABATTN_CUDA=OFF",
                  # Unoptimised: this checks the build and the registration, not speed.
                  "-DCMAKE_BUILD_TYPE=None", "-DCMAKE_CXX_FLAGS=-O0",
                  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]

@@ -1,4 +1,5 @@
-"""The h2o kv rule end to end (METHODS.md 1.3 and 3), against an independent simulation.
+"""The h2o kv rule end to end (docs/protocols.md, docs/methods.md), against an independent
+simulation.
 
 A one-layer random Llama: layer 0's queries and keys do not depend on eviction, so the test can
 take them from a dense pass and replay the stream itself in float64: prefill K tokens densely,
@@ -12,7 +13,8 @@ import math
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from cabattn import methods as registry
@@ -27,12 +29,7 @@ NEAR_TIE = 1e-5
 
 @pytest.fixture(scope="module")
 def model(single_thread):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=HEADS,
-                         num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-                         attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(layers=1, heads=HEADS, kv_heads=KV_HEADS, attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="module")

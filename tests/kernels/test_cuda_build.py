@@ -12,8 +12,10 @@ import struct
 import subprocess
 
 import pytest
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # (pyproject.toml: markers)
+
 FATBIN_MAGIC = 0xBA55ED50
 CUBIN, PTX = 2, 1
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # setup.py's default

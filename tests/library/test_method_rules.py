@@ -1,4 +1,4 @@
-"""Each method's mask rule (METHODS.md sections 0, 1.2, 2 and 3), written here from the spec as
+"""Each method's mask rule (docs/methods.md, docs/protocols.md), written here from the spec as
 plain loops over query-block rows, against the layouts cabattn.select_blocks produces.
 
 The references use nothing of cabattn: the dense softmax, the block statistics, the coarse

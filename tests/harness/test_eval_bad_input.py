@@ -1,8 +1,8 @@
-"""Bad input and failures found by trying the harness as a new user would (issue 14): each
+"""Bad input and failures found by trying the harness as a new user would: each
 fails before the model loads, with exit 2 and a message naming the bad value and what would
 be valid, never with a traceback; and what is valid but probably not meant gets a warning."""
 import pytest
-from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
+from helpers import REPO, subprocess_env
 
 from eval import cli
 
@@ -145,16 +145,13 @@ runpy.run_module("eval.run", run_name="__main__")
 
 
 def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback(tmp_path):
-    import os
     import signal
     import subprocess
     import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen([sys.executable, "-c", SLOW_TORCH_IMPORT, "--quick-test", "--yes",
-                             "--output-dir", str(tmp_path)], cwd=repo,
-                            env={**os.environ, "PYTHONPATH": str(repo)},
+                             "--output-dir", str(tmp_path)], cwd=REPO,
+                            env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     before = []
     for line in proc.stdout:  # until torch starts importing

@@ -1,14 +1,16 @@
 """No L x L tensor in the mask protocol: a tiny random Llama scores a 32K-token window under
 every method within a memory bound far below one L x L matrix (4 GiB in float32, 1 GiB even as
 booleans). Run in a fresh process, whose peak resident set measures this work alone."""
-import os
 import subprocess
 import sys
-from pathlib import Path
+
+import pytest
+from helpers import REPO, subprocess_env
 
 import cabattn.methods
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # (pyproject.toml: markers)
+
 LENGTH = 32768
 # Activations, logits (32K x 320 floats), the loss's copies and the block tables of a 32K
 # window take about 250 MiB here; one L x L boolean mask alone would be 1024 MiB.
@@ -38,8 +40,7 @@ for method in sys.argv[2:]:
 
 def test_mask_protocol_at_32k_tokens_keeps_no_length_squared_tensor():
     names = cabattn.methods.available()
-    env = {**os.environ, "OMP_NUM_THREADS": "2",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = subprocess_env(threads=2)
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(LENGTH), *names], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from eval_assets import make_tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from eval_assets import make_tiny_model, tiny_run_args
 
 import cabattn
 from eval import data, models

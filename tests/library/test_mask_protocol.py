@@ -1,7 +1,7 @@
 """The mask protocol inside a (tiny, random) Llama model through cabattn.apply."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 import cabattn
 from cabattn import methods
@@ -25,11 +25,7 @@ BUDGET_DENSITY = budget_density()
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=256, positions=2048)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +141,7 @@ def test_the_stats_record_says_what_ran(model, ids):
         assert dense.record()["protocol"] == "dense" and dense.record()["density"] == 1.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")
+@pytest.mark.gpu
 def test_gpu_timings_come_from_cuda_events(model, ids):
     with torch.no_grad(), cabattn.apply(model.cuda(), method="h2o", sparsity=0.9) as stats:
         model(ids.cuda(), labels=ids.cuda())
@@ -154,7 +150,7 @@ def test_gpu_timings_come_from_cuda_events(model, ids):
     model.cpu()
 
 
-# -- what the kept attention explains (issue 16) --------------------------------------------------
+# -- what the kept attention explains (docs/metrics.md) -------------------------------------------
 
 def captured_qk(model, ids, monkeypatch, **apply_args):
     """Each layer's post-RoPE (q, k, scale) as the protocol saw them, and its stats."""

@@ -307,7 +307,7 @@ def test_cab_v3_has_no_magnitude_ratio_to_hide():
     assert methods.get_method("cab_v4", magnitude_ratio=0.25).magnitude_share() == 0.25
 
 
-# -- keep_sink_blocks (issue 16) ------------------------------------------------------------------
+# -- keep_sink_blocks (docs/methods.md) ----------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["cab_v3", "cab_v4"])
 def test_keep_sink_blocks_zero_is_the_seed_rule(name):

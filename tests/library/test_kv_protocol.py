@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import DynamicCache
 
 from cabattn import methods as registry
 from cabattn.grid import token_budget
@@ -18,11 +19,7 @@ SPARSITY = 0.75  # K = 20 of 80
 
 @pytest.fixture(scope="module")
 def model(single_thread):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="module")

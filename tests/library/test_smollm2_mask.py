@@ -14,6 +14,8 @@ import cabattn
 from cabattn import methods as registry
 from cabattn.grid import BlockGrid, auto_block_size, token_budget
 
+pytestmark = pytest.mark.slow  # (pyproject.toml: markers)
+
 LENGTH = 512
 SPARSE = [name for name in registry.available() if name != "dense"]
 

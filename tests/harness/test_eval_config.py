@@ -1,7 +1,6 @@
 """Experiment configs: the YAML files hold the original values, the command line overrides them,
 and every bad input fails fast with a clear message before any model is loaded."""
 import pytest
-from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
 
 from eval import config as cfg
 from eval import cli, data, models, runner

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from cabattn import methods as registry
@@ -16,18 +16,13 @@ LENGTH, K_MIN, SPARSITY = 80, 8, 0.75  # K = 20 of 80
 N_SINK = 4
 
 
-def tiny_llama(max_positions: int, **rope):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=max_positions, attn_implementation="sdpa",
-                         **rope)
-    return LlamaForCausalLM(config).eval()
+def rope_llama(max_positions: int, **rope):
+    return tiny_llama(positions=max_positions, attn_implementation="sdpa", **rope)
 
 
 @pytest.fixture(scope="module")
 def model(single_thread):
-    return tiny_llama(256)
+    return rope_llama(256)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +108,7 @@ def test_cache_positions_equal_an_independent_pos_shift_stream(model, ids):
 @pytest.mark.parametrize("name", sorted(registry.METHODS))
 def test_a_stream_three_times_the_models_positions_stays_finite(single_thread, name):
     positions = 32
-    short = tiny_llama(positions)
+    short = rope_llama(positions)
     ids = torch.randint(0, 128, (1, 3 * positions), generator=torch.Generator().manual_seed(2))
     protocol = KVProtocol(short, name, 0.75, kv_chunk=4, k_min=K_MIN, positions="cache",
                           block_size=16)  # K = 24: the cache never holds more than 28 entries
@@ -125,7 +120,7 @@ def test_a_stream_three_times_the_models_positions_stays_finite(single_thread, n
 
 
 def test_a_rope_that_is_not_the_identity_at_zero_is_rejected(single_thread):
-    yarn = tiny_llama(256, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+    yarn = rope_llama(256, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                          "original_max_position_embeddings": 64})
     with pytest.raises(ValueError, match="attention_scaling"):
         KVProtocol(yarn, "streaming_llm", SPARSITY, positions="cache")

@@ -6,7 +6,6 @@ import math
 import pytest
 
 from eval import stream
-from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
 
 
 def _args(model, text, out, *extra):

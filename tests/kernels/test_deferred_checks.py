@@ -1,14 +1,13 @@
-"""ops.deferred_checks (issue 12.4): inside it, the CUDA kernels that validate index inputs on the
-device flag a bad value into a persistent status that is read back once, when it is left, not
-after every call, so a forward has no host synchronisation of theirs (CUDA-graph capturable).
-The protocols read it back once per forward. The CPU kernels check eagerly, inside it too.
-Runs on the CPU, on the emulated CUDA kernels (`emu`) and, when present, on CUDA."""
+"""ops.deferred_checks (docs/operators.md): inside it, the CUDA kernels that validate index inputs
+on the device flag a bad value into a persistent status that is read back once, when it is left, not
+after every call, so a forward has no host synchronisation of theirs (CUDA-graph capturable). The
+protocols read it back once per forward. The CPU kernels check eagerly, inside it too. Runs on the
+CPU, on the emulated CUDA kernels (`emu`) and, when present, on CUDA."""
 import collections
 
 import pytest
 import torch
-from helpers import random_layout
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import random_layout, tiny_llama
 
 import cabattn
 from cabattn import ops, reference
@@ -98,11 +97,8 @@ def test_protocols_read_the_checks_once_per_forward(monkeypatch, single_thread, 
     """On the emulated CUDA kernels, a forward of a 2-layer model (head dim 64) runs the checked
     kernels in every layer (and chunk) and reads their status back once; the loss is the one
     the eager checks give."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=128)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=64, hidden_size=128, heads=2, kv_heads=1, positions=128,
+                       intermediate_size=128)
     ids = torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(1))
     emulate_cuda_kernels(monkeypatch)
     counting = _CountingOps(ops._ops)

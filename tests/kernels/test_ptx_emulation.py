@@ -11,8 +11,10 @@ import subprocess
 
 import pytest
 import torch.utils.cpp_extension as cpp_extension
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # (pyproject.toml: markers)
+
 
 
 @pytest.mark.parametrize("program", ["ptx_emulation_test", "flash_tc_emulation_test"])

@@ -1,19 +1,16 @@
 """A run killed between cells resumes without recomputing or losing the finished cells."""
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from helpers import REPO, subprocess_env
+from eval_assets import tiny_run_args
 
 from eval import cell, cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-REPO = Path(__file__).resolve().parent.parent
 # The run under test, slowed down right after the first cell is stored, so that the test can
 # stop it between cells at a known point.
 SCRIPT = """
@@ -34,8 +31,7 @@ RUN = ["--method", "dense", "--context-lengths", "64", "96", "128", "--no-sparsi
 
 
 def _start_and_stop_after_first_cell(args, how):
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []

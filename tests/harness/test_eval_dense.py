@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from eval_assets import tiny_run_args
 
 from eval import cell, cli, data, models
 from eval.executors.serial import SerialExecutor

@@ -99,8 +99,7 @@ def exact_block_score_rows(q, k, block_size, scale, rows):
     return torch.stack(sums, 2), torch.stack(maxes, 2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="no CUDA device present (L = 8K-32K is too long to emulate)")
+@pytest.mark.gpu  # L = 8K-32K is too long to emulate
 @pytest.mark.parametrize("blocks", [520, 2000])
 def test_block_scores_many_blocks(blocks):
     """Past 512 key blocks a query block's per-block statistics take several shared-memory

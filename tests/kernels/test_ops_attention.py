@@ -1,7 +1,7 @@
 """block_sparse_attention and attention_with_scores against cabattn.reference.
 
 The kernel's error against the float64 reference is at most twice the error of the reference
-run at the kernel's precision (KERNELS.md; tests/helpers.py says which precision); outputs are
+run at the kernel's precision (docs/operators.md; tests/helpers.py says which); outputs are
 poisoned before every call so an unwritten element shows as NaN.
 """
 import pytest

@@ -4,20 +4,19 @@ One local Ray instance (two CPUs, so two one-thread actors) serves the module's 
 run is compared cell by cell with a serial run of the same sweep on the tiny random Llama.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
+from helpers import REPO, subprocess_env
+from eval_assets import tiny_run_args
 
 from eval import cli
 from eval.executors import on_ray, parse_shard, shard
 from eval.results import METRIC_FIELDS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-REPO = Path(__file__).resolve().parent.parent
 # Six computations in two (dataset, L) groups; random checks that seeding follows the window.
 SWEEP = ["--methods", "dense", "h2o", "random", "--context-lengths", "64", "128",
          "--fixed-sparsity", "0.5", "--sparsity-levels", "0.5", "--max-windows", "3",
@@ -166,8 +165,7 @@ def test_a_serial_run_does_not_import_ray(tiny_model, tiny_text, tmp_path):
     args = tiny_run_args(tiny_model, tiny_text, tmp_path, "--method", "dense",
                          "--context-lengths", "64", "--no-sparsity-sweep", "--max-windows", "1",
                          "--no-report")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = subprocess_env()
     done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
