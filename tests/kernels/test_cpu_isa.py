@@ -6,15 +6,14 @@ paths. A path the CPU lacks is skipped with the reason, and asking for it must f
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_within_reference_error, qkv, random_layout, reference_dtype
+from helpers import (REPO, assert_within_reference_error, qkv, random_layout, reference_dtype,
+                     subprocess_env)
 
 from cabattn import ops, reference
 
-ROOT = Path(__file__).resolve().parents[2]
 PATHS = ("avx512", "avx2", "baseline")  # every path of an x86-64 GCC build, best first
 SUPPORTED = ops.supported_cpu_isas()
 
@@ -34,9 +33,9 @@ torch.save({"isa": ops.cpu_isa(), "outputs": outputs}, sys.argv[2])
 
 
 def run_worker(isa, *args, check=True):
-    env = {**os.environ, "CABATTN_CPU_ISA": isa, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", WORKER, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", WORKER, *args], cwd=REPO,
+                          env=subprocess_env(CABATTN_CPU_ISA=isa), capture_output=True, text=True,
+                          timeout=600)
     if check:
         assert done.returncode == 0, f"CABATTN_CPU_ISA={isa}: {done.stderr[-2000:]}"
     return done
