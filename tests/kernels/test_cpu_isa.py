@@ -117,6 +117,7 @@ def test_default_path_is_the_best_supported():
     assert SUPPORTED[-1] == "baseline" and set(SUPPORTED) <= set(PATHS)
 
 
+@pytest.mark.slow  # fresh interpreters (pyproject.toml: markers)
 @pytest.mark.parametrize("isa", PATHS)
 def test_path_matches_reference(isa, path_outputs):
     require(isa)
@@ -133,6 +134,7 @@ def test_path_matches_reference(isa, path_outputs):
                                           ULPS.get(what))
 
 
+@pytest.mark.slow  # fresh interpreters (pyproject.toml: markers)
 @pytest.mark.parametrize("isa", PATHS)
 def test_paths_agree(isa, path_outputs):
     """Each path against the best one: the same sums in another order, so equal to rounding."""
@@ -150,6 +152,7 @@ def test_paths_agree(isa, path_outputs):
                 msg=lambda m: f"{isa} vs {SUPPORTED[0]}, {name} {what}: {m}")
 
 
+@pytest.mark.slow  # fresh interpreters (pyproject.toml: markers)
 @pytest.mark.parametrize("isa", PATHS[:-1])  # baseline runs everywhere
 def test_unsupported_path_is_refused(isa, tmp_path):
     if isa in SUPPORTED:
@@ -159,6 +162,7 @@ def test_unsupported_path_is_refused(isa, tmp_path):
     assert f"CABATTN_CPU_ISA={isa}" in done.stderr and "valid" in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # fresh interpreters (pyproject.toml: markers)
 def test_unknown_path_names_the_valid_ones(tmp_path):
     done = run_worker("avx1024", "missing.pt", str(tmp_path / "out.pt"), check=False)
     assert done.returncode != 0
