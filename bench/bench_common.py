@@ -1,5 +1,6 @@
 """What every benchmark script shares: timing one call and recording a table in RESULTS.md."""
 import datetime
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -55,6 +56,19 @@ def book_window(length: int):
     from eval.models import load_model
     loaded = load_model("smollm2-135m")
     return loaded, load_windows("pd-books", loaded.tokenizer, length, max_windows=1).input_ids[:1]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo where there is one) and its vector ISA paths."""
+    from cabattn import ops
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, supports {'/'.join(ops.supported_cpu_isas())}"
 
 
 def report(title: str, header: str, rows: list, record: bool = True) -> None:

@@ -2,17 +2,18 @@
 
 One run, same inputs: q [1, Hq, L, d], k/v [1, Hkv, L, d]; the layout is the random method's
 budget-matched one (K = max(64, floor((1-s) L)), block size auto). Prints time ratios against
-SDPA (pinned to the flash backend on GPU), and block_scores (the oracle pass) against one dense
-forward, and appends a dated section to bench/RESULTS.md. The kernels are timed in interleaved
-rounds (SDPA, block-sparse, flex, repeat), so a shared machine's changing load shows in all of
-them alike.
+SDPA (pinned to the flash backend on GPU) with the share of the ideal speed-up (1 / density)
+they reach, and block_scores (the oracle pass) against one dense forward, and appends a dated
+section to bench/RESULTS.md. The kernels are timed in interleaved rounds (SDPA, block-sparse,
+flex, repeat), so a shared machine's changing load shows in all of them alike. The header names
+the CPU ISA path the kernels ran (docs/cpu_kernels.md) and the load average.
 
   .venv/bin/python bench/bench_kernels.py                 # CPU, fp32, L 2K/8K, 9/3 heads, d 64
   python bench/bench_kernels.py --device cuda             # GPU, bf16, L 4K/16K/32K, 32/8, d 128
+  CABATTN_CPU_ISA=avx2 .venv/bin/python bench/bench_kernels.py   # another CPU ISA path
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import cabattn  # noqa: E402
 from cabattn import ops  # noqa: E402
-from bench_common import interleaved_seconds, median_ratio, report  # noqa: E402
+from bench_common import cpu_model, interleaved_seconds, median_ratio, report  # noqa: E402
 
 
 def flex_runner(q, k, v, layout, scale):
@@ -99,14 +100,15 @@ def main():
     dim = args.head_dim or (128 if gpu else 64)
     dtype = torch.bfloat16 if gpu else torch.float32
     scale = dim ** -0.5
-    card = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    card = (torch.cuda.get_device_name() if gpu
+            else f"{cpu_model()}, CPU ISA path {ops.cpu_isa()}")
     header = (f"q [1, {q_heads}, L, {dim}], k/v [1, {kv_heads}, L, {dim}] {dtype}, {args.device} "
               f"({card}), threads {torch.get_num_threads()}, torch {torch.__version__}, "
               f"median of {args.repeats} rounds, each timing SDPA, block-sparse and flex in turn; "
               f"speed-ups are medians of the per-round ratios; load average "
               f"{os.getloadavg()[0]:.1f} at the start")
-    rows = ["| L | s | density | sdpa ms | block-sparse ms (speed-up) | flex ms (block-sparse / flex) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| L | s | density | sdpa ms | block-sparse ms (speed-up) | of ideal (1/density) | "
+            "flex ms (block-sparse / flex) |", "|---|---|---|---|---|---|---|"]
     scores_rows = ["| L | block size | sdpa ms | block_scores ms (/ sdpa) |", "|---|---|---|---|"]
     print(header)
     for length in lengths:
@@ -130,8 +132,9 @@ def main():
             if "flex" in times:
                 flex_cell = (f"{statistics.median(times['flex']) * 1e3:.1f} "
                              f"({median_ratio(times['flex'], times['sparse']):.2f}x)")
+            speedup = median_ratio(times['sdpa'], times['sparse'])
             row = (f"| {length} | {sparsity} | {layout.density:.3f} | {dense * 1e3:.1f} | "
-                   f"{sparse * 1e3:.1f} ({median_ratio(times['sdpa'], times['sparse']):.2f}x) | "
+                   f"{sparse * 1e3:.1f} ({speedup:.2f}x) | {speedup * layout.density:.0%} | "
                    f"{flex_cell} |")
             rows.append(row)
             print(row, flush=True)
@@ -143,7 +146,8 @@ def main():
                            f"{statistics.median(times['scores']) * 1e3:.1f} "
                            f"({median_ratio(times['scores'], times['sdpa']):.2f}x) |")
         print(scores_rows[-1], flush=True)
-    rows += ["", f"dense baseline: {backend}", ""] + scores_rows
+    rows += ["", f"dense baseline: {backend}", ""] + scores_rows + [
+        "", f"load average {os.getloadavg()[0]:.1f} at the end"]
     report("block_sparse_attention vs SDPA and FlexAttention (bench_kernels.py)", header, rows,
            record=not args.no_record)
 

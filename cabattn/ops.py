@@ -18,8 +18,8 @@ from .reference import (ADDITIVE, GLOBAL_MINMAX, MAX_L2, MEAN, MULTIPLICATIVE, R
 KERNELS = ("coarsen", "block_scores", "frc_scores", "select_blocks", "block_sparse_attention",
            "attention_with_scores", "kv_compact_")
 __all__ = [*KERNELS, "deferred_checks", "running", "use_kernels", "has_kernels_for", "KERNEL_PATHS",
-           "KERNEL_PATH_OPTION", "MAX_L2", "MEAN", "ADDITIVE", "MULTIPLICATIVE", "ROW_MINMAX",
-           "GLOBAL_MINMAX"]
+           "KERNEL_PATH_OPTION", "cpu_isa", "supported_cpu_isas", "MAX_L2", "MEAN", "ADDITIVE",
+           "MULTIPLICATIVE", "ROW_MINMAX", "GLOBAL_MINMAX"]
 
 _ops = torch.ops.cabattn
 
@@ -65,6 +65,19 @@ def has_kernels_for(device_type: str) -> bool:
     build without nvcc has none for CUDA (setup.py says so when it builds)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("cabattn::block_sparse_attention",
                                                           device_type.upper())
+
+
+def cpu_isa() -> str:
+    """The vector ISA path the CPU kernels run in this process: "avx512", "avx2" or "baseline"
+    (docs/cpu_kernels.md). The best one the CPU supports, unless the environment variable
+    CABATTN_CPU_ISA (auto, avx512, avx2, baseline) forces one; it is read once, when this
+    module is imported, and a name that is not a path, or a path the CPU lacks, raises then."""
+    return _ops.cpu_isa()
+
+
+def supported_cpu_isas() -> list:
+    """The ISA paths this CPU and build can run, best first (docs/cpu_kernels.md)."""
+    return list(_ops.supported_cpu_isas())
 
 
 def coarsen(x: torch.Tensor, block_size: int, mode: int = MAX_L2) -> torch.Tensor:
@@ -127,6 +140,10 @@ def deferred_checks():
         enable(previous)
     if not previous:
         _ops.raise_deferred_checks()
+
+
+# CABATTN_CPU_ISA is read and checked here, before any work: a bad value raises at import.
+cpu_isa()
 
 
 @torch.library.register_fake("cabattn::coarsen")

@@ -17,7 +17,7 @@
 #include "checks.h"
 #include "common.h"
 #include "cpu_gemm.h"
-#include "cpu_vector.h"
+#include "cpu_kernels.h"
 
 namespace cabattn {
 namespace {
@@ -33,27 +33,10 @@ static_assert(kKeyChunk % kKeyPanel == 0, "key chunks must start at key-panel bo
 
 // For one row of `count` logits cut into blocks of block_size: each block's max m[J] and
 // s[J] = sum exp(logit - m[J]). The exp is this operator's whole non-GEMM cost, so the float32
-// pass uses the vector types of cpu_vector.h.
-CABATTN_VECTOR_CLONES
+// pass is the vector code of the process's ISA path (cpu_kernels.h).
 void row_block_stats(const float* logits, int64_t count, int64_t block_size, float* m,
                      float* s) {
-  constexpr float lowest = -std::numeric_limits<float>::infinity();
-  for (int64_t start = 0, block = 0; start < count; start += block_size, ++block) {
-    const int64_t size = std::min(block_size, count - start);
-    const float* x = logits + start;
-    vfloat lane_max = vfloat{} + lowest;
-    for (int64_t j = 0; j < size; j += kLanes) {
-      const vfloat v = load_lanes(x + j, size - j, lowest);
-      lane_max = v > lane_max ? v : lane_max;
-    }
-    const float block_max = lanes_max(lane_max);
-    vfloat lane_sum = {};
-    for (int64_t j = 0; j < size; j += kLanes)
-      lane_sum += first_lanes(exp_nonpositive(load_lanes(x + j, size - j, lowest) - block_max),
-                              size - j);
-    m[block] = block_max;
-    s[block] = lanes_sum(lane_sum);
-  }
+  cpu_kernels().row_block_stats(logits, count, block_size, m, s);
 }
 
 // float64 inputs exist for reference runs only: plain loops.

@@ -11,14 +11,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_kernels.h"
+
 namespace cabattn {
-
-// Keys are packed once per operator call into panels of kKeyPanel keys, each [dim][kKeyPanel]
-// (key index fastest), zero-padded past the last key, so the micro-kernel reads a panel row
-// with plain vector loads.
-constexpr int64_t kKeyPanel = 16;
-
-inline int64_t key_panels(int64_t keys) { return (keys + kKeyPanel - 1) / kKeyPanel; }
 
 // panels [key_panels(keys), dim, kKeyPanel] from k [keys, dim] (row-major, any input dtype).
 template <typename acc_t, typename scalar_t>
