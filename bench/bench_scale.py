@@ -111,7 +111,7 @@ def bench_executors(args) -> None:
               f"{args.max_windows} windows per cell, L = {' and '.join(map(str, args.lengths))}, "
               f"s = 0.9), fp32 CPU, "
               f"{os.cpu_count()} cores; {load_note()} at the end")
-    report("Ray executor overhead (issue 15)", header, rows, record=not args.no_record)
+    report("Ray executor overhead", header, rows, record=not args.no_record)
 
 
 def bench_batch(args) -> None:
@@ -144,7 +144,7 @@ def bench_batch(args) -> None:
               f"tokens, SmolLM2-135M fp32 CPU, {args.threads} threads, batch size 1 against "
               f"N = {args.batch} (kv: chunk 16), median of {args.repeats} interleaved repeats; "
               f"{load_note()} at the end")
-    report("Batches of windows (issue 15)", header, rows, record=not args.no_record)
+    report("Batches of windows", header, rows, record=not args.no_record)
 
 
 def main(argv=None):

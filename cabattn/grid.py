@@ -1,4 +1,4 @@
-"""Token budgets and the block grid of one window (METHODS.md section 0)."""
+"""Token budgets and the block grid of one window (docs/methods.md, Notation)."""
 import math
 from dataclasses import dataclass
 

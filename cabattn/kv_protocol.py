@@ -1,4 +1,4 @@
-"""The kv protocol (METHODS.md 1.3): teacher-forced streaming through an evicting KV cache.
+"""The kv protocol (docs/protocols.md, KV): teacher-forced streaming through an evicting KV cache.
 
 Inside `with KVProtocol(model, method, sparsity) as stats:`, `model(input_ids, labels=...)`
 scores each window as a stream: the first min(K, L) tokens are prefilled densely, the rest

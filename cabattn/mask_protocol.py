@@ -1,4 +1,4 @@
-"""The mask protocol inside a Hugging Face model (METHODS.md 1.2).
+"""The mask protocol inside a Hugging Face model (docs/protocols.md, Mask).
 
 Every attention layer runs through one function registered with transformers'
 AttentionInterface: it selects key blocks from that layer's post-RoPE q and k with the method's
@@ -51,8 +51,7 @@ class MaskProtocol:
     # (block_size, k_min).
     OPTIONS = (
         choice("causal_selection", "strict", "strict: a row's selection reads earlier blocks "
-               "only; block: it reads the row's own block too (docs/protocols.md)",
-               CAUSAL_SELECTIONS),
+               "only; block: it reads the row's own block too", CAUSAL_SELECTIONS),
         Option("diagnostics", False, "also measure each cell's attention recall (the dense "
                "softmax mass the kept blocks hold; one more QK^T pass per layer for a method "
                "whose rule does not compute it)", boolean),

@@ -1,4 +1,4 @@
-"""The perplexity harness: models, data, metrics and the benchmark runner (METHODS.md 4-6).
+"""The perplexity harness: models, data, metrics and the benchmark runner (docs/running.md).
 
 The original benchmark's Python API, by its original names:
 

@@ -4,6 +4,8 @@ import argparse
 
 import yaml
 
+from cabattn import checks
+
 from .executors import parse_shard
 
 
@@ -21,8 +23,8 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
+        value = None
+    if checks.positive_int(value):  # the check method parameters and configs use
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return value
 

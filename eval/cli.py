@@ -160,7 +160,7 @@ back, not recomputed); --fresh recomputes everything.
                    help="allow a hub model's own code to run (off by default)")
     g.add_argument("--seed", type=int, help="seed for bootstrap intervals and random (42)")
 
-    g = p.add_argument_group("scaling out (README: Running the full benchmark on a cluster)")
+    g = p.add_argument_group("scaling out (docs/running.md, on a cluster)")
     g.add_argument("--executor", choices=EXECUTORS, default="serial",
                    help="serial: every cell in this process (default); ray: one Ray actor per "
                         "GPU (or per --threads CPU cores), each loading the model once")
@@ -350,7 +350,8 @@ def run_command(argv=None) -> int:
             config, resume=args.resume, notes=notes, command=command,
             make_report=not args.no_report, executor=args.executor,
             ray_address=args.ray_address, threads=args.threads or 1, shard=args.shard,
-            assemble=args.assemble, confirm=lambda seconds: _confirm(args, seconds))
+            assemble=args.assemble, confirm=lambda seconds: _confirm(args, seconds),
+            validated=True)
         try:
             runner.run()
         except RunDeclined:

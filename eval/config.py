@@ -1,4 +1,4 @@
-"""Experiment configuration: the dataclasses, YAML loading and validation (METHODS.md section 6).
+"""Experiment configuration: the dataclasses, YAML loading and validation (docs/running.md).
 
 The field names follow the original benchmark (ExperimentConfig, ModelConfig,
 ContextLengthSweepConfig, SparsitySweepConfig, create_quick_test) so its YAML files and Python
@@ -86,7 +86,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     datasets: list = field(default_factory=lambda: ["wikitext-103"])
     methods: list = field(default_factory=lambda: ["dense", "h2o", "cab_v4"])
-    # {method: {param: value}} (METHODS.md section 3); the protocol parameters below apply to all.
+    # {method: {param: value}} (docs/methods.md); the protocol parameters below apply to all.
     method_params: dict = field(default_factory=dict)
     context_length_sweep: ContextLengthSweepConfig = field(
         default_factory=ContextLengthSweepConfig)
@@ -95,7 +95,7 @@ class ExperimentConfig:
     protocol: str = "mask"
     block_size: Union[str, int] = "auto"
     causal_selection: str = "strict"
-    k_min: int = 64  # the smallest token budget K (METHODS.md section 0)
+    k_min: int = 64  # the smallest token budget K (docs/methods.md)
     kv_chunk: int = 1
     diagnostics: bool = False  # mask protocol: measure attention recall (an oracle pass)
     # Fixed token budgets (cache sizes) run at every context length, besides the sweeps.

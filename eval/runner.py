@@ -1,4 +1,4 @@
-"""The perplexity benchmark's runner: plan, claim, dispatch, store, write (METHODS.md 4, 6).
+"""The perplexity benchmark's runner: plan, claim, dispatch, store, write (docs/running.md).
 
 For every dataset and method it runs a context-length sweep at a fixed sparsity and a sparsity
 sweep at a fixed context length. A cell is one (dataset, method, sparsity, context length); its
@@ -114,14 +114,16 @@ class PerplexityBenchmarkRunner:
 
     shard=(I, N) computes only shard I of N of the plan and writes no results file (the shards
     of a job array share one cell store); assemble=True computes nothing and writes the results
-    from the store, naming the cells that are missing."""
+    from the store, naming the cells that are missing. validated=True: the caller has already
+    run validate() and check_output_location() on this config (the command line does, for every
+    config, before the first run starts), so run() does not repeat them."""
 
     def __init__(self, config: ExperimentConfig, resume: bool = True, progress: bool = True,
                  notes: tuple = (), command: list | None = None, make_report: bool = True,
                  executor: str = "serial", ray_address: str | None = None, threads: int = 1,
                  shard: tuple | None = None, assemble: bool = False,
-                 confirm=lambda seconds: True):
-        self.config = config
+                 confirm=lambda seconds: True, validated: bool = False):
+        self.config, self.validated = config, validated
         self.resume = resume
         self.progress = progress
         self.notes = list(notes)
@@ -156,8 +158,9 @@ class PerplexityBenchmarkRunner:
         return env.resolve_dtype(self.config.model.torch_dtype, self.device)
 
     def run(self) -> dict:
-        validate(self.config)
-        check_output_location(self.config)
+        if not self.validated:
+            validate(self.config)
+            check_output_location(self.config)
         if not self.resume:
             removed = self.store.clear()
             if removed:

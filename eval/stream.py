@@ -1,4 +1,4 @@
-"""python -m eval.stream: perplexity over one stream longer than the model's positions (issue 17).
+"""python -m eval.stream: perplexity over one stream longer than the model's positions.
 
 One window of --tokens tokens (the first book of a book corpus long enough, or the first
 tokens of a stream corpus) is scored through the kv protocol with a cache of --cache entries
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=arguments.positive_int, default=1024,
                    help="tokens per reported perplexity (1024)")
     p.add_argument("--summary-tokens", type=arguments.positive_int, default=8192,
-                   help="the README's summary: perplexity of the last N predictions (8192)")
+                   help="the summary: perplexity of the last N predictions (8192)")
     p.add_argument("--methods", nargs="+", default=list(STREAM_METHODS), metavar="LABEL",
                    help=f"any of {', '.join(STREAM_METHODS)} (all)")
     p.add_argument("--dataset", default="pd-books", help=f"{', '.join(available_datasets())}")

@@ -1,4 +1,4 @@
-"""cab_v4 and cab_v3: curvature-aware block selection (METHODS.md 2.3 and 3).
+"""cab_v4 and cab_v3: curvature-aware block selection (docs/methods.md).
 
 cab_v4 takes a share (magnitude_ratio) of each row's picks by the oracle block maximum Gblk
 and the rest by block Forman-Ricci curvature; cab_v3 uses curvature alone (no oracle pass).

@@ -1,4 +1,4 @@
-"""Evaluation data (METHODS.md section 5): corpora cut into windows of L tokens.
+"""Evaluation data (docs/datasets.md): corpora cut into windows of L tokens.
 
     validate_dataset(name, data_file)      # cheap; call before loading a model
     windows = load_windows(name, tokenizer, context_length, max_windows=16)

@@ -1,19 +1,17 @@
 """The ways a user starts the harness (docs/architecture.md, Entry points): `python -m eval.run`
 from a checkout, the original benchmark's `python -m experiments.perplexity_lm.driver` and its
 Python names, and the design's own example without --datasets on a machine without the hub."""
-import os
 import subprocess
 import sys
-from pathlib import Path
+
+from helpers import REPO, subprocess_env
 
 import eval
 from eval import cli, config, runner
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _run(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env(HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
 

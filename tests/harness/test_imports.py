@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, subprocess_env
 
-REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("cabattn", "eval", "experiments")
 EXTENSIONS = ("cabattn._C", "cabattn._emu")  # compiled: they import nothing of ours
 
@@ -140,12 +140,12 @@ def test_the_guard_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
 
 
 def _import_alone(name: str) -> tuple:
-    proc = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    proc = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     return name, proc.returncode, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_each_module_imports_alone_in_a_fresh_interpreter():
     names = sorted(set(import_graph()) | set(EXTENSIONS))
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
