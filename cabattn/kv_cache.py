@@ -227,7 +227,8 @@ class EvictingLayer(CacheLayerMixin):
 
 class KVEvictionCache(Cache):
     """Per-layer EvictingLayers for one window of `length` tokens streamed with a budget of
-    `budget` entries per KV head and chunks of at most `chunk` tokens.
+    `budget` entries per KV head (layer l: layer_budgets[l], default `budget`; the prefill is
+    `budget` tokens) and chunks of at most `chunk` tokens.
 
     Before each forward, `begin_chunk(positions)` tells the cache the absolute positions of
     the tokens the forward appends (transformers' update() does not pass them).
@@ -235,14 +236,19 @@ class KVEvictionCache(Cache):
 
     def __init__(self, num_layers: int, budget: int, chunk: int, block_size: int, length: int,
                  block_query_pooling: Optional[str] = None,
-                 recent_query_window: Optional[int] = None):
-        if budget < 1 or chunk < 1:
-            raise ValueError(f"budget ({budget}) and chunk ({chunk}) must be at least 1")
+                 recent_query_window: Optional[int] = None,
+                 layer_budgets: Optional[list] = None):
+        layer_budgets = [budget] * num_layers if layer_budgets is None else list(layer_budgets)
+        if budget < 1 or chunk < 1 or len(layer_budgets) != num_layers or min(layer_budgets) < 1:
+            raise ValueError(f"budget ({budget}), chunk ({chunk}) and each of the "
+                             f"{num_layers} layer budgets ({layer_budgets}) must be at least 1")
         self.budget, self.chunk, self.length = budget, chunk, length
         num_blocks = math.ceil(length / block_size)
-        super().__init__(layers=[EvictingLayer(budget + chunk, block_size, num_blocks,
-                                               block_query_pooling, recent_query_window)
-                                 for _ in range(num_layers)])
+        # a layer holds the prefill (budget) or its own budget, whichever is more, + a chunk
+        super().__init__(layers=[EvictingLayer(max(budget, layer_budget) + chunk, block_size,
+                                               num_blocks, block_query_pooling,
+                                               recent_query_window)
+                                 for layer_budget in layer_budgets])
         self.chunk_positions: Optional[torch.Tensor] = None
 
     def begin_chunk(self, positions: torch.Tensor) -> None:

@@ -107,11 +107,12 @@ class _WindowStream:
                 layer.note_recent_queries(query)
             chunk, length = query.shape[2], layer.length
             self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
-            if length > protocol.budget:
-                keep = protocol.method.kv_keep(layer.state(protocol.budget, scale, layer_idx,
+            budget = protocol.layer_budgets[layer_idx]
+            if length > budget:
+                keep = protocol.method.kv_keep(layer.state(budget, scale, layer_idx,
                                                            self.window_idx, protocol.seed,
                                                            keys=key))
-                protocol.check_keep(keep, layer.positions.shape, layer_idx)
+                protocol.check_keep(keep, layer.positions.shape, layer_idx, budget)
                 layer.compact(keep)
         positions = layer.positions  # ascending per KV head: [..., 0] oldest, [..., -1] newest
         protocol.stats.add_sink((positions[..., 0] == 0).sum(), positions[..., 0].numel())
@@ -151,7 +152,9 @@ class KVProtocol:
 
     method: a Method instance, or a registered method name built with **method_params.
     sparsity: s in [0, 1); the budget per KV head and layer is
-    K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything).
+    K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything), or
+    method.layer_budget(K, layer, ...) for a method with per-layer budgets (their mean is K;
+    the prefill is still the first min(K, L) tokens).
     kv_chunk: tokens per streaming step (1 = exact token-by-token streaming).
     positions: "absolute" (every token keeps its true position) or "cache" (StreamingLLM's
     pos-shift: RoPE at the entries' indices inside the cache, so a window may be longer than
@@ -193,6 +196,7 @@ class KVProtocol:
         self.stats = ProtocolStats(protocol=self.name, options=options, params=method.config,
                                    k_min=k_min)
         self.budget = 0  # K of the window being scored
+        self.layer_budgets = []  # K_l of each layer for that window
         self.cache: Optional[KVEvictionCache] = None  # the window being (or last) scored
         self.windows_seen = 0
         self._saved = None
@@ -240,10 +244,13 @@ class KVProtocol:
         self.budget = self.stats.budget_tokens = self.method.token_budget(length, self.sparsity,
                                                                           self.k_min)
         block_size = self.stats.block_size = resolve_block_size(self.block_size, length)
-        self.cache = cache = KVEvictionCache(model.config.num_hidden_layers, self.budget,
-                                             self.kv_chunk, block_size, length,
-                                             self.method.block_query_pooling,
-                                             self.method.recent_query_window)
+        layers = model.config.num_hidden_layers
+        self.layer_budgets = [self.method.layer_budget(self.budget, layer, layers, length)
+                              for layer in range(layers)]
+        self.cache = cache = KVEvictionCache(layers, self.budget, self.kv_chunk, block_size,
+                                             length, self.method.block_query_pooling,
+                                             self.method.recent_query_window,
+                                             self.layer_budgets)
         stream = _WindowStream(self, cache, self.windows_seen)
         prefill = min(self.budget, length)
         spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, length))
@@ -296,13 +303,13 @@ class KVProtocol:
             self.stats.add_pairs(layer_idx, torch.full((heads,), float(batch * kept),
                                                        dtype=torch.float64), causal)
 
-    def check_keep(self, keep: torch.Tensor, live_shape, layer_idx: int) -> None:
+    def check_keep(self, keep: torch.Tensor, live_shape, layer_idx: int, budget: int) -> None:
         """Shape, dtype and budget of a rule's keep indices (their order and range are
         checked by ops.kv_compact_)."""
         if (keep.dtype != torch.long or keep.dim() != 3 or keep.shape[:2] != live_shape[:2]
-                or not 1 <= keep.shape[2] <= self.budget):
+                or not 1 <= keep.shape[2] <= budget):
             raise RuntimeError(
                 f"{self.method!r}.kv_keep returned {keep.dtype} indices of shape "
                 f"{tuple(keep.shape)} for layer {layer_idx}; expected int64 "
-                f"[{live_shape[0]}, {live_shape[1]}, 1..{self.budget}] (budget K = "
-                f"{self.budget} of {live_shape[2]} cached entries)")
+                f"[{live_shape[0]}, {live_shape[1]}, 1..{budget}] (budget K = "
+                f"{budget} of {live_shape[2]} cached entries)")

@@ -271,7 +271,9 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
     for name in dict.fromkeys([*config.methods, *config.method_params]):
         if name in names and isinstance(config.method_params.get(name, {}), dict):
             try:
-                registry.get_method(name, **config.method_params.get(name, {}))
+                method = registry.get_method(name, **config.method_params.get(name, {}))
+                if name in config.methods:  # a method without a rule for the protocol
+                    method.check_protocol(config.protocol)
             except (ValueError, TypeError) as err:
                 problems.append(f"method {name!r}: {err}")
     try:  # the protocol options both protocols share, checked as the protocols check them

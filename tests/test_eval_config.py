@@ -50,7 +50,7 @@ def test_icml_and_ablation_yaml_values():
     assert icml.model.name == "meta-llama/Llama-2-7b-hf"
     assert icml.datasets == ["wikitext-103", "c4", "pg19"]
     assert icml.methods == ["dense", "h2o", "cab_v4", "cab_v3", "streaming_llm",
-                            "local_strided", "random"]
+                            "local_strided", "random", "snapkv", "pyramidkv", "adakv"]
     assert icml.context_length_sweep.context_lengths == [512, 1024, 2048, 4096]
     assert icml.sparsity_sweep.sparsity_levels == [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
     assert icml.sparsity_sweep.fixed_context_length == 4096

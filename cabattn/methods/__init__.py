@@ -1,8 +1,11 @@
 """The method registry: one small class per method, looked up by name.
 
-    cabattn.methods.available()                 -> ["cab_v3", "cab_v4", "dense", ...]
+    cabattn.methods.available()                 -> ["adakv", "cab_v3", "cab_v4", ...]
+    cabattn.methods.available("kv")             -> the methods with a kv-protocol rule
     cabattn.methods.get_method("h2o", h2o_recent_ratio=0.25)
 """
+from typing import Optional
+
 from .base import BlockPlan, KVState, MaskContext, Method
 
 METHODS: dict = {}
@@ -14,8 +17,19 @@ def register(cls):
     return cls
 
 
-def available() -> list:
-    return sorted(METHODS)
+def available(protocol: Optional[str] = None) -> list:
+    """The registered names; with a protocol ("mask" or "kv"), those whose default
+    configuration has a rule for it (Method.check_protocol)."""
+    return [name for name in sorted(METHODS)
+            if protocol is None or _has_rule(METHODS[name](), protocol)]
+
+
+def _has_rule(method: Method, protocol: str) -> bool:
+    try:
+        method.check_protocol(protocol)
+    except ValueError:
+        return False
+    return True
 
 
 def get_method(name: str, **params) -> Method:
@@ -32,7 +46,8 @@ def get_method(name: str, **params) -> Method:
 
 
 # Importing the modules registers their classes.
-from . import cab, dense, h2o, local_strided, random, streaming_llm  # noqa: E402,F401
+from . import (adakv, cab, dense, h2o, local_strided, pyramidkv, random, snapkv,  # noqa: E402,F401
+               streaming_llm)
 
 __all__ = ["BlockPlan", "KVState", "MaskContext", "Method", "METHODS", "available", "get_method",
            "register"]
