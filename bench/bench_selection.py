@@ -6,12 +6,17 @@ auto (cabattn.grid.auto_block_size: 32 at 2K, 128 at 8K). For each L it times
   oracle   coarsen(q) + coarsen(k) + block_scores      (h2o / cab_v4 magnitude statistics)
   frc      coarsen(q) + coarsen(k) + frc_scores + select_blocks (cab_v3 at s = 0.9)
 and prints each as a fraction of sdpa; block_scores costs one QK^T pass, so about 0.5 is the
-target. Appends a dated section to bench/RESULTS.md.
+target. A second table times the whole mask-protocol selection (the method's plan + the
+layout) of the baselines snapkv, pyramidkv (its bottom layer, the largest budget, of 30) and
+adakv at s = 0.9, and snapkv's kv rule once on a cache of K entries with its 32-query window
+(per eviction: compare it with the chunk's attention, not with a whole forward).
+Appends a dated section to bench/RESULTS.md.
 
   .venv/bin/python bench/bench_selection.py [--lengths 2048 8192] [--repeats 3]
 """
 import argparse
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -23,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from cabattn import ops  # noqa: E402
 from cabattn.grid import BlockGrid, auto_block_size, token_budget  # noqa: E402
+from cabattn.methods import KVState, MaskContext, get_method  # noqa: E402
+from cabattn.sparse import make_grid, plan_layout  # noqa: E402
 from bench_common import median_seconds, report  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, SPARSITY = 9, 3, 64, 0.9
@@ -57,6 +64,38 @@ def bench_length(length, repeats):
     return block, times
 
 
+BASELINES = ("snapkv", "pyramidkv", "adakv")
+
+
+def bench_baselines(length, repeats):
+    """{rule: seconds} of each baseline's mask selection at s = SPARSITY and of snapkv's kv
+    rule on a full cache, with sdpa timed in the same run."""
+    torch.manual_seed(0)
+    q = torch.randn(1, Q_HEADS, length, HEAD_DIM)
+    k = torch.randn(1, KV_HEADS, length, HEAD_DIM)
+    v = torch.randn(1, KV_HEADS, length, HEAD_DIM)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    fns = {"sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=True)}
+    for name in BASELINES:
+        method = get_method(name)
+        grid = make_grid(method, length, SPARSITY, layer_idx=0, num_layers=30)
+        fns[name] = (lambda m=method, g=grid: plan_layout(m, MaskContext(q, k, g, scale)))
+    budget = token_budget(length, SPARSITY)
+    snapkv = get_method("snapkv")
+    state = KVState(keys=k[:, :, :budget + 1].contiguous(),
+                    positions=torch.arange(budget + 1).expand(1, KV_HEADS, budget + 1),
+                    mass=torch.zeros(1, KV_HEADS, budget + 1), block_queries=None,
+                    budget=budget, block_size=auto_block_size(length), scale=scale,
+                    recent_queries=q[:, :, budget + 1 - snapkv.window_size:budget + 1])
+    fns["snapkv kv_keep"] = lambda: snapkv.kv_keep(state)
+    chunk = q[:, :, budget:budget + 1].contiguous()
+    fns["chunk attention"] = lambda: ops.attention_with_scores(chunk, state.keys,
+                                                               v[:, :, :budget + 1].contiguous(),
+                                                               scale)
+    return {name: median_seconds(fn, repeats) for name, fn in fns.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
@@ -80,6 +119,20 @@ def main():
 
     report("Selection cost vs dense SDPA (bench_selection.py)", header, rows,
            record=not args.no_record)
+
+    rows = ["| L | sdpa ms | " + " | ".join(f"{n} ms (/sdpa)" for n in BASELINES)
+            + " | snapkv kv_keep ms (/chunk attention) |", "|---" * (len(BASELINES) + 3) + "|"]
+    for length in args.lengths:
+        t = bench_baselines(length, args.repeats)
+        rows.append(f"| {length} | {t['sdpa'] * 1e3:.1f} | "
+                    + " | ".join(f"{t[n] * 1e3:.1f} ({t[n] / t['sdpa']:.2f})" for n in BASELINES)
+                    + f" | {t['snapkv kv_keep'] * 1e3:.2f} "
+                    f"({t['snapkv kv_keep'] / t['chunk attention']:.1f}x) |")
+        print(rows[-1], flush=True)
+    report("Baselines' selection vs dense SDPA (bench_selection.py)",
+           header + f"; whole mask selection (plan + select_blocks) at s = {SPARSITY}, strict; "
+           "kv_keep on a cache of K + 1 entries; load average (1, 5, 15 min) at the end "
+           f"{tuple(round(x, 1) for x in os.getloadavg())}", rows, record=not args.no_record)
 
 
 if __name__ == "__main__":
