@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cabattn import ops
@@ -13,11 +12,10 @@ from cabattn.grid import BlockGrid, token_budget
 from cabattn.kv_protocol import KVProtocol
 from cabattn.mask_protocol import MaskProtocol
 from cabattn.methods import get_method
-from cabattn.methods.base import KVState
+from cabattn.methods.base import KVState, MaskContext
 from cabattn.methods.pyramidkv import pyramid_budgets
 from cabattn.reference import default_scale
 from cabattn.sparse import make_grid, plan_layout
-from cabattn.methods.base import MaskContext
 
 BLOCK, LENGTH, K_MIN = 16, 208, 16  # 13 blocks
 
