@@ -104,8 +104,14 @@ def emulated_extension():
                         py_limited_api=False)
 
 
+# The harness is the folder eval/ (run from a checkout as `python -m eval.run`); an installed
+# copy holds it as the package cabattn_eval (command `cabattn-eval`, pyproject.toml), so that
+# installing the project never claims the top-level name `eval`. Its imports are relative.
+HARNESS = ["cabattn_eval"] + [f"cabattn_eval.{sub}" for sub in find_packages("eval")]
+
 setup(
-    packages=find_packages(include=["cabattn", "cabattn.*", "eval", "eval.*"]),
+    packages=find_packages(include=["cabattn", "cabattn.*"]) + HARNESS,
+    package_dir={"cabattn_eval": "eval"},
     ext_modules=[extension(), emulated_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

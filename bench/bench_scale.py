@@ -49,7 +49,7 @@ def sweep_config(output_dir: str, max_windows: int, lengths=(256, 512)):
 def timed_run(config, **runner_options) -> tuple:
     """(wall seconds of the run after the executor is ready, seconds to get it ready,
     [(spec, result, where)] in order of arrival)."""
-    from eval.run import PerplexityBenchmarkRunner
+    from eval.runner import PerplexityBenchmarkRunner
     runner = PerplexityBenchmarkRunner(config, resume=False, progress=False, make_report=False,
                                        **runner_options)
     executor, arrivals, marks = runner.executor, [], {}
@@ -74,13 +74,13 @@ def timed_run(config, **runner_options) -> tuple:
 
 def bench_executors(args) -> None:
     import torch
-    from eval.executors import load_model
+    from eval.executors import load_run_model
     folder = Path(tempfile.mkdtemp(prefix="bench_scale."))
     try:
         config = sweep_config(str(folder / "serial"), args.max_windows, args.lengths)
         torch.set_num_threads(2)
         start = time.perf_counter()
-        load_model(config, say=lambda message: None)
+        load_run_model(config, say=lambda message: None)
         load_seconds = time.perf_counter() - start
         serial_wall, _, serial_cells = timed_run(config, executor="serial")
         ray_config = sweep_config(str(folder / "ray"), args.max_windows, args.lengths)
@@ -111,17 +111,17 @@ def bench_executors(args) -> None:
               f"{args.max_windows} windows per cell, L = {' and '.join(map(str, args.lengths))}, "
               f"s = 0.9), fp32 CPU, "
               f"{os.cpu_count()} cores; {load_note()} at the end")
-    report("Ray executor overhead (issue 15)", header, rows, record=not args.no_record)
+    report("Ray executor overhead", header, rows, record=not args.no_record)
 
 
 def bench_batch(args) -> None:
     import torch
     from eval.data import load_windows
-    from eval.executors import load_model
-    from eval.run import RunSpec, compute_cell
+    from eval.executors import load_run_model
+    from eval.cell import RunSpec, compute_cell
     torch.set_num_threads(args.threads)
     config = sweep_config(tempfile.gettempdir(), args.max_windows)
-    loaded = load_model(config, say=lambda message: None)
+    loaded = load_run_model(config, say=lambda message: None)
     rows = ["| protocol | method | L | batch 1 s | batch N s | speed-up | PPL rel. diff |",
             "|---|---|---|---|---|---|---|"]
     for protocol, method in (cell.split(":") for cell in args.cells):
@@ -144,7 +144,7 @@ def bench_batch(args) -> None:
               f"tokens, SmolLM2-135M fp32 CPU, {args.threads} threads, batch size 1 against "
               f"N = {args.batch} (kv: chunk 16), median of {args.repeats} interleaved repeats; "
               f"{load_note()} at the end")
-    report("Batches of windows (issue 15)", header, rows, record=not args.no_record)
+    report("Batches of windows", header, rows, record=not args.no_record)
 
 
 def main(argv=None):

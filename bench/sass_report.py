@@ -8,7 +8,7 @@ SM that registers and shared memory allow on an H100/H200.
 
     python bench/sass_report.py [--arch 90] [--record]
 
-tests/test_sass.py asserts on the same data (HMMA present, no spills).
+tests/kernels/test_sass.py asserts on the same data (HMMA present, no spills).
 """
 import argparse
 import glob

@@ -1,8 +1,10 @@
-"""Token budgets and the block grid of one window (METHODS.md section 0)."""
+"""Token budgets and the block grid of one window (docs/methods.md, Notation)."""
 import math
 from dataclasses import dataclass
 
 import torch
+
+from .checks import is_integer, is_number, one_of, positive_int, require
 
 BLOCK_SIZES = (16, 32, 64, 128)
 CAUSAL_SELECTIONS = ("strict", "block")
@@ -29,7 +31,7 @@ def token_budget(length: int, sparsity: float, k_min: int = 64) -> int:
 def sparsity_for_budget(budget: int, length: int, k_min: int = 64) -> float:
     """The sparsity whose token budget at `length` is exactly `budget` tokens (0.0, dense,
     when the budget holds the whole window): a fixed cache size as a sparsity."""
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < k_min:
+    if not is_integer(budget) or budget < k_min:
         raise ValueError(f"token budget {budget!r} must be an integer >= k_min = {k_min} (the "
                          "smallest budget any sparsity gives)")
     if budget >= length:
@@ -102,15 +104,11 @@ def realised_density(block_count: torch.Tensor, block_index: torch.Tensor,
 def check_options(sparsity, block_size="auto", k_min: int = 64,
                   causal_selection: str = "strict") -> None:
     """Rejects out-of-range protocol options before any model work, naming the valid ones."""
-    if (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
-            or not 0.0 <= sparsity < 1.0):
+    if not is_number(sparsity) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity!r} is outside [0, 1) (0 = dense, 0.9 = keep 10% "
                          "of the tokens)")
     if block_size != "auto" and block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size {block_size!r} is not supported; valid: auto, "
                          + ", ".join(map(str, BLOCK_SIZES)))
-    if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
-        raise ValueError(f"k_min {k_min!r} must be a positive integer")
-    if causal_selection not in CAUSAL_SELECTIONS:
-        raise ValueError(f"causal_selection {causal_selection!r} is not valid; valid: "
-                         + ", ".join(CAUSAL_SELECTIONS))
+    require("k_min", k_min, positive_int)
+    require("causal_selection", causal_selection, one_of(*CAUSAL_SELECTIONS))

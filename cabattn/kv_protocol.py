@@ -1,4 +1,4 @@
-"""The kv protocol (METHODS.md 1.3): teacher-forced streaming through an evicting KV cache.
+"""The kv protocol (docs/protocols.md, KV): teacher-forced streaming through an evicting KV cache.
 
 Inside `with KVProtocol(model, method, sparsity) as stats:`, `model(input_ids, labels=...)`
 scores each window as a stream: the first min(K, L) tokens are prefilled densely, the rest
@@ -37,6 +37,7 @@ from transformers import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
+from .checks import Option, positive_int
 from .grid import check_options, resolve_block_size
 from .kv_cache import KVEvictionCache
 from .methods import Method
@@ -168,16 +169,18 @@ class KVProtocol:
     """
 
     name = "kv"
-    OPTIONS = ("kv_chunk",)  # recorded with every cell, next to the shared options
+    # The protocol's own options, recorded with every cell next to the shared ones
+    # (block_size, k_min).
+    OPTIONS = (Option("kv_chunk", 1, "tokens fed per step (1: token by token, exact "
+                      "streaming; larger chunks evict less often)", positive_int),)
 
     def __init__(self, model, method: Union[Method, str], sparsity: float, kv_chunk: int = 1,
                  positions: str = "absolute", block_size: Union[int, str] = "auto",
                  k_min: int = 64, seed: int = 42, keep_logits: bool = True,
                  progress: bool = False, **method_params):
         check_options(sparsity, block_size, k_min)  # the options both protocols share
-        if isinstance(kv_chunk, bool) or not isinstance(kv_chunk, int) or kv_chunk < 1:
-            raise ValueError(f"kv_chunk {kv_chunk!r} must be a positive integer "
-                             "(1 = token-by-token streaming)")
+        for option in self.OPTIONS:  # each declared option is a keyword of this constructor
+            option.require(locals()[option.name])
         if positions not in POSITIONS:
             raise ValueError(f"positions {positions!r} is not supported; valid choices: "
                              f"{', '.join(POSITIONS)}")
@@ -190,7 +193,7 @@ class KVProtocol:
         self.token_nll: Optional[torch.Tensor] = None
         self.rotary_emb, self.rotate = ((None, None) if positions == "absolute"
                                         else _rotary_embedding(model))
-        options = {name: getattr(self, name) for name in self.OPTIONS}
+        options = {o.name: getattr(self, o.name) for o in self.OPTIONS}
         if positions != "absolute":  # recorded when used; absolute records stay as they were
             options["positions"] = positions
         self.stats = ProtocolStats(protocol=self.name, options=options, params=method.config,

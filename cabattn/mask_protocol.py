@@ -1,4 +1,4 @@
-"""The mask protocol inside a Hugging Face model (METHODS.md 1.2).
+"""The mask protocol inside a Hugging Face model (docs/protocols.md, Mask).
 
 Every attention layer runs through one function registered with transformers'
 AttentionInterface: it selects key blocks from that layer's post-RoPE q and k with the method's
@@ -9,10 +9,13 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
+from typing import Union
+
 from . import ops
-from .grid import causal_pairs, check_options, kept_pairs
+from .checks import Option, boolean, choice
+from .grid import CAUSAL_SELECTIONS, causal_pairs, check_options, kept_pairs
 from .methods import MaskContext, Method
-from .sparse import make_grid, plan_layout
+from .sparse import make_grid, plan_layout, resolve_method
 from .stats import ProtocolStats
 
 ATTENTION_NAME = "cabattn_mask"
@@ -44,24 +47,30 @@ class MaskProtocol:
     """Context manager: inside it, the model's attention is the method's block-sparse
     attention; __enter__ returns the ProtocolStats that every forward adds to."""
     name = "mask"
-    # Recorded with every cell, next to the shared options. diagnostics: also measure each
-    # layer's attention recall, from the oracle block statistics (an extra QK^T pass for a
-    # method whose rule does not compute them).
-    OPTIONS = ("causal_selection", "diagnostics")
+    # The protocol's own options, recorded with every cell next to the shared ones
+    # (block_size, k_min).
+    OPTIONS = (
+        choice("causal_selection", "strict", "strict: a row's selection reads earlier blocks "
+               "only; block: it reads the row's own block too", CAUSAL_SELECTIONS),
+        Option("diagnostics", False, "also measure each cell's attention recall (the dense "
+               "softmax mass the kept blocks hold; one more QK^T pass per layer for a method "
+               "whose rule does not compute it)", boolean),
+    )
 
-    def __init__(self, model, method: Method, sparsity: float, block_size="auto",
+    def __init__(self, model, method: Union[Method, str], sparsity: float, block_size="auto",
                  k_min: int = 64, causal_selection: str = "strict", seed: int = 42,
-                 diagnostics: bool = False):
-        check_options(sparsity, block_size, k_min, causal_selection)
-        if not isinstance(diagnostics, bool):
-            raise ValueError(f"diagnostics {diagnostics!r} must be true or false")
+                 diagnostics: bool = False, **method_params):
+        check_options(sparsity, block_size, k_min)  # the options both protocols share
+        for option in self.OPTIONS:  # each declared option is a keyword of this constructor
+            option.require(locals()[option.name])
+        method = resolve_method(method, **method_params)
         method.check_protocol(self.name)
         self.model, self.method, self.sparsity = model, method, float(sparsity)
         self.block_size, self.k_min, self.causal_selection = block_size, k_min, causal_selection
         self.seed, self.diagnostics = seed, diagnostics
         self.windows_seen = 0
         self.stats = ProtocolStats(
-            protocol=self.name, options={name: getattr(self, name) for name in self.OPTIONS},
+            protocol=self.name, options={o.name: getattr(self, o.name) for o in self.OPTIONS},
             params=method.config, k_min=k_min, oracle_selection=method.oracle)
         self._saved = None
 

@@ -34,7 +34,8 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float
 
 def frc_scores(qc: torch.Tensor, kc: torch.Tensor, scale: float, lam: float,
                formula: int = ADDITIVE, normalization: int = ROW_MINMAX) -> torch.Tensor:
-    """Block curvature F [B, Hq, M, M] float32 from coarse queries and keys (METHODS.md 2.3)."""
+    """Block curvature F [B, Hq, M, M] float32 from coarse queries and keys
+    (docs/block_statistics.md)."""
     return _ops.frc_scores(qc, kc, scale, lam, formula, normalization)
 
 

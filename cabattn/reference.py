@@ -1,6 +1,6 @@
 """Plain-PyTorch references of the compiled operators.
 
-They define what each operator computes (METHODS.md sections 0 and 2, KERNELS.md) and are what
+They define what each operator computes (docs/operators.md) and are what
 the tests compare the CPU and CUDA kernels against. They favour clarity over speed: some build
 the L x L matrix the kernels never build. Run them in float64 for the correctness bar.
 
@@ -64,7 +64,8 @@ def block_scores(q, k, block_size: int, scale: float):
 
 def frc_scores(qc, kc, scale: float, lam: float, formula: int = ADDITIVE,
                normalization: int = ROW_MINMAX):
-    """Block Forman-Ricci curvature F [B, Hq, M, M] float32 (METHODS.md 2.3); 0 where J > I."""
+    """Block Forman-Ricci curvature F [B, Hq, M, M] float32 (docs/block_statistics.md); 0 where
+    J > I."""
     m = qc.shape[2]
     causal = torch.ones(m, m, dtype=torch.bool, device=qc.device).tril()
     r = (qc.double() @ _expand_kv(kc, qc.shape[1]).double().transpose(-1, -2)) * scale

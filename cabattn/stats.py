@@ -1,4 +1,4 @@
-"""What a model ran under cabattn.apply() / cabattn.dense(): the protocol's record.
+"""What a model ran under cabattn.apply() / cabattn.model_attention(): the protocol's record.
 
 Each protocol fills a ProtocolStats while the model runs and reports itself through `record()`
 (protocol, block size, its own options, the method's parameters, realised density, timings), so
@@ -33,7 +33,7 @@ class ProtocolStats:
     # CUDA (what, start event, end event) not yet added to `seconds`: reading them waits for
     # the GPU, so that happens once, when the seconds are read, not inside the forward.
     pending: list = field(default_factory=list)
-    # What the kept attention explains (issue 16), summed over every forward as [measured,
+    # What the kept attention explains (docs/metrics.md), summed over every forward as [measured,
     # out of] pairs; the sums may be device tensors, read (and waited for) only by record().
     recall: dict = field(default_factory=dict)  # layer -> [kept softmax mass, query rows]
     sink: list = field(default_factory=lambda: [0, 0])  # [rows/caches holding key 0, all]

@@ -1,5 +1,5 @@
 // block_scores: Sblk (sum) and Gblk (max) of the dense causal softmax P per (query block, key
-// block) pair (METHODS.md 2.2), in one QK^T pass that never holds more than a
+// block) pair (docs/block_statistics.md), in one QK^T pass that never holds more than a
 // [block_size, kKeyChunk] tile of logits.
 //
 // For query row r and key block J it keeps the block-local max logit m_rJ and

@@ -1,6 +1,6 @@
-// coarsen: one representative vector per block of tokens (METHODS.md 2.1), the token of largest
-// L2 norm (first on ties) or the block mean. Accumulates in double: the cost is one read of x,
-// and the argmax then matches the float64 reference exactly on tie-free inputs.
+// coarsen: one representative vector per block of tokens (docs/block_statistics.md), the token of
+// largest L2 norm (first on ties) or the block mean. Accumulates in double: the cost is one read of
+// x, and the argmax then matches the float64 reference exactly on tie-free inputs.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

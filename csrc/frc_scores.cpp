@@ -1,4 +1,4 @@
-// frc_scores: block Forman-Ricci curvature from coarse queries and keys (METHODS.md 2.3).
+// frc_scores: block Forman-Ricci curvature from coarse queries and keys (docs/block_statistics.md).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

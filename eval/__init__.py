@@ -1,4 +1,4 @@
-"""The perplexity harness: models, data, metrics and the benchmark runner (METHODS.md 4-6).
+"""The perplexity harness: models, data, metrics and the benchmark runner (docs/running.md).
 
 The original benchmark's Python API, by its original names:
 
@@ -6,13 +6,13 @@ The original benchmark's Python API, by its original names:
     results = run_benchmark(create_quick_test())
 
 ExperimentConfig, ModelConfig, create_quick_test (eval.config) and run_benchmark,
-PerplexityBenchmarkRunner (eval.run) are imported on first use, so that `python -m eval.run`
-does not find eval.run already imported by its own package.
+PerplexityBenchmarkRunner (eval.runner) are imported on first use: importing a light module
+of the harness (eval.cache, eval.hub) does not load torch and the model libraries.
 """
 import importlib
 
 _API = {"ExperimentConfig": "config", "ModelConfig": "config", "create_quick_test": "config",
-        "run_benchmark": "run", "PerplexityBenchmarkRunner": "run"}
+        "run_benchmark": "runner", "PerplexityBenchmarkRunner": "runner"}
 __all__ = sorted(_API)
 
 

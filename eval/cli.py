@@ -1,65 +1,39 @@
-"""The command line of the benchmark: `python -m eval.run [flags]` (also `python -m eval.cli`).
+"""The command line of the benchmark: `python -m eval.run [flags]` (eval/run.py starts it).
 
 Builds the experiment configs from a preset or file plus flag overrides, validates them before
-anything loads, then hands each to eval.run.PerplexityBenchmarkRunner. Exit status: 0 all cells
-finished, 1 some cell failed (its error is in the results) or the model could not be loaded,
-2 invalid configuration, 130 interrupted.
+any model loads, then hands each to eval.runner.PerplexityBenchmarkRunner. Exit status: 0 all
+cells finished, 1 some cell failed (its error is in the results) or the model could not be
+loaded, 2 invalid configuration, 130 interrupted.
 """
 import argparse
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
-import yaml
+import torch
 
+from cabattn import PROTOCOLS, methods, protocol_options
+
+from . import arguments
 from .config import (DEFAULT_OUTPUT_DIR, ICML_FULL_YAML, ConfigError, ExperimentConfig,
-                     check_output_location, config_warnings, load_config, quick_test_config,
-                     validate)
+                     check_output_location, config_warnings, default_config, load_config,
+                     quick_test_config, validate)
+from .data import DATASETS, HUB_DATASETS, OFFLINE_DATASETS, DatasetError, FetchError
 from .env import DEVICES, DTYPES
-from .executors import EXECUTORS, parse_shard
+from .executors import EXECUTORS, ExecutorError
+from .models import ModelLoadError
 from .results import CorruptFileError
+from .runner import PerplexityBenchmarkRunner, RunDeclined
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def _method_param(text: str) -> tuple:
-    """METHOD.NAME=VALUE -> (method, name, value); VALUE is read as YAML (0.5, true, high)."""
-    target, sep, value = text.partition("=")
-    method, dot, name = target.partition(".")
-    if not (sep and dot and method and name):
-        raise argparse.ArgumentTypeError(f"{text!r} is not METHOD.NAME=VALUE "
-                                         "(e.g. cab_v4.magnitude_ratio=0.7)")
-    return method, name, yaml.safe_load(value)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
-def _block_size(text: str):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"block size {text!r} is not 'auto' or an integer") \
-            from None
+# How the command is typed: from a checkout (the package is the folder eval/), or installed
+# (the package is cabattn_eval, the command cabattn-eval; setup.py).
+PROG = "python -m eval.run" if __package__ == "eval" else "cabattn-eval"
 
 
 def registries_help() -> str:
     """The datasets, and the methods with their parameters, as the registries declare them."""
-    import textwrap
-
-    from cabattn import methods
-
-    from .data import DATASETS
-
     lines = ["datasets (--datasets NAME):"]
     for entry in DATASETS.values():
         where = "hub" if entry.hub else "offline"
@@ -79,19 +53,9 @@ def registries_help() -> str:
     return "\n".join(lines)
 
 
-def _shard(text: str) -> tuple:
-    try:
-        return parse_shard(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from cabattn import PROTOCOLS, methods
-
-    from .data import HUB_DATASETS, OFFLINE_DATASETS
     p = argparse.ArgumentParser(
-        prog="python -m eval.run",
+        prog=PROG,
         description="Perplexity of a language model under sparse attention (mask protocol) or "
                     "KV-cache eviction (kv protocol): a context-length sweep at a fixed sparsity "
                     "and a sparsity sweep at a fixed context length, per dataset and method.",
@@ -128,7 +92,7 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--methods", nargs="+", metavar="NAME",
                    help=f"{' '.join(methods.available())} (see below)")
     g.add_argument("--method", metavar="NAME", help="a single method (same as --methods NAME)")
-    g.add_argument("--param", action="append", type=_method_param, default=[],
+    g.add_argument("--param", action="append", type=arguments.method_param, default=[],
                    metavar="METHOD.NAME=VALUE",
                    help="a method parameter, e.g. cab_v4.magnitude_ratio=0.7, "
                         "h2o.h2o_recent_ratio=0.25 (repeatable)")
@@ -153,17 +117,13 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--protocol", choices=list(PROTOCOLS),
                    help="mask: block-sparse attention, one forward per window (default); "
                         "kv: streaming KV-cache eviction")
-    g.add_argument("--block-size", type=_block_size, metavar="B",
+    g.add_argument("--block-size", type=arguments.block_size, metavar="B",
                    help="auto (about 64 blocks a window), 16, 32, 64 or 128")
-    g.add_argument("--causal-selection", choices=("strict", "block"),
-                   help="strict (default): a row's selection uses earlier blocks only")
-    g.add_argument("--k-min", type=_positive_int, metavar="K",
+    g.add_argument("--k-min", type=arguments.positive_int, metavar="K",
                    help="the smallest token budget: K = max(k_min, (1 - s) L) (64)")
-    g.add_argument("--kv-chunk", type=int, metavar="C", help="kv protocol chunk (1: exact)")
-    g.add_argument("--diagnostics", action="store_true", default=None,
-                   help="mask protocol: also measure each cell's attention recall (the dense "
-                        "softmax mass the kept blocks hold; one more QK^T pass per layer for "
-                        "a method whose rule does not compute it)")
+    for protocol in PROTOCOLS.values():  # each protocol's own options, as it declares them
+        for option in protocol.OPTIONS:
+            arguments.add_option(g, option, help_prefix=f"{protocol.name} protocol: ")
 
     g = p.add_argument_group("model and machine")
     g.add_argument("--model", metavar="NAME_OR_PATH",
@@ -171,23 +131,23 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--dtype", choices=("auto", *DTYPES),
                    help="auto: float16 on CUDA, float32 on the CPU")
     g.add_argument("--device", metavar="DEVICE", help=f"{', '.join(DEVICES)} or cuda:N")
-    g.add_argument("--threads", type=_positive_int, metavar="N",
+    g.add_argument("--threads", type=arguments.positive_int, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is often faster on "
                         "a machine that other jobs keep busy)")
-    g.add_argument("--batch-size", type=_positive_int, metavar="N",
+    g.add_argument("--batch-size", type=arguments.positive_int, metavar="N",
                    help="windows per forward (1); the numbers match batch size 1 to rounding")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own code to run (off by default)")
     g.add_argument("--seed", type=int, help="seed for bootstrap intervals and random (42)")
 
-    g = p.add_argument_group("scaling out (README: Running the full benchmark on a cluster)")
+    g = p.add_argument_group("scaling out (docs/running.md, on a cluster)")
     g.add_argument("--executor", choices=EXECUTORS, default="serial",
                    help="serial: every cell in this process (default); ray: one Ray actor per "
                         "GPU (or per --threads CPU cores), each loading the model once")
     g.add_argument("--ray-address", metavar="ADDRESS",
                    help="the Ray cluster to use (auto: the one `ray start` started here; "
                         "default: start a local one)")
-    g.add_argument("--shard", type=_shard, metavar="I/N",
+    g.add_argument("--shard", type=arguments.shard, metavar="I/N",
                    help="compute only shard I of N of the cells (a job array's task); the "
                         "shards share one cell store and write no results file")
     g.add_argument("--assemble", action="store_true",
@@ -220,6 +180,9 @@ def _base_configs(args) -> tuple:
         return load_config(ICML_FULL_YAML), []
     if args.config:
         return load_config(args.config), []
+    if args.datasets is None and args.data_file is None:
+        config, note = default_config()
+        return [config], [note] if note else []
     return [ExperimentConfig(name="perplexity")], []
 
 
@@ -230,9 +193,8 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
     simple = {"datasets": args.datasets, "methods": args.methods or (
         [args.method] if args.method else None), "data_file": args.data_file,
         "text_field": args.text_field, "max_windows": args.max_windows,
-        "protocol": args.protocol, "block_size": args.block_size,
-        "causal_selection": args.causal_selection, "k_min": args.k_min,
-        "kv_chunk": args.kv_chunk, "diagnostics": args.diagnostics,
+        "protocol": args.protocol, "block_size": args.block_size, "k_min": args.k_min,
+        **{name: getattr(args, name) for name in protocol_options()},
         "budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seed": args.seed,
         "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():
@@ -346,22 +308,18 @@ def run_command(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     if args.threads is not None:
-        import torch
         torch.set_num_threads(args.threads)
     # A plain `kill` then ends the run like Ctrl-C: the partial results are written first.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     status = EXIT_OK
-    command = ["python", "-m", "eval.run", *(sys.argv[1:] if argv is None else argv)]
-    from .executors import ExecutorError
-    from .models import ModelLoadError
-    from .data import DatasetError, FetchError
-    from .run import PerplexityBenchmarkRunner, RunDeclined
+    command = [*PROG.split(), *(sys.argv[1:] if argv is None else argv)]
     for config in configs:
         runner = PerplexityBenchmarkRunner(
             config, resume=args.resume, notes=notes, command=command,
             make_report=not args.no_report, executor=args.executor,
             ray_address=args.ray_address, threads=args.threads or 1, shard=args.shard,
-            assemble=args.assemble, confirm=lambda seconds: _confirm(args, seconds))
+            assemble=args.assemble, confirm=lambda seconds: _confirm(args, seconds),
+            validated=True)
         try:
             runner.run()
         except RunDeclined:

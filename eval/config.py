@@ -1,4 +1,4 @@
-"""Experiment configuration: the dataclasses, YAML loading and validation (METHODS.md section 6).
+"""Experiment configuration: the dataclasses, YAML loading and validation (docs/running.md).
 
 The field names follow the original benchmark (ExperimentConfig, ModelConfig,
 ContextLengthSweepConfig, SparsitySweepConfig, create_quick_test) so its YAML files and Python
@@ -13,8 +13,13 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
 import yaml
 
+from cabattn import PROTOCOLS, checks, grid, protocol_options
+from cabattn import methods as registry
+
+from . import data, models
 from .env import DEVICES, DTYPES
 from .hub import hub_reachable
 
@@ -64,7 +69,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     datasets: list = field(default_factory=lambda: ["wikitext-103"])
     methods: list = field(default_factory=lambda: ["dense", "h2o", "cab_v4"])
-    # {method: {param: value}} (METHODS.md section 3); the protocol parameters below apply to all.
+    # {method: {param: value}} (docs/methods.md); the protocol parameters below apply to all.
     method_params: dict = field(default_factory=dict)
     context_length_sweep: ContextLengthSweepConfig = field(
         default_factory=ContextLengthSweepConfig)
@@ -72,7 +77,7 @@ class ExperimentConfig:
     protocol: str = "mask"
     block_size: Union[str, int] = "auto"
     causal_selection: str = "strict"
-    k_min: int = 64  # the smallest token budget K (METHODS.md section 0)
+    k_min: int = 64  # the smallest token budget K (docs/methods.md)
     kv_chunk: int = 1
     diagnostics: bool = False  # mask protocol: measure attention recall (an oracle pass)
     # Fixed token budgets (cache sizes) run at every context length, besides the sweeps.
@@ -89,7 +94,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def cells_needed(self) -> list:
+    def sweep_points(self) -> list:
         """Every (context length, sparsity) point of the two sweeps."""
         points = []
         if self.context_length_sweep.enabled:
@@ -101,7 +106,7 @@ class ExperimentConfig:
         return points
 
     def context_lengths(self) -> list:
-        return sorted({L for L, _ in self.cells_needed()})
+        return sorted({L for L, _ in self.sweep_points()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +201,19 @@ def quick_test_config(hub_online: Optional[bool] = None) -> tuple:
     return apply_offline_fallback(load_config(QUICK_TEST_YAML)[0], online)
 
 
+def default_config(hub_online: Optional[bool] = None) -> tuple:
+    """(the experiment `python -m eval.run` runs without a preset, a file or --datasets; a note
+    or None): its hub corpus, or every offline corpus when the hub is unreachable."""
+    config = ExperimentConfig(name="perplexity")
+    if hub_reachable() if hub_online is None else hub_online:
+        return config, None
+    note = (f"the Hugging Face hub is unreachable: running on the offline corpora "
+            f"({', '.join(data.OFFLINE_DATASETS)}) instead of {', '.join(config.datasets)} "
+            "(--datasets chooses)")
+    config.datasets = list(data.OFFLINE_DATASETS)
+    return config, note
+
+
 def create_quick_test(hub_online: Optional[bool] = None) -> ExperimentConfig:
     """The quick test (original API); the variant chosen is noted in `description`."""
     config, note = quick_test_config(hub_online)
@@ -216,7 +234,7 @@ def _check_context_lengths(config: ExperimentConfig, problems: list) -> None:
             problems.append(f"{where} must be a non-empty list of integers, got {values!r}")
             continue
         for L in values:
-            if not isinstance(L, int) or isinstance(L, bool) or L < 2:
+            if not checks.is_integer(L) or L < 2:
                 problems.append(f"{where}: context length {L!r} must be an integer >= 2")
             else:
                 lengths.append(L)
@@ -234,10 +252,9 @@ def _check_sparsities(config: ExperimentConfig, problems: list) -> None:
         problems.append(f"sparsity_sweep.sparsity_levels must be a non-empty list, got {levels!r}")
         levels = []
     values += [("sparsity_sweep.sparsity_levels", s) for s in levels]
-    from cabattn.grid import check_options
     for where, s in values:
         try:
-            check_options(s)
+            grid.check_options(s)
         except ValueError as err:
             problems.append(f"{where}: {err}")
 
@@ -248,23 +265,17 @@ def _check_choice(problems: list, where: str, value, choices) -> None:
 
 
 def _check_methods(config: ExperimentConfig, problems: list) -> None:
-    from cabattn import methods as registry
-    from cabattn.grid import check_options
-
     names = registry.available()
     if not config.methods:
         problems.append("no methods given; valid: " + ", ".join(names))
-    for name in config.methods:
-        if name not in names:
-            problems.append(f"unknown method {name!r}; valid methods: {', '.join(names)}")
+    problems += filter(None, (checks.unknown("method", name, names) for name in config.methods))
     if not isinstance(config.method_params, dict):
         problems.append(f"method_params must map a method to its parameters, got "
                         f"{config.method_params!r}")
         return
     for name, params in config.method_params.items():
         if name not in names:
-            problems.append(f"method_params: unknown method {name!r}; valid methods: "
-                            f"{', '.join(names)}")
+            problems.append(f"method_params: {checks.unknown('method', name, names)}")
         elif not isinstance(params, dict):
             problems.append(f"method_params.{name} must be a mapping, got {params!r}")
     # Every method's parameters, run or not: a typo must not wait for the run that uses it.
@@ -277,14 +288,16 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
             except (ValueError, TypeError) as err:
                 problems.append(f"method {name!r}: {err}")
     try:  # the protocol options both protocols share, checked as the protocols check them
-        check_options(0.0, config.block_size, config.k_min, config.causal_selection)
+        grid.check_options(0.0, config.block_size, config.k_min)
     except ValueError as err:
         problems.append(str(err))
+    for option in protocol_options().values():  # and each protocol's own, as declared
+        message = checks.problem(option.name, getattr(config, option.name), option.check)
+        if message:
+            problems.append(message)
 
 
 def _check_datasets(config: ExperimentConfig, problems: list) -> None:
-    from eval import data
-
     if not config.datasets:
         problems.append("no datasets given; valid: " + ", ".join(data.available_datasets()))
     found = len(problems)
@@ -303,8 +316,7 @@ def _check_datasets(config: ExperimentConfig, problems: list) -> None:
 @functools.lru_cache(maxsize=8)
 def _model_max_positions(name: str, trust_remote_code: bool, cache_dir) -> int:
     """The longest context a model allows, read from its configuration alone (no weights)."""
-    from . import models
-    return models.max_positions(models.load_config(name, trust_remote_code, cache_dir))
+    return models.max_positions(models.load_model_config(name, trust_remote_code, cache_dir))
 
 
 def _check_model(config: ExperimentConfig, problems: list) -> None:
@@ -324,8 +336,6 @@ def _check_model(config: ExperimentConfig, problems: list) -> None:
 def config_warnings(config: ExperimentConfig) -> list:
     """What is valid but probably not meant (a valid config assumed): parameters of methods
     the run does not include, and sparsity points whose budget leaves no method a choice."""
-    from cabattn import grid
-
     found = [f"parameters {params} are given for method {name!r}, which this run does not "
              f"include (methods: {', '.join(config.methods)}); they have no effect"
              for name, params in config.method_params.items() if name not in config.methods]
@@ -333,7 +343,7 @@ def config_warnings(config: ExperimentConfig) -> list:
     if not sparse or config.protocol != "mask":
         return found
     shift = 1 if config.causal_selection == "strict" else 0
-    for L, s in dict.fromkeys(config.cells_needed()):
+    for L, s in dict.fromkeys(config.sweep_points()):
         if s == 0.0:
             continue
         budget = grid.token_budget(L, s, config.k_min)
@@ -387,35 +397,26 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
     problems = []
     if not isinstance(config.name, str) or not config.name or "/" in config.name:
         problems.append(f"name {config.name!r} must be a non-empty file name without '/'")
-    if not isinstance(config.seed, int) or isinstance(config.seed, bool):
+    if not checks.is_integer(config.seed):
         problems.append(f"seed {config.seed!r} must be an integer")
-    from cabattn import PROTOCOLS
-    _check_choice(problems, "protocol", config.protocol, tuple(PROTOCOLS))
+    if message := checks.unknown("protocol", config.protocol, PROTOCOLS):
+        problems.append(message)
     _check_choice(problems, "model.torch_dtype", config.model.torch_dtype, ("auto", *DTYPES))
     device = str(config.model.device)
     if device not in DEVICES and not device.startswith("cuda:"):
         problems.append(f"model.device {device!r} is not one of: {', '.join(DEVICES)}, cuda:N")
     elif device.startswith("cuda"):
-        import torch
         if not torch.cuda.is_available():
             problems.append(f"model.device {device!r} was asked for but no CUDA device is "
                             "present; use --device cpu or auto")
-    if not isinstance(config.kv_chunk, int) or isinstance(config.kv_chunk, bool) \
-            or config.kv_chunk < 1:
-        problems.append(f"kv_chunk {config.kv_chunk!r} must be an integer >= 1")
     budgets = config.budget_tokens
     if budgets is not None and (not isinstance(budgets, list) or not budgets or not all(
-            isinstance(K, int) and not isinstance(K, bool) and K >= config.k_min
-            for K in budgets)):
+            checks.is_integer(K) and K >= config.k_min for K in budgets)):
         problems.append(f"budget_tokens {budgets!r} must be a non-empty list of integers >= "
                         f"k_min = {config.k_min} (token budgets) or null")
-    if not isinstance(config.diagnostics, bool):
-        problems.append(f"diagnostics {config.diagnostics!r} must be true or false")
-    if config.max_windows is not None and (not isinstance(config.max_windows, int)
-                                           or config.max_windows < 1):
+    if config.max_windows is not None and checks.positive_int(config.max_windows):
         problems.append(f"max_windows {config.max_windows!r} must be an integer >= 1 or null")
-    if not isinstance(config.batch_size, int) or isinstance(config.batch_size, bool) \
-            or config.batch_size < 1:
+    if checks.positive_int(config.batch_size):
         problems.append(f"batch_size {config.batch_size!r} must be an integer >= 1")
     if config.data_file is not None and not Path(config.data_file).is_file():
         problems.append(f"data file {config.data_file!r} does not exist")

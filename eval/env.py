@@ -1,8 +1,7 @@
 """The machine a run executes on: device and dtype resolution, peak memory, provenance.
 
 The one place that turns the config's "auto" device and dtype into concrete names; the model
-loader (eval.models) maps a dtype name to torch's dtype. Nothing here imports torch at module
-import, so the command line can validate flags before torch loads.
+loader (eval.models) maps a dtype name to torch's dtype.
 """
 import os
 import platform
@@ -10,13 +9,14 @@ import resource
 import subprocess
 from pathlib import Path
 
+import torch
+
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 
 
 def resolve_device(device: str) -> str:
     """"auto" -> cuda when present, else cpu; anything else as given."""
-    import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -30,13 +30,11 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def reset_peak_memory(device: str) -> None:
-    import torch
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def synchronize(device: str) -> None:
-    import torch
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
 
@@ -44,7 +42,6 @@ def synchronize(device: str) -> None:
 def peak_memory_mb(device: str) -> tuple:
     """(megabytes, what was measured): CUDA's peak allocation since reset_peak_memory, or on
     the CPU the process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
-    import torch
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
@@ -61,7 +58,6 @@ def git_commit() -> str | None:
 
 def provenance(device: str) -> dict:
     """Library versions, commit and machine of a run (for the results' config record)."""
-    import torch
     import transformers
     return {
         "torch_threads": torch.get_num_threads(),

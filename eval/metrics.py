@@ -1,4 +1,4 @@
-"""Perplexity metrics of one cell (METHODS.md section 4), from per-window sums.
+"""Perplexity metrics of one cell (docs/metrics.md), from per-window sums.
 
 Everything is token-weighted: windows contribute by their number of scored predictions, so
 cross_entropy = total NLL / total predicted tokens, never a mean of window means.

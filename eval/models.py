@@ -107,7 +107,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", device="cpu",
                        num_parameters=sum(p.numel() for p in model.parameters()))
 
 
-def load_config(name: str = DEFAULT_MODEL, trust_remote_code: bool = False, cache_dir=None):
+def load_model_config(name: str = DEFAULT_MODEL, trust_remote_code: bool = False, cache_dir=None):
     """The model's transformers config without its weights, for checks before loading.
 
     For the default model this reads the converted checkpoint's config.json (milliseconds);

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .results import CorruptFileError, read_json
-from .results import delta_vs_dense as results_delta
+from .results import delta_vs_dense
 
 DENSITY_TICKS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -74,10 +74,10 @@ def dense_perplexity(all_points: list, dataset: str, context_length: int):
     return None
 
 
-def delta_vs_dense(all_points: list, p: Point):
+def point_delta_vs_dense(all_points: list, p: Point):
     dense = p.result.get("dense_perplexity") or dense_perplexity(all_points, p.dataset,
                                                                  p.context_length)
-    return results_delta(p.perplexity, dense)
+    return delta_vs_dense(p.perplexity, dense)
 
 
 def _datasets(all_points):
@@ -237,7 +237,7 @@ def recall_cells(results: dict) -> dict:
     all_points = points(results)
     cells = {}
     for p in all_points:
-        recall, delta = p.result.get("attention_recall"), delta_vs_dense(all_points, p)
+        recall, delta = p.result.get("attention_recall"), point_delta_vs_dense(all_points, p)
         if p.method != "dense" and p.sparsity > 0 and recall is not None and delta is not None:
             cells[(p.dataset, p.method, p.context_length, p.sparsity)] = (recall, delta * 100)
     return cells
@@ -302,7 +302,7 @@ def table3_rows(results: dict) -> tuple:
                 elif method == "dense" or s == 0.0:
                     cells.append(f"{p.perplexity:.3f}")
                 else:
-                    delta = delta_vs_dense(all_points, p)
+                    delta = point_delta_vs_dense(all_points, p)
                     cells.append(f"{p.perplexity:.3f} ({delta * 100:+.1f}%)" if delta is not None
                                  else f"{p.perplexity:.3f}")
             L = sorted({p.context_length for p in mine})

@@ -12,6 +12,8 @@ import os
 import socket
 from pathlib import Path
 
+from cabattn.checks import is_number, non_negative_int
+
 from .cache import atomic_path
 
 
@@ -207,22 +209,18 @@ class CellClaim:
 
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return non_negative_int(value) is None
 
 
 # The metrics of R, each with the check its value passes in a finished cell (a failed one has
 # them all null, and is never stored).
-METRIC_CHECKS = {"perplexity": _is_number, "cross_entropy": _is_number,
-                 "bits_per_token": _is_number, "bits_per_byte": _is_number,
+METRIC_CHECKS = {"perplexity": is_number, "cross_entropy": is_number,
+                 "bits_per_token": is_number, "bits_per_byte": is_number,
                  "num_tokens": _is_count, "num_samples": _is_count,
                  "ppl_ci95": lambda v: (isinstance(v, list) and len(v) == 2
-                                        and all(map(_is_number, v))),
-                 "density": _is_number}
+                                        and all(map(is_number, v))),
+                 "density": is_number}
 METRIC_FIELDS = tuple(METRIC_CHECKS)
 
 
@@ -254,7 +252,7 @@ def delta_vs_dense(perplexity, dense_perplexity):
 
 
 def assemble(cells: list, outcomes: dict, config_record: dict) -> dict:
-    """The seed-compatible results dict from the planned cells (eval.run.Cell) and the
+    """The seed-compatible results dict from the planned cells (eval.runner.Cell) and the
     outcome R of each computation (RunSpec -> R); cells without an outcome are left out."""
     results = {}
     for cell in cells:

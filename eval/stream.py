@@ -1,4 +1,4 @@
-"""python -m eval.stream: perplexity over one stream longer than the model's positions (issue 17).
+"""python -m eval.stream: perplexity over one stream longer than the model's positions.
 
 One window of --tokens tokens (the first book of a book corpus long enough, or the first
 tokens of a stream corpus) is scored through the kv protocol with a cache of --cache entries
@@ -23,7 +23,20 @@ import sys
 import time
 from pathlib import Path
 
-from . import env
+import torch
+from tqdm.auto import tqdm
+
+import cabattn
+from cabattn.checks import lookup
+from cabattn.grid import resolve_block_size
+from cabattn.kv_protocol import KVProtocol
+
+from . import arguments, env
+from .cell import data_identity
+from .data import available_datasets, check_data_file, load_windows, validate_dataset
+from .metrics import summarize
+from .models import DEFAULT_MODEL, load_model
+from .report import _log_if_wide, _save, _style
 from .results import CellStore, write_json_atomic
 
 # label -> (registered method, parameters): the curves of StreamingLLM's Figure 3 and ours
@@ -38,34 +51,33 @@ STREAM_METHODS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _block_size, _positive_int
-    from .data import available_datasets
-    from .models import DEFAULT_MODEL
     p = argparse.ArgumentParser(
         prog="python -m eval.stream", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="methods: " + "; ".join(f"{label} = {m}{params or ''}"
                                        for label, (m, params) in STREAM_METHODS.items()))
-    p.add_argument("--tokens", type=_positive_int, default=32768, help="stream length (32768)")
-    p.add_argument("--cache", type=_positive_int, default=1024,
+    p.add_argument("--tokens", type=arguments.positive_int, default=32768,
+                   help="stream length (32768)")
+    p.add_argument("--cache", type=arguments.positive_int, default=1024,
                    help="cache entries per KV head and layer (1024)")
-    p.add_argument("--chunk", type=_positive_int, default=16, help="tokens per step (16)")
-    p.add_argument("--segment", type=_positive_int, default=1024,
+    p.add_argument("--chunk", type=arguments.positive_int, default=16,
+                   help="tokens per step (16)")
+    p.add_argument("--segment", type=arguments.positive_int, default=1024,
                    help="tokens per reported perplexity (1024)")
-    p.add_argument("--summary-tokens", type=_positive_int, default=8192,
-                   help="the README's summary: perplexity of the last N predictions (8192)")
+    p.add_argument("--summary-tokens", type=arguments.positive_int, default=8192,
+                   help="the summary: perplexity of the last N predictions (8192)")
     p.add_argument("--methods", nargs="+", default=list(STREAM_METHODS), metavar="LABEL",
                    help=f"any of {', '.join(STREAM_METHODS)} (all)")
     p.add_argument("--dataset", default="pd-books", help=f"{', '.join(available_datasets())}")
     p.add_argument("--data-file", metavar="PATH", help="a local text/JSON(L) file instead "
                    "(--dataset then only labels it)")
     p.add_argument("--text-field", default="text", help="text column of --data-file (text)")
-    p.add_argument("--block-size", type=_block_size, default="auto",
+    p.add_argument("--block-size", type=arguments.block_size, default="auto",
                    help="cab_v3/cab_v4 block: auto (about 64 blocks in the cache) or 16..128")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="auto", choices=("auto", *env.DTYPES))
     p.add_argument("--device", default="auto", help=f"{', '.join(env.DEVICES)} or cuda:N")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    p.add_argument("--threads", type=arguments.positive_int, help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", default="results/stream")
     p.add_argument("--name", default="stream", help="results file name (stream)")
@@ -74,11 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Bad input fails here, before the model loads."""
-    from .data import check_data_file, validate_dataset
-    unknown = [m for m in args.methods if m not in STREAM_METHODS]
-    if unknown:
-        raise ValueError(f"unknown stream method(s) {', '.join(unknown)}; valid: "
-                         f"{', '.join(STREAM_METHODS)}")
+    for label in args.methods:
+        lookup("stream method", label, STREAM_METHODS)
     if args.cache >= args.tokens:
         raise ValueError(f"--cache {args.cache} must be smaller than --tokens {args.tokens} "
                          "(nothing would be evicted)")
@@ -92,13 +101,11 @@ def check_args(args) -> None:
 
 
 def block_size(args) -> int:
-    from cabattn.grid import resolve_block_size
     return resolve_block_size(args.block_size, args.cache)
 
 
-def cell_key(args, label: str, positions: int) -> dict:
+def stream_key(args, label: str, positions: int) -> dict:
     method, params = STREAM_METHODS[label]
-    from .run import data_identity
     key = {"kind": "stream", "dataset": args.dataset, "data_file": data_identity(args),
            "text_field": args.text_field, "model": args.model,
            "dtype": args.dtype, "device": args.device.split(":")[0], "tokens": args.tokens,
@@ -114,15 +121,12 @@ def cell_key(args, label: str, positions: int) -> dict:
 
 def score(args, loaded, ids, label: str):
     """(NLL of every prediction [n-1] float64, the protocol's record) of one method."""
-    import torch
-    import cabattn
-    from cabattn.kv_protocol import KVProtocol
     method, params = STREAM_METHODS[label]
     model = loaded.model
     with torch.inference_mode():
         if method == "dense":
             ids = ids[:, :loaded.max_positions]
-            with cabattn.dense(model) as stats:
+            with cabattn.model_attention(model) as stats:
                 logits = model(ids).logits[0, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
             return nll.double(), stats.record()
@@ -139,7 +143,6 @@ def score(args, loaded, ids, label: str):
 
 def stream_result(args, tokenizer, ids, nll, record: dict, wall: float) -> dict:
     """R of one method: the cell metrics over its segments, the segments, the summary."""
-    from .metrics import summarize
     n = nll.shape[0]  # predictions of tokens 1..n
     segments = []
     for start in range(0, n, args.segment):
@@ -163,8 +166,6 @@ def stream_figure(results: dict, positions: int, stem: Path, title: str) -> list
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .report import _log_if_wide, _save, _style
     style = _style(list(results))
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, r in results.items():
@@ -192,13 +193,8 @@ def main(argv=None) -> int:
     except ValueError as error:  # DatasetError is one
         print(f"error: {error}", file=sys.stderr)
         return 2
-    import torch
-    from tqdm.auto import tqdm
     args.device = env.resolve_device(args.device)
     args.dtype = env.resolve_dtype(args.dtype, args.device)
-
-    from .data import load_windows
-    from .models import load_model
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
@@ -210,7 +206,7 @@ def main(argv=None) -> int:
     ids = windows.input_ids[:1].to(args.device)
     results = {}
     for label in tqdm(args.methods, desc="stream", unit="method"):
-        key = cell_key(args, label, loaded.max_positions)
+        key = stream_key(args, label, loaded.max_positions)
         with store.claim(key):
             result = store.get(key)
             if result is None:

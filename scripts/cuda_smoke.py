@@ -3,7 +3,7 @@ reference, then feeds the kernels bad indices and checks they raise (and that a 
 works). Small on purpose: scripts/gpu_check.sh runs it under compute-sanitizer (memcheck,
 racecheck, synccheck, initcheck), where every kernel runs a hundred times slower.
 
-Two cases (KERNELS.md correctness bar, issue 11): block size 128, L = 200 (not a multiple of
+Two cases (docs/operators.md, Correctness bar): block size 128, L = 200 (not a multiple of
 the block), head dim 128, float16; block size 16, L = 200, head dim 64, bfloat16; both with GQA.
 
     python scripts/cuda_smoke.py [--case fp16-d128-b128|bf16-d64-b16 ...]

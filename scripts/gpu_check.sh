@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (KERNELS.md "The GPU machine"), for a machine with an NVIDIA GPU,
+# The one prepared GPU check (docs/operators.md, On a GPU), for a machine with an NVIDIA GPU,
 # torch, nvcc, ninja and compute-sanitizer, and no network; it finishes in under 8 minutes.
 #
 #   scripts/gpu_check.sh [OUTPUT_DIR]          (default: gpu_check_out)
@@ -7,8 +7,8 @@
 # Steps, each with its own time limit and log, all within one overall budget
 # (GPU_CHECK_SECONDS, default 460: a step never runs past it, one that cannot start is marked
 # skipped): build cabattn._C in place for the card (TORCH_CUDA_ARCH_LIST=9.0 unless set); run
-# the operator tests (tests/test_ops_*.py, CUDA included); run scripts/cuda_smoke.py (both of
-# its cases: block 128, L 200, head dim 128, fp16; block 16, L 200, head dim 64, bf16) under
+# the operator tests (tests/kernels/test_ops_*.py, CUDA included); run scripts/cuda_smoke.py
+# (both of its cases: block 128, L 200, head dim 128, fp16; block 16, L 200, head dim 64, bf16) under
 # compute-sanitizer memcheck, racecheck, synccheck and initcheck, the four at once; run the
 # kernel benchmark (bench/bench_kernels.py --device cuda) on two lengths and two sparsities, so
 # that FlexAttention compiles for four layouts only. OUTPUT_DIR gets summary.md (the table
@@ -73,8 +73,8 @@ if ! step build 240 "$PY" setup.py build_ext --inplace; then
   cat "$SUMMARY"
   exit 1
 fi
-step tests 150 "$PY" -m pytest -q -ra tests/test_ops_selection.py tests/test_ops_attention.py \
-  tests/test_ops_cuda.py tests/test_cuda_build.py
+step tests 150 "$PY" -m pytest -q -ra tests/kernels/test_ops_selection.py \
+  tests/kernels/test_ops_attention.py tests/kernels/test_ops_cuda.py tests/kernels/test_cuda_build.py
 
 # The four sanitizer tools at once: each is bound by its own instrumentation on the CPU cores,
 # and one small smoke run per tool covers both cases.

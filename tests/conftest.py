@@ -1,13 +1,25 @@
 """Shared fixtures: every operator test runs on the CPU, on the CUDA kernels emulated on the
-CPU (`emu`, see emulation.py) and, when one is present, on CUDA."""
+CPU (`emu`, see emulation.py) and, when one is present, on CUDA; the harness tests' tiny model
+and text are built once per session (eval_assets.py). Tests live by layer in tests/kernels/,
+tests/library/ and tests/harness/; this folder's modules are importable from all of them."""
 import pytest
 import torch
 
 from emulation import cpu_kernels, emulate_cuda_kernels
+# Registered here, once, so that every module shares one session-scoped build of each.
+from eval_assets import no_model_loading, tiny_model, tiny_text  # noqa: F401  (fixtures)
 
-TORCH_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device present"))]
+TORCH_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DEVICES = [*TORCH_DEVICES, "emu"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (pyproject.toml) are skipped, saying why, where no CUDA device is."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="no CUDA device present"))
 
 
 @pytest.fixture(params=DEVICES)

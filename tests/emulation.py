@@ -13,8 +13,7 @@ import torch
 from cabattn import ops
 
 # Where tests that compare the CUDA kernels with the CPU ones run them (see cuda_target).
-CUDA_TARGETS = [pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device present")), "emu"]
+CUDA_TARGETS = [pytest.param("cuda", marks=pytest.mark.gpu), "emu"]
 
 
 @contextlib.contextmanager
@@ -75,8 +74,8 @@ def runs_cuda_kernels(device) -> bool:
 
 
 def xfail_if_emulated(request, finding: str, strict: bool = True):
-    """Marks an `emu` case that fails by a known finding of issue 11 as strictly expected to
+    """Marks an `emu` case that fails by a known finding (bench/RESULTS.md) as strictly expected to
     fail, until the kernel's fix lands (then the strict xfail turns into a failure). strict=False
     for a finding at the edge of the bar, which the host compiler's rounding can tip either way."""
     if emulated():
-        request.applymarker(pytest.mark.xfail(strict=strict, reason=f"issue 11, {finding}"))
+        request.applymarker(pytest.mark.xfail(strict=strict, reason=f"known finding: {finding}"))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an are were "
          "which this be or had not but have they one all their been has who more when will "
@@ -27,7 +28,7 @@ def make_tiny_model(folder: Path, text_file: Path, seed: int = 0, hidden_size: i
     """A random LlamaForCausalLM (2 layers, GQA 4/2 heads of dim 16 unless told, 512
     positions) and its tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -36,13 +37,9 @@ def make_tiny_model(folder: Path, text_file: Path, seed: int = 0, hidden_size: i
         vocab_size=320, special_tokens=["<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=2,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=hidden_size, heads=heads,
+                       kv_heads=kv_heads, positions=512, seed=seed, bos_token_id=0,
+                       eos_token_id=1, tie_word_embeddings=True)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -1,8 +1,35 @@
-"""What the operator tests share: random inputs, a random block layout, the error bar against
-the float64 reference (KERNELS.md, "Correctness bar") and output poisoning."""
+"""What the tests share: the repository root and a child Python's environment, the one tiny
+random Llama factory; for the operator tests random inputs, a random block layout, the error bar
+against the float64 reference (docs/operators.md, Correctness bar) and output poisoning."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from emulation import runs_cuda_kernels
+from transformers import LlamaConfig, LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parent.parent  # the repository root (this file is in tests/)
+
+
+def subprocess_env(threads: int = 1, **extra) -> dict:
+    """The environment of a test's child Python: this checkout first on PYTHONPATH, `threads`
+    OpenMP threads (the machine is shared with other work), and `extra`."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads), **extra}
+
+
+def tiny_llama(vocab_size: int = 128, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, positions: int = 256, intermediate_size: int = None,
+               seed: int = 0, **config) -> LlamaForCausalLM:
+    """A random LlamaForCausalLM in eval mode, its weights drawn after torch.manual_seed(seed)
+    (intermediate size 2 x hidden unless given; `config`: further LlamaConfig fields)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=positions, **config)).eval()
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 HALF_TYPES = [torch.float16, torch.bfloat16]
@@ -51,7 +78,7 @@ def reference_dtype(input_dtype, output_dtype, device):
     reference of the same (exactly upcast) inputs, not a half-precision one. Half-precision
     outputs: the CPU kernels compute in float32 and round once (the float32 reference, rounded);
     the CUDA kernels round the probabilities to half for the tensor-core P @ V product, as
-    FlashAttention-2 does, so they meet the half-precision reference (KERNELS.md's bar)."""
+    FlashAttention-2 does, so they meet the half-precision reference (docs/operators.md's bar)."""
     if input_dtype == torch.float64:
         return torch.float64
     if output_dtype == torch.float32 or not runs_cuda_kernels(device):
@@ -67,7 +94,7 @@ def errors(got, exact):
 
 
 def assert_within_reference_error(got, exact, reference, name="output", ulps=None):
-    """KERNELS.md's bar: the kernel's error against the float64 `exact` is at most twice the
+    """docs/operators.md's bar: the kernel's error against the float64 `exact` is at most twice the
     error of `reference` (see reference_dtype), both element-wise (a few wrong rows show) and
     in norm, plus a few units of the accumulation precision at the largest exact value: errors
     at rounding level come in whole units, and a reference that happens to round well must not

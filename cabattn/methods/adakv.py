@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
-from .base import BlockPlan, MaskContext, param, ratio
+from ..checks import ratio
+from .base import BlockPlan, MaskContext, param
 from .common import round_ratio
+from .registry import register
 from .snapkv import SnapKV
 
 

@@ -15,6 +15,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from .. import ops
 from ..grid import BlockGrid, token_budget
 
 
@@ -50,7 +51,6 @@ class MaskContext:
     @cached_property
     def block_scores(self):
         """(Sblk, Gblk) of the dense softmax: oracle statistics, one QK^T pass."""
-        from .. import ops
         return ops.block_scores(self.q, self.k, self.grid.block_size, self.scale)
 
     def generator(self, row: int = 0) -> torch.Generator:
@@ -102,36 +102,6 @@ def param(default, doc: str, check=None):
     `python -m eval.run --help`) and a check (a function value -> None when valid, else the
     requirement it breaks, e.g. "must be a number in [0, 1]")."""
     return field(default=default, metadata={"doc": doc, "check": check})
-
-
-def ratio(value):
-    return None if _is_number(value) and 0.0 <= value <= 1.0 else "must be a number in [0, 1]"
-
-
-def non_negative(value):
-    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
-
-
-def positive(value):
-    return None if _is_number(value) and value > 0 else "must be a number > 0"
-
-
-def positive_int(value):
-    ok = not isinstance(value, bool) and isinstance(value, int) and value >= 1
-    return None if ok else "must be a positive integer"
-
-
-def non_negative_int(value):
-    ok = not isinstance(value, bool) and isinstance(value, int) and value >= 0
-    return None if ok else "must be an integer >= 0"
-
-
-def one_of(*choices):
-    def check(value):
-        if value in choices:
-            return None
-        return f"is not valid; valid choices: {', '.join(map(str, choices))}"
-    return check
 
 
 @dataclass
@@ -196,6 +166,3 @@ class Method:
         """Sorted, unique int64 indices [B, Hkv, <= budget] into the cache to keep."""
         raise NotImplementedError
 
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

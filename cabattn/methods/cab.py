@@ -1,4 +1,4 @@
-"""cab_v4 and cab_v3: curvature-aware block selection (METHODS.md 2.3 and 3).
+"""cab_v4 and cab_v3: curvature-aware block selection (docs/methods.md).
 
 cab_v4 takes a share (magnitude_ratio) of each row's picks by the oracle block maximum Gblk
 and the rest by block Forman-Ricci curvature; cab_v3 uses curvature alone (no oracle pass).
@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from . import register
-from .base import (BlockPlan, KVState, MaskContext, Method, non_negative, non_negative_int, one_of,
-                   param, positive, ratio)
+from ..checks import non_negative, non_negative_int, one_of, positive, ratio
+from .base import BlockPlan, KVState, MaskContext, Method, param
 from .common import round_ratio
+from .registry import register
 
 FORMULAS = {"additive": ops.ADDITIVE, "multiplicative": ops.MULTIPLICATIVE}
 NORMALIZATIONS = {"row_minmax": ops.ROW_MINMAX, "global_minmax": ops.GLOBAL_MINMAX}

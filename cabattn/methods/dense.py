@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
+from .registry import register
 from .base import BlockPlan, KVState, MaskContext, Method
 
 

@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
-from .base import BlockPlan, KVState, MaskContext, Method, param, ratio
+from ..checks import ratio
+from .base import BlockPlan, KVState, MaskContext, Method, param
 from .common import ceil_ratio, keep_recent_and_top
+from .registry import register
 
 
 @register

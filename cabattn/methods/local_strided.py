@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
-from .base import BlockPlan, KVState, MaskContext, Method, one_of, param, positive_int
+from ..checks import one_of, positive_int
+from .base import BlockPlan, KVState, MaskContext, Method, param
 from .common import ceil_ratio, keep_mask_indices
+from .registry import register
 
 PATTERNS = ("budget", "fixed")
 

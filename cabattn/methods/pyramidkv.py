@@ -10,14 +10,14 @@ what the cap cuts goes to the lowest layers with room, so at s = 0 every layer i
 import math
 from dataclasses import dataclass
 
-from . import register
+from ..checks import is_number
 from .base import param
+from .registry import register
 from .snapkv import SnapKV
 
 
 def at_least_one(value):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1
-    return None if ok else "must be a number >= 1 (the top layer keeps K / beta)"
+    return None if is_number(value) and value >= 1 else "must be a number >= 1 (the top layer keeps K / beta)"
 
 
 def pyramid_budgets(budget: int, num_layers: int, beta: float, length: int) -> list:

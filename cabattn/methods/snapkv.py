@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import register
-from .base import BlockPlan, KVState, MaskContext, Method, one_of, param, positive_int
+from ..checks import one_of, positive_int
+from .base import BlockPlan, KVState, MaskContext, Method, param
 from .common import keep_recent_and_top
+from .registry import register
 
 POOLINGS = ("avg", "max")
 

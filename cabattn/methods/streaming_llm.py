@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register
-from .base import BlockPlan, KVState, MaskContext, Method, non_negative_int, param
+from ..checks import non_negative_int
+from .base import BlockPlan, KVState, MaskContext, Method, param
 from .common import keep_mask_indices
+from .registry import register
 
 
 @register

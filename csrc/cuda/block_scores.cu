@@ -1,5 +1,5 @@
-// CUDA kernel of cabattn::block_scores (METHODS.md 2.2): one thread block per (batch, query
-// head, query block I), never materialising P.
+// CUDA kernel of cabattn::block_scores (docs/block_statistics.md): one thread block per (batch,
+// query head, query block I), never materialising P.
 //
 // For each row r and key block J the kernel keeps, in log2 units, the block's local maximum
 // m_rJ and s_rJ = sum_j exp2(logit_j - m_rJ). With lse_r = log2 sum_J s_rJ exp2(m_rJ), the

@@ -1,5 +1,5 @@
-// CUDA kernel of cabattn::coarsen (METHODS.md 2.1): one warp per (batch, head, block) picks
-// the block's largest-L2 token (first on ties) or averages the block.
+// CUDA kernel of cabattn::coarsen (docs/block_statistics.md): one warp per (batch, head, block)
+// picks the block's largest-L2 token (first on ties) or averages the block.
 #include "cuda_common.cuh"
 #include "modes.h"
 

@@ -339,7 +339,7 @@ block_sparse_attention_tc_kernel(const FlashFwdParams p) {
   }
 }
 
-// block_scores (METHODS.md 2.2) on the tensor cores: a thread block owns query block I
+// block_scores (docs/block_statistics.md) on the tensor cores: a thread block owns query block I
 // (block_size rows, a warp per 16) and walks its causal keys 0 .. min((I + 1) * bs, L) - 1
 // twice. The first walk gives each row's log-sum-exp (online max and sum of exp2, no P V); the
 // second recomputes the scores and sums (Sblk[I, J]) and maxes (Gblk[I, J]) the probabilities

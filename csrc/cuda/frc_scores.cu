@@ -1,9 +1,9 @@
-// CUDA path of cabattn::frc_scores (METHODS.md 2.3). The two matrix products (R = Qc Kc^T and
-// T = A A) go through ATen's batched matmul; the min-max normalisation and the curvature are
-// our kernels. Everything runs in float64, like the reference: the matrices are only
-// M x M (M ~ 64..256 blocks) per head, and float64 keeps the products clear of TF32 (which
-// a caller's torch.set_float32_matmul_precision could switch on) and of near-ties that would
-// change the selection.
+// CUDA path of cabattn::frc_scores (docs/block_statistics.md). The two matrix products (R = Qc Kc^T
+// and T = A A) go through ATen's batched matmul; the min-max normalisation and the curvature are
+// our kernels. Everything runs in float64, like the reference: the matrices are only M x M (M ~
+// 64..256 blocks) per head, and float64 keeps the products clear of TF32 (which a caller's
+// torch.set_float32_matmul_precision could switch on) and of near-ties that would change the
+// selection.
 #include "cuda_common.cuh"
 #include "modes.h"
 

@@ -1,5 +1,5 @@
-// Test-only kernels of the emulation layer (tests/test_emulation.py), written as CUDA kernels
-// and launched like csrc/cuda's: torch.ops.cabattn_emu_test.<op>, CPU tensors.
+// Test-only kernels of the emulation layer (tests/kernels/test_emulation.py), written as CUDA
+// kernels and launched like csrc/cuda's: torch.ops.cabattn_emu_test.<op>, CPU tensors.
 #include "cuda/cuda_common.cuh"
 
 namespace cabattn {

@@ -1,4 +1,4 @@
-"""Evaluation data (METHODS.md section 5): corpora cut into windows of L tokens.
+"""Evaluation data (docs/datasets.md): corpora cut into windows of L tokens.
 
     validate_dataset(name, data_file)      # cheap; call before loading a model
     windows = load_windows(name, tokenizer, context_length, max_windows=16)
@@ -8,6 +8,8 @@ into consecutive non-overlapping windows; book corpora (pd-books, pg19) are cut 
 tail of each book shorter than L being dropped. Windows hold raw text tokens, no BOS/EOS.
 """
 from pathlib import Path
+
+from cabattn.checks import is_integer, lookup, positive_int
 
 from ..cache import cache_dir as default_cache_dir
 from ..hub import hub_reachable
@@ -40,10 +42,8 @@ def validate_dataset(name: str, data_file=None) -> None:
             raise DatasetError(f"data file {str(path)!r} must end in one of "
                                f"{', '.join(LOCAL_SUFFIXES)}")
         return
-    if name not in available_datasets():
-        raise DatasetError(f"unknown dataset {name!r}; choose one of "
-                           f"{', '.join(available_datasets())}, or give a local "
-                           f"{'/'.join(LOCAL_SUFFIXES)} file with --data-file")
+    lookup("dataset", name, dict.fromkeys(available_datasets()), error=DatasetError,
+           hint=f"or give a local {'/'.join(LOCAL_SUFFIXES)} file with --data-file")
     if name in HUB_DATASETS and not hub_reachable():
         raise DatasetError(f"dataset {name!r} comes from the Hugging Face hub, which is "
                            f"unreachable from here; use an offline corpus "
@@ -66,11 +66,9 @@ def load_windows(name: str, tokenizer, context_length: int, max_windows=None, da
     the same tokenizer, at any L, read the cached tokens.
     """
     validate_dataset(name, data_file)
-    if isinstance(context_length, bool) or not isinstance(context_length, int) \
-            or context_length < 2:
+    if not is_integer(context_length) or context_length < 2:
         raise DatasetError(f"context length {context_length!r} must be an integer >= 2")
-    if max_windows is not None and (isinstance(max_windows, bool)
-                                    or not isinstance(max_windows, int) or max_windows < 1):
+    if max_windows is not None and positive_int(max_windows):
         raise DatasetError(f"max_windows {max_windows!r} must be a positive integer or None")
     root = default_cache_dir(cache_dir)
     if data_file is not None:

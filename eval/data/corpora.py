@@ -1,4 +1,4 @@
-"""Where the text comes from (METHODS.md section 5): offline corpora, hub datasets, local files.
+"""Where the text comes from (docs/datasets.md): offline corpora, hub datasets, local files.
 
 Each source gives a Corpus: its documents as plain text and whether windows are cut per
 document (books) or from one stream of all documents joined with "\n\n". Every named dataset

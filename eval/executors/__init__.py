@@ -19,11 +19,16 @@ the driver holds no model).
 """
 import re
 
+from cabattn.checks import lookup
+
+from .common import ExecutorError, load_run_model, model_info
+from .on_ray import RayExecutor
+from .serial import SerialExecutor
+
+__all__ = ["EXECUTORS", "ExecutorError", "RayExecutor", "SerialExecutor", "load_run_model",
+           "make_executor", "model_info", "parse_shard", "shard"]
+
 EXECUTORS = ("serial", "ray")
-
-
-class ExecutorError(RuntimeError):
-    """The executor cannot go on (every Ray actor died); finished cells are stored."""
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -31,13 +36,10 @@ def make_executor(name: str, config, say, progress: bool = False, address=None,
                   threads: int = 1):
     """progress: per-window bars (serial); address: a Ray cluster ("auto", "ray://host:10001";
     None starts a local one); threads: torch threads per Ray CPU actor."""
+    lookup("executor", name, dict.fromkeys(EXECUTORS))
     if name == "serial":
-        from .serial import SerialExecutor
         return SerialExecutor(config, say, progress)
-    if name == "ray":
-        from .on_ray import RayExecutor
-        return RayExecutor(config, say, address, threads)
-    raise ValueError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
+    return RayExecutor(config, say, address, threads)
 
 
 def parse_shard(text: str) -> tuple:
@@ -54,23 +56,3 @@ def shard(specs: list, index: int, count: int) -> list:
     from the index-th, so that each shard gets a share of every (dataset, L) group and the
     shards of one plan never overlap. Deterministic: it depends only on the plan's order."""
     return list(specs[index - 1::count])
-
-
-def load_model(config, say):
-    """The model a run's cells use, checked against every context length of the run."""
-    from .. import env, models
-    device = env.resolve_device(config.model.device)
-    dtype = env.resolve_dtype(config.model.torch_dtype, device)
-    say(f"loading model {config.model.name} ({dtype}, {device}) ...")
-    loaded = models.load_model(config.model.name, dtype=dtype, device=device,
-                               trust_remote_code=config.model.trust_remote_code,
-                               cache_dir=config.model.cache_dir)
-    for L in config.context_lengths():
-        models.check_context(loaded, L)
-    return loaded
-
-
-def model_info(loaded) -> dict:
-    """The provenance of a loaded model, for the results' config record."""
-    return {"name": loaded.name, "source": str(loaded.source),
-            "num_parameters": loaded.num_parameters, "max_positions": loaded.max_positions}

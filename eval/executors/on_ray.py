@@ -14,8 +14,10 @@ import os
 from collections import deque
 from pathlib import Path
 
+from .. import models
+from ..cell import try_cell
 from ..config import ConfigError
-from . import ExecutorError, load_model, model_info
+from .common import ExecutorError, load_run_model, model_info
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -30,19 +32,17 @@ class CellActor:
         self.group, self.windows = None, None
 
     def load(self) -> dict:
-        self.loaded = load_model(self.config, say=lambda message: None)
+        self.loaded = load_run_model(self.config, say=lambda message: None)
         return model_info(self.loaded)
 
     def compute(self, spec, windows_ref: list) -> dict:
         """R of one cell; windows_ref is [ObjectRef] (in a list, so that Ray hands over the
         reference and the actor fetches a group's windows only when the group changes)."""
         import ray
-
-        from .. import run
         group = (spec.dataset, spec.context_length)
         if group != self.group:
             self.group, self.windows = group, ray.get(windows_ref[0])
-        return run.try_cell(self.config, self.loaded, self.windows, spec)
+        return try_cell(self.config, self.loaded, self.windows, spec)
 
 
 class RayExecutor:
@@ -91,7 +91,6 @@ class RayExecutor:
     def tokenizer(self):
         """The driver tokenises; it needs the tokenizer, not the weights."""
         if self._tokenizer is None:
-            from .. import models
             self._tokenizer = models.load_tokenizer(
                 self.config.model.name, self.config.model.trust_remote_code,
                 self.config.model.cache_dir)

@@ -1,5 +1,7 @@
 """The serial executor: every cell in this process, one after the other, on one model."""
-from . import load_model, model_info
+from .. import env
+from ..cell import time_forward, try_cell
+from .common import load_run_model, model_info
 
 
 class SerialExecutor:
@@ -15,7 +17,7 @@ class SerialExecutor:
     def load(self):
         """The model, loaded once for the whole run (a load failure ends the run)."""
         if self.loaded is None:
-            self.loaded = load_model(self.config, self.say)
+            self.loaded = load_run_model(self.config, self.say)
             info = model_info(self.loaded)
             self.say(f"model: {info['name']} from {info['source']}, "
                      f"{info['num_parameters'] / 1e6:.1f}M parameters, "
@@ -30,18 +32,15 @@ class SerialExecutor:
 
     def time_forward(self, input_ids) -> float:
         """Seconds of one dense forward of a window here (the run's size estimate)."""
-        from .. import env, run
-        return run.time_forward(self.load(), input_ids,
-                                env.resolve_device(self.config.model.device))
+        return time_forward(self.load(), input_ids, env.resolve_device(self.config.model.device))
 
     def run(self, specs, windows_for, claim):
-        from .. import run
         for spec in specs:
             if not claim(spec):
                 continue
             loaded = self.load()
-            yield spec, run.try_cell(self.config, loaded, windows_for(spec), spec,
-                                     progress=self.progress), None
+            yield spec, try_cell(self.config, loaded, windows_for(spec), spec,
+                                 progress=self.progress), None
 
     def close(self) -> None:
         """Nothing to stop (the model stays loaded for a next run in this process)."""
