@@ -129,16 +129,8 @@ def poison_uninitialized():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-def kv_methods(kv_mode=None) -> list:
-    """The registered methods with a kv-protocol rule (check_protocol("kv") passes at their
-    defaults), of one kv_mode ("evict" or "select") or of any."""
+def kv_methods(kv_mode: str) -> list:
+    """The registered methods with a kv-protocol rule (methods.available("kv")) whose kv_mode
+    is `kv_mode` ("evict" or "select")."""
     from cabattn import methods
-    found = []
-    for name in methods.available():
-        try:
-            methods.get_method(name).check_protocol("kv")
-        except ValueError:
-            continue
-        if kv_mode is None or methods.METHODS[name].kv_mode == kv_mode:
-            found.append(name)
-    return found
+    return [name for name in methods.available("kv") if methods.METHODS[name].kv_mode == kv_mode]
