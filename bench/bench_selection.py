@@ -7,10 +7,12 @@ auto (cabattn.grid.auto_block_size: 32 at 2K, 128 at 8K). For each L it times
   frc      coarsen(q) + coarsen(k) + frc_scores + select_blocks (cab_v3 at s = 0.9)
 and prints each as a fraction of sdpa; block_scores costs one QK^T pass, so about 0.5 is the
 target. A second table times the whole mask-protocol selection (the method's plan and the
-layout) of knorm, quest, tova and oracle_topk at s = 0.9 against sdpa (interleaved rounds,
-median of the per-round ratios), quest's kv page pick for one query over a cache of L tokens
-and tova's kv rule over a cache of K + 1 entries (per step: compared with that step's
-attention, not with a whole forward). Appends dated sections to bench/RESULTS.md.
+layout) of knorm, quest, tova, oracle_topk, snapkv, pyramidkv (its bottom layer, the largest
+budget, of 30) and adakv at s = 0.9 against sdpa (interleaved rounds, median of the per-round
+ratios), and one kv step of three rules: quest's page pick for one query over a cache of L
+tokens, and tova's and snapkv's (32-query window) keep sets over a cache of K + 1 entries
+(per step: compared with the attention of one query over K + 1 keys, not with a whole
+forward). Appends dated sections to bench/RESULTS.md.
 
   .venv/bin/python bench/bench_selection.py [--lengths 2048 8192] [--repeats 3]
 """
@@ -65,13 +67,15 @@ def bench_length(length, repeats):
     return block, times
 
 
-QUERY_AWARE = ("knorm", "quest", "tova", "oracle_topk")
+MASK_RULES = ("knorm", "quest", "tova", "oracle_topk", "snapkv", "pyramidkv", "adakv")
+KV_STEPS = ("quest kv_select", "tova kv_keep", "snapkv kv_keep")
 
 
-def bench_query_aware(length, repeats):
-    """{name: [seconds per round]}: sdpa, each QUERY_AWARE method's whole mask selection,
-    quest's kv page pick (one query, a cache of `length` tokens) and tova's kv rule (a cache
-    of K + 1 entries), with the attention of that one query for scale."""
+def bench_rules(length, repeats):
+    """{name: [seconds per round]}: sdpa, each MASK_RULES method's whole mask selection
+    (pyramidkv: its bottom layer of 30, the largest budget), quest's kv page pick (one query,
+    a cache of `length` tokens), tova's and snapkv's kv rules (a cache of K + 1 entries), and
+    the attention of that one query for scale."""
     torch.manual_seed(0)
     q = torch.randn(1, Q_HEADS, length, HEAD_DIM)
     k = torch.randn(1, KV_HEADS, length, HEAD_DIM)
@@ -79,9 +83,9 @@ def bench_query_aware(length, repeats):
     scale = 1.0 / math.sqrt(HEAD_DIM)
     fns = {"sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, enable_gqa=True)}
-    for name in QUERY_AWARE:
+    for name in MASK_RULES:
         method = get_method(name)
-        grid = make_grid(method, length, SPARSITY)
+        grid = make_grid(method, length, SPARSITY, layer_idx=0, num_layers=30)
         fns[name] = (lambda m=method, g=grid: plan_layout(m, MaskContext(q, k, g, scale)))
     block, budget = auto_block_size(length), token_budget(length, SPARSITY)
     pages = k.view(1, KV_HEADS, length // block, block, HEAD_DIM)
@@ -91,16 +95,18 @@ def bench_query_aware(length, repeats):
     fns["quest kv_select"] = lambda: quest.kv_select(KVPages(
         newest, page_min[:, :, :-1], page_max[:, :, :-1], math.ceil(budget / block) - 1,
         block, scale))
-    state = KVState(keys=k[:, :, :budget + 1].contiguous(),
-                    positions=torch.arange(budget + 1).expand(1, KV_HEADS, budget + 1),
-                    mass=torch.zeros(1, KV_HEADS, budget + 1), block_queries=None,
-                    budget=budget, block_size=block, scale=scale,
-                    recent_queries=q[:, :, budget:budget + 1])
-    tova = get_method("tova")
-    fns["tova kv_keep"] = lambda: tova.kv_keep(state)
+    snapkv, tova = get_method("snapkv"), get_method("tova")
+    keys = k[:, :, :budget + 1].contiguous()
+    positions = torch.arange(budget + 1).expand(1, KV_HEADS, budget + 1)
+    mass = torch.zeros(1, KV_HEADS, budget + 1)
+    for name, rule, window in (("tova kv_keep", tova, 1),
+                               ("snapkv kv_keep", snapkv, snapkv.window_size)):
+        state = KVState(keys=keys, positions=positions, mass=mass, block_queries=None,
+                        budget=budget, block_size=block, scale=scale,
+                        recent_queries=q[:, :, budget + 1 - window:budget + 1])
+        fns[name] = lambda r=rule, st=state: r.kv_keep(st)
     fns["step attention"] = lambda: ops.attention_with_scores(
-        q[:, :, budget:budget + 1].contiguous(), state.keys,
-        v[:, :, :budget + 1].contiguous(), scale)
+        q[:, :, budget:budget + 1].contiguous(), keys, v[:, :, :budget + 1].contiguous(), scale)
     return interleaved_seconds(fns, repeats)
 
 
@@ -128,25 +134,25 @@ def main():
     report("Selection cost vs dense SDPA (bench_selection.py)", header, rows,
            record=not args.no_record)
 
-    rows = ["| L | sdpa ms | " + " | ".join(f"{n} ms (/sdpa)" for n in QUERY_AWARE)
-            + " | quest kv_select ms | tova kv_keep ms | step attention ms |",
-            "|---" * (len(QUERY_AWARE) + 5) + "|"]
+    rows = ["| L | sdpa ms | " + " | ".join(f"{n} ms (/sdpa)" for n in MASK_RULES)
+            + " | " + " | ".join(f"{n} ms" for n in KV_STEPS) + " | step attention ms |",
+            "|---" * (len(MASK_RULES) + len(KV_STEPS) + 3) + "|"]
     for length in args.lengths:
-        t = bench_query_aware(length, args.repeats)
+        t = bench_rules(length, args.repeats)
         ms = {name: statistics.median(times) * 1e3 for name, times in t.items()}
         rows.append(f"| {length} | {ms['sdpa']:.1f} | "
                     + " | ".join(f"{ms[n]:.1f} ({median_ratio(t[n], t['sdpa']):.3f})"
-                                 for n in QUERY_AWARE)
-                    + f" | {ms['quest kv_select']:.3f} | {ms['tova kv_keep']:.3f} "
-                    f"| {ms['step attention']:.3f} |")
+                                 for n in MASK_RULES)
+                    + " | " + " | ".join(f"{ms[n]:.3f}" for n in KV_STEPS)
+                    + f" | {ms['step attention']:.3f} |")
         print(rows[-1], flush=True)
-    report("knorm, quest, tova, oracle_topk: selection vs dense SDPA (bench_selection.py)",
+    report("Methods' selection vs dense SDPA (bench_selection.py)",
            header + f"; whole mask selection (plan + select_blocks) at s = {SPARSITY}, strict; "
            "ratios are medians of per-round ratios (interleaved rounds); kv steps: quest picks "
-           "pages for one query over a cache of L, tova keeps K of K + 1 entries, against the "
-           "attention of one query over K + 1 keys; machine AMD EPYC, AVX-512; load average "
-           f"(1, 5, 15 min) at the end {tuple(round(x, 1) for x in os.getloadavg())}", rows,
-           record=not args.no_record)
+           "pages for one query over a cache of L, tova and snapkv keep K of K + 1 entries, "
+           "against the attention of one query over K + 1 keys; machine AMD EPYC, AVX-512; "
+           f"load average (1, 5, 15 min) at the end {tuple(round(x, 1) for x in os.getloadavg())}",
+           rows, record=not args.no_record)
 
 
 if __name__ == "__main__":

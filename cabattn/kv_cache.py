@@ -243,8 +243,9 @@ class EvictingLayer(CacheLayerMixin):
 
 class KVEvictionCache(Cache):
     """Per-layer EvictingLayers for one window of `length` tokens streamed with a budget of
-    `budget` entries per KV head and chunks of at most `chunk` tokens; under kv_mode "select"
-    the layers hold the whole window and track their pages' key bounds instead.
+    `budget` entries per KV head (layer l: layer_budgets[l], default `budget`; the prefill is
+    `budget` tokens) and chunks of at most `chunk` tokens; under kv_mode "select" the layers
+    hold the whole window and track their pages' key bounds instead.
 
     Before each forward, `begin_chunk(positions)` tells the cache the absolute positions of
     the tokens the forward appends (transformers' update() does not pass them).
@@ -252,19 +253,24 @@ class KVEvictionCache(Cache):
 
     def __init__(self, num_layers: int, budget: int, chunk: int, block_size: int, length: int,
                  block_query_pooling: Optional[str] = None,
-                 recent_query_window: Optional[int] = None, kv_mode: str = "evict"):
-        if budget < 1 or chunk < 1:
-            raise ValueError(f"budget ({budget}) and chunk ({chunk}) must be at least 1")
+                 recent_query_window: Optional[int] = None, kv_mode: str = "evict",
+                 layer_budgets: Optional[list] = None):
+        layer_budgets = [budget] * num_layers if layer_budgets is None else list(layer_budgets)
+        if budget < 1 or chunk < 1 or len(layer_budgets) != num_layers or min(layer_budgets) < 1:
+            raise ValueError(f"budget ({budget}), chunk ({chunk}) and each of the "
+                             f"{num_layers} layer budgets ({layer_budgets}) must be at least 1")
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode {kv_mode!r} is not valid; valid: {', '.join(KV_MODES)}")
         self.budget, self.chunk, self.length = budget, chunk, length
         num_blocks = math.ceil(length / block_size)
         selects = kv_mode == "select"
-        capacity = length if selects else budget + chunk
-        super().__init__(layers=[EvictingLayer(capacity, block_size, num_blocks,
-                                               block_query_pooling, recent_query_window,
-                                               page_bounds=selects)
-                                 for _ in range(num_layers)])
+        # select: a layer holds the whole window; evict: the prefill (budget) or its own
+        # budget, whichever is more, + a chunk
+        super().__init__(layers=[EvictingLayer(length if selects
+                                               else max(budget, layer_budget) + chunk,
+                                               block_size, num_blocks, block_query_pooling,
+                                               recent_query_window, page_bounds=selects)
+                                 for layer_budget in layer_budgets])
         self.chunk_positions: Optional[torch.Tensor] = None
 
     def begin_chunk(self, positions: torch.Tensor) -> None:

@@ -28,9 +28,9 @@ is the only rule; the protocol has no method-specific code.
 
 A method whose kv_mode is "select" (Quest's setting) is never evicted from: the cache keeps
 every token, and each chunk attends to its own pages (blocks of block_size positions) plus the
-ceil(K / B) - 1 older pages each query head's kv_select picks, so memory grows with the window
-while the attended keys stay bounded. Every record says which mode ran (kv_mode; see
-docs/baselines.md, select mode).
+ceil(K_l / B) - 1 older pages each query head's kv_select picks (K_l: the layer's budget,
+Method.layer_budget), so memory grows with the window while the attended keys stay bounded.
+Every record says which mode ran (kv_mode; see docs/baselines.md, select mode).
 """
 import functools
 import inspect
@@ -117,11 +117,12 @@ class _WindowStream:
                 layer.note_recent_queries(query)
             chunk, length = query.shape[2], layer.length
             self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
-            if length > protocol.budget:
-                keep = protocol.method.kv_keep(layer.state(protocol.budget, scale, layer_idx,
+            budget = protocol.layer_budgets[layer_idx]
+            if length > budget:
+                keep = protocol.method.kv_keep(layer.state(budget, scale, layer_idx,
                                                            self.window_idx, protocol.seed,
                                                            keys=key))
-                protocol.check_keep(keep, layer.positions.shape, layer_idx)
+                protocol.check_keep(keep, layer.positions.shape, layer_idx, budget)
                 layer.compact(keep)
         positions = layer.positions  # ascending per KV head: [..., 0] oldest, [..., -1] newest
         protocol.stats.add_sink((positions[..., 0] == 0).sum(), positions[..., 0].numel())
@@ -130,12 +131,13 @@ class _WindowStream:
 
     def attend_selected(self, layer_idx: int, query, key, value, scale: float):
         """kv_mode "select": the chunk attends to its own pages and the method's picks among
-        the older ones (every older page while they fit the budget's ceil(K / B) - 1)."""
+        the older ones (every older page while they fit the layer budget's ceil(K_l / B) - 1)."""
         protocol, layer = self.protocol, self.cache.layers[layer_idx]
         timing = protocol.stats.timing
         chunk, n, bs = query.shape[2], key.shape[2], layer.block_size
         first_page = (n - chunk) // bs  # the page of the chunk's first token
-        n_pick = math.ceil(protocol.budget / bs) - 1
+        # the layer's own budget (Method.layer_budget) bounds its attended keys
+        n_pick = math.ceil(protocol.layer_budgets[layer_idx] / bs) - 1
         with timing("selection", query.device):
             layer.note_keys(key[:, :, n - chunk:], n - chunk)
             if first_page > n_pick:
@@ -197,7 +199,9 @@ class KVProtocol:
 
     method: a Method instance, or a registered method name built with **method_params.
     sparsity: s in [0, 1); the budget per KV head and layer is
-    K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything).
+    K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything), or
+    method.layer_budget(K, layer, ...) for a method with per-layer budgets (their mean is K;
+    the prefill is still the first min(K, L) tokens).
     kv_chunk: tokens per streaming step (1 = exact token-by-token streaming).
     positions: "absolute" (every token keeps its true position) or "cache" (StreamingLLM's
     pos-shift: RoPE at the entries' indices inside the cache, so a window may be longer than
@@ -242,6 +246,7 @@ class KVProtocol:
         self.stats = ProtocolStats(protocol=self.name, options=options, params=method.config,
                                    k_min=k_min, kv_mode=method.kv_mode)
         self.budget = 0  # K of the window being scored
+        self.layer_budgets = []  # K_l of each layer for that window
         self.cache: Optional[KVEvictionCache] = None  # the window being (or last) scored
         self.windows_seen = 0
         self._saved = None
@@ -325,11 +330,13 @@ class KVProtocol:
         self.budget = self.stats.budget_tokens = self.method.token_budget(
             budget_length, self.sparsity, self.k_min)
         block_size = self.stats.block_size = resolve_block_size(self.block_size, budget_length)
-        self.cache = cache = KVEvictionCache(self.model.config.num_hidden_layers, self.budget,
-                                             self.kv_chunk, block_size, length,
-                                             self.method.block_query_pooling,
+        layers = self.model.config.num_hidden_layers
+        self.layer_budgets = [self.method.layer_budget(self.budget, layer, layers, budget_length)
+                              for layer in range(layers)]
+        self.cache = cache = KVEvictionCache(layers, self.budget, self.kv_chunk, block_size,
+                                             length, self.method.block_query_pooling,
                                              self.method.recent_query_window,
-                                             self.method.kv_mode)
+                                             self.method.kv_mode, self.layer_budgets)
         stream = _WindowStream(self, cache, self.windows_seen)
         prefill = min(self.budget, given)
         spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, given))
@@ -406,13 +413,13 @@ class KVProtocol:
                 f"{tuple(pages.shape)} for layer {layer_idx}; expected distinct int64 pages "
                 f"[{heads_shape[0]}, {heads_shape[1]}, {n_pick}] of 0..{candidates - 1}")
 
-    def check_keep(self, keep: torch.Tensor, live_shape, layer_idx: int) -> None:
+    def check_keep(self, keep: torch.Tensor, live_shape, layer_idx: int, budget: int) -> None:
         """Shape, dtype and budget of a rule's keep indices (their order and range are
         checked by ops.kv_compact_)."""
         if (keep.dtype != torch.long or keep.dim() != 3 or keep.shape[:2] != live_shape[:2]
-                or not 1 <= keep.shape[2] <= self.budget):
+                or not 1 <= keep.shape[2] <= budget):
             raise RuntimeError(
                 f"{self.method!r}.kv_keep returned {keep.dtype} indices of shape "
                 f"{tuple(keep.shape)} for layer {layer_idx}; expected int64 "
-                f"[{live_shape[0]}, {live_shape[1]}, 1..{self.budget}] (budget K = "
-                f"{self.budget} of {live_shape[2]} cached entries)")
+                f"[{live_shape[0]}, {live_shape[1]}, 1..{budget}] (budget K = "
+                f"{budget} of {live_shape[2]} cached entries)")

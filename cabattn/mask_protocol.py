@@ -84,6 +84,7 @@ class MaskProtocol:
             raise ValueError(f"{type(self.model).__name__} has no attention modules that use "
                              "transformers' attention-function registry")
         self._saved = self.model.config._attn_implementation
+        self.num_layers = len(modules)
         for module in modules:
             setattr(module, _ATTRIBUTE, self)
         self.model.set_attn_implementation(ATTENTION_NAME)
@@ -129,8 +130,9 @@ class MaskProtocol:
             self.windows_seen += query.shape[0]
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
         grid = make_grid(self.method, length, self.sparsity, self.block_size, self.k_min,
-                         self.causal_selection)
-        self.stats.block_size, self.stats.budget_tokens = grid.block_size, grid.budget
+                         self.causal_selection, layer_idx, self.num_layers)
+        self.stats.block_size = grid.block_size
+        self.stats.budget_tokens = self.method.token_budget(length, self.sparsity, self.k_min)
         ctx = MaskContext(q, k, grid, scale, layer_idx, self.windows_seen - query.shape[0],
                           self.seed)
         with torch.no_grad(), self.stats.timing("selection", q.device):

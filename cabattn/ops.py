@@ -99,7 +99,8 @@ def frc_scores(qc: torch.Tensor, kc: torch.Tensor, scale: float, lam: float,
 
 def select_blocks(score1, score2, n_recent, n_sink, n_score1, n_score2, shift: int,
                   max_count: int):
-    """(block_count [B, H, M], block_index [B, H, M, max_count]) int32; see reference."""
+    """(block_count [B, H, M], block_index [B, H, M, max_count]) int32; see reference. The
+    four counts are int32 [M], [H, M] (per-head budgets) or [B, H, M], all of one shape."""
     return _ops.select_blocks(score1, score2, n_recent, n_sink, n_score1, n_score2, shift,
                               max_count)
 
@@ -169,7 +170,7 @@ def _(qc, kc, scale, lam, formula, normalization):
 @torch.library.register_fake("cabattn::select_blocks")
 def _(score1, score2, n_recent, n_sink, n_score1, n_score2, shift, max_count):
     ref = score1 if score1 is not None else score2
-    b, h, m = ref.shape[0], ref.shape[1], n_recent.shape[0]
+    b, h, m = ref.shape[0], ref.shape[1], n_recent.shape[-1]
     return (n_recent.new_empty(b, h, m, dtype=torch.int32),
             n_recent.new_empty(b, h, m, max_count, dtype=torch.int32))
 

@@ -126,11 +126,24 @@ def select_blocks(score1, score2, n_recent, n_sink, n_score1, n_score2, shift: i
     the n_recent[I] most recent candidates (src, src-1, ...), the first n_sink[I] candidates,
     then the n_score1[I] highest score1[..., src, :] among those not yet kept, then the
     n_score2[I] highest score2[..., src, :] likewise. Ties go to the lower index; NaN ranks
-    as -inf. The per-row counts are int32 [M]; score1/score2 are float [B, H, M, M] or None
-    when unused.
+    as -inf. The per-row counts are int32 [M] (every batch row and head alike), or [H, M] /
+    [B, H, M], all four of one shape, for per-head budgets (head h then reads its own counts);
+    score1/score2 are float [B, H, M, M] or None when unused.
     """
     ref = score1 if score1 is not None else score2
-    b, h, m = ref.shape[0], ref.shape[1], n_recent.shape[0]
+    b, h, m = ref.shape[0], ref.shape[1], n_recent.shape[-1]
+    if n_recent.dim() > 1:  # per-head counts: each (batch row, head) on its own
+        counts = [c.expand(b, h, m) for c in (n_recent, n_sink, n_score1, n_score2)]
+        count = torch.zeros(b, h, m, dtype=torch.int32, device=n_recent.device)
+        index = torch.full((b, h, m, max_count), -1, dtype=torch.int32, device=n_recent.device)
+        for row in range(b):
+            for head in range(h):
+                one = [None if s is None else s[row:row + 1, head:head + 1]
+                       for s in (score1, score2)]
+                count[row, head], index[row, head] = (
+                    t[0, 0] for t in select_blocks(*one, *(c[row, head] for c in counts), shift,
+                                                   max_count))
+        return count, index
     device = n_recent.device
     count = torch.zeros(b, h, m, dtype=torch.int32, device=device)
     index = torch.full((b, h, m, max_count), -1, dtype=torch.int32, device=device)

@@ -53,9 +53,13 @@ def resolve_method(method: Union[str, Method], **params) -> Method:
 
 
 def make_grid(method: Method, length: int, sparsity: float, block_size="auto",
-              k_min: int = 64, causal_selection: str = "strict") -> BlockGrid:
-    return BlockGrid(length, resolve_block_size(block_size, length),
-                     method.token_budget(length, sparsity, k_min), causal_selection)
+              k_min: int = 64, causal_selection: str = "strict", layer_idx: int = 0,
+              num_layers: int = 1) -> BlockGrid:
+    """The grid of layer `layer_idx` of `num_layers`: its budget is the method's layer
+    budget (Method.layer_budget; the run's budget unless the method sets budgets per layer)."""
+    budget = method.layer_budget(method.token_budget(length, sparsity, k_min), layer_idx,
+                                 num_layers, length)
+    return BlockGrid(length, resolve_block_size(block_size, length), budget, causal_selection)
 
 
 def layout_from_plan(plan: BlockPlan, grid: BlockGrid, batch: int, heads: int,
@@ -67,12 +71,14 @@ def layout_from_plan(plan: BlockPlan, grid: BlockGrid, batch: int, heads: int,
         score1, score2 = (_own_rows(score, grid.shift) for score in (score1, score2))
     if score1 is None and score2 is None:  # position-only rules: the op still needs [B, H]
         score1 = torch.zeros(batch, heads, grid.num_blocks, grid.num_blocks, device=device)
-    picks = 1 + plan.n_recent + plan.n_sink + plan.n_score1 + plan.n_score2
+    # Counts per head ([H, M] or [B, H, M]: per-head budgets) in any of them: all four share
+    # that shape (ops.select_blocks takes one shape).
+    counts = [c.int().contiguous() for c in torch.broadcast_tensors(
+        plan.n_recent, plan.n_sink, plan.n_score1, plan.n_score2)]
+    picks = 1 + sum(counts)
     rows = torch.arange(1, grid.num_blocks + 1, device=picks.device)
     max_count = int(torch.minimum(picks, rows).max())
-    count, index = ops.select_blocks(score1, score2, plan.n_recent.int(), plan.n_sink.int(),
-                                     plan.n_score1.int(), plan.n_score2.int(), grid.shift,
-                                     max_count)
+    count, index = ops.select_blocks(score1, score2, *counts, grid.shift, max_count)
     return Layout(count, index, grid)
 
 

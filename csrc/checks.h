@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -58,19 +59,24 @@ inline void check_frc_scores_args(const char* op, const at::Tensor& qc, const at
 
 // ---------------------------------------------------------------------------- select_blocks
 
+// The per-row counts are int32 [num_blocks] (every batch row and head alike), [heads,
+// num_blocks] (a count per head: per-head budgets) or [batch, heads, num_blocks]; all four
+// share one shape (callers broadcast them).
 inline void check_count_vector(const char* op, const char* name, const at::Tensor& t,
                                const at::Tensor& n_recent) {
-  check_rank(op, name, t, 1, "[num_blocks] per-row counts");
+  TORCH_CHECK(t.dim() >= 1 && t.dim() <= 3, op, ": ", name, " must be 1-D [num_blocks], 2-D "
+              "[heads, num_blocks] or 3-D [batch, heads, num_blocks] per-row counts, got shape ",
+              t.sizes());
   check_dtype(op, name, t, at::kInt);
   check_same_device(op, name, t, n_recent, "n_recent");
   check_contiguous(op, name, t);
-  TORCH_CHECK(t.size(0) == n_recent.size(0), op, ": ", name, " has ", t.size(0),
-              " rows but n_recent has ", n_recent.size(0));
+  TORCH_CHECK(t.sizes() == n_recent.sizes(), op, ": ", name, " has shape ", t.sizes(),
+              " but n_recent has ", n_recent.sizes(), "; the four counts must share one shape");
 }
 
 inline void check_scores(const char* op, const char* name, const at::Tensor& s,
                          const at::Tensor& n_recent) {
-  const int64_t blocks = n_recent.size(0);
+  const int64_t blocks = n_recent.size(-1);
   check_rank(op, name, s, 4, "[batch, heads, num_blocks, num_blocks]");
   const auto dtype = s.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
@@ -82,6 +88,12 @@ inline void check_scores(const char* op, const char* name, const at::Tensor& s,
   TORCH_CHECK(s.size(2) == blocks && s.size(3) == blocks, op, ": ", name, " must be [batch, "
               "heads, ", blocks, ", ", blocks, "] to match n_recent's ", blocks, " rows, got ",
               s.sizes());
+  // per-head counts: [heads, M] must match the scores' heads, [batch, heads, M] both
+  const int64_t rank = n_recent.dim();
+  TORCH_CHECK(rank == 1 || (s.size(1) == n_recent.size(rank - 2) &&
+                            (rank == 2 || s.size(0) == n_recent.size(0))),
+              op, ": per-head counts of shape ", n_recent.sizes(), " do not match ", name,
+              "'s [batch, heads] ", s.sizes().slice(0, 2));
 }
 
 // Shapes, dtypes and devices; the counts' values are check_select_blocks_values'.
@@ -95,7 +107,6 @@ inline void check_select_blocks_args(const char* op, const std::optional<at::Ten
   TORCH_CHECK(shift == 0 || shift == 1, op, ": shift ", shift,
               " is not supported; valid: 1 (strict causal selection), 0 (block)");
   TORCH_CHECK(max_count >= 1, op, ": max_count must be >= 1, got ", max_count);
-  check_rank(op, "n_recent", n_recent, 1, "[num_blocks] per-row counts");
   check_count_vector(op, "n_recent", n_recent, n_recent);
   check_count_vector(op, "n_sink", n_sink, n_recent);
   check_count_vector(op, "n_score1", n_score1, n_recent);
@@ -127,50 +138,65 @@ inline void mark_forced(const RowPlan& p, int64_t row, char* kept) {
   for (int64_t j = 0; j < p.sinks_to; ++j) kept[j] = 1;
 }
 
+// "[i]", "[h, i]" or "[b, h, i]": where flat entry `flat` of counts shaped like `t` sits.
+inline std::string count_position(const at::Tensor& t, int64_t flat) {
+  std::string where = "]";
+  for (int64_t dim = t.dim() - 1; dim >= 0; --dim) {
+    where = std::to_string(flat % t.size(dim)) + (dim == t.dim() - 1 ? "" : ", ") + where;
+    flat /= t.size(dim);
+  }
+  return "[" + where;
+}
+
 // The counts' values (CPU tensors, already through check_select_blocks_args): none negative,
-// no picks by a score tensor that is None, no row over max_count. Returns each row's plan.
+// no picks by a score tensor that is None, no row over max_count. Returns each row's plan,
+// count row after count row (plans[c * num_blocks + row] for count row c: 0 for [num_blocks]
+// counts, the head for [heads, num_blocks], batch * heads + head for [batch, heads,
+// num_blocks]).
 inline std::vector<RowPlan> check_select_blocks_values(
     const char* op, bool has_score1, bool has_score2, const at::Tensor& n_recent,
     const at::Tensor& n_sink, const at::Tensor& n_score1, const at::Tensor& n_score2,
     int64_t shift, int64_t max_count) {
-  const int64_t blocks = n_recent.size(0);
+  const int64_t blocks = n_recent.size(-1), entries = n_recent.numel();
   const std::pair<const char*, const at::Tensor*> vectors[] = {
       {"n_recent", &n_recent}, {"n_sink", &n_sink}, {"n_score1", &n_score1},
       {"n_score2", &n_score2}};
   for (const auto& [name, t] : vectors) {
     TORCH_CHECK(t->device().is_cpu(), op, ": check_select_blocks_values reads CPU tensors");
     const int32_t* v = t->const_data_ptr<int32_t>();
-    for (int64_t i = 0; i < blocks; ++i)
-      TORCH_CHECK(v[i] >= 0, op, ": ", name, "[", i, "] = ", v[i],
+    for (int64_t i = 0; i < entries; ++i)
+      TORCH_CHECK(v[i] >= 0, op, ": ", name, count_position(*t, i), " = ", v[i],
                   " is negative; counts are >= 0");
   }
   const int32_t* recent = n_recent.const_data_ptr<int32_t>();
   const int32_t* sink = n_sink.const_data_ptr<int32_t>();
   const int32_t* picks1 = n_score1.const_data_ptr<int32_t>();
   const int32_t* picks2 = n_score2.const_data_ptr<int32_t>();
-  for (int64_t row = 0; row < blocks; ++row) {
-    TORCH_CHECK(has_score1 || picks1[row] == 0, op, ": n_score1[", row, "] = ", picks1[row],
-                " asks for picks by score1, but score1 is None");
-    TORCH_CHECK(has_score2 || picks2[row] == 0, op, ": n_score2[", row, "] = ", picks2[row],
-                " asks for picks by score2, but score2 is None");
+  for (int64_t i = 0; i < entries; ++i) {
+    TORCH_CHECK(has_score1 || picks1[i] == 0, op, ": n_score1", count_position(n_score1, i),
+                " = ", picks1[i], " asks for picks by score1, but score1 is None");
+    TORCH_CHECK(has_score2 || picks2[i] == 0, op, ": n_score2", count_position(n_score2, i),
+                " = ", picks2[i], " asks for picks by score2, but score2 is None");
   }
-  std::vector<RowPlan> plans(blocks);
+  std::vector<RowPlan> plans(entries);
   std::vector<char> kept(blocks);
-  for (int64_t row = 0; row < blocks; ++row) {
-    RowPlan& p = plans[row];
+  for (int64_t i = 0; i < entries; ++i) {
+    const int64_t row = i % blocks;
+    RowPlan& p = plans[i];
     p.source = row - shift;
-    p.recent_from = std::max<int64_t>(p.source + 1 - recent[row], 0);
-    p.sinks_to = std::min<int64_t>(sink[row], p.source + 1);
+    p.recent_from = std::max<int64_t>(p.source + 1 - recent[i], 0);
+    p.sinks_to = std::min<int64_t>(sink[i], p.source + 1);
     std::fill(kept.begin(), kept.end(), 0);
     mark_forced(p, row, kept.data());
     const int64_t forced = std::count(kept.begin(), kept.begin() + row + 1, 1);
     const int64_t candidates = std::max<int64_t>(p.source + 1, 0);  // 0..source
     const int64_t free = candidates - std::count(kept.begin(), kept.begin() + candidates, 1);
-    p.by_score1 = std::min<int64_t>(picks1[row], free);
-    p.by_score2 = std::min<int64_t>(picks2[row], free - p.by_score1);
+    p.by_score1 = std::min<int64_t>(picks1[i], free);
+    p.by_score2 = std::min<int64_t>(picks2[i], free - p.by_score1);
     p.count = forced + p.by_score1 + p.by_score2;
-    TORCH_CHECK(p.count <= max_count, op, ": row ", row, " keeps ", p.count,
-                " blocks, more than max_count=", max_count);
+    TORCH_CHECK(p.count <= max_count, op, ": row ", row,
+                n_recent.dim() == 1 ? std::string() : " of counts" + count_position(n_recent, i),
+                " keeps ", p.count, " blocks, more than max_count=", max_count);
   }
   return plans;
 }

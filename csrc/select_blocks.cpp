@@ -13,18 +13,21 @@ namespace cabattn {
 namespace {
 
 // select_blocks: each row planned by check_select_blocks_values (checks.h), then its top-k picks.
+// The plans come per count row (count_rows of them: 1, heads or batch * heads); the (batch,
+// head) `bh` reads count row bh % count_rows.
 
 template <typename score_t>
 void select_kernel(const score_t* score1, const score_t* score2,
                    const std::vector<RowPlan>& plans, int64_t heads, int64_t blocks,
                    int64_t max_count, int32_t* count_out, int32_t* index_out) {
+  const int64_t count_rows = blocks == 0 ? 1 : static_cast<int64_t>(plans.size()) / blocks;
   at::parallel_for(0, heads * blocks, 16, [&](int64_t begin, int64_t end) {
     std::vector<char> kept(blocks);
     std::vector<int64_t> candidates;
     candidates.reserve(blocks);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / blocks, row = task % blocks;
-      const RowPlan& p = plans[row];
+      const RowPlan& p = plans[(head % count_rows) * blocks + row];
       std::fill(kept.begin(), kept.end(), 0);
       mark_forced(p, row, kept.data());
       const std::pair<const score_t*, int64_t> rules[] = {{score1, p.by_score1},
@@ -69,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cpu(
   const std::vector<RowPlan> plans =
       check_select_blocks_values(op, score1.has_value(), score2.has_value(), n_recent, n_sink,
                                  n_score1, n_score2, shift, max_count);
-  const int64_t blocks = n_recent.size(0);
+  const int64_t blocks = n_recent.size(-1);
 
   const at::Tensor& ref = score1 ? *score1 : *score2;
   const int64_t batch = ref.size(0), heads = ref.size(1);

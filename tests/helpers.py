@@ -110,19 +110,13 @@ def poison_uninitialized():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-def kv_methods(kv_mode=None) -> list:
-    """The registered methods with a kv-protocol rule (check_protocol("kv") passes at their
-    defaults), of one kv_mode ("evict" or "select") or of any."""
+def kv_methods(kv_mode: str) -> list:
+    """The registered methods with a kv-protocol rule (methods.available("kv")) whose kv_mode
+    is `kv_mode` ("evict" or "select")."""
     from cabattn import methods
-    found = []
-    for name in methods.available():
-        try:
-            methods.get_method(name).check_protocol("kv")
-        except ValueError:
-            continue
-        if kv_mode is None or methods.METHODS[name].kv_mode == kv_mode:
-            found.append(name)
-    return found
+    return [name for name in methods.available("kv") if methods.METHODS[name].kv_mode == kv_mode]
+
+
 def smollm2_attention_inputs(length: int, window: int, layers, rope_scale: float = 1.0):
     """(input ids [1, L], {layer: (q, k)}): the post-RoPE float32 q [1, Hq, L, d] and
     k [1, Hkv, L, d] of the offline default model (SmolLM2-135M, from the cache) on pd-books

@@ -1,14 +1,15 @@
 """The method registry: one small class per method, looked up by name.
 
-    cabattn.methods.available()                 -> ["cab_v3", "cab_v4", "dense", ...]
+    cabattn.methods.available()                 -> ["adakv", "cab_v3", "cab_v4", ...]
+    cabattn.methods.available("kv")             -> the methods with a kv-protocol rule
     cabattn.methods.get_method("h2o", h2o_recent_ratio=0.25)
 """
 from .base import BlockPlan, KVPages, KVState, MaskContext, Method
 from .registry import METHODS, available, get_method, register
 
 # Importing the modules registers their classes.
-from . import (cab, dense, h2o, knorm, local_strided, oracle_topk, quest,  # noqa: F401
-               random, streaming_llm, tova)
+from . import (adakv, cab, dense, h2o, knorm, local_strided, oracle_topk,  # noqa: F401
+               pyramidkv, quest, random, snapkv, streaming_llm, tova)
 
 __all__ = ["BlockPlan", "KVPages", "KVState", "MaskContext", "Method", "METHODS", "available",
            "get_method", "register"]

@@ -26,8 +26,9 @@ from ..grid import BlockGrid, token_budget
 class BlockPlan:
     """Per-row instructions for ops.select_blocks (see cabattn.reference.select_blocks).
 
-    The n_* are int32 [M], indexed by the output row I; the scores are float [B, H, M, M]
-    read at the source row I - shift, or None when unused.
+    The n_* are int [M], indexed by the output row I, or [H, M] / [B, H, M] for per-head
+    budgets (each head its own counts; docs/baselines.md); they are broadcast to one shape.
+    The scores are float [B, H, M, M] read at the source row I - shift, or None when unused.
     """
     n_recent: torch.Tensor
     n_sink: torch.Tensor
@@ -174,6 +175,13 @@ class Method:
     def token_budget(self, length: int, sparsity: float, k_min: int = 64) -> int:
         """K for a window of `length` tokens; a method that ignores sparsity overrides it."""
         return token_budget(length, sparsity, k_min)
+
+    def layer_budget(self, budget: int, layer_idx: int, num_layers: int, length: int) -> int:
+        """K_l, the token budget of layer `layer_idx` of `num_layers` in a run whose budget
+        is `budget` for a window of `length` tokens (docs/baselines.md, per-layer and per-head
+        budgets). Both protocols size each layer with it; the layers' budgets must average to
+        `budget` (up to the cap at `length`). Default: every layer gets `budget`."""
+        return budget
 
     def check_protocol(self, protocol: str) -> None:
         """Raises ValueError when this configuration has no rule for `protocol` ("mask" or

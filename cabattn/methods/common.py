@@ -14,12 +14,13 @@ def round_ratio(counts: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def keep_recent_and_top(score: torch.Tensor, recent: int, n_top: int) -> torch.Tensor:
     """Sorted int64 keep indices [B, H, recent + n_top] of a cache ordered oldest to newest:
-    its last `recent` entries plus the `n_top` highest-scoring older ones."""
+    its last `recent` entries plus the `n_top` highest-scoring older ones (ties: the older;
+    a stable sort, so pooled scores, which tie by construction, pick deterministically)."""
     b, h, n = score.shape
     recent = min(recent, n)
     n_top = min(n_top, n - recent)
     newest = torch.arange(n - recent, n, device=score.device).expand(b, h, recent)
-    top = score[..., :n - recent].topk(n_top, dim=-1).indices
+    top = score[..., :n - recent].sort(dim=-1, descending=True, stable=True).indices[..., :n_top]
     return torch.cat([top, newest], dim=-1).sort(dim=-1).values
 
 

@@ -1,4 +1,6 @@
 """The method registry: every Method subclass by its name, and the one way to build one."""
+from typing import Optional
+
 from ..checks import lookup
 from .base import Method
 
@@ -11,8 +13,19 @@ def register(cls):
     return cls
 
 
-def available() -> list:
-    return sorted(METHODS)
+def available(protocol: Optional[str] = None) -> list:
+    """The registered names; with a protocol ("mask" or "kv"), those whose default
+    configuration has a rule for it (Method.check_protocol)."""
+    return [name for name in sorted(METHODS)
+            if protocol is None or _has_rule(METHODS[name](), protocol)]
+
+
+def _has_rule(method: Method, protocol: str) -> bool:
+    try:
+        method.check_protocol(protocol)
+    except ValueError:
+        return False
+    return True
 
 
 def get_method(name: str, **params) -> Method:

@@ -16,6 +16,7 @@ constexpr int kThreads = 256;
 
 struct SelectParams {
   int64_t heads, num_blocks;
+  int64_t count_rows;  // rows of the counts: 1, heads or batch * heads (checks.h)
   int shift, max_count, sort_size;  // sort_size: num_blocks rounded up to a power of two
 };
 
@@ -90,9 +91,10 @@ select_blocks_kernel(const S* __restrict__ score1, const S* __restrict__ score2,
   const int row = blockIdx.x;
   const int64_t bh = int64_t(blockIdx.z) * p.heads + blockIdx.y;
   const int src = row - p.shift;
-  const int recent = n_recent[row], sink = n_sink[row];
+  const int64_t counts_at = (bh % p.count_rows) * M + row;
+  const int recent = n_recent[counts_at], sink = n_sink[counts_at];
   const S* rows[2] = {score1, score2};
-  const int wanted[2] = {n_score1[row], n_score2[row]};
+  const int wanted[2] = {n_score1[counts_at], n_score2[counts_at]};
   // The counts check_select_blocks_values rejects: negative ones, picks by a missing score.
   if (threadIdx.x == 0 && (recent < 0 || sink < 0 || wanted[0] < 0 || wanted[1] < 0 ||
                            (wanted[0] > 0 && score1 == nullptr) ||
@@ -140,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   check_select_blocks_args(kOp, score1, score2, n_recent, n_sink, n_score1, n_score2, shift,
                            max_count);
   check_cuda(kOp, "n_recent", n_recent);
-  const int64_t blocks = n_recent.size(0);
+  const int64_t blocks = n_recent.size(-1);
   TORCH_CHECK(max_count <= std::numeric_limits<int>::max(), kOp, ": max_count ", max_count,
               " is more than this kernel's ", std::numeric_limits<int>::max());
   TORCH_CHECK(blocks <= 8192, kOp, ": ", blocks, " blocks per row is more than this kernel's "
@@ -165,6 +167,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   SelectParams p;
   p.heads = heads;
   p.num_blocks = blocks;
+  p.count_rows = blocks == 0 ? 1 : n_recent.numel() / blocks;
   p.shift = static_cast<int>(std::min<int64_t>(shift, std::numeric_limits<int>::max()));
   p.max_count = static_cast<int>(max_count);
   p.sort_size = 1;

@@ -6,6 +6,7 @@ of test_method_rules: a pick decided by a margin below float32 resolution is onl
 its size). kv rules: the keep sets and page picks of the rules, and whole streams through a
 tiny Llama against a dense forward whose attention is masked by the reference's choices.
 """
+import dataclasses
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from cabattn import methods
 from cabattn.grid import token_budget
 from cabattn.kv_protocol import KVProtocol
 from cabattn.methods import KVPages, KVState
+from cabattn.methods.quest import Quest
 from test_method_rules import (DIM, GRIDS, HEADS, KV_HEADS, K_MIN, SELECTIONS, Picker, compare,
                                expected, inputs, run, spec_block_stats, spec_budget,
                                spec_probabilities, spec_row_budgets)
@@ -348,11 +350,43 @@ def test_quest_select_mode_attends_within_the_budget_token_by_token(model, ids):
     with KVProtocol(model, "quest", SPARSITY, k_min=K_MIN, block_size=BLOCK) as stats:
         with torch.no_grad():
             model(ids, labels=ids)
+    kept = select_pairs_token_by_token(budget, budget)
+    assert stats.density == pytest.approx(kept / (LENGTH * (LENGTH + 1) / 2))
+
+
+def select_pairs_token_by_token(budget, layer_budget):
+    """Attended (query, key) pairs of one query head under select mode at c = 1: the first K
+    tokens prefilled densely, then each query its own page and ceil(K_l / B) - 1 older whole
+    pages (or everything while that is less)."""
+    n_pick = math.ceil(layer_budget / BLOCK) - 1
     kept = budget * (budget + 1) // 2
     for t in range(budget, LENGTH):
         page = t // BLOCK
-        kept += (t + 1) if page <= 2 else 2 * BLOCK + t - page * BLOCK + 1
-    assert stats.density == pytest.approx(kept / (LENGTH * (LENGTH + 1) / 2))
+        kept += (t + 1) if page <= n_pick else n_pick * BLOCK + t - page * BLOCK + 1
+    return kept
+
+
+@dataclasses.dataclass
+class LayeredQuest(Quest):
+    """quest with per-layer budgets K - B and K + B (mean K): select mode with layer budgets."""
+
+    def layer_budget(self, budget, layer_idx, num_layers, length):
+        return budget + (BLOCK if layer_idx else -BLOCK)
+
+
+def test_select_mode_reads_each_layers_own_budget(model, ids):
+    """Under select mode layer l picks ceil(K_l / B) - 1 pages (1 and 3 here, where one K
+    picks 2); the prefill stays the first K tokens."""
+    budget = token_budget(LENGTH, SPARSITY, K_MIN)
+    with KVProtocol(model, LayeredQuest(), SPARSITY, k_min=K_MIN, block_size=BLOCK) as stats:
+        with torch.no_grad():
+            model(ids, labels=ids)
+    causal = LENGTH * (LENGTH + 1) / 2
+    density = stats.layer_head_density()
+    for layer, layer_budget in enumerate([budget - BLOCK, budget + BLOCK]):
+        want = select_pairs_token_by_token(budget, layer_budget) / causal
+        assert density[layer] == pytest.approx([want] * len(density[layer]))
+    assert density[0][0] < density[1][0]
 
 
 def spec_evict_mask(q, k, budget, chunk, evict):

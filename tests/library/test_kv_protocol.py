@@ -129,7 +129,7 @@ def run_kv(model, ids, method, sparsity=SPARSITY, **kw):
     return out, stats
 
 
-@pytest.mark.parametrize("name", helpers.kv_methods())
+@pytest.mark.parametrize("name", registry.available("kv"))
 def test_every_method_at_zero_sparsity_is_dense(model, ids, dense_loss, name):
     out, stats = run_kv(model, ids, name, sparsity=0.0)
     assert out.loss.item() == pytest.approx(dense_loss, rel=1e-5)

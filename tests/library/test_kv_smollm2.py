@@ -7,7 +7,6 @@ bounded cache loses the first tokens and perplexity climbs (one 512-token window
 """
 import math
 
-import helpers
 import pytest
 import torch
 
@@ -45,7 +44,7 @@ def test_attention_sinks_lower_perplexity(smollm2):
     assert with_sinks < 0.5 * without_sinks
 
 
-@pytest.mark.parametrize("name", sorted(set(helpers.kv_methods()) - {"dense"}))
+@pytest.mark.parametrize("name", sorted(set(registry.available("kv")) - {"dense"}))
 def test_every_method_is_finite(smollm2, name):
     model, windows = smollm2
     ppl, density = kv_perplexity(model, windows[256], name, 32)
