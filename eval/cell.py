@@ -169,11 +169,11 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
 
 
 def try_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
-             progress: bool = False, compute=compute_cell) -> dict:
-    """compute(...) (compute_cell, or another kind of cell's: eval.cells), or a failed R (null
-    metrics + error) when the cell fails."""
+             progress: bool = False, compute=None) -> dict:
+    """compute(...) (default compute_cell, looked up at the call; or another kind of cell's:
+    eval.cells), or a failed R (null metrics + error) when the cell fails."""
     try:
-        return compute(config, loaded, windows, spec, progress=progress)
+        return (compute or compute_cell)(config, loaded, windows, spec, progress=progress)
     except (RuntimeError, ValueError) as err:
         return failed_result(f"{type(err).__name__}: {err}")
 
