@@ -62,7 +62,9 @@ def _compiled_flex():
 
 
 def coarsen(x, block_size, mode):
-    return reference.coarsen(_upcast(x), block_size, mode).to(x.dtype)
+    # max_l2's tie tolerance is the input dtype's, not the upcast one's (docs/block_statistics.md)
+    return reference.coarsen(_upcast(x), block_size, mode,
+                             reference.max_l2_tolerance(x.dtype)).to(x.dtype)
 
 
 def _head_groups(q_heads: int, kv_heads: int, length: int, batch: int):
