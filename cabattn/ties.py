@@ -58,14 +58,14 @@ def row_margins(score: torch.Tensor, kept: torch.Tensor, shift: int,
     above the first dropped one - the first dropped one's) / (the candidates' score range).
 
     score [B, H, M, M] is read at the source row I - shift over candidates J <= I - shift;
-    kept [B, H, M, M] is the layout; scored_rows bool [M]: rows whose last stage picked by this
-    score. Rows with no dropped candidate, a flat score, or a non-finite score are left out.
+    kept [B, H, M, M] is the layout; scored_rows bool [M], [H, M] or [B, H, M] (the plan's
+    per-row or per-head counts): rows whose last stage picked by this score. Rows with no dropped candidate, a flat score, or a non-finite score are left out.
     """
     m = kept.shape[-1]
     s = source_rows(score.double(), shift, float("nan"))
     cols = torch.arange(m, device=score.device)
     rows = torch.arange(m, device=score.device)
-    candidate = (cols[None, :] <= (rows - shift)[:, None]) & scored_rows[:, None]  # [M, M]
+    candidate = (cols[None, :] <= (rows - shift)[:, None]) & scored_rows[..., None]  # [.., M, M]
     dropped = candidate & ~kept
     kept_candidate = candidate & kept
     first_dropped = s.masked_fill(~dropped, float("-inf")).amax(-1, keepdim=True)
