@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cabattn
+from cabattn.reference import max_l2_tolerance
 
 HEADS, KV_HEADS, DIM = 4, 2, 64  # a head dim the CUDA kernels take
 K_MIN = 16
@@ -65,15 +66,19 @@ def spec_block_stats(p, block_size):
 
 
 def spec_coarse(x, block_size):
-    """Each block's token of largest L2 norm (the first one on ties), [B, H, M, d] float64."""
+    """Each block's first token whose squared L2 norm is within the input dtype's relative
+    tolerance of the block's largest (docs/block_statistics.md), [B, H, M, d] float64."""
+    tolerance = max_l2_tolerance(x.dtype)
     x = x.double().cpu()
     b, h, length, d = x.shape
     blocks = math.ceil(length / block_size)
     out = torch.zeros(b, h, blocks, d, dtype=torch.float64)
     for i in range(blocks):
         tokens = x[:, :, i * block_size:min((i + 1) * block_size, length)]
-        first_max = tokens.norm(dim=-1).argmax(-1)  # argmax returns the first maximum
-        out[:, :, i] = tokens.gather(2, first_max[..., None, None].expand(b, h, 1, d))[:, :, 0]
+        norms = tokens.pow(2).sum(-1)
+        inside = norms >= (1 - tolerance) * norms.amax(-1, keepdim=True)
+        first = inside.byte().argmax(-1)  # argmax returns the first maximum: the first inside
+        out[:, :, i] = tokens.gather(2, first[..., None, None].expand(b, h, 1, d))[:, :, 0]
     return out
 
 
