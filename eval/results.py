@@ -247,6 +247,8 @@ def result_problem(result) -> str | None:
             return f"its result has {name} = {result[name]!r}, not a finite number of the right type"
     if result.get("error"):
         return f"its result is a failure ({result['error']})"
+    if result.get("kind") == "task":  # paired over its samples, not windows (per_sample)
+        return None
     return windows_problem(result)
 
 
