@@ -19,7 +19,7 @@ class KNorm(Method):
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         grid = ctx.grid
         b, hq, m = ctx.q.shape[0], ctx.q.shape[1], grid.num_blocks
-        norms = torch.linalg.vector_norm(ctx.k, dim=-1, dtype=torch.float32)  # [B, Hkv, L]
+        norms = torch.linalg.vector_norm(ctx.k, dim=-1, dtype=_norm_dtype(ctx.k))  # [B, Hkv, L]
         pad = m * grid.block_size - grid.length
         sums = torch.nn.functional.pad(norms, (0, pad)).view(b, -1, m, grid.block_size).sum(-1)
         mean = sums / grid.block_lengths(ctx.k.device)  # the last block may be partial
@@ -35,5 +35,10 @@ class KNorm(Method):
 
     def kv_keep(self, state: KVState) -> torch.Tensor:
         # RoPE rotates pairs of coordinates, so a key's norm is its norm before rotation
-        norms = torch.linalg.vector_norm(state.keys, dim=-1, dtype=torch.float32)
+        norms = torch.linalg.vector_norm(state.keys, dim=-1, dtype=_norm_dtype(state.keys))
         return keep_recent_and_top(-norms, 1, state.budget - 1)
+
+
+def _norm_dtype(keys: torch.Tensor) -> torch.dtype:
+    """Norms in float32 at least (half keys), float64 for float64 keys (the exact reference)."""
+    return torch.promote_types(keys.dtype, torch.float32)

@@ -60,7 +60,9 @@ def test_every_method_at_half_sparsity_is_finite_and_above_dense(smollm2, dense_
     ppl, density = perplexity(model, ids, name, 0.5)
     print(f"{name}: PPL {ppl:.3f} (dense {dense_ppl:.3f}), density {density:.4f}")
     assert math.isfinite(ppl) and ppl > dense_ppl
-    assert density == pytest.approx(budget_density(0.5), rel=1e-9)
+    if registry.get_method(name).layer_budget(64, 0, 2, 128) == 64:  # one budget for all layers
+        # (per-layer budgets are capped by causality row by row: their own test checks them)
+        assert density == pytest.approx(budget_density(0.5), rel=1e-9)
 
 
 def test_cab_v3_and_cab_v4_differ_at_high_sparsity(smollm2):
