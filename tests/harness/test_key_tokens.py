@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from eval_assets import tiny_model, tiny_run_args, tiny_text  # noqa: F401
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 from eval import cli, key_tokens
 
@@ -14,11 +14,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=96, positions=512)
 
 
 def _plain(model, ids, short):

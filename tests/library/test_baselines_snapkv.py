@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 from cabattn import ops
 from cabattn.grid import BlockGrid, token_budget
@@ -152,11 +152,7 @@ def test_pyramidkv_mask_is_snapkv_at_each_layers_budget(causal):
 
 @pytest.fixture(scope="module")
 def model(single_thread):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(layers=4, positions=512, attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="module")

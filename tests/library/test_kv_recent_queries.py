@@ -2,7 +2,8 @@
 only for a method that asks for it, across chunks, oldest first, the queries as attended."""
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from cabattn.kv_cache import EvictingLayer
@@ -15,11 +16,7 @@ LENGTH, K_MIN, SPARSITY = 60, 8, 0.75  # K = 15 of 60
 
 @pytest.fixture(scope="module")
 def model(single_thread):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="module")

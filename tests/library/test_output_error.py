@@ -2,7 +2,7 @@
 on the q, k, v and output each layer actually saw."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 import cabattn
 from cabattn import ops
@@ -19,11 +19,7 @@ def _plain_dense(q, k, v, scale):
 
 
 def test_output_error_equals_the_definition(monkeypatch):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     seen = []  # (q, k, v, scale, out) of every layer call, in order
     sparse_attention = ops.block_sparse_attention
 
@@ -48,11 +44,7 @@ def test_output_error_equals_the_definition(monkeypatch):
 
 
 def test_output_error_is_zero_when_everything_is_kept():
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(seed=1)
     with cabattn.apply(model, method="h2o", sparsity=0.0, block_size=16, k_min=16,
                        diagnostics=True) as stats, torch.inference_mode():
         model(torch.randint(0, 128, (1, 96)))
