@@ -13,13 +13,17 @@ cabattn.reference.coarsen); T = 0 is the first largest norm, the rule before the
 """
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import torch
 
-import cabattn
-from cabattn import ops, reference
-from eval.data import load_windows
-from eval.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import cabattn  # noqa: E402
+from cabattn import ops, reference  # noqa: E402
+from eval.data import load_windows  # noqa: E402
+from eval.models import load_model  # noqa: E402
 
 
 def window_ppl(model, ids, method, sparsity, protocol, **options) -> float:

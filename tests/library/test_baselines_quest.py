@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-from transformers import (AttentionInterface, AttentionMaskInterface, LlamaConfig,
-                          LlamaForCausalLM)
+from helpers import tiny_llama
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 import cabattn
@@ -161,7 +161,7 @@ def test_oracle_topk_is_an_upper_bound_of_the_kept_mass():
 
 
 def test_the_upper_bound_is_recorded_and_refused_by_the_kv_protocol():
-    model = tiny_llama()
+    model = tiny_llama(vocab_size=256)
     with pytest.raises(ValueError, match="oracle_topk has no kv-protocol rule.*protocol='mask'"):
         KVProtocol(model, "oracle_topk", 0.5)
     with cabattn.apply(model, method="oracle_topk", sparsity=0.5) as stats:
@@ -276,17 +276,9 @@ LENGTH, SPARSITY, BLOCK = 160, 0.75, 16  # K = 40: ceil(40 / 16) - 1 = 2 older p
 REFERENCE = "cabattn_test_select_reference"
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def model(single_thread):
-    return tiny_llama()
+    return tiny_llama(vocab_size=256, attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 import cabattn
 from cabattn import reference, ties
@@ -37,11 +37,8 @@ def test_row_margins_are_the_gap_at_the_cut_over_the_row_range():
 
 
 def test_a_mask_cell_records_the_near_tie_diagnostics():
-    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=64, hidden_size=128, intermediate_size=128, layers=1,
+                       heads=2, kv_heads=1, positions=512)
     ids = torch.randint(0, 8, (1, 256))  # 8 token ids: many repeats
     with torch.no_grad():
         with cabattn.apply(model, "cab_v3", 0.9, block_size=16) as stats:
