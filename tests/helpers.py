@@ -117,32 +117,43 @@ def kv_methods(kv_mode: str) -> list:
     return [name for name in methods.available("kv") if methods.METHODS[name].kv_mode == kv_mode]
 
 
-def smollm2_attention_inputs(length: int, window: int, layers, rope_scale: float = 1.0):
-    """(input ids [1, L], {layer: (q, k)}): the post-RoPE float32 q [1, Hq, L, d] and
-    k [1, Hkv, L, d] of the offline default model (SmolLM2-135M, from the cache) on pd-books
-    window `window` of L tokens (4 evenly spaced windows, as the quick test's cells), its RoPE
-    inverse frequencies multiplied by rope_scale (1 + 3e-7 is a rounding-level change)."""
+def attention_inputs(model, ids: torch.Tensor, layers) -> dict:
+    """{layer: (q, k, scale)}: the post-RoPE q [B, Hq, L, d] and k [B, Hkv, L, d] that the
+    given layers attend with in one dense (SDPA) pass of `model` over ids, and the layer's
+    softmax scale; the model's attention implementation is restored afterwards."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from eval.data import load_windows
-    from eval.models import load_model
     captured = {}
 
     def capture(module, query, key, value, attention_mask, **kwargs):
         if module.layer_idx in layers:
-            captured[module.layer_idx] = (query.detach().contiguous(), key.detach().contiguous())
+            captured[module.layer_idx] = (query.detach().contiguous(),
+                                          key.detach().contiguous(), kwargs["scaling"])
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("tests_capture", capture)
+    own = model.config._attn_implementation
+    model.set_attn_implementation("tests_capture")
+    try:
+        with torch.no_grad():
+            model.model(ids)
+    finally:
+        model.set_attn_implementation(own)
+    return captured
+
+
+def smollm2_attention_inputs(length: int, window: int, layers, rope_scale: float = 1.0):
+    """(input ids [1, L], {layer: (q, k, scale)}): attention_inputs of the offline default
+    model (SmolLM2-135M, from the cache, float32) on pd-books window `window` of L tokens (4
+    evenly spaced windows, as the quick test's cells), its RoPE inverse frequencies multiplied
+    by rope_scale (1 + 3e-7 is a rounding-level change)."""
+    from eval.data import load_windows
+    from eval.models import load_model
     loaded = load_model("smollm2-135m")
     model = loaded.model
     rotary = model.model.rotary_emb
     rotary.inv_freq.mul_(rope_scale)
     rotary.original_inv_freq = rotary.inv_freq.clone()
-    model.set_attn_implementation("tests_capture")
     ids = load_windows("pd-books", loaded.tokenizer, length, max_windows=4).input_ids
     ids = ids[window:window + 1]
-    with torch.inference_mode():
-        model.model(ids)
-    return ids, captured
+    return ids, attention_inputs(model, ids, layers)

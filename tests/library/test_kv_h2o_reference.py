@@ -13,9 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_llama
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from helpers import attention_inputs, tiny_llama
 
 from cabattn import methods as registry
 from cabattn.kv_protocol import KVProtocol
@@ -35,24 +33,6 @@ def model(single_thread):
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, 128, (1, LENGTH), generator=torch.Generator().manual_seed(2))
-
-
-def layer0_queries_and_keys(model, ids):
-    """Post-RoPE q [Hq, L, d] and k [Hkv, L, d] of layer 0 in a dense pass, with its scale."""
-    seen = {}
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        seen.update(q=query[0].double(), k=key[0].double(), scale=kwargs["scaling"])
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("test_capture", capture)
-    model.set_attn_implementation("test_capture")
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        model.set_attn_implementation("sdpa")
-    return seen["q"], seen["k"], seen["scale"]
 
 
 def simulate_h2o(q, k, scale, budget, chunk, rho):
@@ -111,7 +91,8 @@ class Recorder(Method):
 @pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("rho", [0.5, 0.25])
 def test_h2o_kv_keeps_and_loss_match_an_independent_stream(model, ids, chunk, rho):
-    q, k, scale = layer0_queries_and_keys(model, ids)
+    q, k, scale = attention_inputs(model, ids, [0])[0]
+    q, k = q[0].double(), k[0].double()
     want, want_scores, visible, near_tie = simulate_h2o(q, k, scale, BUDGET, chunk, rho)
     assert not near_tie, "a near tie decides an eviction at this seed; pick another"
 

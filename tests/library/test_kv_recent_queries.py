@@ -2,9 +2,7 @@
 only for a method that asks for it, across chunks, oldest first, the queries as attended."""
 import pytest
 import torch
-from helpers import tiny_llama
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from helpers import attention_inputs, tiny_llama
 
 from cabattn.kv_cache import EvictingLayer
 from cabattn.kv_protocol import KVProtocol
@@ -28,21 +26,7 @@ def ids():
 def dense_queries(model, ids):
     """Layer 0's post-RoPE queries [B, Hq, L, d] of a dense pass (layer 0's inputs do not
     depend on eviction, so the stream attends exactly these)."""
-    seen = {}
-
-    def recording(module, query, *args, **kwargs):
-        if module.layer_idx == 0:
-            seen["q"] = query.clone()
-        return sdpa_attention_forward(module, query, *args, **kwargs)
-
-    AttentionInterface.register("test_recording_sdpa", recording)
-    model.set_attn_implementation("test_recording_sdpa")
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        model.set_attn_implementation("sdpa")
-    return seen["q"]
+    return attention_inputs(model, ids, [0])[0][0]
 
 
 class Watching(StreamingLLM):
