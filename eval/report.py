@@ -7,7 +7,8 @@
   the kept blocks hold; written when the cells carry it, i.e. runs with --diagnostics), every
   method and sparsity, one panel per dataset: why one method loses more than another.
 - Table 3: method x sparsity at the fixed context length, PPL and its change vs dense, as
-  markdown and LaTeX.
+  markdown and LaTeX; with key-token perplexity in the cells, its companion table
+  (<stem>_table3_key_tokens.md).
 - With a tasks section: the accuracy table, the needle heatmaps and accuracy against
   perplexity change (eval/tasks/report.py).
 Figures are PNG and PDF, written next to the results file as <stem>_figure4.png and so on.
@@ -314,6 +315,24 @@ def tied_with_best(pts: list, seed: int = 0) -> set:
     return tied
 
 
+def sweep_table(pts: list, cell_text) -> tuple:
+    """(sparsity levels, rows) of the sparsity-sweep points pts: a row is (dataset, L, method,
+    [cell text per level]); cell_text(point) writes a computed cell, 'failed' or '-' when
+    the cell failed or was not run."""
+    levels = sorted({p.sparsity for p in pts if p.method != "dense"} | {0.0}) if pts else []
+    rows = []
+    for dataset in _datasets(pts):
+        for method in _methods([p for p in pts if p.dataset == dataset]):
+            mine = [p for p in pts if p.dataset == dataset and p.method == method]
+            by_level = {p.sparsity: p for p in mine}
+            cells = [("-" if by_level.get(s) is None else "failed"
+                      if by_level[s].perplexity is None else cell_text(by_level[s]))
+                     for s in levels]
+            L = sorted({p.context_length for p in mine})
+            rows.append((dataset, ",".join(map(str, L)), method, cells))
+    return levels, rows
+
+
 def table3_rows(results: dict) -> tuple:
     """(sparsity levels, rows): a row is (dataset, L, method, [cell text per level], [marked
     per level]); a cell is 'PPL (+x.x% [low, high])' against dense at the same L with the
@@ -321,33 +340,19 @@ def table3_rows(results: dict) -> tuple:
     when not run; marked: best of its column or not significantly different from it."""
     all_points = points(results)
     pts = [p for p in all_points if p.sweep == "sparsity_sweep"]
-    levels = sorted({p.sparsity for p in pts if p.method != "dense"} | {0.0}) if pts else []
     tied = tied_with_best(pts, results.get("config", {}).get("seed", 0))
-    rows = []
-    for dataset in _datasets(pts):
-        for method in _methods([p for p in pts if p.dataset == dataset]):
-            mine = [p for p in pts if p.dataset == dataset and p.method == method]
-            by_level = {p.sparsity: p for p in mine}
-            cells = []
-            for s in levels:
-                p = by_level.get(s)
-                if p is None:
-                    cells.append("-")
-                elif p.perplexity is None:
-                    cells.append("failed")
-                elif method == "dense" or s == 0.0:
-                    cells.append(f"{p.perplexity:.3f}")
-                else:
-                    delta = point_delta_vs_dense(all_points, p)
-                    ci = p.result.get("delta_vs_dense_ci95")
-                    interval = (f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
-                                if ci is not None and delta is not None else "")
-                    cells.append(f"{p.perplexity:.3f} ({delta * 100:+.1f}%{interval})"
-                                 if delta is not None else f"{p.perplexity:.3f}")
-            marks = [(dataset, method, s) in tied for s in levels]
-            L = sorted({p.context_length for p in mine})
-            rows.append((dataset, ",".join(map(str, L)), method, cells, marks))
-    return levels, rows
+
+    def text(p):
+        delta = point_delta_vs_dense(all_points, p)
+        if p.method == "dense" or p.sparsity == 0.0 or delta is None:
+            return f"{p.perplexity:.3f}"
+        ci = p.result.get("delta_vs_dense_ci95")
+        interval = f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci is not None else ""
+        return f"{p.perplexity:.3f} ({delta * 100:+.1f}%{interval})"
+
+    levels, rows = sweep_table(pts, text)
+    return levels, [(d, L, m, cells, [(d, m, s) in tied for s in levels])
+                    for d, L, m, cells in rows]
 
 
 TABLE3_NOTE = ("PPL (change vs dense [paired 95% interval of the change, %]); marked: the "
@@ -357,14 +362,46 @@ TABLE3_NOTE = ("PPL (change vs dense [paired 95% interval of the change, %]); ma
 
 def table3_markdown(results: dict) -> str:
     levels, rows = table3_rows(results)
-    head = ["dataset", "L", "method"] + [f"s={s:g}" for s in levels]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([d, L, m, *(f"**{c}**" if mark else c
-                                             for c, mark in zip(cells, marks))]) + " |"
-              for d, L, m, cells, marks in rows]
     note = ("\n" + TABLE3_NOTE.replace("marked", "bold") + "\n"
             if any(any(marks) for *_, marks in rows) else "")
-    return "\n".join(lines) + "\n" + note
+    return _markdown(levels, [(d, L, m, [f"**{c}**" if mark else c
+                                         for c, mark in zip(cells, marks)])
+                              for d, L, m, cells, marks in rows]) + note
+
+
+def key_token_rows(results: dict) -> tuple:
+    """table3_rows for key-token perplexity (docs/metrics.md): 'PPL (+x.x%)' against the
+    dense key-token perplexity of the same windows, '*' when the cell had fewer key tokens
+    than eval.key_tokens.MIN_KEY_TOKENS (indicative only); no rows when no cell has it."""
+    pts = [p for p in points(results) if p.sweep == "sparsity_sweep"
+           and p.result.get("key_token_perplexity") is not None]
+
+    def text(p):
+        value, dense = p.result["key_token_perplexity"], p.result["key_token_perplexity_dense"]
+        star = "*" if p.result.get("key_tokens_indicative_only") else ""
+        if p.method == "dense" or p.sparsity == 0.0 or not dense:
+            return f"{value:.3f}{star}"
+        return f"{value:.3f} ({(value / dense - 1) * 100:+.1f}%){star}"
+
+    return sweep_table(pts, text)
+
+
+KEY_TOKENS_NOTE = ("Key-token perplexity: the perplexity of the tokens whose prediction the "
+                   "long context improves (docs/metrics.md), change vs dense on the same "
+                   "tokens; * fewer key tokens than needed for a stable number.")
+
+
+def key_token_markdown(results: dict) -> str:
+    """The companion of Table 3 for key tokens ('' when no cell measured them)."""
+    levels, rows = key_token_rows(results)
+    return _markdown(levels, rows) + "\n" + KEY_TOKENS_NOTE + "\n" if rows else ""
+
+
+def _markdown(levels, rows) -> str:
+    head = ["dataset", "L", "method"] + [f"s={s:g}" for s in levels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([d, L, m, *cells]) + " |" for d, L, m, cells in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _tex(text: str) -> str:
@@ -396,10 +433,13 @@ def make_report(results_path, output_dir=None) -> list:
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / results_path.stem
     paths = figure4(results, stem) + figure8(results, stem) + figure_recall(results, stem)
-    for suffix, text in (("md", table3_markdown(results)), ("tex", table3_latex(results))):
-        path = stem.with_name(f"{stem.name}_table3.{suffix}")
-        path.write_text(text)
-        paths.append(path)
+    for name, text in (("table3.md", table3_markdown(results)),
+                       ("table3.tex", table3_latex(results)),
+                       ("table3_key_tokens.md", key_token_markdown(results))):
+        if text:
+            path = stem.with_name(f"{stem.name}_{name}")
+            path.write_text(text)
+            paths.append(path)
     return paths + make_task_report(results, stem)
 
 
@@ -417,7 +457,8 @@ def main(argv=None) -> int:
     for path in paths:
         print(f"wrote {path}")
     print()
-    print(table3_markdown(load_results(args.results)), end="")
+    results = load_results(args.results)
+    print(table3_markdown(results) + key_token_markdown(results), end="")
     return 0
 
 

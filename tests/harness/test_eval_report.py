@@ -81,6 +81,26 @@ def test_table3_rows_and_deltas(results_file):
     assert tex.count(r" \\") == 1 + len(rows)  # header + one line per row
 
 
+def test_key_token_companion_of_table3(results_file):
+    results = json.loads(results_file.read_text())
+    brown = results["results"]["brown"]
+    for method, value, count in (("dense", 12.0, 80), ("h2o", 15.0, 80), ("cab_v4", 13.2, 20)):
+        brown[method]["sparsity_sweep"]["0.9" if method != "dense" else "0.0"].update(
+            key_token_perplexity=value, key_token_perplexity_dense=12.0, num_key_tokens=count,
+            key_tokens_indicative_only=count < 30)
+    results_file.write_text(json.dumps(results))
+    paths = report.make_report(results_file)
+    md = results_file.parent / "demo_table3_key_tokens.md"
+    assert md in paths
+    lines = md.read_text().splitlines()
+    assert lines[0] == "| dataset | L | method | s=0 | s=0.9 |"
+    # the change against dense on the same key tokens: 15 / 12 - 1 = +25%; too few: starred
+    assert "| brown | 1024 | h2o | - | 15.000 (+25.0%) |" in lines
+    assert "| brown | 1024 | cab_v4 | - | 13.200 (+10.0%)* |" in lines
+    assert "| brown | 1024 | dense | 12.000 | - |" in lines
+    assert not any("pd-books" in line for line in lines)  # no key tokens measured there
+
+
 def test_figure_points_skip_failures(results_file):
     results = report.load_results(results_file)
     pts = report.points(results)
