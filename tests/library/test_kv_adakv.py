@@ -382,3 +382,29 @@ def test_a_bad_ragged_keep_is_rejected(model, ids, make, message):
     with KVProtocol(model, method, 0.9, k_min=20) as _, torch.no_grad():
         with pytest.raises(RuntimeError, match=message):
             model(ids, labels=ids)
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache"])
+def test_a_batch_streams_as_its_windows_alone(one_layer, positions):
+    """Batch rows hold their own per-head lengths (the attention runs per row)."""
+    ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(3))
+    rule = dict(window_size=WINDOW, kernel_size=KERNEL, floor_ratio=0.1)
+    stream = dict(kv_chunk=3, k_min=8, positions=positions)
+
+    class Counting(type(get_method("adakv"))):
+        ragged_rows = 0
+
+        def kv_keep(self, state):
+            keep = super().kv_keep(state)
+            type(self).ragged_rows += sum(len(set(row)) > 1 for row in keep.counts.tolist())
+            return keep
+
+    method = Counting(**rule)
+    with KVProtocol(one_layer, method, 0.75, **stream), torch.no_grad():
+        both = one_layer(ids).logits
+    alone = []
+    for row in range(2):
+        with KVProtocol(one_layer, "adakv", 0.75, **rule, **stream), torch.no_grad():
+            alone.append(one_layer(ids[row:row + 1]).logits)
+    torch.testing.assert_close(both, torch.cat(alone), rtol=1e-12, atol=1e-12)
+    assert Counting.ragged_rows > 0
