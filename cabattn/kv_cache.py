@@ -7,6 +7,13 @@ protocol's positions="cache"), values, absolute positions and the H2O mass
 accumulator live in parallel buffers and are always compacted together, so entry i of each
 describes the same token. Each KV head has its own keep set.
 
+KV heads may hold different numbers of entries (a rule's RaggedKeep; docs/baselines.md,
+per-head budgets): the layer then keeps each (batch row, KV head)'s live length on the host,
+a chunk is appended after each head's own entries, compaction gathers each head's kept entries
+to the front of its slots, and the buffers grow (by half, amortised) when a head outgrows them.
+The views `keys` / `values` then span the longest head; the slots past a head's length are
+stale, and the kv protocol's attention reads each head's live entries only.
+
 The layer also keeps, per query head, the coarse query of every absolute block seen so far,
 pooled as the method asks (Method.block_query_pooling: max_l2, by ops.coarsen over the block's
 queries so far, or the mean): the block statistic block-level kv rules (cab_v3/cab_v4) score
@@ -57,6 +64,9 @@ class EvictingLayer(CacheLayerMixin):
         self.num_blocks = num_blocks
         self.block_query_pooling = block_query_pooling
         self.length = 0
+        # None while every KV head holds `length` entries; else [B][Hkv] ints (host) and the
+        # same as an int64 tensor on the cache's device
+        self.head_lengths = self.length_tensor = None
         self.key_buffer = self.value_buffer = None
         self.position_buffer = self.mass_buffer = None
         # max_l2: the representatives and the queries of the newest block (max_l2's tolerance
@@ -95,6 +105,8 @@ class EvictingLayer(CacheLayerMixin):
                              "it through KVEvictionCache after KVEvictionCache.begin_chunk")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.head_lengths is not None:
+            return self._append_ragged(key_states, value_states, positions)
         start, chunk = self.length, key_states.shape[2]
         end = start + chunk
         if end > self.capacity:
@@ -106,6 +118,58 @@ class EvictingLayer(CacheLayerMixin):
         self.mass_buffer[:, :, start:end] = 0.0
         self._set_length(end)
         return self.keys, self.values
+
+    def _append_ragged(self, key_states, value_states, positions):
+        """update() when the KV heads hold different numbers of entries: each (batch row, KV
+        head) appends the chunk after its own live entries."""
+        b, h, chunk, _ = key_states.shape
+        ends = [[n + chunk for n in row] for row in self.head_lengths]
+        longest = max(max(row) for row in ends)
+        if longest > self.capacity:
+            self._grow(max(longest, self.capacity + self.capacity // 2))
+        slots = self.length_tensor[..., None] + torch.arange(chunk, device=self.device)
+        new = ((self.key_buffer, key_states), (self.value_buffer, value_states),
+               (self.position_buffer, positions[:, None, :].expand(b, h, chunk)),
+               (self.mass_buffer, self.mass_buffer.new_zeros(b, h, chunk)))
+        for buffer, values in new:
+            buffer.scatter_(2, _along_entries(slots, buffer), values)
+        self._set_head_lengths(ends)
+        return self.keys, self.values
+
+    def _grow(self, capacity: int) -> None:
+        """Reallocates the entry buffers with room for `capacity` entries per head (a head of
+        a ragged cache outgrew them), keeping the live prefix."""
+        for name in ("key_buffer", "value_buffer", "position_buffer", "mass_buffer"):
+            old = getattr(self, name)
+            grown = old.new_empty(*old.shape[:2], capacity, *old.shape[3:])
+            grown[:, :, :self.length] = old[:, :, :self.length]
+            setattr(self, name, grown)
+        self.capacity = capacity
+        self._set_length(self.length)
+
+    def _set_head_lengths(self, lengths: list) -> None:
+        """Each (batch row, KV head)'s live length ([B][Hkv] ints); uniform ones go back to the
+        one `length`."""
+        flat = [n for row in lengths for n in row]
+        if min(flat) == max(flat):
+            self.head_lengths = self.length_tensor = None
+        else:
+            self.head_lengths = lengths
+            self.length_tensor = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        self._set_length(max(flat))
+
+    def over_budget(self, budget: int) -> bool:
+        """Whether a batch row holds more than `budget` entries per KV head (on average over
+        its heads when they hold different numbers)."""
+        if self.head_lengths is None:
+            return self.length > budget
+        return any(sum(row) > len(row) * budget for row in self.head_lengths)
+
+    def live_mask(self) -> Optional[torch.Tensor]:
+        """bool [B, Hkv, length]: the live slots of a ragged cache (None when uniform)."""
+        if self.head_lengths is None:
+            return None
+        return torch.arange(self.length, device=self.device) < self.length_tensor[..., None]
 
     def _set_length(self, length: int) -> None:
         self.length = length
@@ -207,7 +271,7 @@ class EvictingLayer(CacheLayerMixin):
                        mass=self.mass, block_queries=block_queries,
                        budget=budget, block_size=self.block_size, scale=scale,
                        layer_idx=layer_idx, window_idx=window_idx, seed=seed,
-                       recent_queries=recent_queries)
+                       recent_queries=recent_queries, lengths=self.length_tensor)
 
     def compact(self, keep: torch.Tensor) -> None:
         """Keeps entries keep [B, Hkv, n'] (sorted, unique, int64) of every head, in place."""
@@ -215,8 +279,27 @@ class EvictingLayer(CacheLayerMixin):
         for buffer in (self.key_buffer, self.value_buffer, self.position_buffer,
                        self.mass_buffer):
             ops.kv_compact_(buffer, keep)
+        self.head_lengths = self.length_tensor = None
         self._set_length(keep.shape[-1])
 
+    def compact_ragged(self, index: torch.Tensor, counts: list) -> None:
+        """Keeps index[b, g, :counts[b][g]] (sorted, unique, int64; counts [B][Hkv] ints on
+        the host) of each head: one count for every head compacts as compact() does, in place
+        with ops.kv_compact_; different counts gather each head's kept entries (its slots past
+        its count read its first kept entry, a stale copy) and write them to the front."""
+        flat = [n for row in counts for n in row]
+        if min(flat) == max(flat):
+            self.compact(index[..., :flat[0]])
+            return
+        width = max(flat)
+        index = index[..., :width]
+        count_tensor = torch.tensor(counts, dtype=torch.long, device=index.device)
+        live = torch.arange(width, device=index.device) < count_tensor[..., None]
+        index = torch.where(live, index, index[..., :1])
+        for buffer in (self.key_buffer, self.value_buffer, self.position_buffer,
+                       self.mass_buffer):
+            buffer[:, :, :width] = buffer.gather(2, _along_entries(index, buffer))
+        self._set_head_lengths([list(row) for row in counts])
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
@@ -228,6 +311,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
+        self.head_lengths = self.length_tensor = None
         self.blocks_seen = 0
         self.recent_query_count = 0
         if self.is_initialized:
@@ -239,6 +323,12 @@ class EvictingLayer(CacheLayerMixin):
         if self.page_min is not None:
             self.page_min.fill_(float("inf"))
             self.page_max.fill_(float("-inf"))
+
+
+def _along_entries(index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """index [B, H, m] expanded over the buffer's trailing dims, for gather/scatter_ on dim 2."""
+    shape = (*index.shape, *buffer.shape[3:])
+    return index.view(*index.shape, *([1] * (buffer.dim() - 3))).expand(shape)
 
 
 class KVEvictionCache(Cache):

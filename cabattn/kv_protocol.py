@@ -26,6 +26,13 @@ folds the mass and the chunk's queries (coarse block queries, the recent-query b
 for a method that reads it) into the layer's cache and evicts. The method's kv_keep
 is the only rule; the protocol has no method-specific code.
 
+A rule may give KV heads different numbers of entries (a RaggedKeep whose counts average to at
+most the layer's budget; docs/baselines.md, per-head budgets). While the heads' lengths differ,
+a chunk attends per run of neighbouring KV heads of equal length in each batch row (one
+ops.attention_with_scores call over those heads' live entries), and the kept pairs are counted
+per KV head; when they agree again the single call over every head is back. A layer is
+evicted once a batch row holds more than its budget per KV head on average.
+
 A method whose kv_mode is "select" (Quest's setting) is never evicted from: the cache keeps
 every token, and each chunk attends to its own pages (blocks of block_size positions) plus the
 ceil(K_l / B) - 1 older pages each query head's kv_select picks (K_l: the layer's budget,
@@ -47,7 +54,7 @@ from . import ops
 from .checks import Option, positive_int
 from .grid import check_options, resolve_block_size
 from .kv_cache import KVEvictionCache
-from .methods import KVPages, Method
+from .methods import KVPages, Method, RaggedKeep
 from .reference import default_scale
 from .sparse import resolve_method
 from .stats import ProtocolStats
@@ -83,51 +90,118 @@ class _WindowStream:
         self.protocol, self.cache, self.window_idx = protocol, cache, window_idx
         self.first_position = 0
         self.kept_pairs = [0] * len(cache.layers)  # per (batch row, query head)
-        # positions="cache": (cos, sin) [1, capacity, d] of cache indices 0..capacity-1 and
-        # the model's function that rotates by them
+        # steps whose KV heads held different numbers of entries: per layer, per KV head,
+        # summed over the batch rows
+        self.head_pairs = [None] * len(cache.layers)
+        # positions="cache": (cos, sin) [1, n, d] of cache indices 0..n-1, the model's function
+        # that rotates by them, its rotary embedding and a tensor of the model's dtype
         self.rope = None
-        self.rotate = None
+        self.rotate = self.rotary_emb = self.like = None
 
     def use_cache_positions(self, rotary_emb, rotate, like: torch.Tensor) -> None:
         """like: a tensor of the model's dtype and device."""
-        indices = torch.arange(self.cache.layers[0].capacity, device=like.device)
-        self.rope = rotary_emb(like, indices[None])  # batch 1 broadcasts over the rows
-        self.rotate = rotate
+        self.rotary_emb, self.rotate, self.like = rotary_emb, rotate, like
+        self.rope_upto(self.cache.layers[0].capacity)
+
+    def rope_upto(self, n: int):
+        """(cos, sin) of cache indices 0..n-1 at least (recomputed when a ragged cache grew)."""
+        if self.rope is None or self.rope[0].shape[1] < n:
+            indices = torch.arange(n, device=self.like.device)
+            self.rope = self.rotary_emb(self.like, indices[None])  # batch 1 broadcasts
+        return self.rope
 
     def attend(self, layer_idx: int, query, key, value, scale: Optional[float]):
         protocol, layer = self.protocol, self.cache.layers[layer_idx]
         scale = default_scale(query.shape[-1]) if scale is None else scale
         timing = protocol.stats.timing
+        ragged = layer.head_lengths is not None
         if self.rope is not None:  # positions="cache": rotate at the entries' cache indices
-            cos, sin = self.rope
             n, chunk = key.shape[2], query.shape[2]
-            query = self.rotate(query, cos[:, n - chunk:n], sin[:, n - chunk:n])
+            cos, sin = self.rope_upto(n)
+            if not ragged:  # a ragged cache's queries sit at their own heads' indices
+                query = self.rotate(query, cos[:, n - chunk:n], sin[:, n - chunk:n])
             key = self.rotate(key, cos[:, :n], sin[:, :n])
         if protocol.method.kv_mode == "select":
             return self.attend_selected(layer_idx, query, key, value, scale)
         with timing("attention", query.device):
-            # A full buffer view is contiguous; a partial one (prefill, last chunk) is copied.
-            out, _, mass = ops.attention_with_scores(query.contiguous(), key.contiguous(),
-                                                     value.contiguous(), scale)
+            if ragged:
+                out, mass, query = self.attend_ragged(layer_idx, query, key, value, scale)
+            else:
+                # A full buffer view is contiguous; a partial one (prefill, last chunk) is
+                # copied.
+                out, _, mass = ops.attention_with_scores(query.contiguous(), key.contiguous(),
+                                                         value.contiguous(), scale)
         with timing("selection", query.device):
             layer.add_mass(mass)
             if layer.block_query_pooling is not None:
                 layer.note_queries(query, self.first_position)
             if layer.recent_query_window is not None:
                 layer.note_recent_queries(query)
-            chunk, length = query.shape[2], layer.length
-            self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
+            if not ragged:
+                chunk, length = query.shape[2], layer.length
+                self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
             budget = protocol.layer_budgets[layer_idx]
-            if length > budget:
+            if layer.over_budget(budget):
                 keep = protocol.method.kv_keep(layer.state(budget, scale, layer_idx,
                                                            self.window_idx, protocol.seed,
                                                            keys=key))
-                protocol.check_keep(keep, layer.positions.shape, layer_idx, budget)
-                layer.compact(keep)
-        positions = layer.positions  # ascending per KV head: [..., 0] oldest, [..., -1] newest
+                if isinstance(keep, RaggedKeep) or layer.head_lengths is not None:
+                    counts = protocol.check_ragged_keep(keep, layer, layer_idx, budget)
+                    layer.compact_ragged(keep.index if isinstance(keep, RaggedKeep) else keep,
+                                         counts)
+                else:
+                    protocol.check_keep(keep, layer.positions.shape, layer_idx, budget)
+                    layer.compact(keep)
+        # ascending per KV head: [..., 0] oldest, a head's last live entry its newest
+        positions, live = layer.positions, layer.live_mask()
         protocol.stats.add_sink((positions[..., 0] == 0).sum(), positions[..., 0].numel())
-        protocol.stats.add_cached_age((positions[..., -1:] - positions).sum(), positions.numel())
+        if live is None:
+            protocol.stats.add_cached_age((positions[..., -1:] - positions).sum(),
+                                          positions.numel())
+        else:
+            newest = positions.gather(-1, layer.length_tensor[..., None] - 1)
+            protocol.stats.add_cached_age(((newest - positions) * live).sum(),
+                                          sum(map(sum, layer.head_lengths)))
         return out.transpose(1, 2), None
+
+    def attend_ragged(self, layer_idx: int, query, key, value, scale: float):
+        """The chunk's attention when the KV heads hold different numbers of entries: per
+        batch row, one ops.attention_with_scores call per run of neighbouring KV heads of equal
+        length, over their live entries (the chunk last). Returns (out [B, Hq, c, d], mass
+        [B, Hkv, n] float32, 0 past each head's entries, the queries as attended) and counts
+        the kept pairs per KV head."""
+        layer = self.cache.layers[layer_idx]
+        b, hq, chunk, _ = query.shape
+        hkv = key.shape[1]
+        group = hq // hkv
+        out = query.new_empty(b, hq, chunk, value.shape[-1])
+        mass = torch.zeros(b, hkv, key.shape[2], dtype=torch.float32, device=query.device)
+        attended = query if self.rope is None else torch.empty_like(query)
+        pairs = self.head_pairs[layer_idx]
+        if pairs is None:
+            pairs = self.head_pairs[layer_idx] = [0] * hkv
+        for row, lengths in enumerate(layer.head_lengths):
+            first = 0
+            while first < hkv:
+                n = lengths[first]
+                last = first + 1
+                while last < hkv and lengths[last] == n:
+                    last += 1
+                heads = slice(first * group, last * group)
+                q = query[row:row + 1, heads]
+                if self.rope is not None:
+                    cos, sin = self.rope
+                    q = self.rotate(q, cos[:, n - chunk:n], sin[:, n - chunk:n])
+                    attended[row:row + 1, heads] = q
+                o, _, m = ops.attention_with_scores(
+                    q.contiguous(), key[row:row + 1, first:last, :n].contiguous(),
+                    value[row:row + 1, first:last, :n].contiguous(), scale)
+                out[row:row + 1, heads] = o
+                mass[row:row + 1, first:last, :n] = m
+                for g in range(first, last):
+                    pairs[g] += chunk * (n - chunk) + chunk * (chunk + 1) // 2
+                first = last
+        return out, mass, attended
 
     def attend_selected(self, layer_idx: int, query, key, value, scale: float):
         """kv_mode "select": the chunk attends to its own pages and the method's picks among
@@ -396,8 +470,12 @@ class KVProtocol:
         causal = torch.full((heads,), float(batch * length * (length + 1) // 2),
                             dtype=torch.float64)
         for layer_idx, kept in enumerate(stream.kept_pairs):
-            self.stats.add_pairs(layer_idx, torch.full((heads,), float(batch * kept),
-                                                       dtype=torch.float64), causal)
+            pairs = torch.full((heads,), float(batch * kept), dtype=torch.float64)
+            per_kv_head = stream.head_pairs[layer_idx]
+            if per_kv_head is not None:  # query head h read KV head h // group
+                pairs += torch.tensor(per_kv_head, dtype=torch.float64).repeat_interleave(
+                    heads // len(per_kv_head))
+            self.stats.add_pairs(layer_idx, pairs, causal)
 
     def check_pages(self, pages: torch.Tensor, heads_shape, n_pick: int, candidates: int,
                     layer_idx: int) -> None:
@@ -412,6 +490,42 @@ class KVProtocol:
                 f"{self.method!r}.kv_select returned {pages.dtype} pages of shape "
                 f"{tuple(pages.shape)} for layer {layer_idx}; expected distinct int64 pages "
                 f"[{heads_shape[0]}, {heads_shape[1]}, {n_pick}] of 0..{candidates - 1}")
+
+    def check_ragged_keep(self, keep, layer, layer_idx: int, budget: int) -> list:
+        """A keep set of a layer whose KV heads hold (or will hold) different numbers of
+        entries: a RaggedKeep, or plain indices into a ragged cache. Each head keeps 1..m
+        ascending, unique entries of its live ones, at most Hkv * budget per batch row.
+        Returns the counts [B][Hkv] as host ints (one read of the device per eviction)."""
+        index = keep.index if isinstance(keep, RaggedKeep) else keep
+        shape = tuple(layer.positions.shape[:2])
+        counts = (keep.counts if isinstance(keep, RaggedKeep)
+                  else torch.full(shape, index.shape[-1], dtype=torch.long,
+                                  device=index.device))
+        problem = None
+        if (index.dtype != torch.long or index.dim() != 3 or tuple(index.shape[:2]) != shape
+                or counts.dtype != torch.long or tuple(counts.shape) != shape):
+            problem = (f"{index.dtype} indices of shape {tuple(index.shape)} and "
+                       f"{counts.dtype} counts of shape {tuple(counts.shape)}")
+        else:
+            lengths = (layer.length_tensor if layer.length_tensor is not None
+                       else torch.full(shape, layer.length, device=index.device))
+            live = torch.arange(index.shape[-1], device=index.device) < counts[..., None]
+            ascending = (index[..., 1:] > index[..., :-1]) | ~live[..., 1:]
+            in_range = ((index >= 0) & (index < lengths[..., None])) | ~live
+            host = counts.tolist()
+            if min(min(row) for row in host) < 1 or max(max(row) for row in host) > index.shape[-1]:
+                problem = f"counts {host} outside 1..{index.shape[-1]}"
+            elif max(sum(row) for row in host) > shape[1] * budget:
+                problem = f"counts {host} keep more than {shape[1]} x {budget} in a batch row"
+            elif not bool(ascending.all() & in_range.all()):
+                problem = "kept indices that are not ascending, unique live entries"
+        if problem is not None:
+            raise RuntimeError(
+                f"{self.method!r}.kv_keep returned {problem} for layer {layer_idx}; expected "
+                f"int64 indices [{shape[0]}, {shape[1]}, m] with int64 counts [{shape[0]}, "
+                f"{shape[1]}] in 1..m, summing to at most {shape[1]} x {budget} (budget K) "
+                "per batch row, each head's kept indices ascending and among its live entries")
+        return host
 
     def check_keep(self, keep: torch.Tensor, live_shape, layer_idx: int, budget: int) -> None:
         """Shape, dtype and budget of a rule's keep indices (their order and range are

@@ -309,7 +309,7 @@ def _check_methods(config: ExperimentConfig, problems: list) -> None:
             try:
                 method = registry.get_method(name, **config.method_params.get(name, {}))
                 if name in config.methods and config.protocol in PROTOCOLS:
-                    # a method without a rule for the protocol (oracle_topk, adakv under kv)
+                    # a method without a rule for the protocol (oracle_topk under kv)
                     method.check_protocol(config.protocol)
             except (ValueError, TypeError) as err:
                 problems.append(f"method {name!r}: {err}")

@@ -7,18 +7,24 @@ by its own score; the layer's other H * (P - f) picks go to the highest normalis
 (a head's window mass divided by its total over the row's candidates) of all heads jointly
 (ties: lower head, then lower block). Heads thus get different counts (per-head counts of
 ops.select_blocks) and the layer's total is H times a snapkv row's.
-kv protocol: refused for now (its per-head budgets need a cache whose KV heads hold different
-numbers of entries; see docs/baselines.md).
+kv protocol, per layer at each eviction: every KV head keeps its window_size newest entries
+(snapkv's window); of the remaining P = K - window_size picks per head, each KV head first
+takes f = round(floor_ratio * P) of its older entries by its own snapkv score (pooled window
+mass); the layer's other Hkv * (P - f) picks go to the highest normalised scores (a head's
+score divided by its window mass over all its live entries) of all KV heads jointly (ties:
+lower head, then older entry). The KV heads then hold different numbers of entries (a
+RaggedKeep; the protocol's ragged cache, docs/baselines.md), Hkv * K in all. When K <=
+window_size every head keeps its K newest, as snapkv.
 """
 from dataclasses import dataclass
 
 import torch
 
 from ..checks import ratio
-from .base import BlockPlan, MaskContext, param
+from .base import BlockPlan, KVState, MaskContext, RaggedKeep, param
 from .common import round_ratio
 from .registry import register
-from .snapkv import SnapKV
+from .snapkv import SnapKV, pool_scores, window_attention
 
 
 def share_picks(score: torch.Tensor, free: torch.Tensor, floor: torch.Tensor,
@@ -48,15 +54,38 @@ class AdaKV(SnapKV):
     floor_ratio: float = param(0.2, "share of each head's score picks it keeps whatever the "
                                "other heads' scores; the rest is shared among the heads", ratio)
 
-    def check_protocol(self, protocol: str) -> None:
-        if protocol == "kv":
-            raise ValueError("adakv is defined for the mask protocol only in this version: its "
-                             "kv rule gives KV heads different numbers of cache entries, which "
-                             "the kv protocol's cache does not hold yet (docs/baselines.md); "
-                             "use protocol 'mask'")
-
-    def kv_keep(self, state):
-        raise NotImplementedError("adakv has no kv rule in this version (check_protocol)")
+    def kv_keep(self, state: KVState):
+        recent = min(self.window_size, state.budget)
+        if recent == state.budget and state.lengths is None:  # K <= w: snapkv's K newest
+            return super().kv_keep(state)
+        b, h, n = state.positions.shape
+        lengths = state.head_lengths()
+        slots = torch.arange(n, device=lengths.device)
+        # each head's entries older than its window are its candidates
+        candidates = slots < (lengths - self.window_size)[..., None]
+        mass = window_attention(state)
+        fill = 0.0 if self.pooling == "avg" else float("-inf")  # as the pooling's own padding
+        score = pool_scores(mass.masked_fill(~candidates, fill), self.pooling, self.kernel_size)
+        normalised = score / mass.sum(-1, keepdim=True)
+        ranked, order = normalised.masked_fill(~candidates, float("-inf")).sort(
+            dim=-1, descending=True, stable=True)  # ties: the older entry
+        picks = state.budget - recent
+        floor = int(round_ratio(torch.tensor(picks), self.floor_ratio))
+        # each head's f best candidates (by rank; its own order is the normalised one's)
+        in_floor = (slots < floor) & torch.isfinite(ranked)  # [B, Hkv, rank]
+        # the rest of every head's candidates, ranked jointly for the Hkv * (P - f) shared
+        # picks; flattened head-major, a stable sort gives ties to the lower head
+        pool = ranked.masked_fill(slots < floor, float("-inf")).reshape(b, h * n)
+        joint, joint_order = pool.sort(dim=-1, descending=True, stable=True)
+        shared = (torch.arange(h * n, device=slots.device) < h * (picks - floor)) \
+            & torch.isfinite(joint)
+        chosen = torch.zeros_like(shared).scatter(-1, joint_order, shared) \
+            | in_floor.reshape(b, h * n)
+        # from ranks back to entries, plus each head's window
+        keep = torch.zeros_like(candidates).scatter(-1, order, chosen.view(b, h, n))
+        keep |= (slots >= (lengths - recent)[..., None]) & (slots < lengths[..., None])
+        index = torch.where(keep, slots, n).sort(dim=-1).values  # kept first, ascending
+        return RaggedKeep(index, keep.sum(-1))
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         plan = super().mask_plan(ctx)

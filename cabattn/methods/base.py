@@ -8,7 +8,8 @@ talk to this interface, so adding a method touches neither the protocols nor the
   in cabattn.sparse turns the plan into a layout with ops.select_blocks and runs
   block-sparse attention over it.
 - kv protocol: a method declares its `kv_mode`. "evict" (the default): `kv_keep(state)` returns,
-  for one layer's cache, the entries each KV head keeps. "select": the cache keeps every token
+  for one layer's cache, the entries each KV head keeps (the same number per head, or a
+  RaggedKeep: a number per head). "select": the cache keeps every token
   and `kv_select(pages)` returns, for each chunk, the pages each query head attends to (memory
   is not bounded, the attended keys are).
 """
@@ -96,7 +97,12 @@ class KVState:
     attended, across chunks), oldest first: the queries of the n newest positions of the
     stream, the last one at positions.max() (None when the method's recent_query_window is
     None).
-    The rule must keep at most `budget` entries per KV head.
+    lengths [B, Hkv] int64: each KV head's number of live entries when the heads hold different
+    numbers (after a rule returned a RaggedKeep; docs/baselines.md, per-head budgets), None when
+    every head holds n. Head (b, g)'s live entries are then 0..lengths[b, g] - 1, the newest
+    last; keys, positions and mass past them are stale slots a rule must not read.
+    The rule must keep at most `budget` entries per KV head, or, as a RaggedKeep, at most
+    Hkv * budget per batch row over its KV heads.
     """
     keys: torch.Tensor
     positions: torch.Tensor
@@ -109,6 +115,20 @@ class KVState:
     window_idx: int = 0
     seed: int = 42
     recent_queries: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None
+
+    def head_lengths(self) -> torch.Tensor:
+        """int64 [B, Hkv]: each KV head's live entries (lengths, or n for every head)."""
+        if self.lengths is not None:
+            return self.lengths
+        b, h, n = self.positions.shape
+        return torch.full((b, h), n, dtype=torch.long, device=self.positions.device)
+
+    def live(self) -> torch.Tensor:
+        """bool [B, Hkv, n]: which slots hold live entries (all of them unless lengths)."""
+        n = self.positions.shape[-1]
+        slots = torch.arange(n, device=self.positions.device)
+        return slots < self.head_lengths()[..., None]
 
     def generator(self, row: int = 0) -> torch.Generator:
         """As MaskContext.generator, also seeded by the newest cached position."""
@@ -116,6 +136,16 @@ class KVState:
         g.manual_seed(hash((self.seed, self.window_idx + row, self.layer_idx,
                             int(self.positions.max()))) & 0x7FFFFFFF)
         return g
+
+
+@dataclass
+class RaggedKeep:
+    """A kv keep set whose KV heads keep different numbers of entries (docs/baselines.md,
+    per-head budgets): head (b, g) keeps index[b, g, :counts[b, g]] (int64, ascending, unique,
+    each of its live entries); the slots after its count are ignored. counts int64 [B, Hkv],
+    each at least 1, at most index.shape[-1], summing to at most Hkv * budget per batch row."""
+    index: torch.Tensor
+    counts: torch.Tensor
 
 
 def param(default, doc: str, check=None):
@@ -190,8 +220,9 @@ class Method:
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         raise NotImplementedError
 
-    def kv_keep(self, state: KVState) -> torch.Tensor:
-        """Sorted, unique int64 indices [B, Hkv, <= budget] into the cache to keep."""
+    def kv_keep(self, state: KVState):
+        """Sorted, unique int64 indices [B, Hkv, <= budget] into the cache to keep, or a
+        RaggedKeep when the KV heads keep different numbers of entries."""
         raise NotImplementedError
 
     def kv_select(self, pages: KVPages) -> torch.Tensor:

@@ -39,29 +39,45 @@ def window_mass(block_mass: torch.Tensor, source_blocks: int) -> torch.Tensor:
     return padded.unfold(-2, source_blocks, 1).sum(-1)
 
 
-def observation_scores(state: KVState, pooling: str, kernel_size: int,
-                       candidates: int) -> torch.Tensor:
-    """SnapKV's score of the cache's `candidates` oldest entries [B, Hkv, candidates] (float32;
-    float64 for float64 inputs): the window queries' softmax over the entries each may see
-    (cache positions <= its own), summed over the window, averaged over the KV head's query
-    heads, then pooled over neighbouring candidates."""
+def window_attention(state: KVState) -> torch.Tensor:
+    """The window mass of every cache entry [B, Hkv, n] (float32; float64 for float64 inputs):
+    the window queries' softmax over the live entries each may see (cache positions <= its
+    own), summed over the window, averaged over the KV head's query heads (0 at the stale
+    slots of a cache whose heads hold different numbers of entries, KVState.lengths)."""
     queries, keys = state.recent_queries, state.keys
     b, h, n = state.positions.shape
     group, window = queries.shape[1] // h, queries.shape[2]
     dtype = torch.promote_types(keys.dtype, torch.float32)  # float32, or float64 inputs' own
     logits = torch.einsum("bgqtd,bgnd->bgqtn",
                           queries.to(dtype).view(b, h, group, window, -1), keys.to(dtype))
-    newest = state.positions.max()
+    live = None if state.lengths is None else state.live()
+    positions = state.positions if live is None else state.positions.masked_fill(~live, -1)
+    newest = positions.max()
     query_positions = newest - window + 1 + torch.arange(window, device=keys.device)
-    visible = state.positions[:, :, None, None, :] <= query_positions[:, None]
+    visible = positions[:, :, None, None, :] <= query_positions[:, None]
+    if live is not None:
+        visible &= live[:, :, None, None, :]
     probs = torch.softmax((logits * state.scale).masked_fill(~visible, float("-inf")), dim=-1)
-    mass = probs.sum(3).mean(2)[..., :candidates]  # [B, Hkv, candidates]
-    flat = mass.reshape(b * h, 1, candidates)
+    return probs.sum(3).mean(2)
+
+
+def pool_scores(mass: torch.Tensor, pooling: str, kernel_size: int) -> torch.Tensor:
+    """SnapKV's clustering of scores [B, H, m] over neighbouring entries: avg or max pooling
+    of kernel_size, stride 1, zero padding kernel_size // 2, counted in the average."""
+    b, h, m = mass.shape
+    flat = mass.reshape(b * h, 1, m)
     if pooling == "avg":
         pooled = F.avg_pool1d(flat, kernel_size, 1, kernel_size // 2, count_include_pad=True)
     else:  # max pooling pads with -inf: the padding never wins
         pooled = F.max_pool1d(flat, kernel_size, 1, kernel_size // 2)
-    return pooled.view(b, h, candidates)
+    return pooled.view(b, h, m)
+
+
+def observation_scores(state: KVState, pooling: str, kernel_size: int,
+                       candidates: int) -> torch.Tensor:
+    """SnapKV's score of the cache's `candidates` oldest entries [B, Hkv, candidates]: their
+    window mass (window_attention) pooled over neighbouring candidates."""
+    return pool_scores(window_attention(state)[..., :candidates], pooling, kernel_size)
 
 
 @register

@@ -150,11 +150,17 @@ def kv_state(n=200, budget=96, batch=2, kv_heads=2, group=3, dim=16, block_size=
 def test_kv_keep_is_sorted_unique_within_budget_and_keeps_the_newest(name):
     state = kv_state()
     keep = methods.get_method(name).kv_keep(state)
-    assert keep.dtype == torch.int64 and keep.shape[:2] == (2, 2)
-    assert 1 <= keep.shape[2] <= state.budget
-    assert bool((keep.diff(dim=-1) > 0).all())
-    if name != "tova":  # tova's newest entry competes with the rest (the TOVA paper's rule)
-        assert bool((keep[..., -1] == state.positions.shape[-1] - 1).all())
+    if isinstance(keep, methods.RaggedKeep):  # per-head counts (adakv): Hkv * K per batch row
+        assert keep.counts.dtype == torch.int64 and keep.counts.shape == (2, 2)
+        assert bool((keep.counts >= 1).all()) and keep.counts.sum(-1).tolist() == [192, 192]
+        heads = [keep.index[b, g, :keep.counts[b, g]] for b in range(2) for g in range(2)]
+    else:
+        assert keep.shape[:2] == (2, 2) and 1 <= keep.shape[2] <= state.budget
+        heads = list(keep.flatten(0, 1))
+    for kept in heads:
+        assert kept.dtype == torch.int64 and bool((kept.diff() > 0).all())
+        if name != "tova":  # tova's newest entry competes with the rest (the TOVA paper's rule)
+            assert int(kept[-1]) == state.positions.shape[-1] - 1
 
 
 def test_kv_keep_h2o_keeps_a_heavy_hitter_and_the_recent_window():
