@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import ops
+from . import ops, ties
 from .methods.base import KVState
 
 BLOCK_QUERY_POOLINGS = (None, "max_l2", "mean")
@@ -188,14 +188,18 @@ class EvictingLayer(CacheLayerMixin):
         """Adds the attention each live entry received from the latest chunk ([B, Hkv, n])."""
         self.mass_buffer[:, :, :self.length] += mass
 
-    def note_queries(self, query: torch.Tensor, first_position: int) -> None:
+    def note_queries(self, query: torch.Tensor, first_position: int) -> Optional[torch.Tensor]:
         """Folds a chunk of post-RoPE queries [B, Hq, c, d] at absolute positions
-        first_position.. into each block's coarse query (block_query_pooling)."""
+        first_position.. into each block's coarse query (block_query_pooling). Under max_l2,
+        returns bool [B, Hq, n]: for the n blocks the chunk completed, whether the first-index
+        rule chose their representative among tied tokens (cabattn.ties.tie_decided)."""
+        closed = None
         if self.block_query_pooling == "mean":
             self._sum_queries(query, first_position)
         else:
-            self._best_queries(query, first_position)
+            closed = self._best_queries(query, first_position)
         self.blocks_seen = (first_position + query.shape[2] - 1) // self.block_size + 1
+        return closed
 
     def _sum_queries(self, query: torch.Tensor, first_position: int) -> None:
         b, h, chunk, d = query.shape
@@ -223,13 +227,15 @@ class EvictingLayer(CacheLayerMixin):
             self.page_min[:, :, page] = torch.minimum(self.page_min[:, :, page], part.amin(2))
             self.page_max[:, :, page] = torch.maximum(self.page_max[:, :, page], part.amax(2))
 
-    def _best_queries(self, query: torch.Tensor, first_position: int) -> None:
+    def _best_queries(self, query: torch.Tensor, first_position: int) -> torch.Tensor:
         """Each touched block's max_l2 representative, pooled by ops.coarsen over the block's
-        queries so far (the same rule, in the same kernel, as the mask protocol)."""
+        queries so far (the same rule, in the same kernel, as the mask protocol); returns the
+        tie flags of the blocks completed (note_queries)."""
         b, h, chunk, d = query.shape
         if self.block_query_buffer is None:
             self.block_query_buffer = query.new_zeros(b, h, self.num_blocks, d)
             self.open_block_queries = query.new_empty(b, h, self.block_size, d)
+        closed = []
         for block, lo, hi in self._block_spans(first_position, chunk):
             start = first_position + lo - block * self.block_size  # the span's offset in block
             end = start + hi - lo
@@ -237,6 +243,9 @@ class EvictingLayer(CacheLayerMixin):
             so_far = self.open_block_queries[:, :, :end].contiguous()
             self.block_query_buffer[:, :, block] = ops.coarsen(so_far, self.block_size,
                                                                ops.MAX_L2)[:, :, 0]
+            if end == self.block_size:
+                closed.append(ties.tie_decided(so_far, self.block_size))
+        return torch.cat(closed, dim=-1) if closed else query.new_zeros(b, h, 0, dtype=torch.bool)
 
     def note_recent_queries(self, query: torch.Tensor) -> None:
         """Appends a chunk of post-RoPE queries [B, Hq, c, d] to the rolling buffer of the

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import ops
+from . import ops, ties
 from .checks import Option, positive_int
 from .grid import check_options, resolve_block_size
 from .kv_cache import KVEvictionCache
@@ -134,7 +134,9 @@ class _WindowStream:
         with timing("selection", query.device):
             layer.add_mass(mass)
             if layer.block_query_pooling is not None:
-                layer.note_queries(query, self.first_position)
+                closed = layer.note_queries(query, self.first_position)
+                if closed is not None:  # max_l2: the blocks' tie diagnostics
+                    protocol.stats.add_pooling_ties(closed.sum(), closed.numel())
             if layer.recent_query_window is not None:
                 layer.note_recent_queries(query)
             if not ragged:
@@ -145,6 +147,11 @@ class _WindowStream:
                 keep = protocol.method.kv_keep(layer.state(budget, scale, layer_idx,
                                                            self.window_idx, protocol.seed,
                                                            keys=key))
+                if protocol.method.block_query_pooling == "max_l2" and not ragged:
+                    # its rule pools the cached key blocks by max_l2 too (as in the mask
+                    # protocol): their tie diagnostics, at every eviction
+                    decided = ties.tie_decided(key, layer.block_size)
+                    protocol.stats.add_pooling_ties(decided.sum(), decided.numel())
                 if isinstance(keep, RaggedKeep) or layer.head_lengths is not None:
                     counts = protocol.check_ragged_keep(keep, layer, layer_idx, budget)
                     layer.compact_ragged(keep.index if isinstance(keep, RaggedKeep) else keep,

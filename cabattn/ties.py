@@ -7,7 +7,8 @@ property of the method. Two places can tie:
   (`tie_decided`);
 - a score stage of the selection: a row whose last kept and first dropped blocks have nearly
   the same score (`row_margins`).
-The mask protocol records both per cell (cabattn.stats.ProtocolStats).
+The mask protocol records both per cell (cabattn.stats.ProtocolStats); the kv protocol records
+the pooling ties of its query blocks and cached key blocks.
 """
 import torch
 

@@ -52,3 +52,26 @@ def test_a_mask_cell_records_the_near_tie_diagnostics():
     recorded = position_only.record()
     assert recorded["pooling_tie_share"] is None and recorded["row_margin_median"] is None
     assert math.isfinite(record["density"])
+
+
+def test_a_kv_cell_records_the_pooling_ties_of_its_query_and_key_blocks():
+    """Layer 0's q and k are functions of the token alone and RoPE keeps their norms, so a
+    block with a repeated token ties; with distinct tokens nothing does."""
+    model = tiny_llama(vocab_size=512, hidden_size=128, intermediate_size=128, layers=1,
+                       heads=2, kv_heads=1, positions=512)
+    repeats = torch.randint(0, 8, (1, 256), generator=torch.Generator().manual_seed(0))
+    distinct = torch.randperm(512, generator=torch.Generator().manual_seed(0))[None, :256]
+    shares = {}
+    with torch.no_grad():
+        for name, ids in (("repeats", repeats), ("distinct", distinct)):
+            with cabattn.apply(model, "cab_v3", 0.75, protocol="kv", block_size=16,
+                               kv_chunk=16) as stats:
+                model(ids)
+            shares[name] = stats.record()["pooling_tie_share"]
+            # every query block (256 / 16 per query head) and the cached key blocks at
+            # each eviction were counted
+            assert stats.pooling_ties[1] > 2 * 256 // 16
+        with cabattn.apply(model, "streaming_llm", 0.75, protocol="kv") as position_only:
+            model(repeats)
+    assert 0 < shares["repeats"] <= 1 and shares["distinct"] == 0
+    assert position_only.record()["pooling_tie_share"] is None
