@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     check_layout_on_host();
     return {out, lse};
   }
-  DeviceCheck check(q, CheckedOp::kBlockSparseAttention);
+  DeviceCheck check(kOp, q, CheckedOp::kBlockSparseAttention);
   const int64_t rows = block_count.numel();
   launch_kernel(kOp, check_layout_kernel, static_cast<unsigned>((rows + 255) / 256), 256, 0,
                 at::cuda::getCurrentCUDAStream(), block_count.data_ptr<int>(),
@@ -136,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
       }
     });
   }));
-  check.raise_if_flagged(kOp, check_layout_on_host);
+  check.raise_if_flagged(check_layout_on_host);
   return {out, lse};
 }
 
