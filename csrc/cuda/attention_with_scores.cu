@@ -159,6 +159,18 @@ key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* _
   }
 }
 
+// Pass 1 into out and lse: OutT is T for the final output, float for the partials of a key
+// split (out, lse: [splits][batch][q_heads][q_len](x D)).
+template <typename T, int D, typename OutT>
+void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, OutT* out,
+                    float* lse, int64_t splits, const ChunkParams& p, cudaStream_t stream) {
+  const size_t smem = flash_forward_smem_bytes<T, D, kTC>();
+  auto kernel = chunk_forward_kernel<T, D, OutT>;
+  set_dynamic_smem(kOp, kernel, smem);
+  launch_kernel(kOp, kernel, dim3(p.q_tiles * splits, p.q_heads, q.size(0)), kTileThreads,
+                smem, stream, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out, lse, p);
+}
+
 template <typename T, int D>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
             at::Tensor& lse, at::Tensor& mass, ChunkParams p) {
@@ -175,23 +187,14 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
   TORCH_CHECK(p.q_tiles * splits <= std::numeric_limits<int>::max(), kOp, ": ", p.q_len,
               " queries are more than this kernel's grid holds");
 
-  const dim3 forward_grid(p.q_tiles * splits, p.q_heads, batch);
-  const size_t forward_smem = flash_forward_smem_bytes<T, D, kTC>();
   if (splits == 1) {
-    auto forward = chunk_forward_kernel<T, D, T>;
-    set_dynamic_smem(kOp, forward, forward_smem);
-    launch_kernel(kOp, forward, forward_grid, G::kThreads, forward_smem, stream,
-                  q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(),
-                  lse.data_ptr<float>(), p);
+    launch_forward<T, D>(q, k, v, out.data_ptr<T>(), lse.data_ptr<float>(), splits, p, stream);
   } else {
     const int64_t rows = batch * p.q_heads * p.q_len;
     auto part_out = at::empty({splits, rows, D}, q.options().dtype(at::kFloat));
     auto part_lse = at::empty({splits, rows}, q.options().dtype(at::kFloat));
-    auto forward = chunk_forward_kernel<T, D, float>;
-    set_dynamic_smem(kOp, forward, forward_smem);
-    launch_kernel(kOp, forward, forward_grid, G::kThreads, forward_smem, stream,
-                  q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
-                  part_out.data_ptr<float>(), part_lse.data_ptr<float>(), p);
+    launch_forward<T, D>(q, k, v, part_out.data_ptr<float>(), part_lse.data_ptr<float>(),
+                         splits, p, stream);
     launch_kernel(kOp, merge_splits_kernel<T, D>, dim3(rows), dim3(D), 0, stream,
                   part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<T>(),
                   lse.data_ptr<float>(), static_cast<int>(splits), rows);
