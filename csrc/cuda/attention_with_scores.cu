@@ -10,6 +10,7 @@
 //           them per key. Each key's mass is owned by one thread block: no atomics, and the sum
 //           is deterministic.
 #include "attention_tile.cuh"
+#include "flash_launch.cuh"
 
 namespace cabattn {
 namespace cuda {
@@ -20,11 +21,11 @@ constexpr int kTC = 8;  // 64-row query tiles
 // A split of fewer key tiles costs more in its merge and its query load than it saves.
 constexpr int64_t kMinTilesPerSplit = 2;
 
-struct ChunkParams {
-  int64_t q_heads, kv_heads, q_len, k_len;
+// QkvParams::length is the number of keys, Lk; q_len (Lq) counts the chunk's queries.
+struct ChunkParams : QkvParams {
+  int64_t q_len;
   int64_t q_tiles;         // query tiles per (batch, head)
-  int64_t keys_per_split;  // a multiple of kTileKeys; >= k_len when the keys are not split
-  float scale_log2;
+  int64_t keys_per_split;  // a multiple of kTileKeys; >= Lk when the keys are not split
 };
 
 // blockIdx.x = split * q_tiles + query tile. out, lse: [splits][batch][q_heads][q_len](x D).
@@ -34,20 +35,20 @@ chunk_forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
                      OutT* __restrict__ out, float* __restrict__ lse, ChunkParams p) {
   using G = TileGeometry<T, D, kTC>;
   extern __shared__ __align__(16) char smem[];
-  const int64_t batch = blockIdx.z, head = blockIdx.y;
+  const int64_t batch = blockIdx.z, head = blockIdx.y, k_len = p.length;
   const int64_t split = blockIdx.x / p.q_tiles;
   const int64_t row0 = (blockIdx.x % p.q_tiles) * G::kRows;
   const int64_t bh = batch * p.q_heads + head;
-  const int64_t kv_bh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
+  const int64_t kv_bh = batch * p.kv_heads + head / p.q_per_kv;
   const int64_t split_rows = int64_t(gridDim.z) * p.q_heads * p.q_len;
-  const int64_t causal_offset = p.k_len - p.q_len;
+  const int64_t causal_offset = k_len - p.q_len;
   const int64_t last_row = min(row0 + G::kRows, p.q_len) - 1;
   KeyRange keys;
   keys.begin = split * p.keys_per_split;
-  keys.end = min(min(p.k_len, last_row + causal_offset + 1), keys.begin + p.keys_per_split);
+  keys.end = min(min(k_len, last_row + causal_offset + 1), keys.begin + p.keys_per_split);
   const int64_t rows = split * split_rows + bh * p.q_len;
-  flash_forward_tile<T, D, kTC>(q + bh * p.q_len * D, k + kv_bh * p.k_len * D,
-                                v + kv_bh * p.k_len * D, out + rows * D, lse + rows, row0,
+  flash_forward_tile<T, D, kTC>(q + bh * p.q_len * D, k + kv_bh * k_len * D,
+                                v + kv_bh * k_len * D, out + rows * D, lse + rows, row0,
                                 p.q_len, causal_offset, p.scale_log2, keys, smem);
 }
 
@@ -101,16 +102,16 @@ key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* _
   float* lse2_of_row = reinterpret_cast<float*>(smem + G::kQBytes + G::kKBytes);
   float* partial = lse2_of_row + G::kRows;  // [kTR][kKeys] per-row-group key sums
 
-  const int64_t batch = blockIdx.z, kv_head = blockIdx.y;
+  const int64_t batch = blockIdx.z, kv_head = blockIdx.y, k_len = p.length;
   const int64_t key0 = int64_t(blockIdx.x) * G::kKeys;
   const int64_t kv_bh = batch * p.kv_heads + kv_head;
-  const int64_t group = p.q_heads / p.kv_heads;
-  const int64_t causal_offset = p.k_len - p.q_len;
+  const int64_t group = p.q_per_kv;
+  const int64_t causal_offset = k_len - p.q_len;
   const int row_group = threadIdx.x / kTC;
   const int col_group = threadIdx.x % kTC;
 
-  load_key_tile<T, D, kTC>(Ks, k + kv_bh * p.k_len * D, [&](int r) {
-    return key0 + r < p.k_len ? key0 + r : int64_t(-1);
+  load_key_tile<T, D, kTC>(Ks, k + kv_bh * k_len * D, [&](int r) {
+    return key0 + r < k_len ? key0 + r : int64_t(-1);
   });
 
   float key_sum[G::kKeysPerThread];
@@ -140,7 +141,7 @@ key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* _
 #pragma unroll
         for (int j = 0; j < G::kKeysPerThread; ++j) {
           const int64_t key = key0 + col_group + kTC * j;
-          const bool visible = row < p.q_len && key < p.k_len && key <= row + causal_offset &&
+          const bool visible = row < p.q_len && key < k_len && key <= row + causal_offset &&
                                row_lse2 != -INFINITY;
           key_sum[j] += visible ? exp2f(s[i][j] - row_lse2) : 0.f;
         }
@@ -152,11 +153,23 @@ key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* _
   for (int j = 0; j < G::kKeysPerThread; ++j)
     partial[row_group * G::kKeys + col_group + kTC * j] = key_sum[j];
   __syncthreads();
-  if (threadIdx.x < G::kKeys && key0 + threadIdx.x < p.k_len) {
+  if (threadIdx.x < G::kKeys && key0 + threadIdx.x < k_len) {
     float total = 0.f;
     for (int g = 0; g < G::kTR; ++g) total += partial[g * G::kKeys + threadIdx.x];
-    mass[kv_bh * p.k_len + key0 + threadIdx.x] = total;
+    mass[kv_bh * k_len + key0 + threadIdx.x] = total;
   }
+}
+
+// Pass 1 into out and lse: OutT is T for the final output, float for the partials of a key
+// split (out, lse: [splits][batch][q_heads][q_len](x D)).
+template <typename T, int D, typename OutT>
+void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, OutT* out,
+                    float* lse, int64_t splits, const ChunkParams& p, cudaStream_t stream) {
+  const size_t smem = flash_forward_smem_bytes<T, D, kTC>();
+  auto kernel = chunk_forward_kernel<T, D, OutT>;
+  set_dynamic_smem(kOp, kernel, smem);
+  launch_kernel(kOp, kernel, dim3(p.q_tiles * splits, p.q_heads, p.batch), kTileThreads, smem,
+                stream, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out, lse, p);
 }
 
 template <typename T, int D>
@@ -164,40 +177,30 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
             at::Tensor& lse, at::Tensor& mass, ChunkParams p) {
   using G = TileGeometry<T, D, kTC>;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t batch = q.size(0);
 
   p.q_tiles = (p.q_len + G::kRows - 1) / G::kRows;
-  const int64_t key_tiles = (p.k_len + G::kKeys - 1) / G::kKeys;
-  int64_t splits = split_count(p.q_tiles * p.q_heads * batch, key_tiles);
+  const int64_t key_tiles = (int64_t(p.length) + G::kKeys - 1) / G::kKeys;
+  int64_t splits = split_count(p.q_tiles * p.q_heads * p.batch, key_tiles);
   const int64_t tiles_per_split = (key_tiles + splits - 1) / splits;
   splits = (key_tiles + tiles_per_split - 1) / tiles_per_split;  // no split left empty
   p.keys_per_split = tiles_per_split * G::kKeys;
   TORCH_CHECK(p.q_tiles * splits <= std::numeric_limits<int>::max(), kOp, ": ", p.q_len,
               " queries are more than this kernel's grid holds");
 
-  const dim3 forward_grid(p.q_tiles * splits, p.q_heads, batch);
-  const size_t forward_smem = flash_forward_smem_bytes<T, D, kTC>();
   if (splits == 1) {
-    auto forward = chunk_forward_kernel<T, D, T>;
-    set_dynamic_smem(kOp, forward, forward_smem);
-    launch_kernel(kOp, forward, forward_grid, G::kThreads, forward_smem, stream,
-                  q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(),
-                  lse.data_ptr<float>(), p);
+    launch_forward<T, D>(q, k, v, out.data_ptr<T>(), lse.data_ptr<float>(), splits, p, stream);
   } else {
-    const int64_t rows = batch * p.q_heads * p.q_len;
+    const int64_t rows = p.batch * p.q_heads * p.q_len;
     auto part_out = at::empty({splits, rows, D}, q.options().dtype(at::kFloat));
     auto part_lse = at::empty({splits, rows}, q.options().dtype(at::kFloat));
-    auto forward = chunk_forward_kernel<T, D, float>;
-    set_dynamic_smem(kOp, forward, forward_smem);
-    launch_kernel(kOp, forward, forward_grid, G::kThreads, forward_smem, stream,
-                  q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
-                  part_out.data_ptr<float>(), part_lse.data_ptr<float>(), p);
+    launch_forward<T, D>(q, k, v, part_out.data_ptr<float>(), part_lse.data_ptr<float>(),
+                         splits, p, stream);
     launch_kernel(kOp, merge_splits_kernel<T, D>, dim3(rows), dim3(D), 0, stream,
                   part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<T>(),
                   lse.data_ptr<float>(), static_cast<int>(splits), rows);
   }
 
-  const dim3 mass_grid((p.k_len + G::kKeys - 1) / G::kKeys, p.kv_heads, q.size(0));
+  const dim3 mass_grid(key_tiles, p.kv_heads, p.batch);
   const size_t mass_smem = key_mass_smem_bytes<T, D>();
   auto key_mass = key_mass_kernel<T, D>;
   set_dynamic_smem(kOp, key_mass, mass_smem);
@@ -222,14 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cuda(
   }
   auto mass = at::empty({batch, k.size(1), k.size(2)}, q.options().dtype(at::kFloat));
 
-  ChunkParams p;
-  p.q_heads = q_heads;
-  p.kv_heads = k.size(1);
+  ChunkParams p{qkv_params(kOp, q, k, v, scale)};
   p.q_len = q_len;
-  p.k_len = k.size(2);
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
   CABATTN_DISPATCH_ATTENTION_TYPES(q.scalar_type(), kOp, [&] {
-    CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
+    CABATTN_DISPATCH_HEAD_DIM(kOp, p.head_dim, [&] {
       launch<scalar_t, kHeadDim>(q, k, v, out, lse, mass, p);
     });
   });

@@ -11,6 +11,7 @@
 // a longer one takes two: the first folds its windows into lse_r, the second gathers Sblk and
 // Gblk window by window.
 #include "attention_tile.cuh"
+#include "flash_launch.cuh"
 #include "tensor_core.cuh"
 
 namespace cabattn {
@@ -25,11 +26,9 @@ constexpr int kWarps = kTileThreads / 32;
 constexpr int kMaxWindow = 512;
 constexpr int kMaxBlockRows = 128;  // the largest block_size
 
-struct ScoreParams {
-  int64_t q_heads, kv_heads, length;
+struct ScoreParams : QkvParams {
   int block_size, num_blocks;
   int window;  // key blocks per window: min(num_blocks, kMaxWindow)
-  float scale_log2;
 };
 
 template <typename T, int D>
@@ -84,7 +83,7 @@ struct BlockScoresCta {
     sum_acc = row_lse2 + kMaxBlockRows;
     max_acc = sum_acc + p.window;
     block_start = int64_t(I) * p.block_size;
-    block_end = min(block_start + p.block_size, p.length);
+    block_end = min(block_start + p.block_size, int64_t(p.length));
   }
 
   // (m_rJ, s_rJ) of the chunk's rows row0.. for the key blocks J0 <= J < J1 (all <= I).
@@ -251,10 +250,10 @@ block_scores_kernel(const T* __restrict__ q, const T* __restrict__ k, float* __r
   extern __shared__ __align__(16) char smem[];
   // The largest query blocks carry the most work: schedule them first.
   const int I = p.num_blocks - 1 - blockIdx.x;
-  const int64_t batch = blockIdx.z, head = blockIdx.y;
+  const int64_t batch = blockIdx.z, head = blockIdx.y, length = p.length;
   const int64_t bh = batch * p.q_heads + head;
-  const int64_t kv_bh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
-  BlockScoresCta<T, D> cta(smem, q + bh * p.length * D, k + kv_bh * p.length * D, p, I);
+  const int64_t kv_bh = batch * p.kv_heads + head / p.q_per_kv;
+  BlockScoresCta<T, D> cta(smem, q + bh * length * D, k + kv_bh * length * D, p, I);
   const int64_t out_row = (bh * p.num_blocks + I) * int64_t(p.num_blocks);
   cta.run(sblk + out_row, gblk + out_row);
 }
@@ -265,7 +264,7 @@ void launch(const at::Tensor& q, const at::Tensor& k, at::Tensor& sblk, at::Tens
   const size_t smem = ScoreLayout<T, D>::bytes(p.window);
   auto kernel = block_scores_kernel<T, D>;
   set_dynamic_smem(kOp, kernel, smem);
-  const dim3 grid(p.num_blocks, p.q_heads, q.size(0));
+  const dim3 grid(p.num_blocks, p.q_heads, p.batch);
   launch_kernel(kOp, kernel, grid, kTileThreads, smem, at::cuda::getCurrentCUDAStream(),
                 q.data_ptr<T>(), k.data_ptr<T>(), sblk.data_ptr<float>(), gblk.data_ptr<float>(),
                 p);
@@ -285,19 +284,15 @@ std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const 
   auto gblk = at::empty({q.size(0), q.size(1), blocks, blocks}, options);
   if (sblk.numel() == 0) return {sblk, gblk};
 
-  ScoreParams p;
-  p.q_heads = q.size(1);
-  p.kv_heads = k.size(1);
-  p.length = q.size(2);
+  ScoreParams p{qkv_params(kOp, q, k, at::Tensor(), scale)};
   p.block_size = static_cast<int>(block_size);
   p.num_blocks = static_cast<int>(blocks);
   p.window = static_cast<int>(std::min<int64_t>(blocks, kMaxWindow));
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
   if (uses_tensor_cores(q))  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
     block_scores_tensor_core(q, k, block_size, scale, sblk, gblk);
   else  // fp32: the CUDA-core kernels
   AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
-    CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
+    CABATTN_DISPATCH_HEAD_DIM(kOp, p.head_dim, [&] {
       launch<scalar_t, kHeadDim>(q, k, sblk, gblk, p);
     });
   }));

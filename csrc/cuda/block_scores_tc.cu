@@ -15,8 +15,8 @@ void block_scores_tensor_core(const at::Tensor& q, const at::Tensor& k, int64_t 
   p.block_max = block_max.data_ptr<float>();
   p.scores_batch_stride = block_sum.stride(0), p.scores_head_stride = block_sum.stride(1);
   p.scores_row_stride = block_sum.stride(2);
-  const dim3 grid(p.num_blocks, p.q_heads, q.size(0));
-  CABATTN_TENSOR_CORE_SWITCH(kOp, q.scalar_type(), q.size(3), block_size, [&] {
+  const dim3 grid(p.num_blocks, p.q_heads, p.batch);
+  CABATTN_TENSOR_CORE_SWITCH(kOp, q.scalar_type(), p.head_dim, block_size, [&] {
     using Traits = FlashTcTraits<scalar_t, kHeadDim, kWarps>;
     launch_flash(kOp, block_scores_tc_kernel<Traits>, grid, Traits::kThreads,
                  Traits::kScoresSmemBytes, p);

@@ -2,6 +2,7 @@
 // query tile), the tile inside one query block, walking only the key blocks of that block's
 // CSR row (attention_tile.cuh does the FlashAttention-2 style work).
 #include "attention_tile.cuh"
+#include "flash_launch.cuh"
 #include "tensor_core.cuh"
 
 namespace cabattn {
@@ -10,10 +11,8 @@ namespace {
 
 constexpr const char* kOp = "cabattn::block_sparse_attention";
 
-struct SparseParams {
-  int64_t q_heads, kv_heads, length;
+struct SparseParams : QkvParams {
   int block_size, num_blocks, max_count, tiles_per_block;
-  float scale_log2;
 };
 
 // Flags in *bad a layout row that breaks check_block_layout_values' contract (count in
@@ -44,25 +43,25 @@ block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
                               float* __restrict__ lse, SparseParams p) {
   using G = TileGeometry<T, D, TC>;
   extern __shared__ __align__(16) char smem[];
-  const int64_t batch = blockIdx.z, head = blockIdx.y;
+  const int64_t batch = blockIdx.z, length = p.length;
+  const int head = blockIdx.y;  // an int: head / q_per_kv is a 32-bit division, no subroutine
   const int query_block = blockIdx.x / p.tiles_per_block;
   const int64_t row0 =
       int64_t(query_block) * p.block_size + int64_t(blockIdx.x % p.tiles_per_block) * G::kRows;
-  if (row0 >= p.length) return;  // the unused tail of a partial last block
+  if (row0 >= length) return;  // the unused tail of a partial last block
 
   const int64_t bh = batch * p.q_heads + head;
-  const int64_t kv_bh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
+  const int64_t kv_bh = batch * p.kv_heads + head / p.q_per_kv;
   const int64_t layout_row = bh * p.num_blocks + query_block;
   LayoutKeys keys;
   keys.index = block_index + layout_row * p.max_count;
   keys.count = min(max(block_count[layout_row], 0), p.max_count);
   keys.block_size = p.block_size;
   keys.num_blocks = p.num_blocks;
-  keys.length = p.length;
-  flash_forward_tile<T, D, TC>(q + bh * p.length * D, k + kv_bh * p.length * D,
-                               v + kv_bh * p.length * D, out + bh * p.length * D,
-                               lse + bh * p.length, row0, p.length, /*causal_offset=*/0,
-                               p.scale_log2, keys, smem);
+  keys.length = length;
+  flash_forward_tile<T, D, TC>(q + bh * length * D, k + kv_bh * length * D,
+                               v + kv_bh * length * D, out + bh * length * D, lse + bh * length,
+                               row0, length, /*causal_offset=*/0, p.scale_log2, keys, smem);
 }
 
 template <typename T, int D, int TC>
@@ -71,7 +70,7 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             at::Tensor& lse, SparseParams p) {
   using G = TileGeometry<T, D, TC>;
   p.tiles_per_block = p.block_size / G::kRows;
-  const dim3 grid(p.num_blocks * p.tiles_per_block, q.size(1), q.size(0));
+  const dim3 grid(p.num_blocks * p.tiles_per_block, p.q_heads, p.batch);
   const size_t smem = flash_forward_smem_bytes<T, D, TC>();
   auto kernel = block_sparse_attention_kernel<T, D, TC>;
   set_dynamic_smem(kOp, kernel, smem);
@@ -102,29 +101,25 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     check_layout_on_host();
     return {out, lse};
   }
-  DeviceCheck check(q, CheckedOp::kBlockSparseAttention);
+  DeviceCheck check(kOp, q, CheckedOp::kBlockSparseAttention);
   const int64_t rows = block_count.numel();
   launch_kernel(kOp, check_layout_kernel, static_cast<unsigned>((rows + 255) / 256), 256, 0,
                 at::cuda::getCurrentCUDAStream(), block_count.data_ptr<int>(),
                 block_index.data_ptr<int>(), rows, static_cast<int>(blocks),
                 static_cast<int>(block_index.size(3)), check.flag());
 
-  SparseParams p;
-  p.q_heads = q_heads;
-  p.kv_heads = k.size(1);
-  p.length = length;
+  SparseParams p{qkv_params(kOp, q, k, v, scale)};
   p.block_size = static_cast<int>(block_size);
   p.num_blocks = static_cast<int>(blocks);
   p.max_count = static_cast<int>(block_index.size(3));
   p.tiles_per_block = 1;
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
 
   if (uses_tensor_cores(q))  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
     block_sparse_attention_tensor_core(q, k, v, block_count, block_index, block_size, scale, out,
                                        lse);
   else  // fp32: the CUDA-core kernels
   AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
-    CABATTN_DISPATCH_HEAD_DIM(kOp, q.size(3), [&] {
+    CABATTN_DISPATCH_HEAD_DIM(kOp, p.head_dim, [&] {
       // The query tile must stay inside one query block: 16 rows for block_size 16, 32 for
       // 32, 64 otherwise.
       if (block_size == 16) {
@@ -136,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
       }
     });
   }));
-  check.raise_if_flagged(kOp, check_layout_on_host);
+  check.raise_if_flagged(check_layout_on_host);
   return {out, lse};
 }
 

@@ -21,8 +21,8 @@ void block_sparse_attention_tensor_core(const at::Tensor& q, const at::Tensor& k
   p.block_count = block_count.data_ptr<int>();
   p.block_index = block_index.data_ptr<int>();
   p.max_count = static_cast<int>(block_index.size(3));
-  const dim3 grid(p.num_blocks, p.q_heads, q.size(0));
-  CABATTN_TENSOR_CORE_SWITCH(kOp, q.scalar_type(), q.size(3), block_size, [&] {
+  const dim3 grid(p.num_blocks, p.q_heads, p.batch);
+  CABATTN_TENSOR_CORE_SWITCH(kOp, q.scalar_type(), p.head_dim, block_size, [&] {
     using Traits = FlashTcTraits<scalar_t, kHeadDim, kWarps>;
     launch_flash(kOp, block_sparse_attention_tc_kernel<Traits>, grid, Traits::kThreads,
                  Traits::kSmemBytes, p);

@@ -73,9 +73,10 @@ constexpr int kCheckedOps = 3;
 // Deferred checks (cabattn.ops.deferred_checks(), device_checks.cu): while on, flags go to a
 // persistent per-device status that is read back once, when the mode is left, instead of
 // after every call: a forward then has no host synchronisation and can be captured in a CUDA
-// graph (the status tensor's address never changes).
+// graph (the status tensor's address never changes). The word of `op` remembers `name` (the
+// operator's kOp) for the error raised when it is found set.
 bool deferred_checks_enabled();
-at::Tensor deferred_status_word(const at::Tensor& like, CheckedOp op);
+at::Tensor deferred_status_word(const at::Tensor& like, CheckedOp op, const char* name);
 
 // A device word in which a kernel flags an input value the host could not check without a copy
 // (an index out of range, a negative count). After the launch the host reads the word back once
@@ -85,21 +86,24 @@ at::Tensor deferred_status_word(const at::Tensor& like, CheckedOp op);
 // word of the deferred status and nothing is read back here.
 class DeviceCheck {
  public:
-  DeviceCheck(const at::Tensor& like, CheckedOp op)
-      : deferred_(deferred_checks_enabled()),
-        flag_(deferred_ ? deferred_status_word(like, op)
+  // `name`: the operator's kOp (a string literal), used in its errors.
+  DeviceCheck(const char* name, const at::Tensor& like, CheckedOp op)
+      : name_(name),
+        deferred_(deferred_checks_enabled()),
+        flag_(deferred_ ? deferred_status_word(like, op, name)
                         : at::zeros({1}, like.options().dtype(at::kInt))) {}
   int* flag() { return flag_.data_ptr<int>(); }
   // Calls host_check() (which must raise) when a kernel set the flag.
   template <typename HostCheck>
-  void raise_if_flagged(const char* op, HostCheck&& host_check) {
+  void raise_if_flagged(HostCheck&& host_check) {
     if (deferred_ || flag_.item<int>() == 0) return;
     host_check();
-    TORCH_CHECK(false, op, ": the CUDA kernel flagged a bad input that the CPU checks accept "
-                "(a bug in cabattn; please report it)");
+    TORCH_CHECK(false, name_, ": the CUDA kernel flagged a bad input that the CPU checks "
+                "accept (a bug in cabattn; please report it)");
   }
 
  private:
+  const char* name_;
   bool deferred_;
   at::Tensor flag_;
 };

@@ -8,6 +8,7 @@
 // device, and the host reads those words once, in raise_deferred_checks: once per forward.
 // The price: a bad input is reported at that point, by operator, without the CPU's message that
 // names the value (calling the operator outside deferred checks gives it).
+#include <array>
 #include <atomic>
 #include <mutex>
 #include <unordered_map>
@@ -18,10 +19,10 @@ namespace cabattn {
 namespace cuda {
 namespace {
 
-constexpr const char* kCheckedOpNames[kCheckedOps] = {
-    "cabattn::select_blocks", "cabattn::block_sparse_attention", "cabattn::kv_compact_"};
-
 std::atomic<bool> deferred{false};
+// The name (kOp) of each word's operator, recorded by the operator when it takes its word: a
+// word is set only by a kernel of an operator that took it, so a set word always has its name.
+std::array<std::atomic<const char*>, kCheckedOps> name_of_word{};
 std::mutex status_mutex;
 // device index -> int32 [kCheckedOps] on that device, allocated once, zeroed when the mode is
 // entered; its address is fixed, so a captured graph keeps flagging into it.
@@ -63,9 +64,9 @@ void raise_deferred_checks() {
     for (int op = 0; op < kCheckedOps; ++op) {
       if (words[op] == 0) continue;
       status.zero_();
-      TORCH_CHECK(false, kCheckedOpNames[op], ": the CUDA kernel flagged a bad input during "
-                  "deferred checks (cabattn.ops.deferred_checks()); the same call outside "
-                  "deferred checks raises the error that names the bad value");
+      TORCH_CHECK(false, name_of_word[op].load(), ": the CUDA kernel flagged a bad input "
+                  "during deferred checks (cabattn.ops.deferred_checks()); the same call "
+                  "outside deferred checks raises the error that names the bad value");
     }
   }
 }
@@ -74,7 +75,8 @@ void raise_deferred_checks() {
 
 bool deferred_checks_enabled() { return deferred.load(); }
 
-at::Tensor deferred_status_word(const at::Tensor& like, CheckedOp op) {
+at::Tensor deferred_status_word(const at::Tensor& like, CheckedOp op, const char* name) {
+  name_of_word[static_cast<int>(op)].store(name);
   return status_tensor(like).narrow(0, static_cast<int>(op), 1);
 }
 

@@ -1,9 +1,12 @@
-// What the tensor-core launchers (csrc/cuda/*_tc.cu) share: the block-size switch and the
-// params fields of q, k, v taken from tensors.
+// What the attention launchers share: the params of q, k, v taken from tensors (every
+// attention kernel), and for the tensor-core launchers (csrc/cuda/*_tc.cu) the block-size
+// switch and their launch.
 #pragma once
 
 #include "cuda_common.cuh"
 #include "flash_params.cuh"
+
+#include <limits>
 
 namespace cabattn {
 namespace cuda {
@@ -34,26 +37,37 @@ namespace cuda {
     });                                                                                 \
   }))
 
-// Pointers, strides, heads, length, scale and block size of q [B, Hq, L, d] and k, v
-// [B, Hkv, L, d] (v may be undefined).
+// Strides, shape and scale of checked q [B, Hq, Lq, d] and k, v [B, Hkv, L, d] (v may be
+// undefined): the QkvParams of every attention kernel.
+inline QkvParams qkv_params(const char* op, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, double scale) {
+  TORCH_CHECK(k.size(2) <= std::numeric_limits<int>::max(), op, ": length ", k.size(2),
+              " is more than the CUDA kernels' ", std::numeric_limits<int>::max(), " tokens");
+  QkvParams p{};
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  if (v.defined()) {
+    p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
+  }
+  p.batch = static_cast<int>(q.size(0));
+  p.q_heads = static_cast<int>(q.size(1));
+  p.kv_heads = static_cast<int>(k.size(1));
+  p.q_per_kv = p.q_heads / p.kv_heads;
+  p.length = static_cast<int>(k.size(2));
+  p.head_dim = static_cast<int>(q.size(3));
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  return p;
+}
+
+// The tensor-core kernels' params: qkv_params, the pointers of q, k, v and the block size.
 inline FlashFwdParams flash_params(const char* op, const at::Tensor& q, const at::Tensor& k,
                                    const at::Tensor& v, int64_t block_size, double scale) {
   TORCH_CHECK(q.size(2) < (int64_t(1) << 30), op, ": length ", q.size(2),
               " is too long for the tensor-core kernel; at most 2^30 tokens");
-  FlashFwdParams p{};
+  FlashFwdParams p{qkv_params(op, q, k, v, scale)};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
-  if (v.defined()) {
-    p.v = v.data_ptr();
-    p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
-  }
-  p.q_heads = static_cast<int>(q.size(1));
-  p.kv_heads = static_cast<int>(k.size(1));
-  p.q_per_kv = p.q_heads / p.kv_heads;
-  p.length = static_cast<int>(q.size(2));
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  if (v.defined()) p.v = v.data_ptr();
   p.block_size = static_cast<int>(block_size);
   while ((1 << p.block_size_log2) < block_size) ++p.block_size_log2;
   p.num_blocks = static_cast<int>(num_blocks(q.size(2), block_size));

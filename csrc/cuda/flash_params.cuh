@@ -1,6 +1,9 @@
-// The one parameter struct of the tensor-core attention kernels (flash_tc.cuh), in the manner
-// of FlashAttention-2's Flash_fwd_params: raw pointers and element strides, filled by the host
-// launcher, passed by value. No ATen here, so the emulated build includes it as it is.
+// The parameter structs of the attention kernels, in the manner of FlashAttention-2's flash.h:
+// one base, QkvParams (its Qkv_params), with what every attention kernel reads of q, k and v,
+// which the per-kernel structs extend (FlashFwdParams here for the tensor-core kernels of
+// flash_tc.cuh; ScoreParams, SparseParams and ChunkParams in the CUDA-core kernels' sources).
+// Plain values and raw pointers, filled by the host launcher (qkv_params, flash_launch.cuh),
+// passed by value. No ATen here, so the emulated build includes it as it is.
 #pragma once
 
 #include <cstdint>
@@ -8,22 +11,31 @@
 namespace cabattn {
 namespace cuda {
 
-struct FlashFwdParams {
-  // q, out: [batch, q_heads, length, head_dim]; k, v: [batch, kv_heads, length, head_dim];
-  // lse: [batch, q_heads, length] (float). Strides in elements; the last dim is contiguous.
+struct QkvParams {
+  // q: [batch, q_heads, q tokens, head_dim]; k, v: [batch, kv_heads, length, head_dim]. Strides
+  // in elements; the last dim is contiguous. The tensor-core kernels index by the strides; the
+  // CUDA-core tiles (attention_tile.cuh) take contiguous tensors and index by the shape. The
+  // pointers are the derived structs' (FlashFwdParams) or kernel arguments (the CUDA-core
+  // kernels take them typed and __restrict__).
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int batch, q_heads, kv_heads, q_per_kv;  // q_per_kv = q_heads / kv_heads (grouped-query)
+  // Tokens of k and v, and of q except in attention_with_scores' chunk (ChunkParams::q_len).
+  int length;
+  int head_dim;
+  float scale_log2;  // softmax scale * log2(e): scores live in log2 units
+};
+
+struct FlashFwdParams : QkvParams {
+  // q, k, v as the strides above; out: like q; lse: [batch, q_heads, length] (float).
   const void* q;
   const void* k;
   const void* v;
   void* out;
   float* lse;
-  int64_t q_batch_stride, q_head_stride, q_row_stride;
-  int64_t k_batch_stride, k_head_stride, k_row_stride;
-  int64_t v_batch_stride, v_head_stride, v_row_stride;
   int64_t o_batch_stride, o_head_stride, o_row_stride;
   int64_t lse_batch_stride, lse_head_stride;
-  int q_heads, kv_heads, q_per_kv;  // q_per_kv = q_heads / kv_heads (grouped-query attention)
-  int length;                        // tokens of q and of k/v
-  float scale_log2;                  // softmax scale * log2(e): scores live in log2 units
 
   // The block layout (CSR): block_count [batch, q_heads, num_blocks], block_index
   // [batch, q_heads, num_blocks, max_count], strictly ascending key blocks per row.

@@ -88,13 +88,13 @@ void kv_compact_cuda(const at::Tensor& x, const at::Tensor& keep) {
   if (x.numel() == 0) return check_keep_values(kOp, keep.cpu(), length);  // nothing to move
   const int64_t row_bytes = x.numel() / (groups * length) * x.element_size();
 
-  DeviceCheck check(keep, CheckedOp::kKvCompact);
+  DeviceCheck check(kOp, keep, CheckedOp::kKvCompact);
   auto gathered = at::empty({groups, kept, row_bytes}, x.options().dtype(at::kByte));
   gather_rows_widest(gathered.data_ptr(), x.data_ptr(), keep.data_ptr<int64_t>(), check.flag(),
                      groups, kept, length, kept, row_bytes);
   gather_rows_widest(x.data_ptr(), gathered.data_ptr(), nullptr, check.flag(), groups, kept,
                      kept, length, row_bytes);
-  check.raise_if_flagged(kOp, [&] { check_keep_values(kOp, keep.cpu(), length); });
+  check.raise_if_flagged([&] { check_keep_values(kOp, keep.cpu(), length); });
 }
 
 }  // namespace

@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   while (p.sort_size < blocks) p.sort_size *= 2;
   const size_t smem = size_t(p.sort_size) * (sizeof(double) + sizeof(int)) + blocks;
 
-  DeviceCheck check(n_recent, CheckedOp::kSelectBlocks);
+  DeviceCheck check(kOp, n_recent, CheckedOp::kSelectBlocks);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(blocks, heads, batch);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] {
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   });
 
   // A bad count raises here, like on the CPU, instead of giving a silently truncated layout.
-  check.raise_if_flagged(kOp, check_counts_on_host);
+  check.raise_if_flagged(check_counts_on_host);
   return {count, index};
 }
 

@@ -1,14 +1,13 @@
 // The tensor-core kernels of csrc/cuda/flash_tc.cuh (block_sparse_attention, block_scores),
-// run on the CPU through ptx.cuh's emulated definitions, one block at a time with its threads
-// as std::threads (block_threads.h), against a float64 reference on the same fp16/bf16 inputs:
-// random CSR layouts (with and without the diagonal block, and all blocks), L not a multiple of
-// the block size, GQA, NaN-poisoned outputs. Small shapes of 1- and 2-warp blocks (block size
-// 16 and 32) keep it fast; the emulation layer's operator tests cover the rest once merged.
-// Exit status 0 and "ok" on success.
+// run on the CPU by the emulation layer (csrc/emu) through ptx.cuh's emulated definitions and
+// launched as their operators launch them (launch_flash), against a float64 reference on the
+// same fp16/bf16 inputs: random CSR layouts (with and without the diagonal block, and all
+// blocks), L not a multiple of the block size, GQA, NaN-poisoned outputs. Small shapes of 1- and
+// 2-warp blocks (block size 16 and 32) keep it fast; the emulated operator tests (the `emu`
+// cases of tests/kernels) cover the rest. Exit status 0 and "ok" on success.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <random>
 #include <type_traits>
 #include <vector>
@@ -16,11 +15,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "block_threads.h"
+#include "cuda/flash_launch.cuh"
 #include "cuda/flash_tc.cuh"
 
 using namespace cabattn::cuda;
-using cabattn::cuda::smem;
 
 template <typename T, int D, int W>
 int attention_case(int B, int Hq, int Hkv, int L, int seed, bool all_blocks) {
@@ -51,11 +49,8 @@ int attention_case(int B, int Hq, int Hkv, int L, int seed, bool all_blocks) {
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.block_count = cnt.data(); p.block_index = idx.data(); p.block_size = bs;
   p.block_size_log2 = __builtin_ctz(bs); p.num_blocks = M; p.max_count = maxc;
-  std::memset(smem, 0xff, sizeof(smem));
-  for (int z = 0; z < B; ++z) for (int y = 0; y < Hq; ++y) for (int x = 0; x < M; ++x) {
-    block_threads::run_block({unsigned(x), unsigned(y), unsigned(z)}, Tr::kThreads,
-                             [&] { block_sparse_attention_tc_kernel<Tr>(p); });
-  }
+  launch_flash("flash_tc_emulation_test", block_sparse_attention_tc_kernel<Tr>, dim3(M, Hq, B),
+               Tr::kThreads, Tr::kSmemBytes, p);
   // reference in double
   double max_err = 0, max_ref = 0, lse_err = 0;
   for (int b = 0; b < B; ++b) for (int h = 0; h < Hq; ++h) for (int i = 0; i < L; ++i) {
@@ -104,11 +99,8 @@ int scores_case(int B, int Hq, int Hkv, int L, int seed) {
   p.block_size = bs; p.block_size_log2 = __builtin_ctz(bs); p.num_blocks = M;
   p.block_sum = S.data(); p.block_max = G.data();
   p.scores_row_stride = M; p.scores_head_stride = int64_t(M) * M; p.scores_batch_stride = int64_t(Hq) * M * M;
-  std::memset(smem, 0xff, sizeof(smem));
-  for (int z = 0; z < B; ++z) for (int y = 0; y < Hq; ++y) for (int x = 0; x < M; ++x) {
-    block_threads::run_block({unsigned(x), unsigned(y), unsigned(z)}, Tr::kThreads,
-                             [&] { block_scores_tc_kernel<Tr>(p); });
-  }
+  launch_flash("flash_tc_emulation_test", block_scores_tc_kernel<Tr>, dim3(M, Hq, B),
+               Tr::kThreads, Tr::kScoresSmemBytes, p);
   double max_err = 0; int bad = 0;
   for (int b = 0; b < B; ++b) for (int h = 0; h < Hq; ++h) {
     const int hk = h / (Hq / Hkv);

@@ -1,22 +1,28 @@
 // Unit test of csrc/cuda/ptx.cuh's emulated definitions (CABATTN_EMU) against a naive matmul
 // and against the PTX ISA's fragment tables, written out here independently of the wrappers;
 // also cp.async's copy and zero-fill and pack2's rounding and order.
-// The 32 lanes of a warp run as 32 std::threads (block_threads.h). Exit status 0 and "ok".
+// The 32 lanes of a warp run as one block of the emulation layer (csrc/emu/cuda_emu.h), which
+// ptx.cuh's emulated definitions are written for. Exit status 0 and "ok".
+#include "emu/cuda_emu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <vector>
 
-#include "block_threads.h"
 #include "cuda/ptx.cuh"
 
 namespace ptx = cabattn::cuda::ptx;
 
+__global__ void lanes_kernel(const std::function<void(int)>* body) { (*body)(int(threadIdx.x)); }
+
 // body(lane) on the 32 lanes of one warp.
 static void warp_run(const std::function<void(int)>& body) {
-  block_threads::run_block({}, 32, [&] { body(int(threadIdx.x)); });
+  cabattn::cuda::emulated_launch("ptx_emulation_test", lanes_kernel, dim3(1), dim3(32), 0,
+                                 &body);
 }
 
 static int failures = 0;
