@@ -122,22 +122,25 @@ def test_adakv_mask_layouts_match_reference(causal, floor_ratio):
 
 
 def test_pyramid_budgets_follow_the_line_and_sum_to_the_mean():
-    # m = 4, K = 100, beta = 20: 195, 131.67, 68.33, 5 floored (399), +1 to the lowest layer
-    assert pyramid_budgets(100, 4, 20, 1000) == [196, 131, 68, 5]
-    for budget, layers, beta, length in [(64, 30, 20, 1024), (512, 12, 5, 4096),
-                                         (1000, 7, 3, 1100), (1024, 30, 20, 1024)]:
-        got = pyramid_budgets(budget, layers, beta, length)
+    # m = 4, K = 100, w = 20, beta = 20: the pyramid shares P = 80 (PyramidKV's own code):
+    # 156, 105.33, 54.67, 4 floored (319), +1 to the lowest layer, then + w each
+    assert pyramid_budgets(100, 4, 20, 1000, 20) == [177, 125, 74, 24]
+    for budget, layers, beta, length, window in [(64, 30, 20, 1024, 32), (512, 12, 5, 4096, 32),
+                                                 (1000, 7, 3, 1100, 64), (1024, 30, 20, 1024, 32)]:
+        got = pyramid_budgets(budget, layers, beta, length, window)
         assert sum(got) == layers * budget
         assert all(a >= b for a, b in zip(got, got[1:])) and max(got) <= length
-    assert pyramid_budgets(1024, 30, 20, 1024) == [1024] * 30  # s = 0: every layer dense
-    assert pyramid_budgets(100, 1, 20, 1000) == [100]
+        assert min(got) > window  # every layer keeps the window and some of the pyramid
+    assert pyramid_budgets(1024, 30, 20, 1024, 32) == [1024] * 30  # s = 0: every layer dense
+    assert pyramid_budgets(100, 1, 20, 1000, 32) == [100]
+    assert pyramid_budgets(30, 4, 20, 1000, 32) == [30] * 4  # nothing beyond the window
 
 
 @pytest.mark.parametrize("causal", ["strict", "block"])
 def test_pyramidkv_mask_is_snapkv_at_each_layers_budget(causal):
     q, k = qk(seed=5)
     layers, sparsity = 4, 0.6
-    budgets = pyramid_budgets(token_budget(LENGTH, sparsity, K_MIN), layers, 20, LENGTH)
+    budgets = pyramid_budgets(token_budget(LENGTH, sparsity, K_MIN), layers, 20, LENGTH, 32)
     sblk = ops.block_scores(q, k, BLOCK, default_scale(q.shape[-1]))[0]
     for layer in range(layers):
         grid, got = layout_sets(get_method("pyramidkv"), q, k, sparsity, causal, layer, layers)
@@ -176,7 +179,7 @@ def test_mask_density_is_the_mean_of_the_layers_budgets(model, ids, name):
         with torch.no_grad():
             model(ids)
     layers = model.config.num_hidden_layers
-    budgets = (pyramid_budgets(budget, layers, 20, LENGTH) if name == "pyramidkv"
+    budgets = (pyramid_budgets(budget, layers, 20, LENGTH, 32) if name == "pyramidkv"
                else [budget] * layers)
     want = sum(full_blocks_density(b) for b in budgets) / layers
     assert stats.density == pytest.approx(want, rel=1e-12)
@@ -188,7 +191,10 @@ def test_mask_density_is_the_mean_of_the_layers_budgets(model, ids, name):
             assert max(densities) == pytest.approx(min(densities), rel=1e-12)
     if name == "adakv":  # the budget moved between heads
         assert any(max(d) - min(d) > 1e-3 for d in per_head.values())
-    assert abs(stats.density - full_blocks_density(budget)) < 0.03
+    # near the run's budget: pyramidkv's per-layer budgets round up to whole blocks layer by
+    # layer (13 blocks here; at L = 1024 on SmolLM2 its density is within 2.3% of the budget's
+    # at s = 0.9, docs/baselines.md)
+    assert abs(stats.density - full_blocks_density(budget)) < 0.05
 
 
 @pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv"])
@@ -289,7 +295,7 @@ def test_kv_stream_keeps_what_the_reference_keeps(model, ids, name, chunk):
             model(ids[:, :length], labels=ids[:, :length])
     budget = token_budget(length, sparsity, K_MIN)
     layers = model.config.num_hidden_layers
-    budgets = (pyramid_budgets(budget, layers, 20, length) if name == "pyramidkv"
+    budgets = (pyramid_budgets(budget, layers, 20, length, 8) if name == "pyramidkv"
                else [budget] * layers)
     # each layer is evicted to its own budget (one whose budget holds the window never is)
     assert method.lengths == {layer: {b} for layer, b in enumerate(budgets) if b < length}
