@@ -5,11 +5,13 @@ of B's perplexity relative to A's (PPL_B / PPL_A - 1) on the same windows, with 
 bootstrap interval, the sign-flip permutation p-value, Holm's correction over all the
 comparisons printed, and the windows that would resolve a 1% and a 0.5% change
 (docs/statistics.md). A dense side is its dense cell at the same L (dense has no s).
+--pool-datasets compares over the windows of every dataset at once, one row per (L, s).
 Writes <stem>_compare_A_B.md and .tex (or <stem>_compare_vs_A.* for --baseline) next to the
 results; --json prints the comparisons as a JSON list instead of the markdown table.
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -59,14 +61,37 @@ def method_pairs(results: dict, methods=None, baseline=None) -> list:
     return [tuple(methods)]
 
 
-def comparisons(results: dict, pairs: list, alpha: float = ALPHA) -> list:
-    """One dict per (A, B, dataset, L, s), Holm-corrected over the whole list."""
+def _pooled(pair_points: list) -> list:
+    """The pairs of every dataset at one (L, s) as one pair, their windows side by side:
+    [("ds1+ds2+...", L, s, R_A, R_B)] with R = {perplexity, windows} over all the windows."""
+    groups = {}
+    for dataset, L, s, ra, rb in pair_points:
+        groups.setdefault((L, s), []).append((dataset, ra, rb))
+    pooled = []
+    for (L, s), members in sorted(groups.items()):
+        sides = []
+        for side in (1, 2):
+            windows = {field: [x for member in members for x in member[side]["windows"][field]]
+                       for field in members[0][side]["windows"]}
+            ppl = math.exp(sum(windows["nll_sum"]) / sum(windows["tokens"]))
+            sides.append({"perplexity": ppl, "windows": windows})
+        pooled.append(("+".join(m[0] for m in members), L, s, *sides))
+    return pooled
+
+
+def comparisons(results: dict, pairs: list, alpha: float = ALPHA, pool: bool = False) -> list:
+    """One dict per (A, B, dataset, L, s), Holm-corrected over the whole list; pool: one per
+    (A, B, L, s) over the windows of every dataset (paired window by window as before)."""
     all_points = points(results)
     seed = results.get("config", {}).get("seed", 0)
     rows = []
     for a, b in pairs:
-        for dataset, L, s, ra, rb in _pair_points(_cells(all_points, a), _cells(all_points, b),
-                                                  a == "dense", b == "dense"):
+        pair_points = _pair_points(_cells(all_points, a), _cells(all_points, b),
+                                   a == "dense", b == "dense")
+        if pool:
+            pair_points = _pooled([p for p in pair_points
+                                   if "windows" in p[3] and "windows" in p[4]])
+        for dataset, L, s, ra, rb in pair_points:
             change = compare_cells(ra, rb, seed, where=f"{dataset} L={L} s={s:g} ({a}, {b})")
             rows.append({"dataset": dataset, "context_length": L, "sparsity": s, "a": a, "b": b,
                          "perplexity_a": ra["perplexity"], "perplexity_b": rb["perplexity"],
@@ -141,13 +166,18 @@ def main(argv=None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--methods", nargs=2, metavar=("A", "B"), help="compare B against A")
     which.add_argument("--baseline", metavar="A", help="compare every other method against A")
+    parser.add_argument("--pool-datasets", action="store_true",
+                        help="one comparison per (L, s) over the windows of every dataset "
+                        "(more windows, so smaller differences resolve; the change is then "
+                        "over all their tokens)")
     parser.add_argument("--json", action="store_true",
                         help="print the comparisons as a JSON list (no table)")
     args = parser.parse_args(argv)
     path = Path(args.results)
     try:
         results = load_results(path)
-        rows = comparisons(results, method_pairs(results, args.methods, args.baseline))
+        rows = comparisons(results, method_pairs(results, args.methods, args.baseline),
+                           pool=args.pool_datasets)
     except (CorruptFileError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -155,7 +185,8 @@ def main(argv=None) -> int:
         print("error: the two methods share no (dataset, L, s) with finished cells at s > 0",
               file=sys.stderr)
         return 2
-    label = f"vs_{args.baseline}" if args.baseline else "_".join(args.methods)
+    label = (f"vs_{args.baseline}" if args.baseline else "_".join(args.methods)) \
+        + ("_pooled" if args.pool_datasets else "")
     paths = write_tables(path, rows, label)
     if args.json:
         print(json.dumps(rows, indent=2))

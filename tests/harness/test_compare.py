@@ -135,3 +135,37 @@ def test_headline_names_best_and_runner_up_and_the_windows_needed(results_file):
             cell["windows"] = {k: v[:4] for k, v in cell["windows"].items()}
     line = compare.headline(results)[1]
     assert "NOT resolved (with 4 windows no p-value can be below 0.125)" in line
+
+
+def test_pooling_datasets_compares_over_all_their_windows(results_file, capsys):
+    """Split the 12 windows into two datasets of 6: pooled, the comparison is the one over
+    all 12 windows; per dataset, each half alone."""
+    from eval.statistics import compare_cells
+    data = json.loads(results_file.read_text())
+    brown = data["results"]["brown"]
+
+    def half(r, part):
+        cut = slice(0, 6) if part == 0 else slice(6, 12)
+        windows = {k: v[cut] for k, v in r["windows"].items()}
+        ppl = float(np.exp(sum(windows["nll_sum"]) / sum(windows["tokens"])))
+        return {**r, "perplexity": ppl, "windows": windows}
+
+    data["results"] = {name: {m: {sweep: {s: half(r, part) for s, r in cells.items()}
+                                  for sweep, cells in sweeps.items()}
+                              for m, sweeps in brown.items()}
+                       for part, name in enumerate(["brown", "pd-books"])}
+    split = results_file.with_name("split.json")
+    split.write_text(json.dumps(data))
+    assert compare.main([str(split), "--methods", "h2o", "cab_v4", "--pool-datasets",
+                         "--json"]) == 0
+    pooled = json.loads(capsys.readouterr().out)
+    assert [(r["dataset"], r["sparsity"]) for r in pooled] == [
+        ("brown+pd-books", 0.5), ("brown+pd-books", 0.9)]
+    whole = compare_cells(brown["h2o"]["sparsity_sweep"]["0.9"],
+                          brown["cab_v4"]["sparsity_sweep"]["0.9"], seed=42)
+    assert pooled[1]["change"] == pytest.approx(whole["change"], rel=1e-12)
+    assert pooled[1]["p_value"] == whole["p_value"]
+    assert pooled[1]["perplexity_a"] == pytest.approx(
+        brown["h2o"]["sparsity_sweep"]["0.9"]["perplexity"], rel=1e-12)
+    assert compare.main([str(split), "--methods", "h2o", "cab_v4", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4  # per dataset: two halves x two s
