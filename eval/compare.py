@@ -6,6 +6,11 @@ bootstrap interval, the sign-flip permutation p-value, Holm's correction over al
 comparisons printed, and the windows that would resolve a 1% and a 0.5% change
 (docs/statistics.md). A dense side is its dense cell at the same L (dense has no s).
 --pool-datasets compares over the windows of every dataset at once, one row per (L, s).
+Task cells (docs/tasks.md) are compared on the same samples: both accuracies with their
+Wilson intervals, the samples only one side got right, McNemar's exact p (a sign-flip test for
+fractional scores), Holm over the task comparisons, and, for teacher-forced cells, the paired
+changes of the answer's and of the prompt's perplexity (would perplexity have said so?).
+--pool-datasets pools the tasks alike: one row per (L, s) over every task's samples.
 Writes <stem>_compare_A_B.md and .tex (or <stem>_compare_vs_A.* for --baseline) next to the
 results; --json prints the comparisons as a JSON list instead of the markdown table.
 """
@@ -17,7 +22,8 @@ from pathlib import Path
 
 from .report import load_results, points
 from .results import CorruptFileError
-from .statistics import ALPHA, compare_cells, holm
+from .statistics import ALPHA, compare_cells, holm, paired_scores
+from .tasks.report import task_points
 
 
 def _cells(all_points: list, method: str) -> dict:
@@ -48,7 +54,8 @@ def _pair_points(a_cells: dict, b_cells: dict, a_dense: bool, b_dense: bool) -> 
 def method_pairs(results: dict, methods=None, baseline=None) -> list:
     """[(A, B)]: the one pair of --methods A B, or every other method against --baseline A.
     ValueError naming the methods of the file for a method it does not hold."""
-    present = list(dict.fromkeys(p.method for p in points(results)))
+    present = list(dict.fromkeys([p.method for p in points(results)]
+                                 + [p.method for p in task_points(results)]))
     asked = list(methods or []) + ([baseline] if baseline else [])
     unknown = [m for m in asked if m not in present]
     if unknown:
@@ -102,6 +109,65 @@ def comparisons(results: dict, pairs: list, alpha: float = ALPHA, pool: bool = F
     return rows
 
 
+def _task_cells(all_points: list, method: str) -> dict:
+    """{(task, L, s): R} of a method's finished task cells; a cell that ran dense is (L, 0)."""
+    return {(p.task, p.context_length, 0.0 if p.method == "dense" else p.sparsity): p.result
+            for p in all_points if p.method == method and p.result.get("per_sample")}
+
+
+def _pooled_samples(pair_points: list) -> list:
+    """The pairs of every task at one (L, s) as one pair, their samples side by side."""
+    groups = {}
+    for task, L, s, ra, rb in pair_points:
+        groups.setdefault((L, s), []).append((task, ra, rb))
+    return [("+".join(m[0] for m in members), L, s,
+             *({"per_sample": [x for m in members for x in m[side]["per_sample"]]}
+               for side in (1, 2)))
+            for (L, s), members in sorted(groups.items())]
+
+
+def _sample_windows(r: dict, nll: str, tokens: str) -> dict:
+    """A task cell's samples as the windows of a perplexity cell (for compare_cells)."""
+    return {"windows": {"nll_sum": [x[nll] for x in r["per_sample"]],
+                        "tokens": [x[tokens] for x in r["per_sample"]]}}
+
+
+def task_comparisons(results: dict, pairs: list, alpha: float = ALPHA,
+                     pool: bool = False) -> list:
+    """One dict per (A, B, task, L, s) with task cells on both sides, Holm-corrected over the
+    whole list: the paired accuracies (paired_scores) and, where both cells were scored
+    teacher-forced, the paired change of the answer's perplexity and of the prompt's."""
+    all_points = task_points(results)
+    seed = results.get("config", {}).get("seed", 0)
+    rows = []
+    for a, b in pairs:
+        pair_points = _pair_points(_task_cells(all_points, a), _task_cells(all_points, b),
+                                   a == "dense", b == "dense")
+        if pool:
+            pair_points = _pooled_samples(pair_points)
+        for task, L, s, ra, rb in pair_points:
+            where = f"{task} L={L} s={s:g} ({a}, {b})"
+            row = {"task": task, "context_length": L, "sparsity": s, "a": a, "b": b,
+                   **paired_scores([x["score"] for x in ra["per_sample"]],
+                                   [x["score"] for x in rb["per_sample"]], seed)}
+            for name, nll, tokens in (("answer", "answer_nll", "answer_tokens"),
+                                      ("prompt", "window_nll", "window_predictions")):
+                if all(nll in x for x in ra["per_sample"] + rb["per_sample"]):
+                    change = compare_cells(_sample_windows(ra, nll, tokens),
+                                           _sample_windows(rb, nll, tokens), seed, where)
+                    row.update({f"{name}_change": change["change"],
+                                f"{name}_ci95": change["ci95"],
+                                f"{name}_p": change["p_value"]})
+                else:
+                    row.update({f"{name}_change": None, f"{name}_ci95": None,
+                                f"{name}_p": None})
+            rows.append(row)
+    adjusted, significant = holm([r["p_value"] for r in rows], alpha)
+    for row, p, flag in zip(rows, adjusted, significant):
+        row.update(p_holm=p, significant=flag)
+    return rows
+
+
 def _percent(x: float) -> str:
     return f"{x * 100:+.2f}%"
 
@@ -135,24 +201,67 @@ def _footnote(rows: list) -> str:
             "differences.")
 
 
-def markdown(rows: list) -> str:
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    lines += ["| " + " | ".join(_cells_text(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n\n" + _footnote(rows) + "\n"
+def _change_text(row: dict, name: str) -> str:
+    if row[f"{name}_change"] is None:
+        return "-"
+    return f"{_percent(row[f'{name}_change'])} {_interval(row[f'{name}_ci95'])}"
 
 
-def latex(rows: list) -> str:
+def _task_cells_text(row: dict) -> list:
+    discordant = ("-" if row["a_only"] is None else f"{row['a_only']} / {row['b_only']}")
+    return [row["task"], str(row["context_length"]), f"{row['sparsity']:g}", row["a"],
+            row["b"], f"{row['accuracy_a']:.2f}", f"{row['accuracy_b']:.2f}",
+            f"{row['difference']:+.2f}", discordant, _p(row["p_value"]), _p(row["p_holm"]),
+            "yes" if row["significant"] else "no", _change_text(row, "answer"),
+            _change_text(row, "prompt"), str(row["samples"])]
+
+
+TASK_HEAD = ["task", "L", "s", "A", "B", "acc A", "acc B", "B - A", "only A / only B", "p",
+             "p (Holm)", "significant", "answer PPL change B vs A", "prompt PPL change B vs A",
+             "samples"]
+
+
+def _task_footnote(rows: list) -> str:
+    tests = sorted({r["test"] for r in rows})
+    return (f"Task cells on the same samples. p: {' or '.join(tests)} (McNemar: exact binomial "
+            f"test of the samples only one side got right), Holm-corrected over the "
+            f"{len(rows)} task comparisons (significant: p (Holm) < {ALPHA:g}); answer and "
+            "prompt PPL change: PPL_B / PPL_A - 1 of the answer tokens and of the whole "
+            "prompt, with paired percentile bootstrap intervals over samples (teacher-forced "
+            "cells only).")
+
+
+def _sections(rows: list, task_rows: list) -> list:
+    """[(head, cell rows as text, footnote)] of the perplexity and the task comparisons."""
+    return ([(HEAD, [_cells_text(r) for r in rows], _footnote(rows))] if rows else []) + \
+        ([(TASK_HEAD, [_task_cells_text(r) for r in task_rows], _task_footnote(task_rows))]
+         if task_rows else [])
+
+
+def markdown(rows: list, task_rows: list = ()) -> str:
+    parts = []
+    for head, cells, footnote in _sections(rows, task_rows):
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        parts.append("\n".join(lines) + "\n\n" + footnote + "\n")
+    return "\n".join(parts)
+
+
+def latex(rows: list, task_rows: list = ()) -> str:
     from .report import _tex
-    lines = [f"% {_footnote(rows)}", r"\begin{tabular}{llrll" + "r" * (len(HEAD) - 5) + "}",
-             r"\toprule", " & ".join(_tex(h) for h in HEAD) + r" \\", r"\midrule"]
-    lines += [" & ".join(_tex(c) for c in _cells_text(r)) + r" \\" for r in rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    parts = []
+    for head, cells, footnote in _sections(rows, task_rows):
+        lines = [f"% {footnote}", r"\begin{tabular}{llrll" + "r" * (len(head) - 5) + "}",
+                 r"\toprule", " & ".join(_tex(h) for h in head) + r" \\", r"\midrule"]
+        lines += [" & ".join(_tex(c) for c in row) + r" \\" for row in cells]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
-def write_tables(results_path: Path, rows: list, label: str) -> list:
+def write_tables(results_path: Path, rows: list, label: str, task_rows: list = ()) -> list:
     paths = []
-    for suffix, text in (("md", markdown(rows)), ("tex", latex(rows))):
+    for suffix, text in (("md", markdown(rows, task_rows)), ("tex", latex(rows, task_rows))):
         path = results_path.with_name(f"{results_path.stem}_compare_{label}.{suffix}")
         path.write_text(text)
         paths.append(path)
@@ -169,32 +278,33 @@ def main(argv=None) -> int:
     parser.add_argument("--pool-datasets", action="store_true",
                         help="one comparison per (L, s) over the windows of every dataset "
                         "(more windows, so smaller differences resolve; the change is then "
-                        "over all their tokens)")
+                        "over all their tokens), and over the samples of every task")
     parser.add_argument("--json", action="store_true",
                         help="print the comparisons as a JSON list (no table)")
     args = parser.parse_args(argv)
     path = Path(args.results)
     try:
         results = load_results(path)
-        rows = comparisons(results, method_pairs(results, args.methods, args.baseline),
-                           pool=args.pool_datasets)
+        pairs = method_pairs(results, args.methods, args.baseline)
+        rows = comparisons(results, pairs, pool=args.pool_datasets)
+        task_rows = task_comparisons(results, pairs, pool=args.pool_datasets)
     except (CorruptFileError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not rows:
-        print("error: the two methods share no (dataset, L, s) with finished cells at s > 0",
-              file=sys.stderr)
+    if not rows and not task_rows:
+        print("error: the two methods share no (dataset or task, L, s) with finished cells at "
+              "s > 0", file=sys.stderr)
         return 2
     label = (f"vs_{args.baseline}" if args.baseline else "_".join(args.methods)) \
         + ("_pooled" if args.pool_datasets else "")
-    paths = write_tables(path, rows, label)
+    paths = write_tables(path, rows, label, task_rows)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + task_rows, indent=2))
         return 0
     for written in paths:
         print(f"wrote {written}")
     print()
-    print(markdown(rows), end="")
+    print(markdown(rows, task_rows), end="")
     return 0
 
 

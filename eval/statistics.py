@@ -12,7 +12,8 @@ window's NLL (how hard its text is) is common to both methods.
 - `windows_needed`: how many windows would resolve a given relative change at 95%, from the
   spread of the per-window paired differences.
 - `paired_binary`: two methods' correct/incorrect on the same task samples: exact McNemar test
-  on the discordant pairs and Wilson intervals of each accuracy.
+  on the discordant pairs and Wilson intervals of each accuracy; `paired_scores` takes any
+  per-sample scores (McNemar for 0/1, a sign-flip test otherwise).
 - `seed_spread`: the mean and the spread of one metric over runs with different seeds.
 
 Everything is pure numpy/scipy and seeded: the same inputs give the same numbers.
@@ -194,6 +195,25 @@ def paired_binary(a_correct, b_correct, level: float = LEVEL) -> dict:
             "ci95_b": wilson_interval(int(b.sum()), len(b), level),
             "difference": float(b.mean() - a.mean()), "a_only": a_only, "b_only": b_only,
             "p_value": p, "samples": int(len(a))}
+
+
+def paired_scores(a_scores, b_scores, seed: int = 0, level: float = LEVEL) -> dict:
+    """Two methods' per-sample task scores on the same samples, in the same order: for 0/1
+    scores paired_binary (McNemar), otherwise (shares of answers, F1, ROUGE-L) the sign-flip
+    p-value of the per-sample differences (sign_flip_p_value). Both give the two mean scores,
+    their difference (B - A), the p-value and the test's name; a_only/b_only (the discordant
+    samples) only for 0/1 scores."""
+    a = np.asarray(a_scores, dtype=np.float64).reshape(-1)
+    b = np.asarray(b_scores, dtype=np.float64).reshape(-1)
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError(f"need the same non-zero number of samples on both sides; got "
+                         f"{len(a)} and {len(b)}")
+    if np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
+        return {**paired_binary(a == 1, b == 1, level), "test": "McNemar"}
+    return {"accuracy_a": float(a.mean()), "accuracy_b": float(b.mean()),
+            "difference": float(b.mean() - a.mean()), "a_only": None, "b_only": None,
+            "p_value": sign_flip_p_value(b - a, seed=seed), "samples": int(len(a)),
+            "test": "sign-flip"}
 
 
 def seed_spread(values) -> dict:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..statistics import wilson_interval
+
 DEPTH_BINS = 5  # by_depth: accuracy per fifth of the context
 
 
@@ -129,9 +131,7 @@ def accuracy_interval(scores: list, seed: int) -> tuple:
     bootstrap over samples (fractional scores: shares of answers, F1, ROUGE-L)."""
     scores = np.asarray(scores, dtype=np.float64)
     if np.isin(scores, (0.0, 1.0)).all():
-        from scipy.stats import binomtest
-        ci = binomtest(int(scores.sum()), len(scores)).proportion_ci(method="wilson")
-        return [float(ci.low), float(ci.high)], "wilson"
+        return wilson_interval(int(scores.sum()), len(scores)), "wilson"
     means = scores[np.random.default_rng(seed).integers(0, len(scores), (1000, len(scores)))]
     low, high = np.percentile(means.mean(axis=1), [2.5, 97.5])
     return [float(low), float(high)], "bootstrap"

@@ -169,3 +169,79 @@ def test_pooling_datasets_compares_over_all_their_windows(results_file, capsys):
         brown["h2o"]["sparsity_sweep"]["0.9"]["perplexity"], rel=1e-12)
     assert compare.main([str(split), "--methods", "h2o", "cab_v4", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 4  # per dataset: two halves x two s
+
+
+def _task_cell(scores, answer_nll, window_nll, s):
+    samples = [{"depth": (i + 0.5) / len(scores), "score": float(x), "answer_nll": a,
+                "answer_tokens": 5, "window_nll": w, "window_predictions": 1023}
+               for i, (x, a, w) in enumerate(zip(scores, answer_nll, window_nll))]
+    return {"accuracy": float(np.mean(scores)), "accuracy_ci95": [0.0, 1.0], "samples": len(scores),
+            "context_length": 1024, "sparsity": s, "per_sample": samples}
+
+
+@pytest.fixture
+def task_results_file(tmp_path):
+    """20 samples of one task: dense finds all, h2o 8 (the first 8), cab_v4 18 (all but two of
+    the first 8 h2o found, plus 12 of the rest)."""
+    rng = np.random.default_rng(1)
+    window = rng.uniform(3000, 3500, 20)
+    dense = _task_cell([1] * 20, [0.1] * 20, window, 0.0)
+    h2o = _task_cell([1] * 8 + [0] * 12, [0.1] * 8 + [5.0] * 12, window + 30, 0.9)
+    v4 = _task_cell([1] * 6 + [0] * 2 + [1] * 12, [0.2] * 20, window + 31, 0.9)
+    results = {"config": {"seed": 42}, "results": {},
+               "tasks": {"passkey": {"dense": {"sparsity_sweep": {"0.0": dense}},
+                                     "h2o": {"sparsity_sweep": {"0.9": h2o}},
+                                     "cab_v4": {"sparsity_sweep": {"0.9": v4}}}}}
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_task_cells_are_compared_sample_by_sample(task_results_file, capsys):
+    """McNemar on the discordant samples (2 only h2o, 12 only cab_v4: exact binomial p of 2 of
+    14), the answer's and the prompt's paired PPL changes, written as a table too."""
+    from scipy.stats import binomtest
+    assert compare.main([str(task_results_file), "--methods", "h2o", "cab_v4", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["task"], row["a"], row["b"], row["samples"]) == ("passkey", "h2o", "cab_v4", 20)
+    assert (row["accuracy_a"], row["accuracy_b"], row["a_only"], row["b_only"]) == (0.4, 0.9, 2, 12)
+    assert row["p_value"] == pytest.approx(binomtest(2, 14, 0.5).pvalue, rel=1e-12)
+    assert row["test"] == "McNemar" and row["significant"]
+    # answer NLL (a sample's sum over its 5 tokens) per token: h2o (8 x 0.1 + 12 x 5.0) / 100,
+    # cab_v4 20 x 0.2 / 100
+    assert row["answer_change"] == pytest.approx(np.expm1(0.04 - 0.608), rel=1e-9)
+    assert row["answer_ci95"][0] < row["answer_change"] < row["answer_ci95"][1] < 0
+    assert row["prompt_change"] == pytest.approx(np.expm1(20 / (20 * 1023)), rel=1e-6)
+    assert compare.main([str(task_results_file), "--baseline", "dense"]) == 0
+    table = (task_results_file.parent / "tasks_compare_vs_dense.md").read_text()
+    assert "| passkey | 1024 | 0.9 | dense | h2o | 1.00 | 0.40 | -0.60 | 12 / 0 |" in table
+    assert "McNemar" in table
+
+
+def test_task_comparison_of_fractional_scores_uses_a_sign_flip_test(task_results_file, capsys):
+    from eval.statistics import sign_flip_p_value
+    data = json.loads(task_results_file.read_text())
+    cells = data["tasks"]["passkey"]
+    for name, s in (("h2o", "0.9"), ("cab_v4", "0.9")):
+        for i, sample in enumerate(cells[name]["sparsity_sweep"][s]["per_sample"]):
+            sample["score"] = 0.25 * (i % 5) if name == "h2o" else 0.5
+    task_results_file.write_text(json.dumps(data))
+    assert compare.main([str(task_results_file), "--methods", "h2o", "cab_v4", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["test"] == "sign-flip" and row["a_only"] is None
+    assert row["difference"] == pytest.approx(0.0)
+    differences = [0.5 - 0.25 * (i % 5) for i in range(20)]
+    assert row["p_value"] == sign_flip_p_value(differences, seed=42)
+
+
+def test_pooling_pools_the_tasks_samples(task_results_file, capsys):
+    data = json.loads(task_results_file.read_text())
+    data["tasks"]["niah_single"] = data["tasks"]["passkey"]
+    task_results_file.write_text(json.dumps(data))
+    assert compare.main([str(task_results_file), "--methods", "h2o", "cab_v4", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert compare.main([str(task_results_file), "--methods", "h2o", "cab_v4", "--json",
+                         "--pool-datasets"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["task"] == "niah_single+passkey" and row["samples"] == 40
+    assert (row["a_only"], row["b_only"]) == (4, 24)
