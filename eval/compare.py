@@ -86,27 +86,36 @@ def _pooled(pair_points: list) -> list:
     return pooled
 
 
+def _holm_rows(pairs: list, cells_of, pooled, row_of, alpha: float) -> list:
+    """row_of(A, B, name, L, s, R_A, R_B) for every pair's shared points (pooled(points) when
+    pooling), Holm-corrected over the whole list."""
+    rows = []
+    for a, b in pairs:
+        pair_points = _pair_points(cells_of(a), cells_of(b), a == "dense", b == "dense")
+        rows += [row_of(a, b, *point) for point in (pooled(pair_points) if pooled
+                                                     else pair_points)]
+    adjusted, significant = holm([r["p_value"] for r in rows], alpha)
+    for row, p, flag in zip(rows, adjusted, significant):
+        row.update(p_holm=p, significant=flag)
+    return rows
+
+
 def comparisons(results: dict, pairs: list, alpha: float = ALPHA, pool: bool = False) -> list:
     """One dict per (A, B, dataset, L, s), Holm-corrected over the whole list; pool: one per
     (A, B, L, s) over the windows of every dataset (paired window by window as before)."""
     all_points = points(results)
     seed = results.get("config", {}).get("seed", 0)
-    rows = []
-    for a, b in pairs:
-        pair_points = _pair_points(_cells(all_points, a), _cells(all_points, b),
-                                   a == "dense", b == "dense")
-        if pool:
-            pair_points = _pooled([p for p in pair_points
-                                   if "windows" in p[3] and "windows" in p[4]])
-        for dataset, L, s, ra, rb in pair_points:
-            change = compare_cells(ra, rb, seed, where=f"{dataset} L={L} s={s:g} ({a}, {b})")
-            rows.append({"dataset": dataset, "context_length": L, "sparsity": s, "a": a, "b": b,
-                         "perplexity_a": ra["perplexity"], "perplexity_b": rb["perplexity"],
-                         **change})
-    adjusted, significant = holm([r["p_value"] for r in rows], alpha)
-    for row, p, flag in zip(rows, adjusted, significant):
-        row.update(p_holm=p, significant=flag)
-    return rows
+
+    def row_of(a, b, dataset, L, s, ra, rb):
+        change = compare_cells(ra, rb, seed, where=f"{dataset} L={L} s={s:g} ({a}, {b})")
+        return {"dataset": dataset, "context_length": L, "sparsity": s, "a": a, "b": b,
+                "perplexity_a": ra["perplexity"], "perplexity_b": rb["perplexity"], **change}
+
+    def pooled(pair_points):
+        return _pooled([p for p in pair_points if "windows" in p[3] and "windows" in p[4]])
+
+    return _holm_rows(pairs, lambda method: _cells(all_points, method), pool and pooled,
+                      row_of, alpha)
 
 
 def _task_cells(all_points: list, method: str) -> dict:
@@ -139,33 +148,25 @@ def task_comparisons(results: dict, pairs: list, alpha: float = ALPHA,
     teacher-forced, the paired change of the answer's perplexity and of the prompt's."""
     all_points = task_points(results)
     seed = results.get("config", {}).get("seed", 0)
-    rows = []
-    for a, b in pairs:
-        pair_points = _pair_points(_task_cells(all_points, a), _task_cells(all_points, b),
-                                   a == "dense", b == "dense")
-        if pool:
-            pair_points = _pooled_samples(pair_points)
-        for task, L, s, ra, rb in pair_points:
-            where = f"{task} L={L} s={s:g} ({a}, {b})"
-            row = {"task": task, "context_length": L, "sparsity": s, "a": a, "b": b,
-                   **paired_scores([x["score"] for x in ra["per_sample"]],
-                                   [x["score"] for x in rb["per_sample"]], seed)}
-            for name, nll, tokens in (("answer", "answer_nll", "answer_tokens"),
-                                      ("prompt", "window_nll", "window_predictions")):
-                if all(nll in x for x in ra["per_sample"] + rb["per_sample"]):
-                    change = compare_cells(_sample_windows(ra, nll, tokens),
-                                           _sample_windows(rb, nll, tokens), seed, where)
-                    row.update({f"{name}_change": change["change"],
-                                f"{name}_ci95": change["ci95"],
-                                f"{name}_p": change["p_value"]})
-                else:
-                    row.update({f"{name}_change": None, f"{name}_ci95": None,
-                                f"{name}_p": None})
-            rows.append(row)
-    adjusted, significant = holm([r["p_value"] for r in rows], alpha)
-    for row, p, flag in zip(rows, adjusted, significant):
-        row.update(p_holm=p, significant=flag)
-    return rows
+
+    def row_of(a, b, task, L, s, ra, rb):
+        row = {"task": task, "context_length": L, "sparsity": s, "a": a, "b": b,
+               **paired_scores([x["score"] for x in ra["per_sample"]],
+                               [x["score"] for x in rb["per_sample"]], seed)}
+        for name, nll, tokens in (("answer", "answer_nll", "answer_tokens"),
+                                  ("prompt", "window_nll", "window_predictions")):
+            change = None
+            if all(nll in x for x in ra["per_sample"] + rb["per_sample"]):
+                change = compare_cells(_sample_windows(ra, nll, tokens),
+                                       _sample_windows(rb, nll, tokens), seed,
+                                       f"{task} L={L} s={s:g} ({a}, {b})")
+            row.update({f"{name}_change": change and change["change"],
+                        f"{name}_ci95": change and change["ci95"],
+                        f"{name}_p": change and change["p_value"]})
+        return row
+
+    return _holm_rows(pairs, lambda method: _task_cells(all_points, method),
+                      pool and _pooled_samples, row_of, alpha)
 
 
 def _percent(x: float) -> str:
