@@ -223,9 +223,10 @@ TASK_HEAD = ["task", "L", "s", "A", "B", "acc A", "acc B", "B - A", "only A / on
 
 
 def _task_footnote(rows: list) -> str:
-    tests = sorted({r["test"] for r in rows})
-    return (f"Task cells on the same samples. p: {' or '.join(tests)} (McNemar: exact binomial "
-            f"test of the samples only one side got right), Holm-corrected over the "
+    tests = {"McNemar": "McNemar's exact test on the samples only one side got right",
+             "sign-flip": "paired sign-flip test of the per-sample score differences"}
+    used = " or ".join(tests[t] for t in sorted({r["test"] for r in rows}))
+    return (f"Task cells on the same samples. p: {used}, Holm-corrected over the "
             f"{len(rows)} task comparisons (significant: p (Holm) < {ALPHA:g}); answer and "
             "prompt PPL change: PPL_B / PPL_A - 1 of the answer tokens and of the whole "
             "prompt, with paired percentile bootstrap intervals over samples (teacher-forced "

@@ -215,7 +215,7 @@ def test_task_cells_are_compared_sample_by_sample(task_results_file, capsys):
     assert compare.main([str(task_results_file), "--baseline", "dense"]) == 0
     table = (task_results_file.parent / "tasks_compare_vs_dense.md").read_text()
     assert "| passkey | 1024 | 0.9 | dense | h2o | 1.00 | 0.40 | -0.60 | 12 / 0 |" in table
-    assert "McNemar" in table
+    assert "McNemar's exact test" in table
 
 
 def test_task_comparison_of_fractional_scores_uses_a_sign_flip_test(task_results_file, capsys):
