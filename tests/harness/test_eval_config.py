@@ -73,6 +73,7 @@ def test_icml_and_ablation_yaml_values():
             for run in runs] == [((), ("passkey", "niah_single", "niah_multikey"), "text", 20),
                                  ((), ("passkey", "niah_single"), "text", 20),
                                  ((), ("niah_single",), "text", 20)]
+    assert [len(run.methods) for run in runs] == [5, 5, 4]
 
 
 def test_experiments_list_with_defaults(tmp_path):
