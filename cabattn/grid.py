@@ -78,16 +78,20 @@ class BlockGrid:
 
 
 def kept_pairs(block_count: torch.Tensor, block_index: torch.Tensor,
-               grid: BlockGrid) -> torch.Tensor:
-    """Kept (query, key) pairs of a layout per batch row and head, float64 [B, H]."""
+               grid: BlockGrid, queries: int = None) -> torch.Tensor:
+    """Kept (query, key) pairs of a layout per batch row and head, float64 [B, H], over its
+    first `queries` query rows (default all)."""
     sizes = grid.block_lengths(block_count.device).double()
+    starts = torch.arange(grid.num_blocks, device=block_count.device) * grid.block_size
+    queries = grid.length if queries is None else queries
+    rows_counted = (queries - starts).clamp(min=0).double().minimum(sizes)
     slots = torch.arange(block_index.shape[-1], device=block_count.device)
     valid = slots < block_count[..., None].long()
     idx = block_index.long().clamp(min=0)
     rows = torch.arange(grid.num_blocks, device=block_count.device)[:, None]
     key_tokens = (sizes[idx] * (valid & (idx < rows))).sum(-1)
-    diagonal = (valid & (idx == rows)).any(-1) * sizes * (sizes + 1) / 2
-    return (sizes * key_tokens + diagonal).sum(-1)
+    diagonal = (valid & (idx == rows)).any(-1) * rows_counted * (rows_counted + 1) / 2
+    return (rows_counted * key_tokens + diagonal).sum(-1)
 
 
 def causal_pairs(length: int) -> float:

@@ -263,10 +263,13 @@ class EvictingLayer(CacheLayerMixin):
         self.recent_query_count = survivors + incoming
 
     def state(self, budget: int, scale: float, layer_idx: int, window_idx: int,
-              seed: int, keys: Optional[torch.Tensor] = None) -> KVState:
+              seed: int, keys: Optional[torch.Tensor] = None,
+              recent_query_window: Optional[int] = None) -> KVState:
         """What a kv rule reads: views of the live entries, no copies (block_queries is None
         unless note_queries ran; mean-pooled ones are divided out here). `keys`: the live keys
-        as attended when the buffer holds them un-rotated (positions="cache")."""
+        as attended when the buffer holds them un-rotated (positions="cache").
+        recent_query_window: the rule's own window, when the layer keeps more recent queries
+        (a dense prefill captured for several methods): the newest that many."""
         block_queries = None
         if self.block_query_buffer is not None:
             block_queries = self.block_query_buffer[:, :, :self.blocks_seen]
@@ -275,7 +278,9 @@ class EvictingLayer(CacheLayerMixin):
                 block_queries = (block_queries / counts).to(self.key_buffer.dtype)
         recent_queries = None
         if self.recent_query_buffer is not None:
-            recent_queries = self.recent_query_buffer[:, :, :self.recent_query_count]
+            count = self.recent_query_count
+            first = 0 if recent_query_window is None else max(count - recent_query_window, 0)
+            recent_queries = self.recent_query_buffer[:, :, first:count]
         return KVState(keys=self.keys if keys is None else keys, positions=self.positions,
                        mass=self.mass, block_queries=block_queries,
                        budget=budget, block_size=self.block_size, scale=scale,
@@ -309,6 +314,41 @@ class EvictingLayer(CacheLayerMixin):
                        self.mass_buffer):
             buffer[:, :, :width] = buffer.gather(2, _along_entries(index, buffer))
         self._set_head_lengths([list(row) for row in counts])
+    def copy(self, capacity: int) -> "EvictingLayer":
+        """A layer holding this one's live entries and tracked queries, with room for
+        `capacity` entries per head (at least its longest head's)."""
+        copied = EvictingLayer(capacity, self.block_size, self.num_blocks,
+                               self.block_query_pooling, self.recent_query_window,
+                               self.page_bounds)
+        if not self.is_initialized:
+            return copied
+        if capacity < self.length:
+            raise ValueError(f"a copy with room for {capacity} entries cannot hold the "
+                             f"{self.length} this layer holds")
+        copied.device, copied.is_initialized = self.device, True
+        for name in ("key_buffer", "value_buffer", "position_buffer", "mass_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], capacity, *old.shape[3:])
+            new[:, :, :self.length] = old[:, :, :self.length]
+            setattr(copied, name, new)
+        for name in ("block_query_buffer", "block_query_count", "open_block_queries",
+                     "recent_query_buffer", "page_min", "page_max"):
+            value = getattr(self, name)
+            setattr(copied, name, None if value is None else value.clone())
+        copied.blocks_seen, copied.recent_query_count = self.blocks_seen, self.recent_query_count
+        if self.head_lengths is not None:
+            copied._set_head_lengths([list(row) for row in self.head_lengths])
+        else:
+            copied._set_length(self.length)
+        return copied
+
+    def nbytes(self) -> int:
+        """Bytes its buffers hold."""
+        return sum(t.numel() * t.element_size() for t in (
+            self.key_buffer, self.value_buffer, self.position_buffer, self.mass_buffer,
+            self.block_query_buffer, self.block_query_count, self.open_block_queries,
+            self.recent_query_buffer, self.page_min, self.page_max) if t is not None)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
@@ -341,35 +381,28 @@ def _along_entries(index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
 
 
 class KVEvictionCache(Cache):
-    """Per-layer EvictingLayers for one window of `length` tokens streamed with a budget of
-    `budget` entries per KV head (layer l: layer_budgets[l], default `budget`; the prefill is
-    `budget` tokens) and chunks of at most `chunk` tokens; under kv_mode "select" the layers
-    hold the whole window and track their pages' key bounds instead.
+    """Per-layer EvictingLayers for one sequence of `length` tokens, layer l with room for
+    capacities[l] entries per KV head (the protocol sizes them: the kv protocol its budget
+    and a chunk, the prefill protocol a context and its continuation; under kv_mode "select"
+    the whole sequence, whose pages' key bounds the layers then track).
 
     Before each forward, `begin_chunk(positions)` tells the cache the absolute positions of
     the tokens the forward appends (transformers' update() does not pass them).
     """
 
-    def __init__(self, num_layers: int, budget: int, chunk: int, block_size: int, length: int,
+    def __init__(self, capacities: list, block_size: int, length: int,
                  block_query_pooling: Optional[str] = None,
-                 recent_query_window: Optional[int] = None, kv_mode: str = "evict",
-                 layer_budgets: Optional[list] = None):
-        layer_budgets = [budget] * num_layers if layer_budgets is None else list(layer_budgets)
-        if budget < 1 or chunk < 1 or len(layer_budgets) != num_layers or min(layer_budgets) < 1:
-            raise ValueError(f"budget ({budget}), chunk ({chunk}) and each of the "
-                             f"{num_layers} layer budgets ({layer_budgets}) must be at least 1")
+                 recent_query_window: Optional[int] = None, kv_mode: str = "evict"):
+        if not capacities or min(capacities) < 1:
+            raise ValueError(f"each layer's capacity ({capacities}) must be at least 1")
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode {kv_mode!r} is not valid; valid: {', '.join(KV_MODES)}")
-        self.budget, self.chunk, self.length = budget, chunk, length
+        self.length = length
         num_blocks = math.ceil(length / block_size)
-        selects = kv_mode == "select"
-        # select: a layer holds the whole window; evict: the prefill (budget) or its own
-        # budget, whichever is more, + a chunk
-        super().__init__(layers=[EvictingLayer(length if selects
-                                               else max(budget, layer_budget) + chunk,
-                                               block_size, num_blocks, block_query_pooling,
-                                               recent_query_window, page_bounds=selects)
-                                 for layer_budget in layer_budgets])
+        super().__init__(layers=[EvictingLayer(capacity, block_size, num_blocks,
+                                               block_query_pooling, recent_query_window,
+                                               page_bounds=kv_mode == "select")
+                                 for capacity in capacities])
         self.chunk_positions: Optional[torch.Tensor] = None
 
     def begin_chunk(self, positions: torch.Tensor) -> None:
@@ -380,3 +413,17 @@ class KVEvictionCache(Cache):
                *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states,
                                              positions=self.chunk_positions)
+
+    def copy(self, capacities: list, length: int) -> "KVEvictionCache":
+        """A cache of a sequence of `length` tokens holding what this one holds (live entries,
+        block queries, recent queries), layer l with room for capacities[l] entries: the
+        prefill protocol compresses a copy of a shared dense prefill."""
+        copied = KVEvictionCache.__new__(KVEvictionCache)
+        Cache.__init__(copied, layers=[layer.copy(capacity)
+                                       for layer, capacity in zip(self.layers, capacities)])
+        copied.length, copied.chunk_positions = length, None
+        return copied
+
+    def nbytes(self) -> int:
+        """Bytes its layers' buffers hold."""
+        return sum(layer.nbytes() for layer in self.layers)

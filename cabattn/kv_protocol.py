@@ -1,4 +1,5 @@
-"""The kv protocol (docs/protocols.md, KV): teacher-forced streaming through an evicting KV cache.
+"""The kv protocol (docs/protocols.md, KV): teacher-forced streaming through an evicting KV cache,
+and the streaming machinery it shares with the prefill protocol (StreamingProtocol).
 
 Inside `with KVProtocol(model, method, sparsity) as stats:`, `model(input_ids, labels=...)`
 scores each window as a stream: the first min(K, L) tokens are prefilled densely, the rest
@@ -40,10 +41,10 @@ Method.layer_budget), so memory grows with the window while the attended keys st
 Every record says which mode ran (kv_mode; see docs/baselines.md, select mode).
 """
 import functools
-import inspect
 import math
 import sys
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -52,11 +53,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops, ties
 from .checks import Option, positive_int
-from .grid import check_options, resolve_block_size
+from .grid import resolve_block_size
 from .kv_cache import KVEvictionCache
 from .methods import KVPages, Method, RaggedKeep
+from .protocol import CONTEXT_KWARG, Protocol, cache_keyword, check_max_new_tokens
 from .reference import default_scale
-from .sparse import resolve_method
 from .stats import ProtocolStats
 
 ATTENTION_NAME = "cabattn_kv"
@@ -71,7 +72,7 @@ def _kv_attention(module, query, key, value, attention_mask, scaling=None, dropo
     stream = kwargs.get(_STREAM_KWARG)
     if stream is None:
         raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} only runs inside "
-                           "cabattn.KVProtocol (it needs the protocol's evicting cache)")
+                           "cabattn's kv or prefill protocol (it needs the protocol's cache)")
     if dropout:
         raise ValueError(f"the kv protocol evaluates a model; got attention dropout {dropout} "
                          "(call model.eval())")
@@ -86,9 +87,11 @@ AttentionInterface.register(ATTENTION_NAME, _kv_attention)
 class _WindowStream:
     """The state of one window's streaming pass: its cache and per-layer pair counts."""
 
-    def __init__(self, protocol: "KVProtocol", cache: KVEvictionCache, window_idx: int):
+    def __init__(self, protocol: "StreamingProtocol", cache: KVEvictionCache, window_idx: int):
         self.protocol, self.cache, self.window_idx = protocol, cache, window_idx
         self.first_position = 0
+        self.evicting = True  # evict after each step (the prefill protocol's steps do not)
+        self.scales = [None] * len(cache.layers)  # each layer's attention scale, once seen
         self.kept_pairs = [0] * len(cache.layers)  # per (batch row, query head)
         # steps whose KV heads held different numbers of entries: per layer, per KV head,
         # summed over the batch rows
@@ -113,6 +116,7 @@ class _WindowStream:
     def attend(self, layer_idx: int, query, key, value, scale: Optional[float]):
         protocol, layer = self.protocol, self.cache.layers[layer_idx]
         scale = default_scale(query.shape[-1]) if scale is None else scale
+        self.scales[layer_idx] = scale
         timing = protocol.stats.timing
         ragged = layer.head_lengths is not None
         if self.rope is not None:  # positions="cache": rotate at the entries' cache indices
@@ -142,23 +146,32 @@ class _WindowStream:
             if not ragged:
                 chunk, length = query.shape[2], layer.length
                 self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
-            budget = protocol.layer_budgets[layer_idx]
-            if layer.over_budget(budget):
-                keep = protocol.method.kv_keep(layer.state(budget, scale, layer_idx,
-                                                           self.window_idx, protocol.seed,
-                                                           keys=key))
-                if protocol.method.block_query_pooling == "max_l2" and not ragged:
-                    # its rule pools the cached key blocks by max_l2 too (as in the mask
-                    # protocol): their tie diagnostics, at every eviction
-                    decided = ties.tie_decided(key, layer.block_size)
-                    protocol.stats.add_pooling_ties(decided.sum(), decided.numel())
-                if isinstance(keep, RaggedKeep) or layer.head_lengths is not None:
-                    counts = protocol.check_ragged_keep(keep, layer, layer_idx, budget)
-                    layer.compact_ragged(keep.index if isinstance(keep, RaggedKeep) else keep,
-                                         counts)
-                else:
-                    protocol.check_keep(keep, layer.positions.shape, layer_idx, budget)
-                    layer.compact(keep)
+            if self.evicting:
+                self.evict(layer_idx, key, scale)
+        return out.transpose(1, 2), None
+
+    def evict(self, layer_idx: int, keys, scale: float) -> None:
+        """Evicts layer `layer_idx`'s cache down to its budget with the method's kv_keep when
+        it holds more (keys: the live keys as attended), then counts what the cache holds."""
+        protocol, layer = self.protocol, self.cache.layers[layer_idx]
+        budget = protocol.layer_budgets[layer_idx]
+        if layer.over_budget(budget):
+            ragged = layer.head_lengths is not None
+            keep = protocol.method.kv_keep(layer.state(
+                budget, scale, layer_idx, self.window_idx, protocol.seed, keys=keys,
+                recent_query_window=protocol.method.recent_query_window))
+            if protocol.method.block_query_pooling == "max_l2" and not ragged:
+                # its rule pools the cached key blocks by max_l2 too (as in the mask
+                # protocol): their tie diagnostics, at every eviction
+                decided = ties.tie_decided(keys, layer.block_size)
+                protocol.stats.add_pooling_ties(decided.sum(), decided.numel())
+            if isinstance(keep, RaggedKeep) or ragged:
+                counts = protocol.check_ragged_keep(keep, layer, layer_idx, budget)
+                layer.compact_ragged(keep.index if isinstance(keep, RaggedKeep) else keep,
+                                     counts)
+            else:
+                protocol.check_keep(keep, layer.positions.shape, layer_idx, budget)
+                layer.compact(keep)
         # ascending per KV head: [..., 0] oldest, a head's last live entry its newest
         positions, live = layer.positions, layer.live_mask()
         protocol.stats.add_sink((positions[..., 0] == 0).sum(), positions[..., 0].numel())
@@ -169,7 +182,6 @@ class _WindowStream:
             newest = positions.gather(-1, layer.length_tensor[..., None] - 1)
             protocol.stats.add_cached_age(((newest - positions) * live).sum(),
                                           sum(map(sum, layer.head_lengths)))
-        return out.transpose(1, 2), None
 
     def attend_ragged(self, layer_idx: int, query, key, value, scale: float):
         """The chunk's attention when the KV heads hold different numbers of entries: per
@@ -274,73 +286,61 @@ def _rotate_one(apply, x, cos, sin):
     return apply(x, x, cos, sin)[0]
 
 
-class KVProtocol:
-    """Context manager that makes `model(input_ids, labels=...)` return the kv-protocol
-    result of each window; __enter__ returns the ProtocolStats the windows add to.
+@dataclass
+class _Run:
+    """One sequence being fed through the model: its cache and stream, and the positions of
+    its tokens (true ones, and those the model is run at)."""
+    cache: KVEvictionCache
+    stream: _WindowStream
+    positions: torch.Tensor  # [B, length] absolute
+    model_positions: torch.Tensor  # what the model rotates at (0 under positions="cache")
 
-    method: a Method instance, or a registered method name built with **method_params.
-    sparsity: s in [0, 1); the budget per KV head and layer is
-    K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything), or
-    method.layer_budget(K, layer, ...) for a method with per-layer budgets (their mean is K;
-    the prefill is still the first min(K, L) tokens).
-    kv_chunk: tokens per streaming step (1 = exact token-by-token streaming).
-    positions: "absolute" (every token keeps its true position) or "cache" (StreamingLLM's
-    pos-shift: RoPE at the entries' indices inside the cache, so a window may be longer than
-    the model's positions; see the module's doc).
-    block_size: "auto" (grid.auto_block_size(L)) or one of 16, 32, 64, 128: the block the
-    block-level rules and the per-block coarse queries use.
-    keep_logits: False scores a window without holding its [L, vocab] logits (a long stream's
-    do not fit in memory): the forward then needs labels, returns logits=None and the loss,
-    and leaves the NLL of every prediction in `token_nll` [B, L-1] float32.
-    progress: a tqdm bar over each window's tokens (long streams).
+
+class StreamingProtocol(Protocol):
+    """What the kv and prefill protocols share: a context manager that replaces the model's
+    forward with one that feeds each sequence through the model in steps over a
+    KVEvictionCache (cabattn.kv_cache), every layer attending through this module's registered
+    attention function (ops.attention_with_scores over the cache and the step's tokens, the
+    method's kv_keep evicting); __enter__ returns the ProtocolStats the sequences add to.
+
+    A subclass says how a sequence begins (`_open`: the tokens fed before the rest, and
+    whether and when the cache is evicted to its budget), how the rest is cut into steps
+    (`_chunks`) and whether those steps evict (`EVICTS_AFTER_OPEN`).
+
+    keep_logits: False scores a sequence without holding its [L, vocab] logits (a long
+    stream's do not fit in memory): the forward then needs labels, returns logits=None and the
+    loss, and leaves the NLL of every counted prediction in `token_nll` float32.
+    progress: a tqdm bar over each sequence's tokens (long streams).
     """
+    EVICTS_AFTER_OPEN: ClassVar[bool] = True
 
-    name = "kv"
-    # The protocol's own options, recorded with every cell next to the shared ones
-    # (block_size, k_min).
-    OPTIONS = (Option("kv_chunk", 1, "tokens fed per step (1: token by token, exact "
-                      "streaming; larger chunks evict less often)", positive_int),
-               ops.KERNEL_PATH_OPTION)
-
-    def __init__(self, model, method: Union[Method, str], sparsity: float, kv_chunk: int = 1,
-                 positions: str = "absolute", block_size: Union[int, str] = "auto",
-                 k_min: int = 64, seed: int = 42, keep_logits: bool = True,
-                 progress: bool = False, kernels: str = "extension", **method_params):
-        check_options(sparsity, block_size, k_min)  # the options both protocols share
-        for option in self.OPTIONS:  # each declared option is a keyword of this constructor
-            option.require(locals()[option.name])
+    def __init__(self, model, method, sparsity, *, positions: str, keep_logits: bool,
+                 progress: bool, options: dict, **shared):
         if positions not in POSITIONS:
             raise ValueError(f"positions {positions!r} is not supported; valid choices: "
                              f"{', '.join(POSITIONS)}")
-        method = resolve_method(method, **method_params)
-        method.check_protocol(self.name)
-        self.model, self.method, self.sparsity = model, method, float(sparsity)
-        self.kv_chunk, self.positions, self.block_size = kv_chunk, positions, block_size
-        self.k_min, self.seed, self.keep_logits = k_min, seed, keep_logits
-        self.progress, self.kernels = progress, kernels
+        super().__init__(model, method, sparsity, options=options, **shared)
+        self.positions, self.keep_logits, self.progress = positions, keep_logits, progress
         self.token_nll: Optional[torch.Tensor] = None
         self.rotary_emb, self.rotate = ((None, None) if positions == "absolute"
                                         else _rotary_embedding(model))
-        options = {o.name: getattr(self, o.name) for o in self.OPTIONS}
         if positions != "absolute":  # recorded when used; absolute records stay as they were
-            options["positions"] = positions
-        self.stats = ProtocolStats(protocol=self.name, options=options, params=method.config,
-                                   k_min=k_min, kv_mode=method.kv_mode)
-        self.budget = 0  # K of the window being scored
-        self.layer_budgets = []  # K_l of each layer for that window
-        self.cache: Optional[KVEvictionCache] = None  # the window being (or last) scored
+            self.stats.options["positions"] = positions
+        self.stats.kv_mode = self.method.kv_mode
+        self.budget = 0  # K of the sequence being scored
+        self.layer_budgets = []  # K_l of each layer for that sequence
+        self.cache: Optional[KVEvictionCache] = None  # the sequence being (or last) scored
         self.windows_seen = 0
         self._saved = None
 
     # -- entering and leaving -------------------------------------------------------------
     def __enter__(self) -> ProtocolStats:
         if self._saved is not None:
-            raise RuntimeError("this KVProtocol is already active")
+            raise RuntimeError(f"this {type(self).__name__} is already active")
         model = self.model
         self._saved = (model.__dict__.get("forward"), model.config._attn_implementation)
         self._model_forward = model.forward
-        self._cache_kwarg = ("cache" if "cache" in inspect.signature(model.forward).parameters
-                             else "past_key_values")
+        self._cache_kwarg = cache_keyword(model)
         model.set_attn_implementation(ATTENTION_NAME)
         model.forward = self._forward
         return self.stats
@@ -356,72 +356,111 @@ class KVProtocol:
         self._saved = None
         return False
 
-    # -- one window -----------------------------------------------------------------------
+    # -- what a subclass says -------------------------------------------------------------
+    def _budget_length(self, length: int, context: Optional[int]) -> int:
+        """The length a sequence's token budget and block size are sized for."""
+        return length
+
+    def _capacities(self, length: int, context: Optional[int]) -> list:
+        """Entries each layer's cache must have room for."""
+        raise NotImplementedError
+
+    def _tracking(self) -> tuple:
+        """(recent query window, block query pooling) the cache tracks: the method's."""
+        return self.method.recent_query_window, self.method.block_query_pooling
+
+    def _open(self, run: _Run, input_ids: torch.Tensor, context: Optional[int], first: int):
+        """Feeds the sequence's first tokens; returns (tokens fed, logits of the positions
+        from `first` on among them, or None)."""
+        raise NotImplementedError
+
+    def _chunks(self, start: int, end: int) -> list:
+        """The steps (start, end) that feed tokens start..end-1 after the opening."""
+        raise NotImplementedError
+
+    # -- one sequence ---------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor = None, labels: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None, **kwargs):
+                 attention_mask: Optional[torch.Tensor] = None,
+                 context_length: Optional[int] = None, **kwargs):
         unsupported = sorted(k for k, v in kwargs.items() if v is not None)
         if unsupported:
-            raise TypeError(f"under the kv protocol the model takes input_ids, labels and an "
-                            f"all-ones attention_mask; got {unsupported}")
+            raise TypeError(f"under the {self.name} protocol the model takes input_ids, labels, "
+                            f"an all-ones attention_mask and {CONTEXT_KWARG}; got {unsupported}")
         if input_ids is None or input_ids.dim() != 2:
-            raise ValueError("the kv protocol needs input_ids [batch, length]")
+            raise ValueError(f"the {self.name} protocol needs input_ids [batch, length]")
         if not self.keep_logits and labels is None:
-            raise ValueError("a KVProtocol with keep_logits=False scores windows: it needs labels")
+            raise ValueError(f"a {type(self).__name__} with keep_logits=False scores windows: "
+                             "it needs labels")
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("the kv protocol streams unpadded windows; the attention_mask has "
-                             "padding (zeros)")
+            raise ValueError(f"the {self.name} protocol streams unpadded windows; the "
+                             "attention_mask has padding (zeros)")
         batch, length = input_ids.shape
-        cache, stream, spans, positions, model_positions = self._begin(input_ids, length,
-                                                                       length)
-        logits = []
-        # the operators on the chosen path; the CUDA kernels' input checks are read back once per
-        # window, not per layer and chunk
+        context = self.context_of(length, context_length)
+        first = self._first_logit(context)
+        run = self._begin(input_ids, length, self._budget_length(length, context), context)
+        pieces = []
+
+        def keep(logits, start, end):
+            """The logits of positions start..end-1 (those from `first` on), or their NLL."""
+            if logits is None:
+                return
+            start = end - logits.shape[1]
+            if self.keep_logits:
+                pieces.append(logits)
+            else:  # predictions start..end-1 of tokens start+1..end (the last has none)
+                predicted = labels[:, start + 1:end + 1]
+                pieces.append(torch.nn.functional.cross_entropy(
+                    logits[:, :predicted.shape[1]].float().transpose(1, 2), predicted,
+                    reduction="none"))
+
         bar = tqdm(total=length, desc=f"{self.method.name} stream", unit="token",
                    disable=not self.progress, leave=False)
+        # the operators on the chosen path; the CUDA kernels' input checks are read back once
+        # per sequence, not per layer and step
         with torch.no_grad(), ops.use_kernels(self.kernels), ops.deferred_checks(), bar:
-            for start, end in spans:
-                out = self._step(cache, stream, input_ids[:, start:end], start, end, positions,
-                                 model_positions)
-                if self.keep_logits:
-                    logits.append(out.logits)
-                else:  # predictions start..end-1 of tokens start+1..end (the last has none)
-                    predicted = labels[:, start + 1:end + 1]
-                    logits.append(torch.nn.functional.cross_entropy(
-                        out.logits[:, :predicted.shape[1]].float().transpose(1, 2), predicted,
-                        reduction="none"))
+            fed, logits = self._open(run, input_ids, context, first)
+            keep(logits, 0, fed)
+            bar.update(fed)
+            for start, end in self._chunks(fed, length):
+                keep(self._step(run, input_ids[:, start:end], start, end, first,
+                                self.EVICTS_AFTER_OPEN), start, end)
                 bar.update(end - start)
-        self._record_pairs(stream, batch, length)
+        self._record_pairs(run.stream, batch, self._counted_from(context), length)
         self.windows_seen += batch  # row b of the batch was window windows_seen + b
         model = self.model
         if not self.keep_logits:
-            self.token_nll = torch.cat(logits, dim=1)
+            self.token_nll = torch.cat(pieces, dim=1)
             return CausalLMOutputWithPast(loss=self.token_nll.mean(), logits=None)
-        logits = torch.cat(logits, dim=1)
+        logits = torch.cat(pieces, dim=1)
         loss = None
         if labels is not None:
-            loss = model.loss_function(logits=logits, labels=labels,
+            loss = model.loss_function(logits=logits, labels=labels[:, first:],
                                        vocab_size=model.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def _begin(self, input_ids: torch.Tensor, length: int, budget_length: int):
-        """A stream of `length` tokens whose first input_ids.shape[1] are given: its budget
-        (from `budget_length` tokens), cache, spans (the densely prefilled first min(K, given)
-        tokens, then chunks of kv_chunk) and positions."""
-        batch, given = input_ids.shape
+    def _first_logit(self, context: Optional[int]) -> int:
+        """The first position whose logits the forward returns (cabattn.protocol)."""
+        return 0
+
+    def _counted_from(self, context: Optional[int]) -> int:
+        """The first query position the realised density counts (docs/protocols.md)."""
+        return 0
+
+    def _begin(self, input_ids: torch.Tensor, length: int, budget_length: int,
+               context: Optional[int]) -> _Run:
+        """A sequence of `length` tokens whose first input_ids.shape[1] are given: its budget
+        (from `budget_length` tokens), cache, stream and positions."""
+        batch = input_ids.shape[0]
         self.budget = self.stats.budget_tokens = self.method.token_budget(
             budget_length, self.sparsity, self.k_min)
         block_size = self.stats.block_size = resolve_block_size(self.block_size, budget_length)
         layers = self.model.config.num_hidden_layers
         self.layer_budgets = [self.method.layer_budget(self.budget, layer, layers, budget_length)
                               for layer in range(layers)]
-        self.cache = cache = KVEvictionCache(layers, self.budget, self.kv_chunk, block_size,
-                                             length, self.method.block_query_pooling,
-                                             self.method.recent_query_window,
-                                             self.method.kv_mode, self.layer_budgets)
+        window, pooling = self._tracking()
+        self.cache = cache = KVEvictionCache(self._capacities(length, context), block_size,
+                                             length, pooling, window, self.method.kv_mode)
         stream = _WindowStream(self, cache, self.windows_seen)
-        prefill = min(self.budget, given)
-        spans = [(0, prefill)] + [(start, min(start + self.kv_chunk, given))
-                                  for start in range(prefill, given, self.kv_chunk)]
         positions = torch.arange(length, device=input_ids.device).expand(batch, length)
         if self.rotary_emb is not None:
             stream.use_cache_positions(self.rotary_emb, self.rotate,
@@ -430,51 +469,58 @@ class KVProtocol:
             model_positions = torch.zeros_like(positions)
         else:
             model_positions = positions
-        return cache, stream, spans, positions, model_positions
+        return _Run(cache, stream, positions, model_positions)
 
-    def _step(self, cache, stream, chunk_ids, start, end, positions, model_positions):
-        """One chunk (tokens start..end-1) through the model; eviction happens inside."""
-        cache.begin_chunk(positions[:, start:end])
-        stream.first_position = start
-        return self._model_forward(input_ids=chunk_ids, position_ids=model_positions[:, start:end],
-                                   use_cache=True,
-                                   **{self._cache_kwarg: cache, _STREAM_KWARG: stream})
+    def _step(self, run: _Run, chunk_ids, start: int, end: int, first: int, evicting: bool):
+        """One step (tokens start..end-1) through the model, evicting inside when asked;
+        returns the logits of its positions from `first` on (None when it has none)."""
+        wanted = end - max(start, first)
+        run.cache.begin_chunk(run.positions[:, start:end])
+        run.stream.first_position, run.stream.evicting = start, evicting
+        out = self._model_forward(input_ids=chunk_ids,
+                                  position_ids=run.model_positions[:, start:end],
+                                  use_cache=True, logits_to_keep=max(wanted, 1),
+                                  **{self._cache_kwarg: run.cache, _STREAM_KWARG: run.stream})
+        return out.logits if wanted > 0 else None
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
-                 budget_length: Optional[int] = None) -> torch.Tensor:
-        """Greedy decoding with decode-time eviction: the prompt input_ids [B, P] is streamed
-        as a window is, then each new token is the argmax of the last prediction and is fed
-        as a chunk of its own, the cache evicting down to K after every one (memory stays
-        bounded throughout). K = method.token_budget(budget_length, s) (default: P +
-        max_new_tokens); with kv_chunk=1 and budget_length equal to the length of a
-        teacher-forced window, generating the window's tail reproduces that window's stream
-        step for step. Returns the new tokens [B, max_new_tokens] (no early stop)."""
+                 budget_length: Optional[int] = None,
+                 context_length: Optional[int] = None) -> torch.Tensor:
+        """Greedy decoding (cabattn.protocol.Protocol.generate): the prompt is fed as a
+        sequence of the same split is, then each new token as a step of its own, evicting
+        when the protocol's steps after the opening evict (kv: decode-time eviction, memory
+        bounded throughout; prefill: nothing more is evicted). With kv_chunk=1 and
+        budget_length equal to the length of a teacher-forced window, the tokens a generation
+        is fed reproduce that window's stream step for step."""
         if self._saved is None:
-            raise RuntimeError("KVProtocol.generate runs inside `with KVProtocol(...)`")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens {max_new_tokens!r} must be a positive integer")
+            raise RuntimeError(f"{type(self).__name__}.generate runs inside "
+                               f"`with {type(self).__name__}(...)`")
+        check_max_new_tokens(max_new_tokens)
         batch, given = input_ids.shape
         length = given + max_new_tokens
-        cache, stream, spans, positions, model_positions = self._begin(
-            input_ids, length, budget_length or length)
-        new_tokens = []
+        context = self.context_of(given, context_length)
+        run = self._begin(input_ids, length, budget_length or self._budget_length(length,
+                                                                                  context),
+                          context)
+        last = given - 1
         with torch.no_grad(), ops.use_kernels(self.kernels), ops.deferred_checks():
-            for start, end in spans:
-                out = self._step(cache, stream, input_ids[:, start:end], start, end, positions,
-                                 model_positions)
-            for position in range(given, length):
-                new_tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-                if position + 1 < length:
-                    out = self._step(cache, stream, new_tokens[-1], position, position + 1,
-                                     positions, model_positions)
-        self._record_pairs(stream, batch, length - 1)
+            fed, logits = self._open(run, input_ids, context, last)
+            for start, end in self._chunks(fed, given):
+                logits = self._step(run, input_ids[:, start:end], start, end, last,
+                                    self.EVICTS_AFTER_OPEN)
+            new_tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+            for position in range(given, length - 1):
+                logits = self._step(run, new_tokens[-1], position, position + 1, position,
+                                    self.EVICTS_AFTER_OPEN)
+                new_tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+        self._record_pairs(run.stream, batch, self._counted_from(context), length - 1)
         self.windows_seen += batch
         return torch.cat(new_tokens, dim=1)
 
-    def _record_pairs(self, stream: _WindowStream, batch: int, length: int) -> None:
+    def _record_pairs(self, stream: _WindowStream, batch: int, first: int, end: int) -> None:
+        """The pairs the stream kept against the causal pairs of query positions first..end-1."""
         heads = self.model.config.num_attention_heads
-        causal = torch.full((heads,), float(batch * length * (length + 1) // 2),
+        causal = torch.full((heads,), float(batch * (end * (end + 1) - first * (first + 1)) // 2),
                             dtype=torch.float64)
         for layer_idx, kept in enumerate(stream.kept_pairs):
             pairs = torch.full((heads,), float(batch * kept), dtype=torch.float64)
@@ -544,3 +590,59 @@ class KVProtocol:
                 f"{tuple(keep.shape)} for layer {layer_idx}; expected int64 "
                 f"[{live_shape[0]}, {live_shape[1]}, 1..{budget}] (budget K = "
                 f"{budget} of {live_shape[2]} cached entries)")
+
+
+class KVProtocol(StreamingProtocol):
+    """Context manager that makes `model(input_ids, labels=...)` return the kv-protocol
+    result of each window; __enter__ returns the ProtocolStats the windows add to.
+
+    method: a Method instance, or a registered method name built with **method_params.
+    sparsity: s in [0, 1); the budget per KV head and layer is
+    K = method.token_budget(L, s, k_min) (grid.token_budget; dense keeps everything), or
+    method.layer_budget(K, layer, ...) for a method with per-layer budgets (their mean is K;
+    the prefill is still the first min(K, L) tokens).
+    kv_chunk: tokens per streaming step (1 = exact token-by-token streaming).
+    positions: "absolute" (every token keeps its true position) or "cache" (StreamingLLM's
+    pos-shift: RoPE at the entries' indices inside the cache, so a window may be longer than
+    the model's positions; see the module's doc).
+    block_size: "auto" (grid.auto_block_size(L)) or one of 16, 32, 64, 128: the block the
+    block-level rules and the per-block coarse queries use.
+    context_length: the whole window is streamed either way; with a split, only the
+    continuation's predictions are returned and scored (cabattn.protocol).
+    keep_logits, progress: StreamingProtocol.
+    """
+
+    name = "kv"
+    # The protocol's own options, recorded with every cell next to the shared ones
+    # (block_size, k_min).
+    OPTIONS = (Option("kv_chunk", 1, "tokens fed per step (1: token by token, exact "
+                      "streaming; larger chunks evict less often)", positive_int),
+               ops.KERNEL_PATH_OPTION)
+
+    def __init__(self, model, method: Union[Method, str], sparsity: float, kv_chunk: int = 1,
+                 positions: str = "absolute", block_size: Union[int, str] = "auto",
+                 k_min: int = 64, seed: int = 42, keep_logits: bool = True,
+                 progress: bool = False, kernels: str = "extension",
+                 context_length: Optional[int] = None, **method_params):
+        super().__init__(model, method, sparsity, positions=positions, keep_logits=keep_logits,
+                         progress=progress, options=dict(kv_chunk=kv_chunk, kernels=kernels),
+                         block_size=block_size, k_min=k_min, seed=seed,
+                         context_length=context_length, method_params=method_params)
+        self.stats.context_attention = self.stats.continuation_attention = (
+            "streamed through the cache, evicted after every step" if self.method.kv_mode ==
+            "evict" else "streamed; each step attends to the pages the method selects")
+
+    def _capacities(self, length: int, context: Optional[int]) -> list:
+        if self.method.kv_mode == "select":  # nothing is evicted
+            return [length] * len(self.layer_budgets)
+        # the prefill (budget) or the layer's own budget, whichever is more, + a chunk
+        return [max(self.budget, budget) + self.kv_chunk for budget in self.layer_budgets]
+
+    def _open(self, run, input_ids, context, first):
+        """The first min(K, given) tokens, prefilled densely (the cache is not full yet)."""
+        fed = min(self.budget, input_ids.shape[1])
+        return fed, self._step(run, input_ids[:, :fed], 0, fed, first, evicting=True)
+
+    def _chunks(self, start: int, end: int) -> list:
+        return [(first, min(first + self.kv_chunk, end))
+                for first in range(start, end, self.kv_chunk)]

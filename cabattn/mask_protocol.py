@@ -4,6 +4,12 @@ Every attention layer runs through one function registered with transformers'
 AttentionInterface: it selects key blocks from that layer's post-RoPE q and k with the method's
 rule and runs ops.block_sparse_attention. The protocol object is attached to each attention
 module while active, so the registered function knows which method and sparsity to use.
+
+With a split (cabattn.protocol), the context's queries attend block-sparsely and, under
+`decoding: dense` (the default), the continuation's queries attend to every earlier key: the
+teacher-forced form of a block-sparse prefill followed by dense decoding. The context's rows
+are computed exactly as without a split (the same layout and kernel call over the whole
+sequence); the continuation's rows are then replaced by dense attention.
 """
 import contextlib
 
@@ -15,9 +21,10 @@ from typing import Union
 
 from . import ops, ties
 from .checks import Option, boolean, choice
-from .grid import CAUSAL_SELECTIONS, causal_pairs, check_options, kept_pairs
+from .grid import CAUSAL_SELECTIONS, causal_pairs, kept_pairs
 from .methods import MaskContext, Method
-from .sparse import layout_from_plan, make_grid, resolve_method
+from .protocol import CONTEXT_KWARG, Protocol, cached_greedy, sequence_length
+from .sparse import layout_from_plan, make_grid
 from .stats import ProtocolStats
 
 ATTENTION_NAME = "cabattn_mask"
@@ -45,7 +52,10 @@ def attention_modules(model):
             if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "scaling")]
 
 
-class MaskProtocol:
+DECODINGS = ("dense", "sparse")
+
+
+class MaskProtocol(Protocol):
     """Context manager: inside it, the model's attention is the method's block-sparse
     attention; __enter__ returns the ProtocolStats that every forward adds to."""
     name = "mask"
@@ -57,26 +67,32 @@ class MaskProtocol:
         Option("diagnostics", False, "also measure each cell's attention recall (the dense "
                "softmax mass the kept blocks hold; one more QK^T pass per layer for a method "
                "whose rule does not compute it)", boolean),
+        choice("decoding", "dense", "what a continuation's queries attend to (a task's "
+               "answer, a window's continuation): dense, every earlier key (block-sparse "
+               "prefill, dense decoding); sparse, the method's blocks like the context's",
+               DECODINGS),
         ops.KERNEL_PATH_OPTION,
     )
 
     def __init__(self, model, method: Union[Method, str], sparsity: float, block_size="auto",
                  k_min: int = 64, causal_selection: str = "strict", seed: int = 42,
-                 diagnostics: bool = False, kernels: str = "extension", **method_params):
-        check_options(sparsity, block_size, k_min)  # the options both protocols share
-        for option in self.OPTIONS:  # each declared option is a keyword of this constructor
-            option.require(locals()[option.name])
-        method = resolve_method(method, **method_params)
-        method.check_protocol(self.name)
-        self.model, self.method, self.sparsity = model, method, float(sparsity)
-        self.block_size, self.k_min, self.causal_selection = block_size, k_min, causal_selection
-        self.seed, self.diagnostics, self.kernels = seed, diagnostics, kernels
+                 diagnostics: bool = False, decoding: str = "dense",
+                 kernels: str = "extension", context_length: int = None, **method_params):
+        super().__init__(model, method, sparsity, block_size=block_size, k_min=k_min,
+                         seed=seed, context_length=context_length,
+                         options=dict(causal_selection=causal_selection,
+                                      diagnostics=diagnostics, decoding=decoding,
+                                      kernels=kernels),
+                         method_params=method_params)
+        self.stats.context_attention = "block-sparse (the method's blocks)"
+        self.stats.continuation_attention = ("dense (every earlier key)" if decoding == "dense"
+                                             else self.stats.context_attention)
+        self.stats.oracle_selection = self.method.oracle
+        self.stats.oracle = "upper_bound" if self.method.reads_own_row else None
         self.windows_seen = 0
-        self.stats = ProtocolStats(
-            protocol=self.name, options={o.name: getattr(self, o.name) for o in self.OPTIONS},
-            params=method.config, k_min=k_min, oracle_selection=method.oracle,
-            oracle="upper_bound" if method.reads_own_row else None)
         self._saved = None
+        self._context = None  # the split of the forward running now (None: no split)
+        self._budget_length = None  # generate(): the length the grid is sized for
 
     def __enter__(self) -> ProtocolStats:
         modules = attention_modules(self.model)
@@ -90,14 +106,18 @@ class MaskProtocol:
         self.model.set_attn_implementation(ATTENTION_NAME)
         # Each forward runs its operators on the chosen path, and the CUDA kernels' input
         # checks are read back once per forward, not once per layer.
-        self._hooks = (self.model.register_forward_pre_hook(self._begin_forward),
+        self._hooks = (self.model.register_forward_pre_hook(self._begin_forward,
+                                                            with_kwargs=True),
                        self.model.register_forward_hook(self._end_forward, always_call=True))
         return self.stats
 
-    def _begin_forward(self, model, args):
+    def _begin_forward(self, model, args, kwargs):
+        length = sequence_length(args, kwargs)
+        self._context = self.context_of(length, kwargs.pop(CONTEXT_KWARG, None))
         self._forward_context = contextlib.ExitStack()
         self._forward_context.enter_context(ops.use_kernels(self.kernels))
         self._forward_context.enter_context(ops.deferred_checks())
+        return args, kwargs
 
     def _end_forward(self, model, args, output):
         context, self._forward_context = self._forward_context, None
@@ -112,6 +132,20 @@ class MaskProtocol:
                 delattr(module, _ATTRIBUTE)
         self._saved = None
         return False
+
+    def generate(self, input_ids, max_new_tokens, budget_length=None, context_length=None):
+        if self._saved is None:
+            raise RuntimeError("MaskProtocol.generate runs inside `with MaskProtocol(...)`")
+        if self.decoding != "dense":
+            raise ValueError("the mask protocol decodes densely after its block-sparse prefill; "
+                             "decoding='sparse' is scored teacher-forced only (a cached "
+                             "decoding step has one query, not a block)")
+        self._budget_length = budget_length or input_ids.shape[1] + max_new_tokens
+        try:  # the prompt block-sparse, each new token under the model's own attention
+            return cached_greedy(self.model, input_ids, max_new_tokens, self._saved,
+                                 context_length)
+        finally:
+            self._budget_length = None
 
     def attend(self, module, query, key, value, attention_mask, scaling):
         length = query.shape[2]
@@ -129,10 +163,12 @@ class MaskProtocol:
         if layer_idx == 0:  # a new batch of windows: rows are windows_seen - batch + row
             self.windows_seen += query.shape[0]
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+        budget_length = self._budget_length or length
         grid = make_grid(self.method, length, self.sparsity, self.block_size, self.k_min,
-                         self.causal_selection, layer_idx, self.num_layers)
+                         self.causal_selection, layer_idx, self.num_layers, budget_length)
         self.stats.block_size = grid.block_size
-        self.stats.budget_tokens = self.method.token_budget(length, self.sparsity, self.k_min)
+        self.stats.budget_tokens = self.method.token_budget(budget_length, self.sparsity,
+                                                            self.k_min)
         ctx = MaskContext(q, k, grid, scale, layer_idx, self.windows_seen - query.shape[0],
                           self.seed)
         with torch.no_grad(), self.stats.timing("selection", q.device):
@@ -141,8 +177,16 @@ class MaskProtocol:
         with self.stats.timing("attention", q.device):
             out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
                                                 grid.block_size, scale)
-        kept = kept_pairs(layout.block_count, layout.block_index, grid).sum(0)
-        self.stats.add_pairs(layer_idx, kept, torch.full_like(kept, causal_pairs(length)
+        # the rows the method's layout serves: the context's under dense decoding
+        rows = length
+        if self._context is not None and self._context < length and self.decoding == "dense":
+            rows = self._context
+            with self.stats.timing("attention", q.device):
+                out[:, :, rows:] = ops.attention_with_scores(q[:, :, rows:].contiguous(), k, v,
+                                                             scale)[0]
+            self.stats.density_rows = "context"
+        kept = kept_pairs(layout.block_count, layout.block_index, grid, rows).sum(0)
+        self.stats.add_pairs(layer_idx, kept, torch.full_like(kept, causal_pairs(rows)
                                                               * q.shape[0]))
         sink_rows = layout.keeps_first_block()
         self.stats.add_sink(sink_rows.sum(), sink_rows.numel())

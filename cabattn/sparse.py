@@ -54,12 +54,16 @@ def resolve_method(method: Union[str, Method], **params) -> Method:
 
 def make_grid(method: Method, length: int, sparsity: float, block_size="auto",
               k_min: int = 64, causal_selection: str = "strict", layer_idx: int = 0,
-              num_layers: int = 1) -> BlockGrid:
-    """The grid of layer `layer_idx` of `num_layers`: its budget is the method's layer
-    budget (Method.layer_budget; the run's budget unless the method sets budgets per layer)."""
-    budget = method.layer_budget(method.token_budget(length, sparsity, k_min), layer_idx,
-                                 num_layers, length)
-    return BlockGrid(length, resolve_block_size(block_size, length), budget, causal_selection)
+              num_layers: int = 1, budget_length: int = None) -> BlockGrid:
+    """The grid of layer `layer_idx` of `num_layers` over `length` tokens: its budget is the
+    method's layer budget (Method.layer_budget; the run's budget unless the method sets
+    budgets per layer). Budget and block size are those of a window of `budget_length` tokens
+    (default `length`): a prompt generated from is sized as the window it will become."""
+    budget_length = length if budget_length is None else budget_length
+    budget = method.layer_budget(method.token_budget(budget_length, sparsity, k_min), layer_idx,
+                                 num_layers, budget_length)
+    return BlockGrid(length, resolve_block_size(block_size, budget_length), budget,
+                     causal_selection)
 
 
 def layout_from_plan(plan: BlockPlan, grid: BlockGrid, batch: int, heads: int,

@@ -37,6 +37,16 @@ class ProtocolStats:
     oracle: Optional[str] = None
     # kv protocol: "evict" (the cache is bounded) or "select" (the attended keys are)
     kv_mode: Optional[str] = None
+    # the query rows the density is counted over: "all", "context" (the mask protocol's
+    # block-sparse prefill when the continuation is decoded densely) or "continuation" (the
+    # prefill protocol's: its context is prefilled densely by definition)
+    density_rows: str = "all"
+    # what a sequence's context and its continuation attended to (docs/protocols.md)
+    context_attention: str = ""
+    continuation_attention: str = ""
+    # prefill protocol: per layer, int64 [B, Hkv, K_l] sorted absolute positions each KV head
+    # kept after the latest forward's compression (-1 past a head's own count)
+    kept_positions: Optional[list] = None
     seconds: dict = field(default_factory=lambda: {"selection": 0.0, "attention": 0.0})
     # CUDA (what, start event, end event) not yet added to `seconds`: reading them waits for
     # the GPU, so that happens once, when the seconds are read, not inside the forward.
@@ -231,7 +241,9 @@ class ProtocolStats:
                 "selection_seconds": self.selection_seconds,
                 "attention_seconds": self.attention_seconds,
                 "oracle_selection": self.oracle_selection, "oracle": self.oracle,
-                "kv_mode": self.kv_mode,
+                "kv_mode": self.kv_mode, "density_rows": self.density_rows,
+                "context_attention": self.context_attention,
+                "continuation_attention": self.continuation_attention,
                 "selection_share": self.selection_share,
                 "attention_recall": self.attention_recall,
                 "attention_recall_min_layer": self.attention_recall_min_layer,
@@ -254,7 +266,8 @@ class DenseStats:
         return {"density": 1.0, "block_size": None, "budget_tokens": None,
                 "protocol": "dense", "kernels": None, "params": {},
                 "selection_seconds": 0.0, "attention_seconds": None, "oracle_selection": False,
-                "oracle": None, "kv_mode": None,
+                "oracle": None, "kv_mode": None, "density_rows": "all",
+                "context_attention": "dense", "continuation_attention": "dense",
                 "selection_share": None, "attention_recall": None,
                 "attention_recall_min_layer": None, "attention_output_error": None,
                 "attention_output_error_max_layer": None, "sink_retention": None,

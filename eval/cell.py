@@ -66,6 +66,17 @@ class RunSpec:
                 + (f" seed+{self.seed_offset}" if self.seed_offset else ""))
 
 
+def continuation_of(config: ExperimentConfig, context_length: int):
+    """T, the tokens at the end of each perplexity window that a cell scores as the window's
+    continuation (the rest being its context: docs/protocols.md, the split), or None when it
+    scores the whole window: the config's `continuation`, else the protocol's default split.
+    Dense cells score the same tokens as the run's methods."""
+    if config.continuation is not None:
+        return config.continuation
+    context = cabattn.get_protocol(config.protocol).default_context(context_length)
+    return None if context is None else context_length - context
+
+
 def protocol_settings(config: ExperimentConfig, spec: RunSpec) -> dict:
     """What a sparse cell runs with besides the method: the protocol, its block size, k_min
     and the protocol's own options (as the protocol records them)."""
@@ -99,7 +110,8 @@ def cell_key(config: ExperimentConfig, spec: RunSpec) -> dict:
            "dtype": env.resolve_dtype(config.model.torch_dtype, device),
            "device": device.split(":")[0], "context_length": spec.context_length,
            "max_windows": config.max_windows, "seed": config.seed + spec.seed_offset,
-           "method": spec.method, "sparsity": spec.sparsity, "key_tokens": config.key_tokens}
+           "method": spec.method, "sparsity": spec.sparsity, "key_tokens": config.key_tokens,
+           "continuation": continuation_of(config, spec.context_length)}
     if spec.method != "dense":
         settings = protocol_settings(config, spec)
         key.update(protocol=settings.pop("protocol"), block_size=settings.pop("block_size"),
@@ -110,59 +122,93 @@ def cell_key(config: ExperimentConfig, spec: RunSpec) -> dict:
 # -- computing one cell ---------------------------------------------------------------------
 
 def attention(config: ExperimentConfig, model, spec: RunSpec):
-    """The attention a cell runs under (a context yielding its stats): the model's own for
-    dense, else the method under the configured protocol."""
+    """The attention a cell runs under: a context manager yielding its stats, with the
+    protocols' `generate` (cabattn.protocol): the model's own for dense, else the method
+    under the configured protocol (which shares dense prefills through the run's store when
+    it can: prefill_store)."""
     if spec.method == "dense":
         return cabattn.model_attention(model)
-    return cabattn.apply(model, method=spec.method, sparsity=spec.sparsity,
-                         seed=config.seed + spec.seed_offset,
-                         **protocol_settings(config, spec),
-                         **config.method_params.get(spec.method, {}))
+    settings = protocol_settings(config, spec)
+    protocol = cabattn.get_protocol(settings.pop("protocol"))
+    if protocol.one_shot:
+        settings["prefill_store"] = prefill_store(config, spec)
+    return protocol(model, spec.method, spec.sparsity, seed=config.seed + spec.seed_offset,
+                    **settings, **config.method_params.get(spec.method, {}))
+
+
+# The dense prefills of the group of cells being computed ((dataset, L): the runner and every
+# executor compute a group's cells together), shared by its methods and sparsities.
+_STORE = {"group": None, "store": None}
+# At most this share of the memory free when a group starts holds its shared prefills.
+STORE_SHARE = 0.4
+
+
+def prefill_store(config: ExperimentConfig, spec) -> cabattn.PrefillStore:
+    """The store of the dense prefills of spec's (dataset, L) group (docs/protocols.md,
+    sharing the dense prefill); a new group starts an empty one."""
+    group = (config.name, spec.dataset, spec.context_length)
+    if _STORE["group"] != group:
+        _STORE["store"] = None  # the last group's prefills go before the memory is measured
+        methods = [get_method(m, **config.method_params.get(m, {})) for m in config.methods
+                   if m != "dense"]
+        budget = int(env.free_memory_bytes(env.resolve_device(config.model.device))
+                     * STORE_SHARE)
+        _STORE.update(group=group, store=cabattn.PrefillStore.for_methods(methods, budget))
+    return _STORE["store"]
 
 
 def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
                  progress: bool = False) -> dict:
-    """R of one cell: the teacher-forced NLL of every window under the cell's attention, its
-    metrics, the protocol's record and the cost. Writes nothing; raises on failure."""
+    """R of one cell: the teacher-forced NLL of every window (of its continuation, when the
+    cell scores one: continuation_of) under the cell's attention, its metrics, the
+    protocol's record and the cost. Writes nothing; raises on failure."""
     device = env.resolve_device(config.model.device)
     model = loaded.model
     torch.manual_seed(config.seed)
     env.reset_peak_memory(device)
     n, L = windows.input_ids.shape
+    scored = continuation_of(config, L)
+    context = None if scored is None else L - scored
+    first = 0 if context is None else context - 1  # the first prediction scored
     nll_sums, token_counts = [], []
     # The windows' key tokens under dense attention, once per (dataset, L) (docs/metrics.md).
     keys = (key_tokens.find(model, windows.input_ids, key_tokens.key_context(L), device)
             if config.key_tokens else None)
+    if keys is not None and first:
+        keys = keys.from_prediction(first)
     key_nll_sum = 0.0
+    split = {} if context is None else {"context_length": context}
     start = time.perf_counter()
     with attention(config, model, spec) as stats, torch.inference_mode():
-        for first in tqdm(range(0, n, config.batch_size), desc=spec.label, unit="batch",
-                          disable=not progress, leave=False, dynamic_ncols=True):
-            batch = windows.input_ids[first:first + config.batch_size].to(device)
-            logits = model(batch).logits
-            for row, ids in enumerate(batch):
-                # The model's own loss of one window (the mean NLL of its L-1 predictions),
-                # so every batch size scores a window through the same function.
-                loss = float(model.loss_function(logits=logits[row:row + 1], labels=ids[None],
-                                                 vocab_size=model.config.vocab_size))
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(f"non-finite loss ({loss}) in window "
-                                             f"{first + row} of {n}")
-                nll_sums.append(loss * (L - 1))
-                token_counts.append(L - 1)
+        for offset in tqdm(range(0, n, config.batch_size), desc=spec.label, unit="batch",
+                           disable=not progress, leave=False, dynamic_ncols=True):
+            batch = windows.input_ids[offset:offset + config.batch_size].to(device)
+            logits = model(batch, **split).logits
+            # every prediction from `first` on: the logits may start later than position 0
+            # (the prefill protocol returns them from its context's last position on)
+            nll = key_tokens.token_nll(logits[:, first - (L - logits.shape[1]):],
+                                       batch[:, first:])
+            for row in range(batch.shape[0]):
+                total = float(nll[row].sum())
+                if not math.isfinite(total):
+                    raise NonFiniteLossError(f"non-finite loss ({total}) in window "
+                                             f"{offset + row} of {n}")
+                nll_sums.append(total)
+                token_counts.append(L - 1 - first)
                 if keys is not None:
-                    nll = key_tokens.token_nll(logits[row:row + 1], ids[None])[0]
-                    key_nll_sum += float(nll[keys.mask[first + row].to(device)].sum())
+                    mask = keys.mask[offset + row, first:].to(device)
+                    key_nll_sum += float(nll[row][mask].sum())
     env.synchronize(device)
     wall = time.perf_counter() - start
     memory, memory_kind = env.peak_memory_mb(device)
-    result = dict(summarize(nll_sums, token_counts, list(windows.num_bytes[:n]),
-                            seed=config.seed))
+    result = dict(summarize(nll_sums, token_counts,
+                            list(windows.scored_bytes(first + 1)[:n]), seed=config.seed))
     result.update(stats.record())
     if keys is not None:
         result.update(keys.record(key_nll_sum))
-    result.update(batch_size=config.batch_size, wall_seconds=wall,
-                  tokens_per_second=sum(token_counts) / wall, peak_memory_mb=memory,
+    result.update(scored_tokens="continuation" if scored else "window", continuation=scored,
+                  batch_size=config.batch_size, wall_seconds=wall,
+                  tokens_per_second=n * L / wall, peak_memory_mb=memory,
                   peak_memory_kind=memory_kind, finished=now())
     return {name: finite_or_none(v) if isinstance(v, float) else v
             for name, v in result.items()}

@@ -156,7 +156,12 @@ def task_comparisons(results: dict, pairs: list, alpha: float = ALPHA,
         for name, nll, tokens in (("answer", "answer_nll", "answer_tokens"),
                                   ("prompt", "window_nll", "window_predictions")):
             change = None
-            if all(nll in x for x in ra["per_sample"] + rb["per_sample"]):
+            # the prompt's perplexity compares only windows scored from the same position
+            # (a prefill-protocol cell scores from its context's end on)
+            same_span = all(x.get("window_first", 0) == y.get("window_first", 0)
+                            for x, y in zip(ra["per_sample"], rb["per_sample"]))
+            if all(nll in x for x in ra["per_sample"] + rb["per_sample"]) and (
+                    name == "answer" or same_span):
                 change = compare_cells(_sample_windows(ra, nll, tokens),
                                        _sample_windows(rb, nll, tokens), seed,
                                        f"{task} L={L} s={s:g} ({a}, {b})")

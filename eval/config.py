@@ -72,6 +72,9 @@ class TaskConfig:
     scoring: str = "teacher_forced"  # or generated (synthetic tasks; files are generated)
     metric: str = "f1"  # of generated answers of task files: exact_match, f1, rouge_l
     max_new_tokens: int = 32  # greedy generation
+    # prefill protocol: the context ends after the question (SnapKV's setting) instead of
+    # before it (kvpress's, question-agnostic compression)
+    question_aware: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -98,7 +101,12 @@ class ExperimentConfig:
     k_min: int = 64  # the smallest token budget K (docs/methods.md)
     kv_chunk: int = 1
     diagnostics: bool = False  # mask protocol: measure attention recall (an oracle pass)
+    decoding: str = "dense"  # mask protocol: what a continuation's queries attend to
     kernels: str = "extension"  # the compiled operators, or "reference" (docs/selfcheck.md)
+    # Perplexity windows: score only each window's last `continuation` tokens, the rest being
+    # its context (docs/protocols.md, the split); None: the protocol's default (prefill:
+    # L // 8; mask and kv: the whole window).
+    continuation: Optional[int] = None
     # Key-token perplexity in every cell (docs/metrics.md): a few dense forwards per (dataset, L).
     key_tokens: bool = True
     # Seeds of a randomised method's cells (seed, seed + 1, ...): mean and spread over them.
@@ -456,6 +464,13 @@ def validate(config: ExperimentConfig, check_model: bool = True) -> None:
                         f"k_min = {config.k_min} (token budgets) or null")
     problems += filter(None, (checks.problem("seeds", config.seeds, checks.positive_int),
                               checks.problem("key_tokens", config.key_tokens, checks.boolean)))
+    if config.continuation is not None:
+        if checks.positive_int(config.continuation):
+            problems.append(f"continuation {config.continuation!r} must be a positive integer "
+                            "(tokens) or null")
+        elif config.datasets and config.continuation >= min(config.context_lengths() or [2]):
+            problems.append(f"continuation {config.continuation} must be shorter than every "
+                            f"context length ({', '.join(map(str, config.context_lengths()))})")
     if config.max_windows is not None and checks.positive_int(config.max_windows):
         problems.append(f"max_windows {config.max_windows!r} must be an integer >= 1 or null")
     if checks.positive_int(config.batch_size):

@@ -68,10 +68,17 @@ class KeyTokens:
     predictions, and dense's NLL on them."""
 
     def __init__(self, mask: torch.Tensor, dense_nll: torch.Tensor, short: int):
-        self.mask, self.short = mask, short
+        self.mask, self.dense_nll, self.short = mask, dense_nll, short
         self.count = int(mask.sum())
         self.dense_perplexity = (math.exp(float(dense_nll[mask].sum()) / self.count)
                                  if self.count else None)
+
+    def from_prediction(self, first: int) -> "KeyTokens":
+        """The key tokens among predictions first, first + 1, ... (a cell that scores only a
+        window's continuation)."""
+        mask = self.mask.clone()
+        mask[:, :first] = False
+        return KeyTokens(mask, self.dense_nll, self.short)
 
     def record(self, key_nll_sum: float) -> dict:
         """The cell's fields, given its summed NLL over the key tokens."""

@@ -214,8 +214,13 @@ class Method:
         return budget
 
     def check_protocol(self, protocol: str) -> None:
-        """Raises ValueError when this configuration has no rule for `protocol` ("mask" or
-        "kv"); the protocol calls it once, before it touches the model."""
+        """Raises ValueError when this configuration has no rule for `protocol` ("mask", "kv"
+        or "prefill", which compresses once with the kv rule); the protocol calls it once,
+        before it touches the model. A subclass that refuses more calls this first."""
+        if protocol == "prefill" and self.kv_mode != "evict":
+            raise ValueError(f"{self.name} chooses what each step attends to (kv_mode "
+                             f"{self.kv_mode!r}) instead of evicting: it has no one-shot "
+                             "compression; run it with protocol='kv'")
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         raise NotImplementedError

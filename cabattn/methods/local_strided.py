@@ -64,9 +64,11 @@ class LocalStrided(Method):
                          n_score2=zeros, score1=scores)
 
     def check_protocol(self, protocol: str) -> None:
-        if protocol == "kv" and self.pattern == "fixed":
+        super().check_protocol(protocol)
+        if protocol != "mask" and self.pattern == "fixed":
             raise ValueError("local_strided pattern='fixed' is a mask-protocol pattern (it "
-                             "ignores the budget); the kv protocol needs pattern='budget'")
+                             f"ignores the budget); the {protocol} protocol needs "
+                             "pattern='budget'")
 
     def kv_keep(self, state: KVState) -> torch.Tensor:
         n = state.positions.shape[-1]

@@ -20,11 +20,12 @@ class OracleTopK(Method):
     reads_own_row = True
 
     def check_protocol(self, protocol: str) -> None:
-        if protocol == "kv":
-            raise ValueError("oracle_topk has no kv-protocol rule: it ranks keys by the "
-                             "attention of the queries they will serve, which a streaming "
-                             "cache has not seen yet (it is a mask-protocol upper bound); "
-                             "use protocol='mask'")
+        super().check_protocol(protocol)
+        if protocol != "mask":
+            raise ValueError(f"oracle_topk has no {protocol}-protocol rule: it ranks keys by "
+                             "the attention of the queries they will serve, which a cache "
+                             "has not seen when it evicts (it is a mask-protocol upper "
+                             "bound); use protocol='mask'")
 
     def mask_plan(self, ctx: MaskContext) -> BlockPlan:
         rule = ctx.grid.rule_budget(ctx.q.device)

@@ -14,7 +14,7 @@ def register(cls):
 
 
 def available(protocol: Optional[str] = None) -> list:
-    """The registered names; with a protocol ("mask" or "kv"), those whose default
+    """The registered names; with a protocol ("mask", "kv" or "prefill"), those whose default
     configuration has a rule for it (Method.check_protocol)."""
     return [name for name in sorted(METHODS)
             if protocol is None or _has_rule(METHODS[name](), protocol)]

@@ -85,12 +85,12 @@ def load_windows(name: str, tokenizer, context_length: int, max_windows=None, da
         loader = lambda: hub_corpus(name)  # noqa: E731
     ids, byte_ends, text_lengths, metadata = cached_tokens(loader, key, tokenizer,
                                                            root / "tokens")
-    input_ids, num_bytes, total = cut_windows(ids, byte_ends, text_lengths, context_length,
-                                              max_windows)
+    input_ids, window_byte_ends, total = cut_windows(ids, byte_ends, text_lengths,
+                                                     context_length, max_windows)
     if total == 0:
         raise DatasetError(f"dataset {name!r} has no window of {context_length} tokens (its "
                            f"longest text has {int(text_lengths.max(initial=0))}); use a "
                            "shorter context length")
-    return Windows(input_ids=input_ids, num_bytes=num_bytes, dataset=name,
+    return Windows(input_ids=input_ids, byte_ends=window_byte_ends, dataset=name,
                    description=metadata["description"],
                    num_documents=int(metadata["num_documents"]), corpus_windows=total)

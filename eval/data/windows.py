@@ -26,11 +26,21 @@ from .corpora import STREAM_SEPARATOR, Corpus, DatasetError
 @dataclass
 class Windows:
     input_ids: torch.Tensor  # LongTensor [n, L]
-    num_bytes: list  # UTF-8 bytes of the text of each window's scored tokens 1..L-1
+    byte_ends: np.ndarray  # int64 [n, L]: each token's UTF-8 end offset in its text
     dataset: str
     description: str
     num_documents: int
     corpus_windows: int  # windows the whole corpus gives at this L (before max_windows)
+
+    @property
+    def num_bytes(self) -> list:
+        """UTF-8 bytes of the text of each window's scored tokens 1..L-1."""
+        return self.scored_bytes(1)
+
+    def scored_bytes(self, first_token: int) -> list:
+        """UTF-8 bytes of the text of each window's tokens first_token..L-1 (first_token >= 1:
+        the text between the end of token first_token - 1 and the end of the window)."""
+        return (self.byte_ends[:, -1] - self.byte_ends[:, first_token - 1]).tolist()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -83,8 +93,9 @@ def _char_to_byte_offsets(text: str) -> np.ndarray:
 
 
 def cut_windows(ids, byte_ends, text_lengths, context_length: int, max_windows=None):
-    """(input_ids [n, L], num_bytes, windows in the whole corpus) for non-overlapping windows
-    inside each text; max_windows takes that many evenly spaced over the corpus."""
+    """(input_ids [n, L], each token's byte end offset [n, L], windows in the whole corpus)
+    for non-overlapping windows inside each text; max_windows takes that many evenly spaced
+    over the corpus."""
     starts = []
     text_start = 0
     for length in text_lengths.tolist():
@@ -97,8 +108,7 @@ def cut_windows(ids, byte_ends, text_lengths, context_length: int, max_windows=N
         starts = starts[((np.arange(max_windows) + 0.5) * total / max_windows).astype(np.int64)]
     offsets = starts[:, None] + np.arange(context_length)
     input_ids = torch.from_numpy(ids[offsets].astype(np.int64))
-    num_bytes = (byte_ends[starts + context_length - 1] - byte_ends[starts]).tolist()
-    return input_ids, num_bytes, total
+    return input_ids, byte_ends[offsets], total
 
 
 def source_key(*parts) -> str:

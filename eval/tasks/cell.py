@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import env
-from ..cell import RunSpec, attention, data_identity, now, protocol_settings
+from ..cell import RunSpec, attention, data_identity, now
 from ..cell import cell_key as perplexity_key
 from ..results import finite_or_none
 from . import scoring
@@ -19,17 +19,31 @@ from .samples import TaskSpec, file_for, scoring_of
 GENERATOR_VERSION = 1
 
 
+def context_split(config) -> str:
+    """Where a task sample's context ends under the run's protocol (docs/tasks.md): "question"
+    (before it) for a protocol that compresses its context once unless tasks.question_aware,
+    else "prompt" (after the question: the answer is the continuation)."""
+    one_shot = cabattn.get_protocol(config.protocol).one_shot
+    return "question" if one_shot and not config.tasks.question_aware else "prompt"
+
+
+def context_length(sample, split: str) -> int:
+    return sample.question_start if split == "question" else len(sample.prompt_ids)
+
+
 def cell_key(config, spec: TaskSpec) -> dict:
     """Everything that defines a task cell's numbers (the perplexity key's model, protocol and
     method part, with the task's samples in place of the windows)."""
     key = perplexity_key(config, RunSpec(spec.dataset, spec.context_length, spec.method,
                                          spec.sparsity))
-    for name in ("dataset", "data_file", "text_field", "max_windows"):
+    for name in ("dataset", "data_file", "text_field", "max_windows", "continuation"):
         key.pop(name)
     path = file_for(config, spec.task)
     scored = scoring_of(config, spec.task)
     key.update(task=spec.task, generator_version=GENERATOR_VERSION,
                samples=config.tasks.samples, scoring=scored)
+    if spec.method != "dense":
+        key.update(context_split=context_split(config))
     if path is None:
         key.update(haystack=None if spec.task == "common_words" else config.tasks.haystack)
     else:
@@ -40,55 +54,39 @@ def cell_key(config, spec: TaskSpec) -> dict:
     return key
 
 
-def kv_protocol(config, model, spec: TaskSpec):
-    """The KVProtocol of a sparse cell, built as cabattn.apply builds it (generation needs the
-    protocol itself: KVProtocol.generate)."""
-    settings = protocol_settings(config, spec)
-    settings.pop("protocol")
-    return cabattn.KVProtocol(model, spec.method, spec.sparsity, seed=config.seed, **settings,
-                              **config.method_params.get(spec.method, {}))
-
-
 def compute_task_cell(config, loaded, samples, spec: TaskSpec, progress: bool = False) -> dict:
-    """R of one task cell: every sample scored under the cell's attention, the summary
-    (accuracy with its interval, answer NLL, accuracy by depth), the per-sample scores, the
-    protocol's record and the cost. Writes nothing; raises on failure."""
+    """R of one task cell: every sample scored under the cell's attention (split where the
+    sample's context ends: context_split), the summary (accuracy with its interval, answer
+    NLL, accuracy by depth), the per-sample scores, the protocol's record and the cost.
+    Writes nothing; raises on failure."""
     device = env.resolve_device(config.model.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     scored = scoring_of(config, spec.task)
     metric = config.tasks.metric if file_for(config, spec.task) else None
     max_new = config.tasks.max_new_tokens
-    own = model.config._attn_implementation
+    split = None if spec.method == "dense" else context_split(config)
     torch.manual_seed(config.seed)
     env.reset_peak_memory(device)
-    kv = scored == "generated" and spec.method != "dense" and config.protocol == "kv"
-    # decode-time eviction needs the KVProtocol itself (its generate), not just its stats
-    generator = kv_protocol(config, model, spec) if kv else None
     records = []
     start = time.perf_counter()
-    with (generator or attention(config, model, spec)) as stats, torch.inference_mode():
+    protocol = attention(config, model, spec)
+    with protocol as stats, torch.inference_mode():
         for sample in tqdm(samples.samples, desc=spec.label, unit="sample",
                            disable=not progress, leave=False, dynamic_ncols=True):
-            prompt = torch.tensor([sample.prompt_ids], device=device)
+            context = None if split is None else context_length(sample, split)
             if scored == "teacher_forced":
-                record = scoring.teacher_forced(model, sample, device)
+                record = scoring.teacher_forced(model, sample, device, context)
             else:
-                if kv:
-                    new = generator.generate(prompt, max_new, budget_length=len(sample.ids))
-                    new = new[0].tolist()
-                else:
-                    new = scoring.greedy_cached(model, prompt, max_new, own)
-                record = scoring.generated(sample, new, tokenizer, metric)
+                prompt = torch.tensor([sample.prompt_ids], device=device)
+                new = protocol.generate(prompt, max_new, budget_length=len(sample.ids),
+                                        context_length=context)
+                record = scoring.generated(sample, new[0].tolist(), tokenizer, metric)
             records.append({"depth": sample.depth, **record})
     env.synchronize(device)
     wall = time.perf_counter() - start
     memory, memory_kind = env.peak_memory_mb(device)
     result = {"kind": "task", "task": spec.task, "scoring": scored, "metric": metric,
-              **scoring.summarize(records, config.seed)}
-    if scored == "generated":
-        result["protocol_decoding"] = ("dense decoding after a block-sparse prefill"
-                                       if config.protocol == "mask" and spec.method != "dense"
-                                       else "decode-time eviction" if kv else "dense")
+              "context_split": split, **scoring.summarize(records, config.seed)}
     result.update(stats.record())
     result.update(per_sample=records, wall_seconds=wall,
                   tokens_per_second=samples.num_tokens / wall, peak_memory_mb=memory,

@@ -24,6 +24,8 @@ def check_tasks(config, problems: list) -> None:
     for field in ("samples", "max_new_tokens"):
         if not _positive(getattr(tasks, field)):
             problems.append(f"tasks.{field} {getattr(tasks, field)!r} must be an integer >= 1")
+    if not isinstance(tasks.question_aware, bool):
+        problems.append(f"tasks.question_aware {tasks.question_aware!r} must be true or false")
     if not isinstance(tasks.names, list) or not isinstance(tasks.files, list):
         problems.append("tasks.names and tasks.files must be lists")
         return

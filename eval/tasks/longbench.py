@@ -75,7 +75,8 @@ def file_samples(path, tokenizer, length: int, count: int, max_new_tokens: int) 
         samples.append(Sample(prompt_ids=context + question,
                               target_ids=builder.target_ids("Answer:", " " + record["answers"][0]),
                               answers=list(record["answers"]),
-                              all_classes=record.get("all_classes")))
+                              all_classes=record.get("all_classes"),
+                              question_start=len(context)))
     name = file_task_name(path)
     return TaskSamples(task=name, context_length=length, samples=samples,
                        description=f"{name}: local task file {path}",

@@ -91,7 +91,8 @@ class PromptBuilder:
                 raise TaskError(f"the haystack has {len(haystack)} tokens, {room_left} needed")
             context = self.place(needles, np.asarray(haystack[:room_left]).tolist())
         return Sample(prompt_ids=instruction + context + question, target_ids=target,
-                      answers=list(layout.answers), depth=layout.depth)
+                      answers=list(layout.answers), depth=layout.depth,
+                      question_start=len(instruction) + len(context))
 
     def place(self, needles: list, hay: list) -> list:
         """hay with each (depth, ids) needle inserted at the sentence end nearest to its

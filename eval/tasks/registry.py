@@ -43,6 +43,9 @@ class Sample:
     answers: list  # strings: generated scoring looks for each in the output
     depth: Optional[float] = None
     all_classes: Optional[list] = None
+    # where the question begins in prompt_ids: the tokens before it are the sample's context
+    # (a protocol that compresses its context once compresses those, docs/tasks.md)
+    question_start: Optional[int] = None
 
     @property
     def ids(self) -> list:

@@ -1,19 +1,19 @@
 """Scoring one task sample (docs/tasks.md, Scorings) and summarising a cell's samples.
 
 teacher_forced: the prompt followed by the target is one window (one forward, or one stream
-under the kv protocol); exact_match = every target token is the argmax of its prediction (so
-greedy decoding would emit the target as its first tokens), answer_nll = the target tokens'
-NLL; the window's NLL over all its predictions is kept too (the prompt's perplexity).
-generated: greedy decoding of up to max_new_tokens after the prompt (cut at the end-of-text
-token and at the first line break after the answer begins); a synthetic sample scores the
-share of its answers found in the output (RULER's string match), a local-file sample the
-best --task-metric against its answers (LongBench).
+under the kv protocol), split where the sample's context ends (eval.tasks.cell); exact_match =
+every target token is the argmax of its prediction (so greedy decoding would emit the target
+as its first tokens), answer_nll = the target tokens' NLL; the window's NLL over the
+predictions the protocol returns is kept too (the prompt's perplexity).
+generated: greedy decoding of up to max_new_tokens after the prompt (the protocol's own
+generate, the same split; cut at the end-of-text token and at the first line break after the
+answer begins); a synthetic sample scores the share of its answers found in the output
+(RULER's string match), a local-file sample the best --task-metric against its answers
+(LongBench).
 """
 import collections
-import inspect
 import re
 import string
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -24,45 +24,21 @@ from ..statistics import wilson_interval
 DEPTH_BINS = 5  # by_depth: accuracy per fifth of the context
 
 
-def teacher_forced(model, sample, device) -> dict:
+def teacher_forced(model, sample, device, context_length=None) -> dict:
+    """The sample's window in one forward under the active attention, split at
+    context_length (cabattn.protocol). The window's NLL is over the predictions the protocol
+    returned: all of them, or from its context's last position on (`window_first`)."""
     ids = torch.tensor([sample.ids], device=device)
-    logits = model(ids).logits[0].float()
+    split = {} if context_length is None else {"context_length": context_length}
+    logits = model(ids, **split).logits[0].float()
+    first = ids.shape[1] - logits.shape[0]  # the position of logits[0]
     prompt, target = len(sample.prompt_ids), ids[0, len(sample.prompt_ids):]
-    predicted = logits[prompt - 1:-1]
-    window_nll = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
+    predicted = logits[prompt - 1 - first:-1]
+    window_nll = F.cross_entropy(logits[:-1], ids[0, first + 1:], reduction="sum")
     return {"score": float(bool((predicted.argmax(-1) == target).all())),
             "answer_nll": float(F.cross_entropy(predicted, target, reduction="sum")),
             "answer_tokens": int(target.numel()), "window_nll": float(window_nll),
-            "window_predictions": int(ids.shape[1] - 1)}
-
-
-@contextmanager
-def own_attention(model, implementation: str):
-    """The model's own attention for a while (dense decoding after a block-sparse prefill
-    under the mask protocol), the protocol's again afterwards."""
-    current = model.config._attn_implementation
-    model.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(current)
-
-
-def greedy_cached(model, prompt: torch.Tensor, max_new_tokens: int, decode_with: str) -> list:
-    """Greedy decoding with the model's KV cache: the prompt runs under whatever attention is
-    active (block-sparse under the mask protocol), each new token under `decode_with`, the
-    model's own attention: dense decoding of the prefilled cache."""
-    # transformers names the cache argument `cache` from 5.x on (past_key_values before)
-    cache_kwarg = ("cache" if "cache" in inspect.signature(model.forward).parameters
-                   else "past_key_values")
-    out = model(prompt, use_cache=True)
-    new = [int(out.logits[0, -1].argmax())]
-    with own_attention(model, decode_with):
-        for _ in range(max_new_tokens - 1):
-            out = model(torch.tensor([[new[-1]]], device=prompt.device), use_cache=True,
-                        **{cache_kwarg: out.past_key_values})
-            new.append(int(out.logits[0, -1].argmax()))
-    return new
+            "window_predictions": int(ids.shape[1] - 1 - first), "window_first": first}
 
 
 def generated(sample, new_ids: list, tokenizer, metric=None) -> dict:

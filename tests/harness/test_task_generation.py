@@ -52,10 +52,14 @@ def test_kv_generation_is_the_teacher_forced_stream_of_its_output(tiny, tmp_path
         assert torch.equal(logits[len(sample.prompt_ids) - 1:-1].argmax(-1), generated)
 
 
-@pytest.mark.parametrize("method, protocol", [("dense", "kv"), ("h2o", "kv")])
+@pytest.mark.parametrize("method, protocol", [("dense", "kv"), ("h2o", "kv"), ("h2o", "mask"),
+                                              ("cab_v4", "mask"), ("snapkv", "prefill"),
+                                              ("h2o", "prefill")])
 def test_scorings_agree_sample_by_sample_on_the_default_model(method, protocol, tmp_path):
     """Single-answer tasks: teacher-forced exact match <=> the greedy output starts with the
-    answer, sample by sample (kv protocol, token-by-token streaming)."""
+    answer, sample by sample: kv (token-by-token streaming), mask (block-sparse prompt, the
+    answer dense: its teacher-forced form is the continuation attending to every earlier
+    key), prefill (the context compressed once before the question)."""
     loaded = models.load_model()
     spec = TaskSpec("passkey", 256, method, 0.0 if method == "dense" else 0.5)
     verdicts = {}
@@ -66,9 +70,11 @@ def test_scorings_agree_sample_by_sample_on_the_default_model(method, protocol, 
         r = compute_task_cell(config, loaded, samples, spec)
         verdicts[scored] = [s["score"] == 1.0 if scored == "teacher_forced"
                             else s["starts_with_target"] for s in r["per_sample"]]
-        if scored == "generated":
-            assert r["protocol_decoding"] == ("dense" if method == "dense"
-                                              else "decode-time eviction")
+        if method != "dense":
+            assert r["continuation_attention"] == {
+                "kv": "streamed through the cache, evicted after every step",
+                "mask": "dense (every earlier key)",
+                "prefill": "the compressed cache and its own tokens"}[protocol]
     assert verdicts["teacher_forced"] == verdicts["generated"]
     if method == "dense":
         assert all(verdicts["generated"])  # and the default model does find the keys
@@ -80,7 +86,7 @@ def test_mask_protocol_generates_after_a_sparse_prefill(tiny, tmp_path):
     spec = TaskSpec("passkey", 448, "h2o", 0.5)
     samples = load_samples(config, tiny.tokenizer, spec)
     r = compute_task_cell(config, tiny, samples, spec)
-    assert r["protocol_decoding"] == "dense decoding after a block-sparse prefill"
+    assert r["continuation_attention"] == "dense (every earlier key)"
     assert r["density"] < 0.9 and r["samples"] == 2
     # the first new token is the sparse prefill's own prediction
     first = tiny.tokenizer.decode(
