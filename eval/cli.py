@@ -131,15 +131,25 @@ back, not recomputed); --fresh recomputes everything.
     g.add_argument("--task-scoring", choices=SCORINGS,
                    help="teacher_forced (default): exact match of the answer as one window; "
                         "generated: greedy decoding (kv: decode-time eviction; mask: "
-                        "block-sparse prefill, dense decoding)")
+                        "block-sparse prompt, dense decoding unless --decoding sparse; "
+                        "prefill: against the compressed cache)")
     g.add_argument("--task-metric", choices=METRICS, help="of task files' answers (f1)")
     g.add_argument("--max-new-tokens", type=arguments.positive_int, metavar="N",
                    help="greedy generation length (32)")
+    g.add_argument("--question-aware", action="store_true", default=None,
+                   help="prefill protocol: the compressed context ends after the question "
+                        "(SnapKV's setting) instead of before it (kvpress's default)")
 
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", choices=list(PROTOCOLS),
                    help="mask: block-sparse attention, one forward per window (default); "
-                        "kv: streaming KV-cache eviction")
+                        "kv: streaming KV-cache eviction; prefill: a dense prefill of the "
+                        "context, each layer's cache compressed once, the continuation "
+                        "against it (docs/protocols.md)")
+    g.add_argument("--continuation", type=arguments.positive_int, metavar="T",
+                   help="perplexity windows: score only each window's last T tokens, the rest "
+                        "being its context (default: prefill L/8; mask and kv the whole "
+                        "window); dense cells score the same tokens")
     g.add_argument("--block-size", type=arguments.block_size, metavar="B",
                    help="auto (about 64 blocks a window), 16, 32, 64 or 128")
     g.add_argument("--k-min", type=arguments.positive_int, metavar="K",
@@ -222,7 +232,7 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
         "text_field": args.text_field, "max_windows": args.max_windows,
         "protocol": args.protocol, "block_size": args.block_size, "k_min": args.k_min,
         **{name: getattr(args, name) for name in protocol_options()},
-        "key_tokens": args.key_tokens, "seeds": args.seeds,
+        "key_tokens": args.key_tokens, "seeds": args.seeds, "continuation": args.continuation,
         "budget_tokens": args.budget_tokens, "batch_size": args.batch_size, "seed": args.seed,
         "output_dir": args.output_dir, "name": args.name}
     for name, value in simple.items():
@@ -230,7 +240,8 @@ def _override(config: ExperimentConfig, args) -> ExperimentConfig:
             setattr(cfg, name, value)
     tasks = {"names": args.tasks, "files": args.task_files, "haystack": args.haystack,
              "samples": args.task_samples, "scoring": args.task_scoring,
-             "metric": args.task_metric, "max_new_tokens": args.max_new_tokens}
+             "metric": args.task_metric, "max_new_tokens": args.max_new_tokens,
+             "question_aware": args.question_aware}
     for name, value in tasks.items():
         if value is not None:
             setattr(cfg.tasks, name, value)

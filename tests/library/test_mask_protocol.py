@@ -213,3 +213,56 @@ def test_sink_retention_and_selection_share_are_recorded(model, ids):
     _, frc = loss(model, ids, method="cab_v3", sparsity=0.9)
     _, kept = loss(model, ids, method="cab_v3", sparsity=0.9, keep_sink_blocks=1)
     assert frc.sink_retention < 1.0 and kept.sink_retention == 1.0
+
+
+# -- a context and a continuation (docs/protocols.md, the split) -------------------------------
+SPLIT_LENGTH, SPLIT_CONTEXT = 128, 112  # at s = 0.9 both are 8 blocks of 16 with K = k_min
+
+
+@pytest.mark.parametrize("name", ["h2o", "cab_v4", "snapkv", "streaming_llm"])
+def test_a_dense_continuation_leaves_the_context_digit_for_digit(model, ids, name):
+    """decoding dense: the context's rows are exactly the unsplit forward's, the
+    continuation's are not; decoding sparse: the whole forward is the unsplit one."""
+    window = ids[:, :SPLIT_LENGTH]
+    runs = {}
+    for decoding, split in (("dense", None), ("dense", SPLIT_CONTEXT),
+                            ("sparse", SPLIT_CONTEXT)):
+        with cabattn.apply(model, method=name, sparsity=0.9, decoding=decoding) as stats, \
+                torch.no_grad():
+            runs[decoding, split] = model(window, context_length=split).logits, stats
+    plain, _ = runs["dense", None]
+    dense, stats = runs["dense", SPLIT_CONTEXT]
+    assert torch.equal(dense[:, :SPLIT_CONTEXT], plain[:, :SPLIT_CONTEXT])
+    assert not torch.equal(dense[:, SPLIT_CONTEXT:], plain[:, SPLIT_CONTEXT:])
+    assert stats.density_rows == "context" and stats.density < 1.0
+    assert stats.record()["continuation_attention"] == "dense (every earlier key)"
+    assert torch.equal(runs["sparse", SPLIT_CONTEXT][0], plain)
+    assert runs["sparse", SPLIT_CONTEXT][1].density_rows == "all"
+
+
+@pytest.mark.parametrize("name", ["h2o", "cab_v4"])
+def test_a_dense_continuation_is_cached_dense_decoding_after_a_block_sparse_prompt(
+        model, ids, name):
+    """The teacher-forced form of a block-sparse prefill followed by dense decoding: the
+    prompt's cache from a block-sparse forward, then each continuation token under the model's
+    own attention (here the grids of the prompt and of the whole window agree: 8 blocks of 16,
+    K = k_min)."""
+    window = ids[:, :SPLIT_LENGTH]
+    own = model.config._attn_implementation
+    with torch.no_grad():
+        with cabattn.apply(model, method=name, sparsity=0.9):
+            out = model(window[:, :SPLIT_CONTEXT], use_cache=True)
+            split = model(window, context_length=SPLIT_CONTEXT).logits
+        assert model.config._attn_implementation == own
+        cache, logits = out.cache, [out.logits[:, -1:]]
+        for position in range(SPLIT_CONTEXT, SPLIT_LENGTH - 1):
+            out = model(window[:, position:position + 1], cache=cache, use_cache=True)
+            logits.append(out.logits)
+    torch.testing.assert_close(split[:, SPLIT_CONTEXT - 1:-1], torch.cat(logits, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_generation_refuses_sparse_decoding(model, ids):
+    protocol = cabattn.MaskProtocol(model, "h2o", 0.5, decoding="sparse")
+    with protocol, pytest.raises(ValueError, match="teacher-forced only"):
+        protocol.generate(ids[:, :64], 4)
