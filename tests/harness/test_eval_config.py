@@ -65,15 +65,19 @@ def test_icml_and_ablation_yaml_values():
     assert {cell for run in runs for cell in run.sweep_points()} == {
         (length, s) for length in (1024, 2048) for s in (0.5, 0.8, 0.9)}
     assert {run.model.name for run in runs} == {"smollm2-135m"}
-    # the retrieval measurement: tasks only, 20 samples, one experiment per L in order
+    # the retrieval measurement: tasks only, 20 samples, one experiment per L in order (the
+    # answer decoded densely), then the 1K tasks with the answer block-sparse too
     runs = cfg.load_config(cfg.CONFIG_DIR / "retrieval.yaml")
     assert [run.sweep_points() for run in runs] == [
-        [(length, s) for s in (0.5, 0.8, 0.9)] for length in (1024, 2048, 4096)]
+        [(length, s) for s in (0.5, 0.8, 0.9)] for length in (1024, 2048, 4096, 1024)]
     assert [(tuple(run.datasets), tuple(run.tasks.names), run.tasks.haystack, run.tasks.samples)
             for run in runs] == [((), ("passkey", "niah_single", "niah_multikey"), "text", 20),
                                  ((), ("passkey", "niah_single"), "text", 20),
-                                 ((), ("niah_single",), "text", 20)]
-    assert [len(run.methods) for run in runs] == [5, 5, 4]
+                                 ((), ("niah_single",), "text", 20),
+                                 ((), ("passkey", "niah_single"), "text", 20)]
+    assert [len(run.methods) for run in runs] == [5, 5, 4, 4]
+    assert [(run.protocol, run.decoding) for run in runs] == [("mask", "dense")] * 3 + [
+        ("mask", "sparse")]
 
 
 def test_experiments_list_with_defaults(tmp_path):
