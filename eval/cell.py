@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import cabattn
 from cabattn.methods import METHODS, get_method
 
-from . import env, key_tokens
+from . import env, key_tokens, logits
 from .config import ExperimentConfig
 from .metrics import NonFiniteLossError, summarize
 from .results import CELL_FORMAT, failed_result, finite_or_none
@@ -178,16 +178,13 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
         keys = keys.from_prediction(first)
     key_nll_sum = 0.0
     split = {} if context is None else {"context_length": context}
+    defer = logits.can_defer(model)
     start = time.perf_counter()
     with attention(config, model, spec) as stats, torch.inference_mode():
         for offset in tqdm(range(0, n, config.batch_size), desc=spec.label, unit="batch",
                            disable=not progress, leave=False, dynamic_ncols=True):
             batch = windows.input_ids[offset:offset + config.batch_size].to(device)
-            logits = model(batch, **split).logits
-            # every prediction from `first` on: the logits may start later than position 0
-            # (the prefill protocol returns them from its context's last position on)
-            nll = key_tokens.token_nll(logits[:, first - (L - logits.shape[1]):],
-                                       batch[:, first:])
+            nll = logits.predictions(model, batch, first, defer, **split).nll
             for row in range(batch.shape[0]):
                 total = float(nll[row].sum())
                 if not math.isfinite(total):

@@ -8,7 +8,7 @@ import cabattn
 import torch
 from tqdm.auto import tqdm
 
-from .. import env
+from .. import env, logits
 from ..cell import RunSpec, attention, data_identity, now
 from ..cell import cell_key as perplexity_key
 from ..results import finite_or_none
@@ -68,6 +68,7 @@ def compute_task_cell(config, loaded, samples, spec: TaskSpec, progress: bool = 
     torch.manual_seed(config.seed)
     env.reset_peak_memory(device)
     records = []
+    defer = logits.can_defer(model)
     start = time.perf_counter()
     protocol = attention(config, model, spec)
     with protocol as stats, torch.inference_mode():
@@ -75,7 +76,7 @@ def compute_task_cell(config, loaded, samples, spec: TaskSpec, progress: bool = 
                            disable=not progress, leave=False, dynamic_ncols=True):
             context = None if split is None else context_length(sample, split)
             if scored == "teacher_forced":
-                record = scoring.teacher_forced(model, sample, device, context)
+                record = scoring.teacher_forced(model, sample, device, context, defer)
             else:
                 prompt = torch.tensor([sample.prompt_ids], device=device)
                 new = protocol.generate(prompt, max_new, budget_length=len(sample.ids),

@@ -19,26 +19,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..logits import predictions
 from ..statistics import wilson_interval
 
 DEPTH_BINS = 5  # by_depth: accuracy per fifth of the context
 
 
-def teacher_forced(model, sample, device, context_length=None) -> dict:
+def teacher_forced(model, sample, device, context_length=None, defer=False) -> dict:
     """The sample's window in one forward under the active attention, split at
     context_length (cabattn.protocol). The window's NLL is over the predictions the protocol
-    returned: all of them, or from its context's last position on (`window_first`)."""
+    returned: all of them, or from its context's last position on (`window_first`). defer:
+    eval.logits.predictions'."""
     ids = torch.tensor([sample.ids], device=device)
     split = {} if context_length is None else {"context_length": context_length}
-    logits = model(ids, **split).logits[0].float()
-    first = ids.shape[1] - logits.shape[0]  # the position of logits[0]
     prompt, target = len(sample.prompt_ids), ids[0, len(sample.prompt_ids):]
-    predicted = logits[prompt - 1 - first:-1]
-    window_nll = F.cross_entropy(logits[:-1], ids[0, first + 1:], reduction="sum")
-    return {"score": float(bool((predicted.argmax(-1) == target).all())),
-            "answer_nll": float(F.cross_entropy(predicted, target, reduction="sum")),
-            "answer_tokens": int(target.numel()), "window_nll": float(window_nll),
-            "window_predictions": int(ids.shape[1] - 1 - first), "window_first": first}
+    scores = predictions(model, ids, defer=defer, **split)
+    answer = slice(prompt - 1 - scores.first, None)
+    return {"score": float(bool((scores.argmax[0, answer] == target).all())),
+            "answer_nll": float(scores.nll[0, answer].sum()),
+            "answer_tokens": int(target.numel()), "window_nll": float(scores.nll[0].sum()),
+            "window_predictions": int(scores.nll.shape[1]), "window_first": scores.first}
 
 
 def generated(sample, new_ids: list, tokenizer, metric=None) -> dict:
