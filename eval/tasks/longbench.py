@@ -1,10 +1,10 @@
 """Local task files in LongBench's fields (docs/tasks.md, Task files): one JSON object a line
 with `context`, `input` (the question), `answers` (a non-empty list of non-empty strings) and
 optionally `all_classes` (a list of strings or null). The prompt is the context, a blank line,
-the question and "Answer:"; a context too long for L is cut in the middle (LongBench's
-truncation) so that the prompt and max_new_tokens fit in L tokens; the BOS token goes first
-when the model's tokenizer puts one before a text. Samples are generated and
-scored by --task-metric against every answer (the best counts)."""
+the question and "Answer:", behind the BOS token when the model's tokenizer puts one before a
+text; a context too long for L is cut in the middle (LongBench's truncation) so that the
+prompt and max_new_tokens fit in L tokens. Samples are generated and scored by --task-metric
+against every answer (the best counts)."""
 import json
 from pathlib import Path
 
