@@ -152,6 +152,7 @@ def test_gemma_gguf_is_assembled_once_and_checked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(package, "assemble", refuse)
     assert models.offline_gguf("gemma3-270m", cache_dir=tmp_path) == gguf
+    gguf.unlink()  # 253 MB that pytest would keep among its last runs' folders
 
 
 # ----------------------------------------------------------------------------- Gemma 3 270M
