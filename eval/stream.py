@@ -1,12 +1,13 @@
 """python -m eval.stream: perplexity over one stream longer than the model's positions.
 
 One window of --tokens tokens (the first book of a book corpus long enough, or the first
-tokens of a stream corpus) is scored through the kv protocol with a cache of --cache entries
-per KV head, fed in chunks of --chunk tokens, with positions="cache" (StreamingLLM's
-pos-shift: RoPE at the entries' indices inside the cache, so no position ever exceeds
-cache + chunk - 1). The NLL of every prediction is kept and reported per segment of --segment
-tokens. `dense` is the model's own attention over the first min(tokens, positions) tokens:
-it cannot go further.
+tokens of a stream corpus; like every window, it starts with the BOS token when the model's
+tokenizer puts one before a text, docs/datasets.md) is scored through the kv protocol with a
+cache of --cache entries per KV head, fed in chunks of --chunk tokens, with positions="cache"
+(StreamingLLM's pos-shift: RoPE at the entries' indices inside the cache, so no position ever
+exceeds cache + chunk - 1). The NLL of every prediction is kept and reported per segment of
+--segment tokens. `dense` is the model's own attention over the first min(tokens, positions)
+tokens: it cannot go further.
 
     python -m eval.stream --tokens 32768 --cache 1024 --chunk 16 --output-dir results/stream
 
@@ -106,7 +107,7 @@ def block_size(args) -> int:
     return resolve_block_size(args.block_size, args.cache)
 
 
-def stream_key(args, label: str, positions: int) -> dict:
+def stream_key(args, label: str, positions: int, bos_token_id) -> dict:
     method, params = STREAM_METHODS[label]
     from .results import CELL_FORMAT
     key = {"cell_format": CELL_FORMAT, "kind": "stream", "dataset": args.dataset,
@@ -115,6 +116,8 @@ def stream_key(args, label: str, positions: int) -> dict:
            "dtype": args.dtype, "device": args.device.split(":")[0], "tokens": args.tokens,
            "seed": args.seed, "segment": args.segment, "summary_tokens": args.summary_tokens,
            "method": method, "params": params}
+    if bos_token_id is not None:  # only then, so that the keys of BOS-less streams stay
+        key["bos_token_id"] = bos_token_id
     if method == "dense":
         key["tokens"] = min(args.tokens, positions)
     else:
@@ -215,7 +218,7 @@ def main(argv=None) -> int:
     ids = windows.input_ids[:1].to(args.device)
     results = {}
     for label in tqdm(args.methods, desc="stream", unit="method"):
-        key = stream_key(args, label, loaded.max_positions)
+        key = stream_key(args, label, loaded.max_positions, windows.bos_token_id)
         with store.claim(key):
             result = store.get(key)
             if result is None:

@@ -5,7 +5,8 @@
 
 Stream corpora (enwiki-sample, brown, wikitext, c4, local files) are joined with "\n\n" and cut
 into consecutive non-overlapping windows; book corpora (pd-books, pg19) are cut per book, the
-tail of each book shorter than L being dropped. Windows hold raw text tokens, no BOS/EOS.
+tail of each book shorter than L being dropped. Windows hold text tokens and no EOS; they
+start with a BOS token when the model's tokenizer puts one before every text (Gemma's).
 """
 from pathlib import Path
 
@@ -15,11 +16,12 @@ from ..cache import cache_dir as default_cache_dir
 from ..hub import hub_reachable
 from .corpora import (DATASETS, HUB_DATASETS, LOCAL_SUFFIXES, OFFLINE_DATASETS, PARSER_VERSION,
                       DatasetError, FetchError, hub_corpus, local_corpus, offline_corpus)
-from .windows import Windows, cached_tokens, cut_windows, source_key
+from .windows import (Windows, cached_tokens, cut_windows, leading_bos, source_key,
+                      window_layout)
 
 __all__ = ["DATASETS", "OFFLINE_DATASETS", "HUB_DATASETS", "LOCAL_SUFFIXES", "DatasetError",
            "FetchError", "Windows", "available_datasets", "check_data_file", "validate_dataset",
-           "load_windows"]
+           "leading_bos", "load_windows"]
 
 
 def available_datasets() -> tuple:
@@ -60,7 +62,8 @@ def check_data_file(name: str, data_file, text_field: str = "text") -> None:
 
 def load_windows(name: str, tokenizer, context_length: int, max_windows=None, data_file=None,
                  text_field: str = "text", cache_dir=None) -> Windows:
-    """The windows of L = context_length tokens of a dataset (max_windows evenly spaced).
+    """The windows of L = context_length tokens of a dataset (max_windows evenly spaced), each
+    starting with the tokenizer's BOS token when it puts one before a text.
 
     The first call for a corpus fetches/parses it and tokenises it (cached); later calls for
     the same tokenizer, at any L, read the cached tokens.
@@ -85,12 +88,14 @@ def load_windows(name: str, tokenizer, context_length: int, max_windows=None, da
         loader = lambda: hub_corpus(name)  # noqa: E731
     ids, byte_ends, text_lengths, metadata = cached_tokens(loader, key, tokenizer,
                                                            root / "tokens")
+    bos = leading_bos(tokenizer)
     input_ids, window_byte_ends, total = cut_windows(ids, byte_ends, text_lengths,
-                                                     context_length, max_windows)
+                                                     context_length, max_windows, bos)
     if total == 0:
         raise DatasetError(f"dataset {name!r} has no window of {context_length} tokens (its "
                            f"longest text has {int(text_lengths.max(initial=0))}); use a "
                            "shorter context length")
     return Windows(input_ids=input_ids, byte_ends=window_byte_ends, dataset=name,
-                   description=metadata["description"],
-                   num_documents=int(metadata["num_documents"]), corpus_windows=total)
+                   description=f"{metadata['description']}; {window_layout(context_length, bos)}",
+                   num_documents=int(metadata["num_documents"]), corpus_windows=total,
+                   bos_token_id=bos)

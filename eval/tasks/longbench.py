@@ -1,9 +1,10 @@
 """Local task files in LongBench's fields (docs/tasks.md, Task files): one JSON object a line
 with `context`, `input` (the question), `answers` (a non-empty list of non-empty strings) and
 optionally `all_classes` (a list of strings or null). The prompt is the context, a blank line,
-the question and "Answer:"; a context too long for L is cut in the middle (LongBench's
-truncation) so that the prompt and max_new_tokens fit in L tokens. Samples are generated and
-scored by --task-metric against every answer (the best counts)."""
+the question and "Answer:", behind the BOS token when the model's tokenizer puts one before a
+text; a context too long for L is cut in the middle (LongBench's truncation) so that the
+prompt and max_new_tokens fit in L tokens. Samples are generated and scored by --task-metric
+against every answer (the best counts)."""
 import json
 from pathlib import Path
 
@@ -66,17 +67,18 @@ def file_samples(path, tokenizer, length: int, count: int, max_new_tokens: int) 
     for record in read_task_file(path)[:count]:
         question = builder.encode("\n\n" + record["input"].strip() + "\nAnswer:")
         context = builder.encode(record["context"])
-        room = length - max_new_tokens - len(question)
+        room = length - max_new_tokens - len(builder.bos) - len(question)
         if room < 1:
             raise TaskError(f"task file {path}: a question takes {len(question)} tokens; with "
                             f"{max_new_tokens} new tokens it does not fit in L = {length}")
         if len(context) > room:  # keep the beginning and the end (LongBench)
             context = context[:room // 2] + context[len(context) - (room - room // 2):]
-        samples.append(Sample(prompt_ids=context + question,
+        before_question = builder.bos + context
+        samples.append(Sample(prompt_ids=before_question + question,
                               target_ids=builder.target_ids("Answer:", " " + record["answers"][0]),
                               answers=list(record["answers"]),
-                              all_classes=record.get("all_classes"),
-                              question_start=len(context)))
+                              question_start=len(before_question),
+                              all_classes=record.get("all_classes")))
     name = file_task_name(path)
     return TaskSamples(task=name, context_length=length, samples=samples,
                        description=f"{name}: local task file {path}",

@@ -3,7 +3,8 @@ so that the teacher-forced window (instruction, context, question, target) is ex
 of the model's tokenizer.
 
 Pieces are tokenised separately and their ids concatenated (the model reads ids, never a
-re-tokenised string): the instruction and a newline, the haystack cut to the room left, each
+re-tokenised string): the BOS token when the tokenizer puts one before a text (Gemma's, as in
+the perplexity windows), the instruction and a newline, the haystack cut to the room left, each
 needle (with a leading space) inserted at the sentence end nearest its depth, a newline and the
 question, then the target as the tokenizer writes it after the question. Haystacks: `noise`,
 RULER's repeated filler sentences; `text`, consecutive text of the offline pd-books corpus (one
@@ -43,7 +44,10 @@ class PromptBuilder:
     """Builds samples with one tokenizer (which of its tokens end a sentence is cached)."""
 
     def __init__(self, tokenizer):
+        from ..data import leading_bos
         self.tokenizer = tokenizer
+        bos = leading_bos(tokenizer)
+        self.bos = [] if bos is None else [bos]  # what every prompt starts with
 
     def encode(self, text: str) -> list:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -71,7 +75,7 @@ class PromptBuilder:
         instruction = self.encode(layout.instruction + "\n")
         question = self.encode("\n" + layout.question)
         target = self.target_ids("\n" + layout.question, layout.target)
-        room = length - len(instruction) - len(question) - len(target)
+        room = length - len(self.bos) - len(instruction) - len(question) - len(target)
         if layout.fill is not None:
             try:
                 context = self.encode(layout.fill(room, lambda text: len(self.encode(text))))
@@ -84,15 +88,17 @@ class PromptBuilder:
             room_left = room - sum(len(ids) for _, ids in needles)
             if room_left < 1:
                 raise TaskError(
-                    f"task {task!r} does not fit in L = {length} tokens: its instruction, "
-                    f"needles, question and answer take {length - room_left} tokens; give a "
-                    f"context length of at least {length - room_left + 1}")
+                    f"task {task!r} does not fit in L = {length} tokens: its "
+                    f"{'BOS, ' if self.bos else ''}instruction, needles, question and answer "
+                    f"take {length - room_left} tokens; give a context length of at least "
+                    f"{length - room_left + 1}")
             if len(haystack) < room_left:
                 raise TaskError(f"the haystack has {len(haystack)} tokens, {room_left} needed")
             context = self.place(needles, np.asarray(haystack[:room_left]).tolist())
-        return Sample(prompt_ids=instruction + context + question, target_ids=target,
-                      answers=list(layout.answers), depth=layout.depth,
-                      question_start=len(instruction) + len(context))
+        before_question = self.bos + instruction + context
+        return Sample(prompt_ids=before_question + question, target_ids=target,
+                      answers=list(layout.answers), question_start=len(before_question),
+                      depth=layout.depth)
 
     def place(self, needles: list, hay: list) -> list:
         """hay with each (depth, ids) needle inserted at the sentence end nearest to its
@@ -119,8 +125,10 @@ class PromptBuilder:
         if kind == "text":
             from ..data import load_windows
             windows = load_windows(TEXT_CORPUS, self.tokenizer, length, max_windows=count,
-                                   cache_dir=cache_dir).input_ids.numpy()
-            return [windows[i % len(windows)] for i in range(count)]
+                                   cache_dir=cache_dir)
+            # Text only: a window's BOS would land inside the prompt, which has its own.
+            text = windows.input_ids.numpy()[:, int(windows.bos_token_id is not None):]
+            return [text[i % len(text)] for i in range(count)]
         raise TaskError(f"unknown haystack {kind!r}; valid: text, noise")
 
 

@@ -38,14 +38,15 @@ class Layout:
 @dataclass
 class Sample:
     """A tokenised sample: the prompt (context and question) and the target continuation."""
-    prompt_ids: list
+    prompt_ids: list  # the BOS token first when the model's tokenizer puts one before a text
     target_ids: list
     answers: list  # strings: generated scoring looks for each in the output
+    # Where the question's tokens begin in prompt_ids: prompt_ids[:question_start] is the
+    # context (with the BOS and instruction), which a protocol may compress before the
+    # question arrives (docs/tasks.md, Prompt building).
+    question_start: int
     depth: Optional[float] = None
     all_classes: Optional[list] = None
-    # where the question begins in prompt_ids: the tokens before it are the sample's context
-    # (a protocol that compresses its context once compresses those, docs/tasks.md)
-    question_start: Optional[int] = None
 
     @property
     def ids(self) -> list:

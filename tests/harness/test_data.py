@@ -4,6 +4,8 @@ clients, then parsed), windows, the token cache, local files and bad inputs.
 The first run on a machine fetches and parses the three corpora and tokenises them (a few
 minutes); every later run reads the cache folder ($CABATTN_CACHE or ~/.cache/cabattn).
 """
+import copy
+import hashlib
 import json
 import re
 import sys
@@ -16,7 +18,7 @@ from eval import data, models
 from eval.cache import cache_dir
 from eval.data.corpora import run_fetch_command
 from eval.data.corpora import offline_corpus
-from eval.data.windows import cut_windows
+from eval.data.windows import cut_windows, tokenizer_fingerprint
 
 L = 256
 
@@ -24,6 +26,15 @@ L = 256
 @pytest.fixture(scope="module")
 def tokenizer():
     return models.load_model().tokenizer
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tokenizer):
+    """SmolLM2's tokenizer made to put its BOS token (id 1) before every text, as Gemma's does."""
+    changed = copy.deepcopy(tokenizer)
+    changed.add_bos_token = True
+    assert changed("x").input_ids[0] == changed.bos_token_id == 1
+    return changed
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +139,63 @@ def test_book_windows_never_cross_a_book():
     assert (window_ends[:, -1] - window_ends[:, 0]).tolist() == [4] * 5
     picked, _, _ = cut_windows(ids, byte_ends, np.array([5, 3, 9]), 3, max_windows=2)
     assert picked[:, 0].tolist() == [5, 11]  # the middles of the two halves (window 1 and 3)
+
+
+def test_smollm2_windows_are_those_of_before_bos_handling(tokenizer):
+    # Fingerprints of the windows the code gave before windows could start with a BOS token
+    # (every pd-books window at L = 256, and 4 brown windows at L = 1024), ids and bytes.
+    def fingerprint(windows):
+        return (hashlib.sha256(windows.input_ids.numpy().tobytes()).hexdigest()[:16],
+                hashlib.sha256(json.dumps(windows.num_bytes).encode()).hexdigest()[:16])
+
+    books = data.load_windows("pd-books", tokenizer, 256)
+    brown = data.load_windows("brown", tokenizer, 1024, max_windows=4)
+    assert books.bos_token_id is None and "no BOS" in books.description
+    assert books.input_ids.shape == (5123, 256)
+    assert fingerprint(books) == ("2dea11b5f03994c8", "23707faba0b82ad7")
+    assert fingerprint(brown) == ("ea6e40cc31cecbf7", "09e4cc413a3ad0d6")
+
+
+def test_bos_windows_never_cross_a_book():
+    # Texts of 5, 3 and 9 tokens, L = 3 behind a BOS (id 99): 2 text tokens a window, starting
+    # at 0, 2 | 5 | 8, 10, 12, 14; every text token of a window is scored, from the end of the
+    # token before it, or from its text's start (byte offsets start at 0 in every text).
+    ids = np.arange(17, dtype=np.int32)
+    byte_ends = np.concatenate([np.arange(1, 6), np.arange(1, 4), np.arange(1, 10)]) * 2
+    input_ids, num_bytes, total = cut_windows(ids, byte_ends, np.array([5, 3, 9]), 3,
+                                              bos_token_id=99)
+    assert total == 7
+    assert input_ids.tolist() == [[99, 0, 1], [99, 2, 3], [99, 5, 6], [99, 8, 9],
+                                  [99, 10, 11], [99, 12, 13], [99, 14, 15]]
+    assert num_bytes == [4] * 7  # two tokens of 2 bytes, the first window's from byte 0
+    picked, picked_bytes, _ = cut_windows(ids, byte_ends, np.array([5, 3, 9]), 3,
+                                          max_windows=2, bos_token_id=99)
+    assert picked[:, 1].tolist() == [2, 12] and picked_bytes == [4, 4]  # windows 1, 5
+
+
+def test_bos_windows_of_a_real_tokenizer(tokenizer, bos_tokenizer, corpora, tmp_path):
+    """A tokenizer that puts a BOS before a text gets windows of BOS and L - 1 text tokens,
+    consecutive, all scored; the plain tokenizer's windows of the same file stay L text
+    tokens. The two are cached under different keys: the fingerprint covers the BOS rule."""
+    text = "\n\n".join(corpora["brown"].documents[:3])
+    path = tmp_path / "three.txt"
+    path.write_text(text, encoding="utf-8")
+    assert tokenizer_fingerprint(bos_tokenizer) != tokenizer_fingerprint(tokenizer)
+    plain = data.load_windows("mine", tokenizer, 64, data_file=path, cache_dir=tmp_path)
+    windows = data.load_windows("mine", bos_tokenizer, 64, data_file=path, cache_dir=tmp_path)
+    assert len(list((tmp_path / "tokens").iterdir())) == 2
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    count = len(ids) // 63
+    assert windows.bos_token_id == 1 and windows.input_ids.shape == (count, 64)
+    assert (windows.input_ids[:, 0] == 1).all()
+    assert windows.input_ids[:, 1:].reshape(-1).tolist() == ids[:count * 63]
+    assert "BOS token (id 1) and 63 text tokens" in windows.description
+    assert plain.bos_token_id is None and "64 text tokens, no BOS" in plain.description
+    assert plain.input_ids.reshape(-1).tolist() == ids[:len(ids) // 64 * 64]
+    # The scored bytes tile the text from its first byte: byte-level BPE decodes exactly.
+    covered = tokenizer.decode(ids[:count * 63]).encode()
+    assert sum(windows.num_bytes) == len(covered)
+    assert windows.num_bytes[0] == len(tokenizer.decode(ids[:63]).encode())
 
 
 def test_cache_hit_gives_identical_ids_without_reading_the_corpus(tokenizer, monkeypatch):

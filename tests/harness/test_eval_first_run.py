@@ -26,12 +26,13 @@ def test_a_first_run_shows_one_loading_bar(tiny_model, tmp_path, monkeypatch, ca
     fake_gguf = tmp_path / "wheel" / "model.gguf"
     fake_gguf.parent.mkdir()
     fake_gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(models, "default_model_gguf", lambda: fake_gguf)
+    monkeypatch.setattr(models, "offline_gguf", lambda name, cache_dir=None: fake_gguf)
     for name in ("AutoModelForCausalLM", "AutoTokenizer"):
         monkeypatch.setattr(models, name, _FromTinyInsteadOfGGUF(getattr(models, name),
                                                                  tiny_model))
     loaded = models.load_model(models.DEFAULT_MODEL, cache_dir=tmp_path / "cache")
-    assert (models.converted_default_folder(tmp_path / "cache") / "model.safetensors").is_file()
+    assert (models.converted_folder(models.DEFAULT_MODEL, tmp_path / "cache")
+            / "model.safetensors").is_file()
     assert loaded.num_parameters > 0
     err = capsys.readouterr().err
     assert err.count("Loading weights: 100%") == 1, err

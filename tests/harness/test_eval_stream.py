@@ -48,3 +48,13 @@ def test_bad_input_fails_before_loading(extra, message, tiny_model, tiny_text, t
                                         no_model_loading, capsys):
     assert stream.main(_args(tiny_model, tiny_text, tmp_path, *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_bos_enters_the_stream_key_only_when_the_stream_starts_with_one(tiny_model, tiny_text,
+                                                                        tmp_path):
+    """A stream of a model whose tokenizer puts a BOS first (its windows start with it) is
+    another cell; the keys of streams without a BOS stay what they were."""
+    args = stream.build_parser().parse_args(_args(tiny_model, tiny_text, tmp_path))
+    plain = stream.stream_key(args, "h2o", 512, None)
+    assert "bos_token_id" not in plain
+    assert stream.stream_key(args, "h2o", 512, 2) == {**plain, "bos_token_id": 2}

@@ -17,10 +17,10 @@ def _model():
     return tiny_llama(vocab_size=96, positions=512)
 
 
-def _plain(model, ids, short):
+def _plain(model, ids, short, bos=None):
     """Per target t (1..L-1): NLL_full from the whole prefix; NLL_short from the S tokens
     before the first target of t's block (blocks of S/4 targets from S + 1 on) up to t - 1,
-    one forward per target; NaN for t <= S."""
+    behind the BOS token when there is one, one forward per target; NaN for t <= S."""
     length, step = ids.shape[0], short // 4
     full, shorts = [], []
     with torch.no_grad():
@@ -32,6 +32,8 @@ def _plain(model, ids, short):
                 continue
             block_start = short + 1 + (t - short - 1) // step * step
             context = ids[block_start - short:t]
+            if bos is not None:
+                context = torch.cat([torch.tensor([bos]), context])
             out = model(context[None]).logits[0, -1].double().log_softmax(-1)
             shorts.append(-float(out[ids[t]]))
     return torch.tensor(full, dtype=torch.float64), torch.tensor(shorts, dtype=torch.float64)
@@ -55,6 +57,24 @@ def test_short_context_nll_and_key_tokens_equal_the_definition(monkeypatch):
     plain = [(not math.isnan(s)) and s - f > 0.0 and f < float(full.median())
              for f, s in zip(full.tolist(), shorts.tolist())]
     assert mask.tolist() == plain and 0 < sum(plain) < len(plain) - 64
+
+
+def test_short_contexts_start_with_the_windows_bos():
+    model = _model()
+    ids = torch.randint(3, 96, (150,), generator=torch.Generator().manual_seed(2))
+    ids[0] = 1  # a window of BOS (id 1) and text
+    _, shorts = _plain(model, ids, 64, bos=1)
+    with torch.no_grad():
+        got = key_tokens.short_context_nll(model, ids, 64, batch=3, bos_token_id=1)
+        without = key_tokens.short_context_nll(model, ids, 64, batch=3)
+    assert torch.isnan(got[:64]).all()
+    assert torch.allclose(got[64:], shorts[64:], atol=1e-5)
+    assert not torch.allclose(without[64:], shorts[64:], atol=1e-3)
+    # Windows that start with the model's BOS, found without saying so: refused, not scored.
+    assert model.config.bos_token_id == 1
+    with pytest.raises(ValueError, match="start with the model's BOS token"):
+        key_tokens.find(model, ids[None], 64, "cpu")
+    assert key_tokens.find(model, ids[None], 64, "cpu", bos_token_id=1).short == 64
 
 
 def test_the_thresholds_are_longppls():

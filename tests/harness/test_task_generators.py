@@ -1,19 +1,32 @@
 """The synthetic task generators (docs/tasks.md) without a model: every sample's window fills
-L tokens of the default model's tokenizer, seeds reproduce, and every answer can be read back
-from the context alone, by parsing it as a reader would."""
+L tokens of the default model's tokenizer, seeds reproduce, every answer can be read back from
+the context alone, by parsing it as a reader would, and prompts (also of task files) start with
+the BOS token exactly when the tokenizer puts one before a text, and say where the question
+starts."""
 import collections
+import copy
+import json
 import re
 
 import pytest
 
 from eval import models
 from eval.tasks import TASKS, TaskError
-from eval.tasks.prompt import PromptBuilder, synthetic_samples
+from eval.tasks.longbench import file_samples
+from eval.tasks.prompt import WORDS, PromptBuilder, depths, sample_rng, synthetic_samples
 
 
 @pytest.fixture(scope="module")
 def builder():
     return PromptBuilder(models.load_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def bos_builder(builder):
+    """With SmolLM2's tokenizer made to put its BOS token (id 1) first, as Gemma's does."""
+    tokenizer = copy.deepcopy(builder.tokenizer)
+    tokenizer.add_bos_token = True
+    return PromptBuilder(tokenizer)
 
 
 def generate(builder, task, length=1024, count=5, seed=42, haystack="noise"):
@@ -106,3 +119,35 @@ def test_too_short_context_names_the_minimum(builder):
         generate(builder, "niah_multiquery", length=64)
     with pytest.raises(TaskError, match="unknown task 'passkee'; valid tasks: .*passkey"):
         generate(builder, "passkee")
+
+
+@pytest.mark.parametrize("haystack", ["noise", "text"])
+@pytest.mark.parametrize("task", ["passkey", "niah_multikey", "common_words"])
+def test_prompts_start_with_bos_and_know_where_the_question_starts(builder, bos_builder, task,
+                                                                    haystack):
+    length, count = 512, 3
+    for made_by, bos in ((builder, []), (bos_builder, [1])):
+        made = generate(made_by, task, length=length, count=count, haystack=haystack)
+        for index, (sample, depth) in enumerate(zip(made.samples, depths(count))):
+            layout = TASKS[task].layout(sample_rng(42, task, length, index), WORDS, depth)
+            assert sample.prompt_ids[:len(bos)] == bos
+            assert sample.ids.count(1) == len(bos)  # no BOS inside (the text haystack's)
+            if task != "common_words":
+                assert len(sample.ids) == length  # the BOS takes a context token
+            question = sample.prompt_ids[sample.question_start:]
+            assert question == made_by.encode("\n" + layout.question)
+            instruction = made_by.encode(layout.instruction + "\n")
+            assert sample.prompt_ids[len(bos):len(bos) + len(instruction)] == instruction
+
+
+def test_task_file_prompts_start_with_bos_and_know_where_the_question_starts(
+        builder, bos_builder, tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"context": "The river ran by the city. " * 200,
+                                "input": "What ran by the city?", "answers": ["the river"]}))
+    for made_by, bos in ((builder, []), (bos_builder, [1])):
+        sample, = file_samples(path, made_by.tokenizer, 256, 1, max_new_tokens=8).samples
+        assert sample.prompt_ids[:len(bos)] == bos and sample.prompt_ids.count(1) == len(bos)
+        assert len(sample.prompt_ids) == 256 - 8  # the context cut to leave the new tokens
+        question = sample.prompt_ids[sample.question_start:]
+        assert question == made_by.encode("\n\nWhat ran by the city?\nAnswer:")
