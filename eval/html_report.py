@@ -63,15 +63,14 @@ def number(value) -> str:
     return json.dumps(value)
 
 
-# -- HTML pieces --------------------------------------------------------------------------------
+# -- HTML pieces -----------------------------------------------------------------------------
 
 def _e(text) -> str:
     return html.escape(str(text))
 
 
-def _td(cell, header: bool = False) -> str:
+def _td(cell) -> str:
     cell = cell if isinstance(cell, Cell) else Cell(str(cell))
-    tag = "th" if header else "td"
     attributes = ""
     if cell.sort is not None:
         attributes += f' data-sort="{_e(cell.sort)}"'
@@ -83,7 +82,7 @@ def _td(cell, header: bool = False) -> str:
         text = f"<b>{text}</b>"
     if cell.note:
         text += f'<div class="cell-note">{_e(cell.note)}</div>'
-    return f"<{tag}{attributes}>{text}</{tag}>"
+    return f"<td{attributes}>{text}</td>"
 
 
 def table(head: list, rows: list, caption: str = "", notes=()) -> str:
@@ -107,7 +106,7 @@ def _paragraph(text: str, kind: str = "note") -> str:
     return f'<p class="{kind}">{_e(text)}</p>'
 
 
-# -- method links -------------------------------------------------------------------------------
+# -- method links ----------------------------------------------------------------------------
 
 def _slug(heading: str) -> str:
     """The anchor a Markdown renderer (GitHub's) gives a heading."""
@@ -148,7 +147,7 @@ def method_cell(method: str, page: Path, anchors: dict) -> Cell:
     return Cell(method, href=f"{_link_from(page, path)}#{anchor}")
 
 
-# -- what a results file holds -------------------------------------------------------------------
+# -- what a results file holds --------------------------------------------------------------
 
 def _flatten(value, prefix: str = "") -> dict:
     """{dotted key: value} of nested mappings; lists and scalars are leaves."""
@@ -220,7 +219,7 @@ def older_format_note(results: dict) -> str:
             "comparisons. Rerunning the same eval.run command recomputes them.")
 
 
-# -- one results file ------------------------------------------------------------------------------
+# -- one results file ----------------------------------------------------------------------
 
 def provenance(doc: Document, page: Path, anchors: dict) -> str:
     config = doc.results.get("config", {})
@@ -368,9 +367,9 @@ def comparisons_html(doc: Document) -> str:
     blocks += [(f"--methods {second} {best}", lambda pair=(second, best): [pair])
                for second, best in pairs.values()]
     out = []
-    for arguments, pairs in blocks:
+    for arguments, pairs_of in blocks:
         try:
-            body = _comparison_tables(doc.results, pairs())
+            body = _comparison_tables(doc.results, pairs_of())
         except ValueError as err:  # no dense in the file; cells without per-window sums
             body = _paragraph(f"Not computed: {err}")
         out.append(f"<h4><code>python -m eval.compare {_e(doc.path.name)} {_e(arguments)}"
@@ -427,7 +426,7 @@ def document_html(index: int, doc: Document, page: Path, anchors: dict) -> str:
     return section(anchor, doc.label, "\n".join(parts), level=2)
 
 
-# -- several results files -------------------------------------------------------------------------
+# -- several results files -----------------------------------------------------------------
 
 def _letters(docs: list) -> list:
     return [chr(ord("A") + i) if i < 26 else f"F{i + 1}" for i in range(len(docs))]
@@ -489,9 +488,9 @@ def across_perplexity(docs: list, letters: list, page: Path, anchors: dict) -> s
                         Cell("-"), Cell("-")]
                 continue
             delta = point_delta_vs_dense(all_points, p)
-            dense = p.method == "dense" or p.sparsity == 0 or delta is None
+            reference = p.method == "dense" or p.sparsity == 0 or delta is None
             row += [Cell(number(p.perplexity), sort=p.perplexity),
-                    Cell("-") if dense else Cell(change_text(
+                    Cell("-") if reference else Cell(change_text(
                         delta, p.result.get("delta_vs_dense_ci95")), sort=delta),
                     Cell(str(rank[key]), sort=rank[key]) if key in rank else Cell("-")]
         rows.append(row)
@@ -598,7 +597,7 @@ def across_html(docs: list, page: Path, anchors: dict) -> str:
     return section("across", "Across the files", "\n".join(parts), level=2)
 
 
-# -- the page -----------------------------------------------------------------------------------------
+# -- the page ------------------------------------------------------------------------------
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0 2em 4em; color: #222; }
@@ -672,8 +671,9 @@ def page_html(docs: list, page: Path) -> str:
     command = shlex.join(["python", "-m", "eval.report", *map(str, (d.path for d in docs)),
                           "--html", str(page)])
     body = [f"<header><h1>{_e(title)}</h1>",
-            f'<p class="note">Written {_e(datetime.now().isoformat(timespec="seconds"))} by '
-            f"<code>{_e(command)}</code>. Click a column's heading to sort by it; a method "
+            f'<p class="note">Written {_e(datetime.now().isoformat(timespec="seconds"))}; '
+            f"<code>{_e(command)}</code> writes it again. Click a column's heading to sort by "
+            "it; a method "
             "links to its definition. How to read the intervals, p-values and marks: "
             "docs/statistics.md.</p>",
             f"<nav>{' '.join(nav)}</nav></header><main>"]

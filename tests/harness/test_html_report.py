@@ -303,3 +303,40 @@ def test_the_command_line_writes_the_page_beside_the_figures_or_one_page_of_seve
     assert not (tmp_path / "b_figure4.png").exists()  # --html leaves the results' folder be
     parsed = parse_page(page.read_text())
     assert parsed.sections[0] == "across" and len(parsed.images) == 4
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_run_ends_with_its_page_and_two_runs_make_one_page(tiny_model, tiny_text, tmp_path,
+                                                             capsys):
+    from eval_assets import tiny_run_args
+
+    from eval import cli
+    results = {}
+    for protocol in ("mask", "kv"):
+        args = tiny_run_args(tiny_model, tiny_text, tmp_path / protocol, "--methods", "dense",
+                             "h2o", "streaming_llm", "--context-lengths", "128",
+                             "--sparsity-levels", "0", "0.5", "--max-windows", "3",
+                             "--no-context-sweep", "--protocol", protocol)
+        assert cli.main(args) == cli.EXIT_OK
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        page = tmp_path / protocol / "tiny.html"
+        assert last.endswith(f": {page}") and "opens offline" in last
+        results[protocol] = tmp_path / protocol / "tiny.json"
+        text = page.read_text()
+        assert f"protocol = {protocol}" in text
+        parsed = parse_page(text)
+        assert len(parsed.images) == 1  # Figure 8 (one context length: no Figure 4)
+    # each protocol's own options, as its cells record them
+    assert "kv_chunk = 1" in (tmp_path / "kv" / "tiny.html").read_text()
+    assert "kv_chunk = 1" not in (tmp_path / "mask" / "tiny.html").read_text()
+    both = tmp_path / "both.html"
+    assert report_main([str(results["mask"]), str(results["kv"]), "--html", str(both)]) == 0
+    parsed = parse_page(both.read_text())
+    (across,) = tables_in(parsed, r"across-perplexity")
+    for method in ("h2o", "streaming_llm"):
+        row = next(r for r in across.rows if r[3].text == method)
+        for letter in "AB":
+            change = row[across.head.index(f"{letter}: change vs its dense")].text
+            assert re.fullmatch(r"[+-]\d+\.\d% \[[+-]\d+\.\d, [+-]\d+\.\d\]", change)
+    (settings,) = tables_in(parsed, r"across-settings")
+    assert ["protocol", "mask", "kv"] in [[c.text for c in r] for r in settings.rows]

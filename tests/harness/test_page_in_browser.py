@@ -112,7 +112,8 @@ PAGE_STATE = """JSON.stringify({
 
 SORT_TABLE3 = """(() => {
   const table = document.querySelector("#file0-table3 table");
-  const column = Array.from(table.tHead.rows[0].cells).findIndex(c => c.innerText.trim() == "s=0.9");
+  const column = Array.from(table.tHead.rows[0].cells)
+      .findIndex(c => c.innerText.trim() == "s=0.9");
   const values = () => Array.from(table.tBodies[0].rows).map(r => r.cells[column].dataset.sort)
       .filter(v => v !== undefined).map(Number);
   table.tHead.rows[0].cells[column].click();
