@@ -107,8 +107,26 @@ PAGE_STATE = """JSON.stringify({
     height: t.getBoundingClientRect().height})),
   images: Array.from(document.images).map(i => ({
     alt: i.alt, complete: i.complete, width: i.naturalWidth, height: i.naturalHeight,
-    shownWidth: i.getBoundingClientRect().width}))
+    shownWidth: i.getBoundingClientRect().width, ...drawn(i)}))
 })"""
+
+# Each image drawn onto a 64 x 64 canvas: a figure decoded in full is opaque everywhere (its
+# white background) and has more than one colour; a cut-off PNG leaves rows transparent.
+DRAWN = """function drawn(image) {
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = 64;
+  const context = canvas.getContext("2d");
+  context.drawImage(image, 0, 0, 64, 64);
+  const pixels = context.getImageData(0, 0, 64, 64).data;
+  const colours = new Set();
+  let transparent = 0;
+  for (let i = 0; i < pixels.length; i += 4) {
+    if (pixels[i + 3] < 255) transparent++;
+    colours.add((pixels[i] << 16) | (pixels[i + 1] << 8) | pixels[i + 2]);
+  }
+  return {transparent: transparent, colours: colours.size};
+}
+"""
 
 SORT_TABLE3 = """(() => {
   const table = document.querySelector("#file0-table3 table");
@@ -147,7 +165,8 @@ def test_the_page_renders_in_a_real_browser(page, tmp_path):
             devtools.send(f"{domain}.enable", session)
         devtools.send("Page.navigate", session, url=page.as_uri())
         devtools.wait_for("Page.loadEventFired")
-        state = json.loads(devtools.send("Runtime.evaluate", session, expression=PAGE_STATE,
+        state = json.loads(devtools.send("Runtime.evaluate", session,
+                                         expression=DRAWN + PAGE_STATE,
                                          returnByValue=True)["result"]["value"])
         sorted_values = json.loads(devtools.send(
             "Runtime.evaluate", session, expression=SORT_TABLE3,
@@ -175,6 +194,7 @@ def test_the_page_renders_in_a_real_browser(page, tmp_path):
     for image in state["images"]:
         assert image["complete"] and image["width"] > 100 and image["height"] > 100, image
         assert image["shownWidth"] > 100, image
+        assert image["transparent"] == 0 and image["colours"] > 3, image
     assert requests and all(url.startswith(("file:", "data:")) for url in requests), requests
     assert sorted_values["up"] == sorted(sorted_values["up"]) and len(sorted_values["up"]) == 6
     assert sorted_values["down"] == sorted(sorted_values["up"], reverse=True)
