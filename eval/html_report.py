@@ -288,10 +288,9 @@ def table3_html(doc: Document, page: Path, anchors: dict) -> str:
     results = doc.results
     all_points = points(results)
     pts = [p for p in all_points if p.sweep == "sparsity_sweep"]
-    plan = _plan(results.get("config", {}))
-    if not pts and plan is None:
-        return _paragraph("No sparsity sweep in this file.")
-    levels, grid = sweep_grid(pts, plan)
+    levels, grid = sweep_grid(pts, _plan(results.get("config", {})))
+    if not grid:
+        return _paragraph("No perplexity cells of a sparsity sweep in this file.")
     tied = results_marks(results).tied
     rows = []
     for dataset, L, method, cells in grid:

@@ -226,6 +226,18 @@ def test_an_older_results_file_gets_a_note_not_a_crash(tmp_path):
     assert not any(c.bold for row in table3.rows for c in row)
 
 
+def test_a_tasks_only_run_has_its_tasks_and_no_empty_table(tmp_path):
+    document = results_document(datasets=())
+    document["config"]["sparsity_sweep"]["sparsity_levels"] = [0.5, 0.9]
+    parsed, text = page_of(tmp_path, document)
+    assert not tables_in(parsed, r"file0-table3") and all(t.rows for t in parsed.tables)
+    assert "No perplexity cells of a sparsity sweep in this file." in text
+    (tasks,) = tables_in(parsed, r"file0-tasks")
+    assert [r[0].text for r in tasks.rows] == ["dense", "h2o", "cab_v4", "cab_v3"]
+    compare = tables_in(parsed, r"file0-compare")
+    assert compare[0].head[0] == "task" and len(compare[0].rows) == 6  # 3 methods x 2 s
+
+
 @pytest.mark.parametrize("content, problem", [
     ('{"key": {}, "result": {"perplexity": 3.0}}', "no 'results' mapping"),
     ('[1, 2, 3]', "no 'results' mapping"),

@@ -36,7 +36,7 @@ class DevTools:
         self.answers, from_browser = os.pipe()
         flags = ["--headless", "--remote-debugging-pipe", "--disable-gpu", "--no-first-run",
                  "--no-default-browser-check", f"--user-data-dir={profile}",
-                 "--window-size=1400,1000"]
+                 "--window-size=1400,1000", "--disable-dev-shm-usage"]
         if os.geteuid() == 0:
             flags.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
         # bash puts the two pipe ends on the descriptors the browser expects.
