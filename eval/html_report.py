@@ -669,12 +669,14 @@ def page_html(docs: list, page: Path) -> str:
     nav += [f'<a href="#file{i}">{_e(d.label)}</a>' for i, d in enumerate(docs)]
     command = shlex.join(["python", "-m", "eval.report", *map(str, (d.path for d in docs)),
                           "--html", str(page)])
+    statistics = REPO / "docs" / "statistics.md"
+    reading = (f'<a href="{_e(_link_from(page, statistics))}">docs/statistics.md</a>'
+               if statistics.is_file() else "docs/statistics.md")
     body = [f"<header><h1>{_e(title)}</h1>",
             f'<p class="note">Written {_e(datetime.now().isoformat(timespec="seconds"))}; '
             f"<code>{_e(command)}</code> writes it again. Click a column's heading to sort by "
-            "it; a method "
-            "links to its definition. How to read the intervals, p-values and marks: "
-            "docs/statistics.md.</p>",
+            "it; a method links to its definition. How to read the intervals, p-values and "
+            f"marks: {reading}.</p>",
             f"<nav>{' '.join(nav)}</nav></header><main>"]
     if len(docs) > 1:
         body.append(across_html(docs, page, anchors))

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from helpers import REPO
 from page_fixtures import results_document
 from page_parsing import parse_page, tables_in
 
@@ -75,15 +76,27 @@ def test_marks_are_those_of_the_markdown_table_and_say_what_they_mean(one_file):
     assert any("bold on green" in note and "Holm" in note for note in table3.notes)
 
 
-def test_a_method_links_to_its_definition_in_the_docs(one_file, tmp_path):
+def test_a_method_links_to_its_definition_in_the_docs(one_file):
     _, parsed, _ = one_file
     (table3,) = tables_in(parsed, r"file0-table3")
     links = {row[2].text: row[2].href for row in table3.rows}
     target, anchor = links["h2o"].split("#")
-    assert target.endswith("docs/methods.md") and anchor == "h2o-heavy-hitter-oracle"
-    headings = (report.__file__.rsplit("/eval/", 1)[0] + "/docs/methods.md")
-    assert "## h2o (Heavy-Hitter Oracle)" in open(headings).read()
+    # the page is outside the checkout: an absolute address of the checkout's docs
+    assert target == (REPO / "docs" / "methods.md").as_uri()
+    assert anchor == "h2o-heavy-hitter-oracle"  # GitHub's anchor of the heading below
+    assert "\n## h2o (Heavy-Hitter Oracle)\n" in (REPO / "docs" / "methods.md").read_text()
     assert links["dense"].endswith("docs/methods.md#dense-and-every-method-at-s--0")
+
+
+def test_a_page_inside_the_checkout_links_the_docs_relatively(tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"  # a stand-in, so that the test writes nothing in REPO
+    (checkout / "docs").mkdir(parents=True)
+    for name in html_report.METHOD_DOCS:
+        (checkout / name).write_text((REPO / name).read_text())
+    monkeypatch.setattr(html_report, "REPO", checkout)
+    path = write(tmp_path, "run", results_document(tasks=False))
+    text = html_report.write_page([path], checkout / "docs" / "pages" / "p.html").read_text()
+    assert 'href="../methods.md#h2o-heavy-hitter-oracle"' in text  # moves with the checkout
 
 
 def test_provenance_shows_the_protocol_and_every_option_without_knowing_them(one_file):
