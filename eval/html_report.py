@@ -238,7 +238,7 @@ def provenance(doc: Document, page: Path, anchors: dict) -> str:
         ("device", ", ".join(f"{k} {_value_text(config[k])}" for k in (
             "resolved_device", "resolved_dtype", "torch_threads", "executor") if k in config)),
         ("machine", ", ".join(f"{k} {_value_text(v)}" for k, v in machine.items()
-                              if v is not None)),
+                              if v not in (None, ""))),
         ("versions", ", ".join(f"{k} {_value_text(v)}" for k, v in versions.items())),
         ("date", " to ".join(_value_text(config[k]) for k in ("started", "written")
                              if config.get(k))),
@@ -278,9 +278,11 @@ def _plan(config: dict) -> dict | None:
             "context_length": sweep.get("fixed_context_length")}
 
 
-def _absent(method: str, s: float) -> Cell:
-    if method == "dense" and s > 0:
-        return Cell("-", kind="absent")  # dense has no sparsity
+def _absent(method: str, s: float, planned: bool = True) -> Cell:
+    """A cell the file does not hold: missing where the run plans one, '-' where it does not
+    (dense has no sparsity)."""
+    if (method == "dense" and s > 0) or not planned:
+        return Cell("-", kind="absent")
     return Cell("missing", kind="missing")
 
 
@@ -325,14 +327,16 @@ def key_tokens_html(doc: Document, page: Path, anchors: dict) -> str:
 
 
 def tasks_html(doc: Document, page: Path, anchors: dict) -> str:
+    # A sparse method's s = 0 cell (dense's) is planned at the sparsity sweep's L only.
+    sweep_length = (_plan(doc.results.get("config", {})) or {}).get("context_length")
     out = []
     for task, caption, columns, rows in accuracy_tables(doc.results):
         out.append(table(
             ["method"] + [f"L={L} s={s:g}" for L, s in columns],
             [[method_cell(method, page, anchors)]
-             + [_absent(method, s) if p is None else
+             + [_absent(method, s, s > 0 or L == sweep_length) if p is None else
                 Cell(task_cell_text(p.result, number), sort=p.result["accuracy"])
-                for (_, s), p in zip(columns, cells)]
+                for (L, s), p in zip(columns, cells)]
              for method, cells in rows],
             caption=f"{task} ({caption})"))
     return "\n".join(out)

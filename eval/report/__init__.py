@@ -292,8 +292,9 @@ def figure_recall(results: dict, stem: Path) -> list:
     datasets = list(dict.fromkeys(key[0] for key in cells))
     methods = list(dict.fromkeys(key[1] for key in cells))
     style = style_of(methods)
+    # constrained: the legend below the panels gets room of its own (legend_below)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets) + 0.6, 4.2),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     axes = axes[0]
     several_lengths = len({key[2] for key in cells}) > 1
     for ax, dataset in zip(axes, datasets):
@@ -316,6 +317,7 @@ def figure_recall(results: dict, stem: Path) -> list:
         ax.grid(True, alpha=0.3)
     fig.suptitle("Perplexity change vs attention recall")
     legend_below(fig, axes)
+    _drop_overlapping_labels(fig, axes)
     paths = save_figure(fig, stem, "figure_recall")
     plt.close(fig)
     return paths

@@ -223,6 +223,21 @@ def test_a_partial_run_shows_its_missing_and_failed_cells(tmp_path):
     assert any("2 cells failed" in w for w in warnings)
 
 
+def test_a_task_cell_is_missing_only_where_the_run_plans_one(tmp_path):
+    document = results_document()
+    passkey = document["tasks"]["passkey"]
+    for method, s in (("dense", 0.0), ("h2o", 0.9)):  # the context-length sweep at L = 128
+        cell = dict(passkey[method]["sparsity_sweep"][str(s)], context_length=128)
+        passkey[method]["context_length_sweep"] = {"128": cell}
+    del passkey["h2o"]["sparsity_sweep"]["0.5"]  # not reached yet
+    parsed, _ = page_of(tmp_path, document)
+    (tasks,) = tables_in(parsed, r"file0-tasks")
+    h2o = dict(zip(tasks.head, next(r for r in tasks.rows if r[0].text == "h2o")))
+    assert h2o["L=128 s=0"].text == "-"  # h2o's s = 0 is planned at the sweep's L = 256 only
+    assert h2o["L=256 s=0.5"].text == "missing"
+    assert h2o["L=128 s=0.9"].text.startswith("0.5 [")
+
+
 def test_an_older_results_file_gets_a_note_not_a_crash(tmp_path):
     document = results_document(tasks=False)
     for methods in document["results"].values():
