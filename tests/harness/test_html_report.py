@@ -226,9 +226,11 @@ def test_a_partial_run_shows_its_missing_and_failed_cells(tmp_path):
 def test_a_task_cell_is_missing_only_where_the_run_plans_one(tmp_path):
     document = results_document()
     passkey = document["tasks"]["passkey"]
-    for method, s in (("dense", 0.0), ("h2o", 0.9)):  # the context-length sweep at L = 128
-        cell = dict(passkey[method]["sparsity_sweep"][str(s)], context_length=128)
-        passkey[method]["context_length_sweep"] = {"128": cell}
+    for method in passkey:  # a context-length sweep at L = 128 and 256, as a run has
+        s = 0.0 if method == "dense" else 0.9
+        passkey[method]["context_length_sweep"] = {
+            str(L): dict(passkey[method]["sparsity_sweep"][str(s)], context_length=L)
+            for L in (128, 256)}
     del passkey["h2o"]["sparsity_sweep"]["0.5"]  # not reached yet
     parsed, _ = page_of(tmp_path, document)
     (tasks,) = tables_in(parsed, r"file0-tasks")
