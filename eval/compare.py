@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .report import load_results, points
 from .results import CorruptFileError
-from .statistics import ALPHA, compare_cells, holm, paired_scores
+from .statistics import ALPHA, compare_cells, holm, paired_scores, smallest_sign_flip_p
 from .tasks.report import task_points
 
 
@@ -238,7 +238,7 @@ def _task_footnote(rows: list) -> str:
             "cells only).")
 
 
-def _sections(rows: list, task_rows: list) -> list:
+def sections(rows: list, task_rows: list) -> list:
     """[(head, cell rows as text, footnote)] of the perplexity and the task comparisons."""
     return ([(HEAD, [_cells_text(r) for r in rows], _footnote(rows))] if rows else []) + \
         ([(TASK_HEAD, [_task_cells_text(r) for r in task_rows], _task_footnote(task_rows))]
@@ -247,7 +247,7 @@ def _sections(rows: list, task_rows: list) -> list:
 
 def markdown(rows: list, task_rows: list = ()) -> str:
     parts = []
-    for head, cells, footnote in _sections(rows, task_rows):
+    for head, cells, footnote in sections(rows, task_rows):
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
         parts.append("\n".join(lines) + "\n\n" + footnote + "\n")
@@ -257,7 +257,7 @@ def markdown(rows: list, task_rows: list = ()) -> str:
 def latex(rows: list, task_rows: list = ()) -> str:
     from .report import _tex
     parts = []
-    for head, cells, footnote in _sections(rows, task_rows):
+    for head, cells, footnote in sections(rows, task_rows):
         lines = [f"% {footnote}", r"\begin{tabular}{llrll" + "r" * (len(head) - 5) + "}",
                  r"\toprule", " & ".join(_tex(h) for h in head) + r" \\", r"\midrule"]
         lines += [" & ".join(_tex(c) for c in row) + r" \\" for row in cells]
@@ -319,31 +319,39 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def headline(results: dict) -> list:
-    """Lines for the end of a run: per dataset, at the sparsity sweep's highest s, the best
-    sparse method against the runner-up (the comparison a reader of Table 3 makes first),
-    with its paired interval, p-value, whether it is resolved and the windows that would
-    resolve a 1% and a 0.5% change (docs/statistics.md, How many windows)."""
+def best_and_runner_up(results: dict) -> list:
+    """[(best, runner-up)] Points per dataset at the sparsity sweep's highest s: the two sparse
+    methods with the lowest perplexity there (the comparison a reader of Table 3 makes
+    first); datasets with fewer than two such cells (or none with per-window sums) have none."""
     all_points = [p for p in points(results) if p.sweep == "sparsity_sweep"
                   and p.method != "dense" and p.sparsity > 0 and p.perplexity is not None
                   and "windows" in p.result]
-    seed = results.get("config", {}).get("seed", 0)
-    lines = []
+    pairs = []
     for dataset in dict.fromkeys(p.dataset for p in all_points):
         mine = [p for p in all_points if p.dataset == dataset]
         s = max(p.sparsity for p in mine)
         ranked = sorted((p for p in mine if p.sparsity == s), key=lambda p: p.perplexity)
-        if len(ranked) < 2:
-            continue
-        best, second = ranked[:2]
+        if len(ranked) >= 2:
+            pairs.append(tuple(ranked[:2]))
+    return pairs
+
+
+def headline(results: dict) -> list:
+    """Lines for the end of a run: per dataset, at the sparsity sweep's highest s, the best
+    sparse method against the runner-up (best_and_runner_up), with its paired interval,
+    p-value, whether it is resolved and the windows that would resolve a 1% and a 0.5% change
+    (docs/statistics.md, How many windows)."""
+    seed = results.get("config", {}).get("seed", 0)
+    lines = []
+    for best, second in best_and_runner_up(results):
         c = compare_cells(second.result, best.result, seed)
         n = c["num_windows"]
-        floor = 2 / 2 ** n if 2 ** n <= 10_000 else None
+        floor = smallest_sign_flip_p(n)
         verdict = ("resolved" if c["p_value"] < ALPHA else "NOT resolved"
                    + (f" (with {n} windows no p-value can be below {floor:.3g})"
-                      if floor is not None and floor >= ALPHA else ""))
-        lines.append(f"  {dataset} L={best.context_length} s={s:g}: {best.method} "
-                     f"(PPL {best.perplexity:.3f}) vs {second.method} "
+                      if floor >= ALPHA else ""))
+        lines.append(f"  {best.dataset} L={best.context_length} s={best.sparsity:g}: "
+                     f"{best.method} (PPL {best.perplexity:.3f}) vs {second.method} "
                      f"({second.perplexity:.3f}): {_percent(c['change'])} "
                      f"{_interval(c['ci95'])}, p {_p(c['p_value'])}, {n} windows: {verdict}; "
                      f"windows to resolve 1%: {c['windows_needed_1pct'] or '-'}, 0.5%: "

@@ -26,7 +26,8 @@ from .cell import RunSpec, now
 from .cells import cell_key
 from .config import ExperimentConfig, check_output_location, validate
 from .compare import headline
-from .report import load_results, make_report
+from .html_report import write_report
+from .report import load_results
 from .results import CellStore, assemble, delta_vs_dense, write_results
 from .statistics import versus_dense
 from .tasks.cell import summary_line as task_summary_line
@@ -282,11 +283,15 @@ class PerplexityBenchmarkRunner:
         return results
 
     def report(self) -> None:
+        page = None
         if self.make_report:
-            for path in make_report(self.results_path):
+            *paths, page = write_report(self.results_path)
+            for path in paths:
                 self.say(f"wrote {path}")
         for line in headline(load_results(self.results_path)):
             self.say(line)
+        if page:  # last: a run ends with the path of its page (docs/running.md)
+            self.say(f"results page (every table and figure; opens offline): {page}")
 
     def reuse(self, spec: RunSpec, record: dict) -> None:
         """A stored cell: its result, and the provenance stored with it (model, windows)."""

@@ -118,6 +118,25 @@ def sign_flip_p_value(differences, flips: int = RESAMPLES, seed: int = 0) -> flo
     return (1 + count) / (1 + flips)
 
 
+def smallest_sign_flip_p(windows: int, flips: int = RESAMPLES) -> float:
+    """The smallest p-value sign_flip_p_value can return for that many windows, whatever their
+    numbers: 2 / 2^n when every sign vector is enumerated (the observed signs and their mirror
+    image always count), else 1 / (1 + flips)."""
+    return 2 / 2 ** windows if 2 ** windows <= flips else 1 / (1 + flips)
+
+
+def windows_to_resolve(tests: int, alpha: float = ALPHA, flips: int = RESAMPLES):
+    """The fewest windows a cell with which the smallest of `tests` sign-flip p-values could
+    pass Holm's first step (tests x p < alpha); below that no test of the family can be
+    significant. None when no number of windows can (flips too few for that many tests)."""
+    windows = 1
+    while tests * smallest_sign_flip_p(windows, flips) >= alpha:
+        if 2 ** windows > flips:  # the smallest p no longer falls with more windows
+            return None
+        windows += 1
+    return windows
+
+
 def paired_change(a: WindowScores, b: WindowScores, resamples: int = RESAMPLES,
                   seed: int = 0) -> dict:
     """B against A on the same windows: change (PPL_B / PPL_A - 1), its paired 95% bootstrap

@@ -38,32 +38,46 @@ def task_points(results: dict) -> list:
     return out
 
 
-def _cell_text(r: dict) -> str:
+def task_cell_text(r: dict, number=lambda v: f"{v:.2f}") -> str:
+    """'accuracy [low, high], PPL +x.x%' of a task cell; number(accuracy) writes the accuracy."""
     low, high = r["accuracy_ci95"]
-    text = f"{r['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
+    text = f"{number(r['accuracy'])} [{low:.2f}, {high:.2f}]"
     if r.get("delta_vs_dense") is not None and r.get("method_run") != "dense":
         text += f", PPL {r['delta_vs_dense'] * 100:+.1f}%"
     return text
 
 
-def accuracy_table_markdown(results: dict) -> str:
-    """Per task: a row per method, a column per (L, s) point."""
+def accuracy_tables(results: dict) -> list:
+    """Per task: (task, caption, columns [(L, s)], rows [(method, [TaskPoint or None per
+    column])])."""
     pts = task_points(results)
     protocol = results.get("config", {}).get("protocol", "?")
-    lines = []
+    tables = []
     for task in dict.fromkeys(p.task for p in pts):
         mine = [p for p in pts if p.task == task]
         columns = sorted({(p.context_length, p.sparsity) for p in mine})
         first = mine[0].result
-        lines += [f"**{task}** ({first.get('scoring', '').replace('_', '-')}, "
-                  f"{first['samples']} samples, {protocol} protocol; "
-                  "accuracy [95% interval], PPL = change of the prompt's perplexity vs dense)",
-                  "", "| method | " + " | ".join(f"L={L} s={s:g}" for L, s in columns) + " |",
-                  "|---|" + "---|" * len(columns)]
+        caption = (f"{first.get('scoring', '').replace('_', '-')}, {first['samples']} samples, "
+                   f"{protocol} protocol; accuracy [95% interval], PPL = change of the prompt's "
+                   "perplexity vs dense")
+        rows = []
         for method in dict.fromkeys(p.method for p in mine):
             by_point = {(p.context_length, p.sparsity): p for p in mine if p.method == method}
-            lines.append(f"| {method} | " + " | ".join(
-                _cell_text(by_point[c].result) if c in by_point else "-" for c in columns) + " |")
+            rows.append((method, [by_point.get(c) for c in columns]))
+        tables.append((task, caption, columns, rows))
+    return tables
+
+
+def accuracy_table_markdown(results: dict) -> str:
+    """Per task: a row per method, a column per (L, s) point."""
+    lines = []
+    for task, caption, columns, rows in accuracy_tables(results):
+        lines += [f"**{task}** ({caption})", "",
+                  "| method | " + " | ".join(f"L={L} s={s:g}" for L, s in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        lines += [f"| {method} | " + " | ".join("-" if p is None else task_cell_text(p.result)
+                                                for p in cells) + " |"
+                  for method, cells in rows]
         lines.append("")
     return "\n".join(lines)
 

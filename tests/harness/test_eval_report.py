@@ -4,6 +4,7 @@ import json
 import pytest
 
 from eval import report
+from eval.report.__main__ import main as report_main
 
 
 def _r(ppl, density, L, s, **extra):
@@ -114,7 +115,7 @@ def test_figure_points_skip_failures(results_file):
 def test_report_cli_names_a_corrupt_file(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"results": {"brown": ')
-    assert report.main([str(bad)]) == 2
+    assert report_main([str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
 
 

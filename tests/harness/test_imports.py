@@ -42,9 +42,10 @@ LAYERS = [
     ("one cell", ["eval.cell", "eval.key_tokens", "eval.tasks.cell", "eval.cells"]),
     ("executors and report", ["eval.executors", "eval.executors.*", "eval.tasks.report",
                               "eval.report", "eval.compare"]),
+    ("results page", ["eval.html_report"]),
     ("runner", ["eval.runner", "eval.arguments"]),
     ("command lines", ["eval.cli", "eval.stream"]),
-    ("python -m entry", ["eval.run"]),
+    ("python -m entry", ["eval.run", "eval.report.__main__"]),
     ("the original benchmark's paths", ["experiments", "experiments.*"]),
 ]
 

@@ -1,4 +1,5 @@
-"""python -m eval.report RESULTS.json: Figure 4, Figure 8 and Table 3 of a results file.
+"""The figures and tables of a results file; `python -m eval.report RESULTS.json [MORE.json
+...] [--html PAGE.html]` writes them (eval/report/__main__.py).
 
 - Figure 4: perplexity vs context length at the fixed sparsity, one panel per dataset.
 - Figure 8: perplexity vs realised density (kept / causal query-key pairs) from the sparsity
@@ -11,17 +12,19 @@
   (<stem>_table3_key_tokens.md).
 - With a tasks section: the accuracy table, the needle heatmaps and accuracy against
   perplexity change (eval/tasks/report.py).
+- The results page, <stem>.html: all of the above in one self-contained file with the run's
+  provenance and its paired comparisons (eval/html_report.py); opens offline.
 Figures are PNG and PDF, written next to the results file as <stem>_figure4.png and so on.
+--html PAGE.html writes one page of every file given instead (and nothing else), with a view
+across them: the same method and point under each file's model or protocol, side by side.
 """
-import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plotting import legend_below, save_figure, style_of
-from .results import CorruptFileError, read_json
-from .results import delta_vs_dense
-from .tasks.report import make_task_report
+from ..plotting import legend_below, save_figure, style_of
+from ..results import CorruptFileError, read_json
+from ..results import delta_vs_dense
+from ..tasks.report import make_task_report
 
 DENSITY_TICKS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -41,10 +44,37 @@ class Point:
 
 
 def load_results(path) -> dict:
+    """A results document (docs/running.md): CorruptFileError naming the file and what is
+    wrong when it cannot be read or is not one."""
     results = read_json(path)
-    if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
-        raise CorruptFileError(f"{path} is not a results file: it has no 'results' mapping")
+    problem = results_shape_problem(results)
+    if problem:
+        raise CorruptFileError(f"{path} is not a results file written by eval.run: {problem}")
     return results
+
+
+def results_shape_problem(results) -> str | None:
+    """What keeps a parsed JSON value from being a results document {"config": {...},
+    "results": {DATASET: {METHOD: {SWEEP: {POINT: R or null}}}}, "tasks": (the same shape)},
+    or None."""
+    if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+        return ("it has no 'results' mapping (a results file holds 'config' and 'results'; a "
+                "cell of NAME.cells/ or eval.stream's stream.json is not one)")
+    if not isinstance(results.get("config", {}), dict):
+        return "its 'config' is not a mapping"
+    for section in ("results", "tasks"):
+        for dataset, methods in (results.get(section) or {}).items():
+            where = f"{section}[{dataset!r}]"
+            if not isinstance(methods, dict):
+                return f"{where} is not a mapping of methods"
+            for method, sweeps in methods.items():
+                if not isinstance(sweeps, dict) or not all(
+                        isinstance(cells, dict) and all(r is None or isinstance(r, dict)
+                                                        for r in cells.values())
+                        for cells in sweeps.values()):
+                    return (f"{where}[{method!r}] is not a mapping of sweeps, each a mapping "
+                            "of points to a cell's record or null")
+    return None
 
 
 def points(results: dict) -> list:
@@ -262,8 +292,9 @@ def figure_recall(results: dict, stem: Path) -> list:
     datasets = list(dict.fromkeys(key[0] for key in cells))
     methods = list(dict.fromkeys(key[1] for key in cells))
     style = style_of(methods)
+    # constrained: the legend below the panels gets room of its own (legend_below)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets) + 0.6, 4.2),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     axes = axes[0]
     several_lengths = len({key[2] for key in cells}) > 1
     for ax, dataset in zip(axes, datasets):
@@ -286,73 +317,137 @@ def figure_recall(results: dict, stem: Path) -> list:
         ax.grid(True, alpha=0.3)
     fig.suptitle("Perplexity change vs attention recall")
     legend_below(fig, axes)
+    _drop_overlapping_labels(fig, axes)
     paths = save_figure(fig, stem, "figure_recall")
     plt.close(fig)
     return paths
 
 
-def tied_with_best(pts: list, seed: int = 0) -> set:
-    """{(dataset, method, s)} of Table 3's sparse cells that are the best (lowest PPL) of their
-    column or not significantly different from it: paired sign-flip tests of every other
-    method against the column's best, Holm-corrected over all the table's tests. Columns whose
-    cells lack their per-window sums (older files) mark nothing."""
-    from .statistics import compare_cells, holm
+@dataclass
+class Table3Marks:
+    """What Table 3 marks, and what its windows cannot resolve (docs/statistics.md, Table 3)."""
+    tied: set  # {(dataset, method, s)}: the best of a column and those not resolved from it
+    tested: dict  # {(dataset, s): windows} of the columns with tests
+    unresolvable: dict  # the columns of tested that no test could resolve: not marked
+    tests: int  # the paired tests of the table (Holm's family)
+    windows_to_resolve: int | None  # windows a cell before any test of the family could pass
+    windows_for_1pct: int | None  # median over the tests of the windows to resolve 1%
+
+
+def table3_marks(pts: list, seed: int = 0) -> Table3Marks:
+    """Table 3's marks: in each column (dataset, s) with two or more sparse cells, the best
+    (lowest PPL) and every method not significantly different from it: paired sign-flip tests
+    of every other method against the column's best, Holm-corrected over all the table's
+    tests. A column whose windows cannot make any test significant, whatever the numbers (its
+    smallest possible p is not below 5%, or the table's smallest possible p times the number
+    of tests is not), marks nothing: "not different from the best" would then be true of
+    every cell. Columns whose cells lack their per-window sums (older files) mark nothing."""
+    from ..statistics import ALPHA, compare_cells, holm, smallest_sign_flip_p, windows_to_resolve
     columns = {}
     for p in pts:
         if p.method != "dense" and p.sparsity > 0 and p.perplexity is not None:
             columns.setdefault((p.dataset, p.sparsity), []).append(p)
-    tied, tests = set(), []
-    for (dataset, s), cells in columns.items():
-        if not all("windows" in p.result for p in cells):
+    tests = []  # (column, best, other, comparison)
+    for column, cells in columns.items():
+        if len(cells) < 2 or not all("windows" in p.result for p in cells):
             continue
         best = min(cells, key=lambda p: p.perplexity)
-        tied.add((dataset, best.method, s))
-        tests += [(p, compare_cells(best.result, p.result, seed)["p_value"])
+        tests += [(column, best, p, compare_cells(best.result, p.result, seed))
                   for p in cells if p is not best]
-    _, significant = holm([p_value for _, p_value in tests])
-    tied |= {(p.dataset, p.method, p.sparsity) for (p, _), flag in zip(tests, significant)
-             if not flag}
-    return tied
+    windows = {column: c["num_windows"] for column, _, _, c in tests}
+    table_floor = len(tests) * min(map(smallest_sign_flip_p, windows.values()), default=1.0)
+    unresolvable = {column: n for column, n in windows.items()
+                    if table_floor >= ALPHA or smallest_sign_flip_p(n) >= ALPHA}
+    _, significant = holm([c["p_value"] for *_, c in tests])
+    tied = set()
+    for (column, best, other, _), flag in zip(tests, significant):
+        if column not in unresolvable:
+            tied |= {(best.dataset, best.method, best.sparsity)} | (
+                set() if flag else {(other.dataset, other.method, other.sparsity)})
+    needed = sorted(c["windows_needed_1pct"] for *_, c in tests
+                    if c["windows_needed_1pct"] is not None)
+    return Table3Marks(tied, windows, unresolvable, len(tests), windows_to_resolve(len(tests)),
+                       needed[len(needed) // 2] if needed else None)
+
+
+def unresolved_note(marks: Table3Marks) -> str:
+    """What the table says when some of its columns can resolve nothing ('' when all can)."""
+    from ..statistics import ALPHA, smallest_sign_flip_p
+    if not marks.unresolvable:
+        return ""
+    counts = sorted(set(marks.unresolvable.values()))
+    windows = " or ".join(map(str, counts))
+    floor = ", ".join(f"{smallest_sign_flip_p(n):.3g}" for n in counts)
+    where = ("Nothing is marked" if marks.unresolvable == marks.tested
+             else "Not marked: " + ", ".join(f"{d} s={s:g}" for d, s in marks.unresolvable))
+    needs = (f"at least {marks.windows_to_resolve} windows a cell are needed before any can"
+             if marks.windows_to_resolve else "no number of windows can")
+    one_percent = (f"; a 1% difference from the best needs about {marks.windows_for_1pct} "
+                   "(the median of the table's estimates)" if marks.windows_for_1pct else "")
+    return (f"{where}: with {windows} windows a cell the paired sign-flip test cannot go below "
+            f"p = {floor}, and Holm's correction over the table's {marks.tests} tests needs "
+            f"one below {ALPHA:.2g} / {marks.tests}, so no difference there can be resolved; "
+            f"{needs}{one_percent}.")
+
+
+def sweep_grid(pts: list, plan: dict | None = None) -> tuple:
+    """(sparsity levels, rows) of the sparsity-sweep points pts: a row is (dataset, L, method,
+    [Point or None per level]). plan ({datasets, methods, levels, context_length}, from the
+    config) adds the rows and levels a partial run has not reached yet."""
+    plan = plan or {}
+    levels = sorted({p.sparsity for p in pts if p.method != "dense"} | {0.0}
+                    | set(plan.get("levels", ()))) if pts or plan else []
+    rows = []
+    for dataset in dict.fromkeys(_datasets(pts) + list(plan.get("datasets", ()))):
+        mine = [p for p in pts if p.dataset == dataset]
+        for method in dict.fromkeys(_methods(mine) + list(plan.get("methods", ()))):
+            by_level = {p.sparsity: p for p in mine if p.method == method}
+            lengths = sorted({p.context_length for p in by_level.values()}) or [
+                plan.get("context_length")]
+            rows.append((dataset, ",".join(map(str, lengths)), method,
+                         [by_level.get(s) for s in levels]))
+    return levels, rows
 
 
 def sweep_table(pts: list, cell_text) -> tuple:
-    """(sparsity levels, rows) of the sparsity-sweep points pts: a row is (dataset, L, method,
-    [cell text per level]); cell_text(point) writes a computed cell, 'failed' or '-' when
-    the cell failed or was not run."""
-    levels = sorted({p.sparsity for p in pts if p.method != "dense"} | {0.0}) if pts else []
-    rows = []
-    for dataset in _datasets(pts):
-        for method in _methods([p for p in pts if p.dataset == dataset]):
-            mine = [p for p in pts if p.dataset == dataset and p.method == method]
-            by_level = {p.sparsity: p for p in mine}
-            cells = [("-" if by_level.get(s) is None else "failed"
-                      if by_level[s].perplexity is None else cell_text(by_level[s]))
-                     for s in levels]
-            L = sorted({p.context_length for p in mine})
-            rows.append((dataset, ",".join(map(str, L)), method, cells))
-    return levels, rows
+    """sweep_grid as text: cell_text(point) writes a computed cell, 'failed' or '-' when the
+    cell failed or was not run."""
+    levels, grid = sweep_grid(pts)
+    return levels, [(d, L, m, ["-" if p is None else "failed" if p.perplexity is None
+                               else cell_text(p) for p in cells]) for d, L, m, cells in grid]
+
+
+def change_text(delta: float, ci=None) -> str:
+    """'+x.x%' and, when there is one, its paired interval ' [low, high]' in percent."""
+    interval = f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci is not None else ""
+    return f"{delta * 100:+.1f}%{interval}"
+
+
+def table3_cell_text(all_points: list, p: Point, number=lambda v: f"{v:.3f}") -> str:
+    """'PPL (+x.x% [low, high])' against dense at the same L with the paired 95% interval of
+    the change (when the cell carries it); number(PPL) writes the perplexity."""
+    delta = point_delta_vs_dense(all_points, p)
+    if p.method == "dense" or p.sparsity == 0.0 or delta is None:
+        return number(p.perplexity)
+    return f"{number(p.perplexity)} ({change_text(delta, p.result.get('delta_vs_dense_ci95'))})"
 
 
 def table3_rows(results: dict) -> tuple:
     """(sparsity levels, rows): a row is (dataset, L, method, [cell text per level], [marked
-    per level]); a cell is 'PPL (+x.x% [low, high])' against dense at the same L with the
-    paired 95% interval of the change (when the cells carry their windows), 'failed' or '-'
-    when not run; marked: best of its column or not significantly different from it."""
+    per level]); a cell is table3_cell_text, 'failed' or '-' when not run; marked: see
+    table3_marks."""
     all_points = points(results)
-    pts = [p for p in all_points if p.sweep == "sparsity_sweep"]
-    tied = tied_with_best(pts, results.get("config", {}).get("seed", 0))
-
-    def text(p):
-        delta = point_delta_vs_dense(all_points, p)
-        if p.method == "dense" or p.sparsity == 0.0 or delta is None:
-            return f"{p.perplexity:.3f}"
-        ci = p.result.get("delta_vs_dense_ci95")
-        interval = f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci is not None else ""
-        return f"{p.perplexity:.3f} ({delta * 100:+.1f}%{interval})"
-
-    levels, rows = sweep_table(pts, text)
+    tied = results_marks(results).tied
+    levels, rows = sweep_table([p for p in all_points if p.sweep == "sparsity_sweep"],
+                               lambda p: table3_cell_text(all_points, p))
     return levels, [(d, L, m, cells, [(d, m, s) in tied for s in levels])
                     for d, L, m, cells in rows]
+
+
+def results_marks(results: dict) -> Table3Marks:
+    """table3_marks of a results dict's sparsity sweep."""
+    return table3_marks([p for p in points(results) if p.sweep == "sparsity_sweep"],
+                        results.get("config", {}).get("seed", 0))
 
 
 TABLE3_NOTE = ("PPL (change vs dense [paired 95% interval of the change, %]); marked: the "
@@ -360,30 +455,42 @@ TABLE3_NOTE = ("PPL (change vs dense [paired 95% interval of the change, %]); ma
                "(paired sign-flip test, Holm-corrected over the table's tests, 5%).")
 
 
+def table3_notes(results: dict, marked: bool, mark: str) -> list:
+    """The notes under Table 3: what its marks mean, said with `mark` (how the table shows
+    them), when it marks any; which columns its windows cannot resolve (unresolved_note)."""
+    unresolved = unresolved_note(results_marks(results))
+    return ([TABLE3_NOTE.replace("marked", mark)] if marked else []) + \
+        ([unresolved] if unresolved else [])
+
+
 def table3_markdown(results: dict) -> str:
     levels, rows = table3_rows(results)
-    note = ("\n" + TABLE3_NOTE.replace("marked", "bold") + "\n"
-            if any(any(marks) for *_, marks in rows) else "")
+    notes = table3_notes(results, any(any(marks) for *_, marks in rows), "bold")
     return _markdown(levels, [(d, L, m, [f"**{c}**" if mark else c
                                          for c, mark in zip(cells, marks)])
-                              for d, L, m, cells, marks in rows]) + note
+                              for d, L, m, cells, marks in rows]) + \
+        "".join(f"\n{note}\n" for note in notes)
 
 
 def key_token_rows(results: dict) -> tuple:
     """table3_rows for key-token perplexity (docs/metrics.md): 'PPL (+x.x%)' against the
     dense key-token perplexity of the same windows, '*' when the cell had fewer key tokens
     than eval.key_tokens.MIN_KEY_TOKENS (indicative only); no rows when no cell has it."""
-    pts = [p for p in points(results) if p.sweep == "sparsity_sweep"
-           and p.result.get("key_token_perplexity") is not None]
+    return sweep_table(key_token_points(results), key_token_cell_text)
 
-    def text(p):
-        value, dense = p.result["key_token_perplexity"], p.result["key_token_perplexity_dense"]
-        star = "*" if p.result.get("key_tokens_indicative_only") else ""
-        if p.method == "dense" or p.sparsity == 0.0 or not dense:
-            return f"{value:.3f}{star}"
-        return f"{value:.3f} ({(value / dense - 1) * 100:+.1f}%){star}"
 
-    return sweep_table(pts, text)
+def key_token_points(results: dict) -> list:
+    """The sparsity-sweep points that measured their key-token perplexity."""
+    return [p for p in points(results) if p.sweep == "sparsity_sweep"
+            and p.result.get("key_token_perplexity") is not None]
+
+
+def key_token_cell_text(p: Point, number=lambda v: f"{v:.3f}") -> str:
+    value, dense = p.result["key_token_perplexity"], p.result["key_token_perplexity_dense"]
+    star = "*" if p.result.get("key_tokens_indicative_only") else ""
+    if p.method == "dense" or p.sparsity == 0.0 or not dense:
+        return f"{number(value)}{star}"
+    return f"{number(value)} ({change_text(value / dense - 1)}){star}"
 
 
 KEY_TOKENS_NOTE = ("Key-token perplexity: the perplexity of the tokens whose prediction the "
@@ -419,7 +526,12 @@ def table3_latex(results: dict) -> str:
                                                        else _tex(c)
                                                        for c, mark in zip(cells, marks))])
               + r" \\" for d, L, m, cells, marks in rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines.append(r"\bottomrule")
+    unresolved = unresolved_note(results_marks(results))
+    if unresolved:  # beneath the table, where a reader of the typeset table sees it
+        lines.append(rf"\multicolumn{{{len(head)}}}{{p{{0.9\linewidth}}}}"
+                     rf"{{\footnotesize {_tex(unresolved)}}} \\")
+    lines += [r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
@@ -441,26 +553,3 @@ def make_report(results_path, output_dir=None) -> list:
             path.write_text(text)
             paths.append(path)
     return paths + make_task_report(results, stem)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="a results JSON written by python -m eval.run")
-    parser.add_argument("--output-dir", help="where to write (default: beside the results)")
-    args = parser.parse_args(argv)
-    try:
-        paths = make_report(args.results, args.output_dir)
-    except CorruptFileError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}")
-    print()
-    results = load_results(args.results)
-    print(table3_markdown(results) + key_token_markdown(results), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
