@@ -358,7 +358,8 @@ class StreamingProtocol(Protocol):
 
     # -- what a subclass says -------------------------------------------------------------
     def _budget_length(self, length: int, context: Optional[int]) -> int:
-        """The length a sequence's token budget and block size are sized for."""
+        """The length a sequence's token budget and block size are sized for, given the
+        sequence's (or the window a generation is sized as: generate's budget_length)."""
         return length
 
     def _capacities(self, length: int, context: Optional[int]) -> list:
@@ -499,9 +500,8 @@ class StreamingProtocol(Protocol):
         batch, given = input_ids.shape
         length = given + max_new_tokens
         context = self.context_of(given, context_length)
-        run = self._begin(input_ids, length, budget_length or self._budget_length(length,
-                                                                                  context),
-                          context)
+        run = self._begin(input_ids, length,
+                          self._budget_length(budget_length or length, context), context)
         last = given - 1
         with torch.no_grad(), ops.use_kernels(self.kernels), ops.deferred_checks():
             fed, logits = self._open(run, input_ids, context, last)

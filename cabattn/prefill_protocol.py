@@ -140,7 +140,7 @@ class PrefillProtocol(StreamingProtocol):
         return context
 
     def _budget_length(self, length: int, context: int) -> int:
-        return context
+        return context  # the context is what is compressed, whatever follows it
 
     def _capacities(self, length: int, context: int) -> list:
         return [length] * len(self.layer_budgets)  # the context, then its continuation

@@ -65,7 +65,7 @@ def test_quick_test_runs_a_small_retrieval_slice():
     from eval.config import quick_test_config
     from eval.runner import plan_runs
     offline, _ = quick_test_config(hub_online=False)
-    assert offline.tasks.names == ["passkey"] and offline.tasks.samples == 3
+    assert offline.tasks.names == ["niah_single"] and offline.tasks.samples == 4
     tasks = [spec for spec in plan_runs(offline) if isinstance(spec, TaskSpec)]
     assert len(tasks) == 14  # dense at 512 and 1024, 4 methods x 3 points
     online, _ = quick_test_config(hub_online=True)

@@ -223,7 +223,9 @@ def test_generation_continues_the_teacher_forced_continuation(model, ids):
     prompt = ids[:, :CONTEXT + 4]
     protocol = PrefillProtocol(model, "snapkv", SPARSITY, k_min=K_MIN, **PARAMS["snapkv"])
     with protocol, torch.no_grad():
-        new = protocol.generate(prompt, 6, context_length=CONTEXT)
+        # the budget is the context's, whatever window a generation is sized as
+        new = protocol.generate(prompt, 6, budget_length=LENGTH, context_length=CONTEXT)
+        assert protocol.budget == token_budget(CONTEXT, SPARSITY, K_MIN)
         window = torch.cat([prompt, new], 1)
         logits = model(window, context_length=CONTEXT).logits
     assert torch.equal(logits[0, 4:-1].argmax(-1), new[0])
