@@ -162,8 +162,9 @@ def test_bos_windows_never_cross_a_book():
     # token before it, or from its text's start (byte offsets start at 0 in every text).
     ids = np.arange(17, dtype=np.int32)
     byte_ends = np.concatenate([np.arange(1, 6), np.arange(1, 4), np.arange(1, 10)]) * 2
-    input_ids, num_bytes, total = cut_windows(ids, byte_ends, np.array([5, 3, 9]), 3,
-                                              bos_token_id=99)
+    input_ids, window_ends, total = cut_windows(ids, byte_ends, np.array([5, 3, 9]), 3,
+                                                bos_token_id=99)
+    num_bytes = (window_ends[:, -1] - window_ends[:, 0]).tolist()
     assert total == 7
     assert input_ids.tolist() == [[99, 0, 1], [99, 2, 3], [99, 5, 6], [99, 8, 9],
                                   [99, 10, 11], [99, 12, 13], [99, 14, 15]]
