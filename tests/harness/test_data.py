@@ -169,8 +169,9 @@ def test_bos_windows_never_cross_a_book():
     assert input_ids.tolist() == [[99, 0, 1], [99, 2, 3], [99, 5, 6], [99, 8, 9],
                                   [99, 10, 11], [99, 12, 13], [99, 14, 15]]
     assert num_bytes == [4] * 7  # two tokens of 2 bytes, the first window's from byte 0
-    picked, picked_bytes, _ = cut_windows(ids, byte_ends, np.array([5, 3, 9]), 3,
-                                          max_windows=2, bos_token_id=99)
+    picked, picked_ends, _ = cut_windows(ids, byte_ends, np.array([5, 3, 9]), 3,
+                                         max_windows=2, bos_token_id=99)
+    picked_bytes = (picked_ends[:, -1] - picked_ends[:, 0]).tolist()
     assert picked[:, 1].tolist() == [2, 12] and picked_bytes == [4, 4]  # windows 1, 5
 
 
