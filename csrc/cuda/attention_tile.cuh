@@ -165,11 +165,12 @@ struct KeyRange {
 };
 
 // FlashAttention-2 style forward of one query tile over the keys `keys` yields, with the causal
-// rule key <= row + causal_offset and, for a window > 0, key > row + causal_offset - window.
-// kSoftcap: the logits are soft-capped (softcap_log2, QkvParams). Writes out rows
-// [row0, min(row0 + kRows, rows_end)) and their lse (natural log; -inf and a zero output for a
-// row that sees no key). OutT is T, or float for a split-K partial that a merge combines.
-template <typename T, int D, int TC, bool kSoftcap, typename Keys, typename OutT>
+// rule key <= row + causal_offset and, with kWindow, key > row + causal_offset - window. kSoftcap:
+// the logits are soft-capped (softcap_log2, QkvParams). Both are static switches, as
+// FlashAttention-2's Is_local and Is_softcap. Writes out rows [row0, min(row0 + kRows,
+// rows_end)) and their lse (natural log; -inf and a zero output for a row that sees no key).
+// OutT is T, or float for a split-K partial that a merge combines.
+template <typename T, int D, int TC, bool kSoftcap, bool kWindow, typename Keys, typename OutT>
 __device__ __forceinline__ void flash_forward_tile(
     const T* q, const T* k, const T* v, OutT* out, float* lse, int64_t row0, int64_t rows_end,
     int64_t causal_offset, int64_t window, float scale_log2, float softcap_log2,
@@ -210,14 +211,12 @@ __device__ __forceinline__ void flash_forward_tile(
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t row = row0 + row_group + G::kTR * i;
-      // The row sees the keys after `before` up to `last` (absent keys are -1: never seen).
-      const int64_t last = row < rows_end ? row + causal_offset : -1;
-      const int64_t before = window > 0 ? max(last - window, int64_t(-1)) : int64_t(-1);
       float row_max = -INFINITY;
 #pragma unroll
       for (int j = 0; j < G::kKeysPerThread; ++j) {
         const int64_t key = key_of[col_group + TC * j];
-        const bool visible = key > before && key <= last;
+        const bool visible = row < rows_end && key >= 0 && key <= row + causal_offset &&
+                             (!kWindow || key > row + causal_offset - window);
         s[i][j] = visible ? s[i][j] : -INFINITY;
         row_max = fmaxf(row_max, s[i][j]);
       }

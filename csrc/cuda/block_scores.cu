@@ -296,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const 
   else  // fp32: the CUDA-core kernels
   AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
     CABATTN_DISPATCH_HEAD_DIM(kOp, p.head_dim, [&] {
-      CABATTN_SOFTCAP_SWITCH(softcap, [&] {
+      CABATTN_BOOL_SWITCH(softcap > 0, kSoftcap, [&] {
         launch<scalar_t, kHeadDim, kSoftcap>(q, k, sblk, gblk, p);
       });
     });

@@ -60,7 +60,7 @@ block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
   keys.block_size = p.block_size;
   keys.num_blocks = p.num_blocks;
   keys.length = length;
-  flash_forward_tile<T, D, TC, kSoftcap>(
+  flash_forward_tile<T, D, TC, kSoftcap, /*kWindow=*/false>(
       q + bh * length * D, k + kv_bh * length * D, v + kv_bh * length * D,
       out + bh * length * D, lse + bh * length, row0, length, /*causal_offset=*/0,
       /*window=*/0, p.scale_log2, p.softcap_log2, keys, smem);
@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   else  // fp32: the CUDA-core kernels
   AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
     CABATTN_DISPATCH_HEAD_DIM(kOp, p.head_dim, [&] {
-      CABATTN_SOFTCAP_SWITCH(softcap, [&] {
+      CABATTN_BOOL_SWITCH(softcap > 0, kSoftcap, [&] {
         // The query tile must stay inside one query block: 16 rows for block_size 16, 32 for
         // 32, 64 otherwise.
         if (block_size == 16) {

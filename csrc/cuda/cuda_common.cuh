@@ -155,15 +155,16 @@ inline void set_dynamic_smem(const char* op, Kernel kernel, size_t bytes) {
                 "reference path, --kernels reference)");                                  \
   }()
 
-// FlashAttention-2's static switch of its Is_softcap: `kSoftcap` is the compile-time
-// (SOFTCAP > 0), so the kernels without a soft-cap carry none of its code.
-#define CABATTN_SOFTCAP_SWITCH(SOFTCAP, ...)                                              \
+// FlashAttention-2's BOOL_SWITCH: CONST_NAME is the compile-time value of COND, so that an
+// instantiation without a feature (its Is_softcap, Is_local: here kSoftcap, kWindow) carries
+// none of that feature's code.
+#define CABATTN_BOOL_SWITCH(COND, CONST_NAME, ...)                                        \
   [&] {                                                                                   \
-    if ((SOFTCAP) > 0) {                                                                  \
-      constexpr bool kSoftcap = true;                                                     \
+    if (COND) {                                                                           \
+      constexpr bool CONST_NAME = true;                                                   \
       return __VA_ARGS__();                                                               \
     }                                                                                     \
-    constexpr bool kSoftcap = false;                                                      \
+    constexpr bool CONST_NAME = false;                                                    \
     return __VA_ARGS__();                                                                 \
   }()
 

@@ -31,13 +31,13 @@ namespace cuda {
   AT_DISPATCH_SWITCH(TYPE, OP, AT_DISPATCH_CASE(at::kHalf, [&] {                        \
     CABATTN_DISPATCH_HEAD_DIM(OP, HEAD_DIM, [&] {                                       \
       CABATTN_BLOCK_SIZE_SWITCH(OP, BLOCK_SIZE, [&] {                                   \
-        CABATTN_SOFTCAP_SWITCH(SOFTCAP, __VA_ARGS__);                                   \
+        CABATTN_BOOL_SWITCH((SOFTCAP) > 0, kSoftcap, __VA_ARGS__);                      \
       });                                                                               \
     });                                                                                 \
   }) AT_DISPATCH_CASE(at::kBFloat16, [&] {                                              \
     CABATTN_DISPATCH_HEAD_DIM(OP, HEAD_DIM, [&] {                                       \
       CABATTN_BLOCK_SIZE_SWITCH(OP, BLOCK_SIZE, [&] {                                   \
-        CABATTN_SOFTCAP_SWITCH(SOFTCAP, __VA_ARGS__);                                   \
+        CABATTN_BOOL_SWITCH((SOFTCAP) > 0, kSoftcap, __VA_ARGS__);                      \
       });                                                                               \
     });                                                                                 \
   }))

@@ -29,7 +29,7 @@ struct QkvParams {
   float scale_log2;  // softmax scale * log2(e): scores live in log2 units
   // The logit soft-cap (docs/operators.md, Model features) in those units, softcap * log2(e):
   // a score x becomes softcap_log2 * tanh(x / softcap_log2). 0: none; the kernels then run
-  // their instantiation without it (CABATTN_SOFTCAP_SWITCH, cuda_common.cuh).
+  // their instantiation without it (CABATTN_BOOL_SWITCH, cuda_common.cuh).
   float softcap_log2;
 };
 
