@@ -109,7 +109,7 @@ def compile_and_read(source: str, arch: int, workdir: str) -> dict:
 def traits_of(kernel: str):
     """(dtype, head_dim, warps, softcap) from a mangled kernel<FlashTcTraits<T, D, W>, kSoftcap>
     instantiation."""
-    m = re.search(r"FlashTcTraitsIN3c10(\d+)(\w+?)ELi(\d+)ELi(\d+)EELb([01])E", kernel)
+    m = re.search(r"FlashTcTraitsIN3c10(\d+)(\w+?)ELi(\d+)ELi(\d+)EE+Lb([01])E", kernel)
     if not m:
         return None
     dtype = {"Half": "fp16", "BFloat16": "bf16"}[m.group(2)]
