@@ -1,10 +1,11 @@
 """Structural facts of the tensor-core kernels, read off the compiler without a GPU.
 
 Compiles each tensor-core source (csrc/cuda/*_tc.cu) for one architecture with
-`nvcc -cubin -Xptxas -v`, and reports per kernel instantiation: registers per thread, spill
-stores/loads and stack frame (ptxas), HMMA / LDSM / LDGSTS instruction counts (cuobjdump -sass),
-dynamic shared memory per block (FlashTcTraits::kSmemBytes) and the thread blocks and warps per
-SM that registers and shared memory allow on an H100/H200.
+`nvcc -cubin -Xptxas -v`, and reports per kernel instantiation (dtype, head dim, warps, with or
+without the logit soft-cap): registers per thread, spill stores/loads and stack frame (ptxas),
+HMMA / LDSM / LDGSTS instruction counts (cuobjdump -sass), dynamic shared memory per block
+(FlashTcTraits::kSmemBytes) and the thread blocks and warps per SM that registers and shared
+memory allow on an H100/H200.
 
     python bench/sass_report.py [--arch 90] [--record]
 
@@ -106,18 +107,24 @@ def compile_and_read(source: str, arch: int, workdir: str) -> dict:
 
 
 def traits_of(kernel: str):
-    """(dtype, head_dim, warps) from a mangled FlashTcTraits<T, D, W> instantiation."""
-    m = re.search(r"FlashTcTraitsIN3c10(\d+)(\w+?)ELi(\d+)ELi(\d+)E", kernel)
+    """(dtype, head_dim, warps, softcap) from a mangled kernel<FlashTcTraits<T, D, W>, kSoftcap>
+    instantiation."""
+    m = re.search(r"FlashTcTraitsIN3c10(\d+)(\w+?)ELi(\d+)ELi(\d+)EE+Lb([01])E", kernel)
     if not m:
         return None
     dtype = {"Half": "fp16", "BFloat16": "bf16"}[m.group(2)]
-    return dtype, int(m.group(3)), int(m.group(4))
+    return dtype, int(m.group(3)), int(m.group(4)), m.group(5) == "1"
+
+
+def keys_per_tile(head_dim: int, warps: int) -> int:
+    """FlashTcTraits::kBlockN: 64 keys, 32 for 1- and 2-warp blocks and at head dim 256."""
+    return 64 if warps >= 4 and head_dim <= 128 else 32
 
 
 def dynamic_shared_bytes(kernel: str, head_dim: int, warps: int) -> int:
     """FlashTcTraits::kSmemBytes (attention: Q tile, two stages of K and V tiles) or
     kScoresSmemBytes (block_scores: Q tile, two stages of K, a (sum, max) per warp and slot)."""
-    block_m, block_n = 16 * warps, (64 if warps >= 4 else 32)
+    block_m, block_n = 16 * warps, keys_per_tile(head_dim, warps)
     if "block_scores" in kernel:
         slots = block_n // min(block_m, block_n)
         return (block_m * head_dim + 2 * block_n * head_dim) * 2 + warps * slots * 2 * 4
@@ -146,10 +153,11 @@ def rows(arch: int):
                 traits = traits_of(kernel)
                 if traits is None:
                     continue
-                dtype, head_dim, warps = traits
+                dtype, head_dim, warps, softcap = traits
                 shared = dynamic_shared_bytes(kernel, head_dim, warps)
                 blocks, warps_per_sm = occupancy(u["registers"], 32 * warps, shared)
                 yield (f"| {short_name(kernel)} | {dtype} | {head_dim} | {16 * warps} | "
+                       f"{'yes' if softcap else 'no'} | "
                        f"{32 * warps} | {u['registers']} | {u['spill_stores']}/{u['spill_loads']}"
                        f" | {shared / 1024:.1f} KiB | {blocks} ({warps_per_sm} warps) | {u['HMMA']} |"
                        f" {u['LDSM']} | {u['LDGSTS']} |")
@@ -166,9 +174,9 @@ def main():
     from bench_common import report
     header = (f"sm_{args.arch}, nvcc -O3; occupancy for an H100/H200 SM (64K registers, 228 KiB"
               " shared)")
-    table = ["| kernel | dtype | d | block rows | threads | registers | spills st/ld | dynamic smem"
-             " | blocks/SM (warps) | HMMA | LDSM | LDGSTS |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table = ["| kernel | dtype | d | block rows | softcap | threads | registers | spills st/ld |"
+             " dynamic smem | blocks/SM (warps) | HMMA | LDSM | LDGSTS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     report("Tensor-core kernels: registers, shared memory, occupancy (sass_report.py)", header,
            table + list(rows(args.arch)), record=args.record)
 

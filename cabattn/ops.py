@@ -85,9 +85,11 @@ def coarsen(x: torch.Tensor, block_size: int, mode: int = MAX_L2) -> torch.Tenso
     return _ops.coarsen(x, block_size, mode)
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float):
-    """(Sblk, Gblk) [B, Hq, M, M] float32: block sum and max of the causal softmax, one QK pass."""
-    return _ops.block_scores(q, k, block_size, scale)
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float,
+                 softcap: float = 0.0):
+    """(Sblk, Gblk) [B, Hq, M, M] float32: block sum and max of the causal softmax, one QK pass;
+    of the logits soft-capped to softcap * tanh(logit / softcap) when softcap > 0 (0: none)."""
+    return _ops.block_scores(q, k, block_size, scale, softcap)
 
 
 def frc_scores(qc: torch.Tensor, kc: torch.Tensor, scale: float, lam: float,
@@ -105,14 +107,19 @@ def select_blocks(score1, score2, n_recent, n_sink, n_score1, n_score2, shift: i
                               max_count)
 
 
-def block_sparse_attention(q, k, v, block_count, block_index, block_size: int, scale: float):
-    """(out [B, Hq, L, d], lse [B, Hq, L] float32) attending only to the layout's key blocks."""
-    return _ops.block_sparse_attention(q, k, v, block_count, block_index, block_size, scale)
+def block_sparse_attention(q, k, v, block_count, block_index, block_size: int, scale: float,
+                           softcap: float = 0.0):
+    """(out [B, Hq, L, d], lse [B, Hq, L] float32) attending only to the layout's key blocks;
+    softcap > 0 soft-caps the logits (0: none)."""
+    return _ops.block_sparse_attention(q, k, v, block_count, block_index, block_size, scale,
+                                       softcap)
 
 
-def attention_with_scores(q, k, v, scale: float):
-    """(out, lse, mass [B, Hkv, Lk] float32) for a chunk of queries against cache + chunk."""
-    return _ops.attention_with_scores(q, k, v, scale)
+def attention_with_scores(q, k, v, scale: float, softcap: float = 0.0, window: int = 0):
+    """(out, lse, mass [B, Hkv, Lk] float32) for a chunk of queries against cache + chunk;
+    softcap > 0 soft-caps the logits, window > 0 lets each query see only itself and the
+    window - 1 keys before it (0: none; see cabattn.reference)."""
+    return _ops.attention_with_scores(q, k, v, scale, softcap, window)
 
 
 def kv_compact_(x: torch.Tensor, keep: torch.Tensor) -> None:
@@ -154,7 +161,7 @@ def _(x, block_size, mode):
 
 
 @torch.library.register_fake("cabattn::block_scores")
-def _(q, k, block_size, scale):
+def _(q, k, block_size, scale, softcap=0.0):
     b, h, length, _ = q.shape
     m = num_blocks(length, block_size)
     shape = (b, h, m, m)
@@ -176,13 +183,13 @@ def _(score1, score2, n_recent, n_sink, n_score1, n_score2, shift, max_count):
 
 
 @torch.library.register_fake("cabattn::block_sparse_attention")
-def _(q, k, v, block_count, block_index, block_size, scale):
+def _(q, k, v, block_count, block_index, block_size, scale, softcap=0.0):
     b, h, length, _ = q.shape
     return torch.empty_like(q), q.new_empty(b, h, length, dtype=torch.float32)
 
 
 @torch.library.register_fake("cabattn::attention_with_scores")
-def _(q, k, v, scale):
+def _(q, k, v, scale, softcap=0.0, window=0):
     b, h, lq, _ = q.shape
     return (torch.empty_like(q), q.new_empty(b, h, lq, dtype=torch.float32),
             k.new_empty(b, k.shape[1], k.shape[2], dtype=torch.float32))

@@ -9,6 +9,9 @@ Conventions shared with the kernels:
 - Blocks of `block_size` tokens; M = ceil(L / block_size); the last block may be partial.
 - A block layout is (block_count [B, Hq, M] int32, block_index [B, Hq, M, max_count] int32):
   row I keeps key blocks block_index[..., I, :block_count[..., I]], sorted ascending, padded -1.
+- softcap c (0: none) soft-caps every scaled logit s to c * tanh(s / c) before the softmax
+  (Gemma 2); masked logits stay -inf. window W (0: none; attention_with_scores) lets a query
+  see only itself and the W - 1 keys before it (docs/operators.md, Model features).
 """
 import math
 
@@ -77,16 +80,35 @@ def coarsen(x: torch.Tensor, block_size: int, mode: int = MAX_L2, tolerance: flo
     return xb.gather(3, first[..., None, None].expand(b, h, m, 1, d)).squeeze(3)
 
 
-def _causal_logits(q, k, scale):
-    length = q.shape[2]
+def check_softcap(softcap: float) -> None:
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: no soft-capping), got "
+                         f"{softcap}")
+
+
+def check_window(window: int) -> None:
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: no sliding window), got {window}")
+
+
+def _logits(q, k, scale: float, softcap: float):
+    """The scaled, soft-capped logits q k^T [B, Hq, Lq, Lk] (unmasked)."""
+    check_softcap(softcap)
     logits = (q @ _expand_kv(k, q.shape[1]).transpose(-1, -2)) * scale
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def _causal_logits(q, k, scale, softcap):
+    length = q.shape[2]
+    logits = _logits(q, k, scale, softcap)
     causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     return logits.masked_fill(~causal, float("-inf"))
 
 
-def block_scores(q, k, block_size: int, scale: float):
-    """(Sblk, Gblk) [B, Hq, M, M] float32: sum and max of the dense causal softmax per block pair."""
-    p = torch.softmax(_causal_logits(q, k, scale), dim=-1)
+def block_scores(q, k, block_size: int, scale: float, softcap: float = 0.0):
+    """(Sblk, Gblk) [B, Hq, M, M] float32: sum and max of the dense causal softmax per block pair
+    (of the soft-capped logits when softcap > 0)."""
+    p = torch.softmax(_causal_logits(q, k, scale, softcap), dim=-1)
     b, h, length, _ = p.shape
     m = num_blocks(length, block_size)
     pad = m * block_size - length
@@ -190,29 +212,35 @@ def layout_to_mask(block_count, block_index, length: int, block_size: int) -> to
     return mask & causal
 
 
-def block_sparse_attention(q, k, v, block_count, block_index, block_size: int, scale: float):
+def block_sparse_attention(q, k, v, block_count, block_index, block_size: int, scale: float,
+                           softcap: float = 0.0):
     """(out [B, Hq, L, d] in q's dtype, lse [B, Hq, L] float32) over the layout's key blocks."""
     length = q.shape[2]
     mask = layout_to_mask(block_count, block_index, length, block_size)
-    logits = (q @ _expand_kv(k, q.shape[1]).transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~mask, float("-inf"))
+    logits = _logits(q, k, scale, softcap).masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     out = torch.softmax(logits, dim=-1) @ _expand_kv(v, q.shape[1])
     return out.to(q.dtype), lse.float()
 
 
-def attention_with_scores(q, k, v, scale: float):
+def attention_with_scores(q, k, v, scale: float, softcap: float = 0.0, window: int = 0):
     """A chunk of Lq queries against Lk >= Lq keys whose last Lq are the chunk itself.
 
-    Query t sees every key before the chunk and chunk keys up to itself. Returns
+    Query t sits at key index Lk - Lq + t and sees every key up to it; with a window W > 0 only
+    the keys j with Lk - Lq + t - W < j <= Lk - Lq + t (itself and the W - 1 before it). Returns
     (out [B, Hq, Lq, d], lse [B, Hq, Lq] float32, mass [B, Hkv, Lk] float32), mass being the
     attention probability each key received, summed over the chunk's queries and over the
-    query heads that share its KV head (the H2O accumulator).
+    query heads that share its KV head (the H2O accumulator); 0 for a key no query sees.
     """
+    check_window(window)
     b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    logits = (q @ _expand_kv(k, hq).transpose(-1, -2)) * scale
-    visible = torch.arange(lk, device=q.device)[None, :] <= (lk - lq + torch.arange(lq, device=q.device))[:, None]
+    logits = _logits(q, k, scale, softcap)
+    keys = torch.arange(lk, device=q.device)[None, :]
+    position = (lk - lq + torch.arange(lq, device=q.device))[:, None]
+    visible = keys <= position
+    if window:
+        visible &= keys > position - window
     logits = logits.masked_fill(~visible, float("-inf"))
     p = torch.softmax(logits, dim=-1)
     out = p @ _expand_kv(v, hq)

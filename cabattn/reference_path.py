@@ -77,10 +77,11 @@ def _head_groups(q_heads: int, kv_heads: int, length: int, batch: int):
         yield slice(kv.start * group, kv.stop * group), kv
 
 
-def block_scores(q, k, block_size, scale):
+def block_scores(q, k, block_size, scale, softcap=0.0):
     sums, maxes = [], []
     for qh, kh in _head_groups(q.shape[1], k.shape[1], q.shape[2], q.shape[0]):
-        s, g = reference.block_scores(_upcast(q[:, qh]), _upcast(k[:, kh]), block_size, scale)
+        s, g = reference.block_scores(_upcast(q[:, qh]), _upcast(k[:, kh]), block_size, scale,
+                                      softcap)
         sums.append(s)
         maxes.append(g)
     return torch.cat(sums, 1), torch.cat(maxes, 1)
@@ -95,11 +96,11 @@ def select_blocks(score1, score2, n_recent, n_sink, n_score1, n_score2, shift, m
                                    max_count)
 
 
-def attention_with_scores(q, k, v, scale):
+def attention_with_scores(q, k, v, scale, softcap=0.0, window=0):
     outs, lses, masses = [], [], []
     for qh, kh in _head_groups(q.shape[1], k.shape[1], max(q.shape[2], k.shape[2]), q.shape[0]):
         out, lse, mass = reference.attention_with_scores(
-            _upcast(q[:, qh]), _upcast(k[:, kh]), _upcast(v[:, kh]), scale)
+            _upcast(q[:, qh]), _upcast(k[:, kh]), _upcast(v[:, kh]), scale, softcap, window)
         outs.append(out)
         lses.append(lse)
         masses.append(mass)
@@ -110,10 +111,14 @@ def kv_compact_(x, keep):
     reference.kv_compact_(x, keep)
 
 
-def block_sparse_attention(q, k, v, block_count, block_index, block_size, scale):
+def block_sparse_attention(q, k, v, block_count, block_index, block_size, scale, softcap=0.0):
     length = q.shape[2]
     backend = attention_backend(q)
+    reference.check_softcap(softcap)
     if backend == "sdpa":
+        if softcap:
+            raise ValueError(f"softcap {softcap}: SDPA cannot soft-cap its logits and this torch "
+                             "has no FlexAttention; valid here: softcap 0")
         return _sdpa_attention(q, k, v, block_count, block_index, block_size, scale)
     blocks = block_count.shape[-1]
     # The layout as a dense [B, Hq, M, M] keep-table that the mask_mod reads: causal inside the
@@ -134,6 +139,9 @@ def block_sparse_attention(q, k, v, block_count, block_index, block_size, scale)
                                           mask_mod=layout_mask, seq_lengths=(length, length))
     attend = _compiled_flex() if backend == "flex-compiled" else _flex.flex_attention
     options = dict(block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if softcap:  # FlexAttention hands score_mod the scaled logit
+        options["score_mod"] = lambda score, b, h, q_idx, kv_idx: softcap * torch.tanh(
+            score / softcap)
     with warnings.catch_warnings():  # eager on purpose (short windows, CPU): no fused kernel
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         if hasattr(_flex, "AuxRequest"):

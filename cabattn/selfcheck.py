@@ -4,9 +4,10 @@ device, before any number is computed with them (docs/selfcheck.md).
     python -m cabattn.selfcheck [--device cuda:N | cpu | emu] [--force] [--cache-dir DIR]
 
 Every operator runs on fresh random inputs (outputs poisoned first, so an unwritten element
-shows) over a few shapes per dtype: float32/float16/bfloat16, head dims 64 and 128, partial
-last blocks, GQA ratios 1, 3 and 4, block sizes 16/64/128, one-block and all-block layouts,
-split-K decoding. Each float output meets the correctness bar (docs/operators.md, in
+shows) over a few shapes per dtype: float32/float16/bfloat16, head dims 64, 128 and 256,
+partial last blocks, GQA ratios 1, 3 and 4, block sizes 16/32/64/128, one-block and all-block
+layouts, split-K decoding, soft-capped logits and sliding windows (docs/operators.md, Model
+features). Each float output meets the correctness bar (docs/operators.md, in
 cabattn.correctness) against float64; selection outputs equal the reference's. Then a
 two-layer random Llama's per-token losses under each protocol on the kernels meet the same bar
 against the reference path (cabattn.reference_path), its float64 run being the exact value.
@@ -149,16 +150,22 @@ def _coarsen(dtype, block, mode, half_reference):
                  f"{name}", dtype, run)
 
 
-def _block_scores(dtype, dim, block, heads, length, batch, half_reference):
+def _features(softcap: float = 0.0, window: int = 0) -> str:
+    """The model features of a call, as its label names them ("" when none)."""
+    return (f" softcap {softcap:g}" if softcap else "") + (f" window {window}" if window else "")
+
+
+def _block_scores(dtype, dim, block, heads, length, batch, half_reference, softcap=0.0):
     def run(device):
         q = _random((batch, heads[0], length, dim), dtype, device, 2)
         k = _random((batch, heads[1], length, dim), dtype, device, 3)
         scale = reference.default_scale(dim)
-        return _against_reference(ops.block_scores(q, k, block, scale),
-                                  lambda *t: reference.block_scores(*t, block, scale), (q, k),
-                                  half_reference, ("Sblk", "Gblk"))
+        return _against_reference(ops.block_scores(q, k, block, scale, softcap),
+                                  lambda *t: reference.block_scores(*t, block, scale, softcap),
+                                  (q, k), half_reference, ("Sblk", "Gblk"))
     return Check("block_scores", f"q {_shape((batch, heads[0], length, dim))} k "
-                 f"{_shape((batch, heads[1], length, dim))} block {block}", dtype, run)
+                 f"{_shape((batch, heads[1], length, dim))} block {block}{_features(softcap)}",
+                 dtype, run)
 
 
 def _frc_scores(dtype, formula, normalization, half_reference):
@@ -192,7 +199,8 @@ def _select_blocks(blocks, shift, budget):
                  torch.float32, run)
 
 
-def _block_sparse_attention(dtype, dim, block, heads, length, budget, batch, half_reference):
+def _block_sparse_attention(dtype, dim, block, heads, length, budget, batch, half_reference,
+                            softcap=0.0):
     blocks = reference.num_blocks(length, block)
     kind = ("one-block" if budget == 1 else "all-block" if budget >= blocks
             else f"{budget}-block")
@@ -203,16 +211,17 @@ def _block_sparse_attention(dtype, dim, block, heads, length, budget, batch, hal
         v = _random((batch, heads[1], length, dim), dtype, device, 10)
         count, index = _layout(batch, heads[0], blocks, budget, device, 11)
         scale = reference.default_scale(dim)
-        got = ops.block_sparse_attention(q, k, v, count, index, block, scale)
+        got = ops.block_sparse_attention(q, k, v, count, index, block, scale, softcap)
         return _against_reference(
-            got, lambda *t: reference.block_sparse_attention(*t, block, scale),
+            got, lambda *t: reference.block_sparse_attention(*t, block, scale, softcap),
             (q, k, v, count, index), half_reference, ("out", "lse"))
     return Check("block_sparse_attention", f"q {_shape((batch, heads[0], length, dim))} k/v "
-                 f"{_shape((batch, heads[1], length, dim))} block {block} {kind} layout",
-                 dtype, run)
+                 f"{_shape((batch, heads[1], length, dim))} block {block} {kind} layout"
+                 f"{_features(softcap)}", dtype, run)
 
 
-def _attention_with_scores(dtype, dim, heads, q_len, k_len, half_reference):
+def _attention_with_scores(dtype, dim, heads, q_len, k_len, half_reference, softcap=0.0,
+                           window=0):
     def run(device):
         q = _random((2, heads[0], q_len, dim), dtype, device, 12)
         k = _random((2, heads[1], k_len, dim), dtype, device, 13)
@@ -223,11 +232,12 @@ def _attention_with_scores(dtype, dim, heads, q_len, k_len, half_reference):
         # carries |lse| (about log Lk) units: the CUDA kernel's largest mass error at
         # (8, 2), 1, 1000, bfloat16 reaches 20 units (found here, emulated), so 32
         return _against_reference(
-            ops.attention_with_scores(q, k, v, scale),
-            lambda *t: reference.attention_with_scores(*t, scale), (q, k, v), half_reference,
-            ("out", "lse", "mass"), ulps={"mass": 32 if k_len >= 8 * q_len else 8})
+            ops.attention_with_scores(q, k, v, scale, softcap, window),
+            lambda *t: reference.attention_with_scores(*t, scale, softcap, window), (q, k, v),
+            half_reference, ("out", "lse", "mass"),
+            ulps={"mass": 32 if k_len >= 8 * q_len else 8})
     return Check("attention_with_scores", f"q {_shape((2, heads[0], q_len, dim))} k/v "
-                 f"{_shape((2, heads[1], k_len, dim))}", dtype, run)
+                 f"{_shape((2, heads[1], k_len, dim))}{_features(softcap, window)}", dtype, run)
 
 
 def _kv_compact(shape, dtype):
@@ -261,6 +271,9 @@ def operator_checks(half_reference: bool = True) -> list:
                                                     (bf16, 64, 128, (4, 1), 300, 1),
                                                     (bf16, 128, 64, (4, 4), 200, 1)]:
         checks.append(_block_scores(dtype, dim, block, heads, length, batch, half_reference))
+    # soft-capped logits (Gemma 2) and Gemma 3's head dim: 4 query heads on 1 KV head of 256
+    checks += [_block_scores(f32, 64, 32, (4, 1), 200, 1, half_reference, softcap=1.5),
+               _block_scores(bf16, 256, 16, (4, 1), 150, 1, half_reference, softcap=1.0)]
     checks += [_frc_scores(f32, ops.ADDITIVE, ops.ROW_MINMAX, half_reference),
                _frc_scores(bf16, ops.MULTIPLICATIVE, ops.GLOBAL_MINMAX, half_reference),
                _select_blocks(64, 1, 6), _select_blocks(7, 0, 3)]
@@ -272,6 +285,11 @@ def operator_checks(half_reference: bool = True) -> list:
             (bf16, 64, 64, (4, 1), 333, 1, 1), (bf16, 128, 128, (4, 1), 200, 2, 1)]:
         checks.append(_block_sparse_attention(dtype, dim, block, heads, length, budget, batch,
                                               half_reference))
+    checks += [_block_sparse_attention(f32, 256, 64, (4, 1), 200, 2, 1, half_reference,
+                                       softcap=1.0),
+               _block_sparse_attention(f16, 256, 32, (4, 1), 150, 100, 1, half_reference),
+               _block_sparse_attention(bf16, 64, 16, (4, 1), 200, 3, 1, half_reference,
+                                       softcap=2.0)]
     # (dtype, head dim, (Hq, Hkv), Lq, Lk): one query or a short chunk against a long cache
     # split its keys across thread blocks (8, 4 and 2 splits), a prefill does not
     for dtype, dim, heads, q_len, k_len in [(f32, 64, (8, 2), 1, 1000),
@@ -281,6 +299,13 @@ def operator_checks(half_reference: bool = True) -> list:
                                             (bf16, 64, (6, 2), 37, 200),
                                             (bf16, 128, (8, 2), 1, 1000)]:
         checks.append(_attention_with_scores(dtype, dim, heads, q_len, k_len, half_reference))
+    # sliding windows (a decode step whose window of 300 splits in 3, a chunk, a whole window
+    # scored at once) and soft-caps, at head dims 64 and 256
+    checks += [_attention_with_scores(f32, 256, (4, 1), 1, 700, half_reference, softcap=1.0,
+                                      window=300),
+               _attention_with_scores(bf16, 64, (4, 1), 100, 100, half_reference, softcap=1.5,
+                                      window=33),
+               _attention_with_scores(f16, 256, (4, 1), 16, 200, half_reference, window=64)]
     checks += [_kv_compact((2, 3, 500, 128), bf16), _kv_compact((2, 3, 500), f32),
                _kv_compact((1, 2, 99, 64), f16)]
     return checks

@@ -47,4 +47,10 @@ void add_scaled_row(double* dst, const double* src, int64_t n, double factor) {
   for (int64_t j = 0; j < n; ++j) dst[j] += factor * src[j];
 }
 
+void softcap_row(float* x, int64_t n, float cap) { cpu_kernels().softcap_row(x, n, cap); }
+
+void softcap_row(double* x, int64_t n, double cap) {
+  for (int64_t j = 0; j < n; ++j) x[j] = cap * std::tanh(x[j] / cap);
+}
+
 }  // namespace cabattn

@@ -6,7 +6,11 @@
 // Masking is causal in one shape that covers both operators: in a chunk of `keys` keys, row r
 // sees the first clamp(first_visible + r % rows_per_head, 0, keys) of them (the chunk's keys are
 // in token order and the masked ones are always a suffix). rows_per_head lets the query heads
-// of one GQA group be stacked into one tile: their rows share the KV head and the mask.
+// of one GQA group be stacked into one tile: their rows share the KV head and the mask. A
+// sliding window W (attention_with_scores) also hides the keys before the row's last W, a
+// prefix: row r sees chunk keys [clamp(end - W, 0, keys), end) where end = first_visible +
+// r % rows_per_head, clamped likewise. A soft-cap c turns every logit s into c tanh(s / c)
+// before the softmax (docs/operators.md, Model features).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,6 +20,7 @@
 #include <cmath>
 #include <limits>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -34,6 +39,9 @@ void scale_row(double* x, int64_t n, double factor);
 // dst[j] += factor * src[j]
 void add_scaled_row(float* dst, const float* src, int64_t n, float factor);
 void add_scaled_row(double* dst, const double* src, int64_t n, double factor);
+// x[j] = cap * tanh(x[j] / cap), the logit soft-cap.
+void softcap_row(float* x, int64_t n, float cap);
+void softcap_row(double* x, int64_t n, double cap);
 
 // dst[i] = acc_t(src[i]) * factor, converting from the input dtype.
 template <typename acc_t, typename scalar_t>
@@ -58,14 +66,16 @@ struct KeyRun {
 // One tile of up to max_rows query rows and its online-softmax state: running max m and sum l
 // per row, the unnormalised output O [rows, dim], and a logits/probabilities tile
 // [rows, max_keys] (rows padded to whole key panels). Allocated once per thread and reused for
-// every tile that thread runs.
+// every tile that thread runs. softcap: the logit soft-cap (0: none); window: the sliding
+// window in keys (0: none).
 template <typename acc_t>
 class FlashTile {
  public:
-  FlashTile(int64_t max_rows, int64_t max_keys, int64_t dim)
+  FlashTile(int64_t max_rows, int64_t max_keys, int64_t dim, acc_t softcap = 0,
+            int64_t window = 0)
       : max_keys_(max_keys), ld_(key_panels(max_keys) * kKeyPanel), dim_(dim),
-        q_(max_rows * dim), out_(max_rows * dim), logits_(max_rows * ld_), row_max_(max_rows),
-        row_sum_(max_rows), lse_(max_rows) {}
+        window_(window), softcap_(softcap), q_(max_rows * dim), out_(max_rows * dim),
+        logits_(max_rows * ld_), row_max_(max_rows), row_sum_(max_rows), lse_(max_rows) {}
 
   // Starts a tile of `rows` rows (query rows to be written with query_row()).
   void start(int64_t rows, int64_t rows_per_head) {
@@ -84,13 +94,14 @@ class FlashTile {
     const int64_t keys = logits(runs);
     for (int64_t r = 0; r < rows_; ++r) {
       acc_t* x = logits_.data() + r * ld_;
-      const int64_t visible = visible_keys(r, keys, first_visible);
-      if (visible == 0) {
+      const auto [begin, end] = visible_keys(r, keys, first_visible);
+      if (begin == end) {
         std::fill(x, x + keys, acc_t(0));
         continue;
       }
-      const acc_t new_max = std::max(row_max_[r], row_max(x, visible));
-      const acc_t sum = exp_row(x, visible, keys, new_max);
+      std::fill(x, x + begin, acc_t(0));
+      const acc_t new_max = std::max(row_max_[r], row_max(x + begin, end - begin));
+      const acc_t sum = exp_row(x + begin, end - begin, keys - begin, new_max);
       if (new_max != row_max_[r] && row_sum_[r] > 0) {
         const acc_t rescale = std::exp(row_max_[r] - new_max);
         row_sum_[r] *= rescale;
@@ -125,8 +136,12 @@ class FlashTile {
   // attend(), for add_key_mass(). Not needed when the tile's only chunk was the last attend().
   void recompute(const KeyRun<acc_t>& run, int64_t first_visible) {
     const int64_t keys = logits(std::span<const KeyRun<acc_t>>(&run, 1));
-    for (int64_t r = 0; r < rows_; ++r)
-      exp_row(logits_.data() + r * ld_, visible_keys(r, keys, first_visible), keys, row_max_[r]);
+    for (int64_t r = 0; r < rows_; ++r) {
+      acc_t* x = logits_.data() + r * ld_;
+      const auto [begin, end] = visible_keys(r, keys, first_visible);
+      std::fill(x, x + begin, acc_t(0));
+      exp_row(x + begin, end - begin, keys - begin, row_max_[r]);
+    }
   }
 
   // After finish(): mass[j] += sum over rows of the probability exp(logit - lse) = tile / l.
@@ -136,12 +151,15 @@ class FlashTile {
   }
 
  private:
-  int64_t visible_keys(int64_t r, int64_t keys, int64_t first_visible) const {
-    return std::clamp<int64_t>(first_visible + r % rows_per_head_, 0, keys);
+  // The chunk keys [begin, end) row r sees (see the top of this file).
+  std::pair<int64_t, int64_t> visible_keys(int64_t r, int64_t keys, int64_t first_visible) const {
+    const int64_t end = first_visible + r % rows_per_head_;
+    const int64_t begin = window_ > 0 ? end - window_ : 0;
+    return {std::clamp<int64_t>(begin, 0, keys), std::clamp<int64_t>(end, 0, keys)};
   }
 
   // logits [rows, keys] = Q K^T over the runs, side by side (the softmax scale is folded into
-  // Q); returns keys, the runs' total.
+  // Q), soft-capped; returns keys, the runs' total.
   int64_t logits(std::span<const KeyRun<acc_t>> runs) {
     int64_t column = 0;
     for (const KeyRun<acc_t>& run : runs) {
@@ -150,10 +168,13 @@ class FlashTile {
                 logits_.data() + column, ld_);
       column += run.keys;
     }
+    if (softcap_ > 0)
+      for (int64_t r = 0; r < rows_; ++r) softcap_row(logits_.data() + r * ld_, column, softcap_);
     return column;
   }
 
-  int64_t max_keys_, ld_, dim_, rows_ = 0, rows_per_head_ = 1;
+  int64_t max_keys_, ld_, dim_, window_, rows_ = 0, rows_per_head_ = 1;
+  acc_t softcap_;
   std::vector<acc_t> q_, out_, logits_, row_max_, row_sum_, lse_;
 };
 

@@ -1,7 +1,9 @@
 // attention_with_scores: a chunk of Lq queries against Lk keys whose last Lq are the chunk itself
-// (query t sees keys j <= Lk - Lq + t), returning the output, the log-sum-exp and, per KV head,
-// the softmax probability each key received summed over the chunk's queries and the query heads
-// that share the KV head (the H2O accumulator of the kv protocol's eviction).
+// (query t sees keys j <= Lk - Lq + t; with a sliding window W only those with
+// j > Lk - Lq + t - W), returning the output, the log-sum-exp and, per KV head, the softmax
+// probability each key received summed over the chunk's queries and the query heads that share
+// the KV head (the H2O accumulator of the kv protocol's eviction). The logits may be soft-capped
+// (docs/operators.md, Model features).
 //
 // CPU: K is packed into key panels (cpu_gemm.h) and V converted to float32 (half types) once per
 // call; then one task per (batch, KV head, block of queries), the group's query heads stacked
@@ -9,7 +11,9 @@
 // log-sum-exp, so it is a second pass over the keys; when all keys fit one chunk (always for
 // Lq = 1, the token-by-token decode this op runs 30 layers x every token) the first pass's
 // probability tile is reused and QK^T runs once. Query blocks write their mass into separate
-// rows that are summed at the end, so the result does not depend on the thread count.
+// rows that are summed at the end, so the result does not depend on the thread count. With a
+// window a query block reads only the keys from its first query's window on, so a long chunk
+// costs O(Lq W), not O(Lq Lk).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -25,8 +29,9 @@ constexpr int64_t kQueryBlock = 64;
 // k [B, Hkv, Lk, d] in any input dtype, v_acc its values in acc_t (v itself for float32).
 template <typename scalar_t, typename acc_t>
 void attention_with_scores_kernel(const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v_acc, double scale, at::Tensor& out,
-                                  at::Tensor& lse, float* mass_rows) {
+                                  const at::Tensor& v_acc, double scale, double softcap,
+                                  int64_t window, at::Tensor& out, at::Tensor& lse,
+                                  float* mass_rows) {
   const int64_t batch = q.size(0), q_heads = q.size(1), queries = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), keys_total = k.size(2), group = q_heads / kv_heads;
   const int64_t query_block = std::min(queries, kQueryBlock);
@@ -49,13 +54,20 @@ void attention_with_scores_kernel(const at::Tensor& q, const at::Tensor& k,
   const int64_t grain =
       std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, group * query_block * keys_total));
   at::parallel_for(0, batch * kv_heads * query_blocks, grain, [&](int64_t begin, int64_t end) {
-    FlashTile<acc_t> tile(group * query_block, max_keys, dim);
+    FlashTile<acc_t> tile(group * query_block, max_keys, dim, static_cast<acc_t>(softcap),
+                          window);
     std::vector<acc_t> mass;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kv_index = task / query_blocks, qb = task % query_blocks;  // b * Hkv + g
       const int64_t first_query = qb * query_block;
       const int64_t n = std::min(query_block, queries - first_query);
       const int64_t key_end = cache_keys + first_query + n;  // keys the block's last query sees
+      // The first key the block's first query sees, rounded down to a key panel (chunks start
+      // on whole panels); 0 without a window.
+      const int64_t key_begin =
+          window > 0 ? std::max<int64_t>(0, cache_keys + first_query + 1 - window) / kKeyPanel *
+                           kKeyPanel
+                     : 0;
       const int64_t first_head = kv_index * group;  // b * Hq + g * group
       // Keys [start, start + keys) of the task's KV head; start is a multiple of kKeyPanel.
       auto key_run = [&](int64_t start, int64_t keys) {
@@ -69,7 +81,7 @@ void attention_with_scores_kernel(const at::Tensor& q, const at::Tensor& k,
           load_scaled(q_data + ((first_head + hh) * queries + first_query + t) * dim,
                       tile.query_row(hh * n + t), dim, static_cast<acc_t>(scale));
 
-      for (int64_t start = 0; start < key_end; start += max_keys) {
+      for (int64_t start = key_begin; start < key_end; start += max_keys) {
         const int64_t keys = std::min(max_keys, key_end - start);
         tile.attend(key_run(start, keys), cache_keys + first_query + 1 - start);
       }
@@ -82,10 +94,10 @@ void attention_with_scores_kernel(const at::Tensor& q, const at::Tensor& k,
         }
 
       mass.assign(key_end, acc_t(0));
-      if (key_end <= max_keys) {
-        tile.add_key_mass(mass.data(), key_end);
+      if (key_end - key_begin <= max_keys) {
+        tile.add_key_mass(mass.data() + key_begin, key_end - key_begin);
       } else {
-        for (int64_t start = 0; start < key_end; start += max_keys) {
+        for (int64_t start = key_begin; start < key_end; start += max_keys) {
           const int64_t keys = std::min(max_keys, key_end - start);
           tile.recompute(key_run(start, keys), cache_keys + first_query + 1 - start);
           tile.add_key_mass(mass.data() + start, keys);
@@ -99,9 +111,10 @@ void attention_with_scores_kernel(const at::Tensor& q, const at::Tensor& k,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double softcap,
+    int64_t window) {
   const char* op = "cabattn::attention_with_scores";
-  check_attention_with_scores_args(op, q, k, v, scale);
+  check_attention_with_scores_args(op, q, k, v, scale, softcap, window);
 
   const int64_t batch = q.size(0), kv_heads = k.size(1), queries = q.size(2), keys = k.size(2);
   at::Tensor out = at::empty_like(q);
@@ -116,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cpu(
                                   "attention_with_scores", [&] {
     using acc_t = at::opmath_type<scalar_t>;  // float32, or float64 for float64 inputs
     const at::Tensor v_acc = v.to(c10::CppTypeToScalarType<acc_t>::value);
-    attention_with_scores_kernel<scalar_t, acc_t>(q, k, v_acc, scale, out, lse,
+    attention_with_scores_kernel<scalar_t, acc_t>(q, k, v_acc, scale, softcap, window, out, lse,
                                                   mass_rows.mutable_data_ptr<float>());
   });
   at::Tensor mass = query_blocks == 1 ? mass_rows.squeeze(2) : mass_rows.sum(2);
@@ -126,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cpu(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cabattn, m) {
-  m.def("attention_with_scores(Tensor q, Tensor k, Tensor v, float scale) -> "
-        "(Tensor, Tensor, Tensor)");
+  m.def("attention_with_scores(Tensor q, Tensor k, Tensor v, float scale, float softcap=0.0, "
+        "int window=0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cabattn, CPU, m) {

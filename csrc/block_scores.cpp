@@ -1,6 +1,7 @@
 // block_scores: Sblk (sum) and Gblk (max) of the dense causal softmax P per (query block, key
 // block) pair (docs/block_statistics.md), in one QK^T pass that never holds more than a
-// [block_size, kKeyChunk] tile of logits.
+// [block_size, kKeyChunk] tile of logits; of the soft-capped logits when softcap > 0
+// (docs/operators.md, Model features).
 //
 // For query row r and key block J it keeps the block-local max logit m_rJ and
 // s_rJ = sum_{j in J, j <= r} exp(logit_rj - m_rJ). With lse_r = logsumexp_J(m_rJ + log s_rJ):
@@ -14,6 +15,7 @@
 #include <cstring>
 #include <limits>
 
+#include "attention_cpu.h"
 #include "checks.h"
 #include "common.h"
 #include "cpu_gemm.h"
@@ -55,10 +57,11 @@ void row_block_stats(const double* logits, int64_t count, int64_t block_size, do
 }
 
 // q_scaled [B, Hq, L, d] (softmax scale folded in) and k [B, Hkv, L, d], both contiguous in
-// acc_t; sum_out and max_out [B, Hq, M, M] float32, zero-filled (J > I stays zero).
+// acc_t; sum_out and max_out [B, Hq, M, M] float32, zero-filled (J > I stays zero). softcap:
+// the logit soft-cap (0: none).
 template <typename acc_t>
 void block_scores_kernel(const at::Tensor& q_scaled, const at::Tensor& k, int64_t block_size,
-                         float* sum_out, float* max_out) {
+                         acc_t softcap, float* sum_out, float* max_out) {
   const int64_t batch = q_scaled.size(0), q_heads = q_scaled.size(1);
   const int64_t length = q_scaled.size(2), dim = q_scaled.size(3), kv_heads = k.size(1);
   const int64_t group = q_heads / kv_heads;
@@ -95,8 +98,9 @@ void block_scores_kernel(const at::Tensor& q_scaled, const at::Tensor& k, int64_
                   tile.data(), ld);
         const int64_t chunk_block = chunk_start / block_size;
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t visible = first_row + r + 1 - chunk_start;
-          row_block_stats(tile.data() + r * ld, std::min(keys, visible), block_size,
+          const int64_t visible = std::min(keys, first_row + r + 1 - chunk_start);
+          if (softcap > 0) softcap_row(tile.data() + r * ld, visible, softcap);
+          row_block_stats(tile.data() + r * ld, visible, block_size,
                           row_max.data() + r * blocks + chunk_block,
                           row_sum.data() + r * blocks + chunk_block);
         }
@@ -136,9 +140,10 @@ void block_scores_kernel(const at::Tensor& q_scaled, const at::Tensor& k, int64_
 }
 
 std::tuple<at::Tensor, at::Tensor> block_scores_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                    int64_t block_size, double scale) {
+                                                    int64_t block_size, double scale,
+                                                    double softcap) {
   const char* op = "cabattn::block_scores";
-  check_block_scores_args(op, q, k, block_size, scale);
+  check_block_scores_args(op, q, k, block_size, scale, softcap);
   const int64_t blocks = num_blocks(q.size(2), block_size);
   const auto out_options = q.options().dtype(at::kFloat);
   at::Tensor sum_out = at::zeros({q.size(0), q.size(1), blocks, blocks}, out_options);
@@ -149,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor> block_scores_cpu(const at::Tensor& q, const a
   const at::Tensor q_scaled = (q.to(acc) * scale).contiguous();
   const at::Tensor k_acc = k.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "block_scores", [&] {
-    block_scores_kernel<scalar_t>(q_scaled, k_acc, block_size, sum_out.mutable_data_ptr<float>(),
+    block_scores_kernel<scalar_t>(q_scaled, k_acc, block_size, static_cast<scalar_t>(softcap),
+                                  sum_out.mutable_data_ptr<float>(),
                                   max_out.mutable_data_ptr<float>());
   });
   return {sum_out, max_out};
@@ -158,7 +164,8 @@ std::tuple<at::Tensor, at::Tensor> block_scores_cpu(const at::Tensor& q, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cabattn, m) {
-  m.def("block_scores(Tensor q, Tensor k, int block_size, float scale) -> (Tensor, Tensor)");
+  m.def("block_scores(Tensor q, Tensor k, int block_size, float scale, float softcap=0.0) -> "
+        "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cabattn, CPU, m) { m.impl("block_scores", &block_scores_cpu); }

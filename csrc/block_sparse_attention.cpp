@@ -1,7 +1,8 @@
 // block_sparse_attention: forward attention of query block I over the key blocks a layout keeps
 // for it (block_index[b, h, I, :block_count[b, h, I]], ascending, within 0..I), causal inside
 // the diagonal block, with GQA (query head h reads KV head h / (Hq / Hkv)). Returns the output
-// in q's dtype and the log-sum-exp in float32.
+// in q's dtype and the log-sum-exp in float32. The logits may be soft-capped (docs/operators.md,
+// Model features).
 //
 // CPU: K is packed into key panels (cpu_gemm.h) and V converted to float32 (half types) once per
 // call; then one task per (batch, query head, query block). Its kept key blocks are cut into
@@ -22,7 +23,7 @@ template <typename scalar_t, typename acc_t>
 void block_sparse_attention_kernel(const at::Tensor& q, const at::Tensor& k,
                                    const at::Tensor& v_acc, const at::Tensor& block_count,
                                    const at::Tensor& block_index, int64_t block_size, double scale,
-                                   at::Tensor& out, at::Tensor& lse) {
+                                   double softcap, at::Tensor& out, at::Tensor& lse) {
   const int64_t batch = q.size(0), q_heads = q.size(1), length = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), group = q_heads / kv_heads;
   const int64_t blocks = num_blocks(length, block_size), max_count = block_index.size(3);
@@ -42,7 +43,7 @@ void block_sparse_attention_kernel(const at::Tensor& q, const at::Tensor& k,
   // 0, M-1, 1, M-2, ...: the contiguous task ranges at::parallel_for hands the threads then
   // carry about equal work.
   at::parallel_for(0, batch * q_heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    FlashTile<acc_t> tile(block_size, max_keys, dim);
+    FlashTile<acc_t> tile(block_size, max_keys, dim, static_cast<acc_t>(softcap));
     std::vector<KeyRun<acc_t>> runs;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head_index = task / blocks, pos = task % blocks;  // head_index = b * Hq + h
@@ -93,9 +94,10 @@ void block_sparse_attention_kernel(const at::Tensor& q, const at::Tensor& k,
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_count,
-    const at::Tensor& block_index, int64_t block_size, double scale) {
+    const at::Tensor& block_index, int64_t block_size, double scale, double softcap) {
   const char* op = "cabattn::block_sparse_attention";
-  check_block_sparse_attention_args(op, q, k, v, block_count, block_index, block_size, scale);
+  check_block_sparse_attention_args(op, q, k, v, block_count, block_index, block_size, scale,
+                                    softcap);
   check_block_layout_values(op, block_count, block_index);
 
   at::Tensor out = at::empty_like(q);
@@ -106,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     using acc_t = at::opmath_type<scalar_t>;  // float32, or float64 for float64 inputs
     const at::Tensor v_acc = v.to(c10::CppTypeToScalarType<acc_t>::value);
     block_sparse_attention_kernel<scalar_t, acc_t>(q, k, v_acc, block_count, block_index,
-                                                   block_size, scale, out, lse);
+                                                   block_size, scale, softcap, out, lse);
   });
   return {out, lse};
 }
@@ -115,7 +117,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
 
 TORCH_LIBRARY_FRAGMENT(cabattn, m) {
   m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor block_count, "
-        "Tensor block_index, int block_size, float scale) -> (Tensor, Tensor)");
+        "Tensor block_index, int block_size, float scale, float softcap=0.0) -> "
+        "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cabattn, CPU, m) {

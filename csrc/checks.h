@@ -31,12 +31,13 @@ inline void check_coarsen_args(const char* op, const at::Tensor& x, int64_t bloc
 // ----------------------------------------------------------------------------- block_scores
 
 inline void check_block_scores_args(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                    int64_t block_size, double scale) {
+                                    int64_t block_size, double scale, double softcap) {
   check_qk(op, q, k);
   check_block_size(op, block_size);
   TORCH_CHECK(q.size(2) == k.size(2), op, ": q and k must have the same length (causal "
               "self-attention), got ", q.size(2), " and ", k.size(2));
   check_scale(op, scale);
+  check_softcap(op, softcap);
 }
 
 // ------------------------------------------------------------------------------- frc_scores
@@ -208,24 +209,31 @@ inline void check_block_sparse_attention_args(const char* op, const at::Tensor& 
                                               const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& block_count,
                                               const at::Tensor& block_index,
-                                              int64_t block_size, double scale) {
+                                              int64_t block_size, double scale,
+                                              double softcap) {
   check_qkv(op, q, k, v);
   TORCH_CHECK(q.size(2) == k.size(2), op, ": q and k must have the same length (causal "
               "self-attention), got ", q.size(2), " and ", k.size(2));
   check_block_size(op, block_size);
   check_scale(op, scale);
+  check_softcap(op, softcap);
   check_block_layout(op, q, block_count, block_index, num_blocks(q.size(2), block_size));
 }
 
 // -------------------------------------------------------------------- attention_with_scores
 
+// window: 0 (none) or the sliding window W >= 1 of the chunk's queries (query t sees the keys
+// Lk - Lq + t - W < j <= Lk - Lq + t).
 inline void check_attention_with_scores_args(const char* op, const at::Tensor& q,
                                              const at::Tensor& k, const at::Tensor& v,
-                                             double scale) {
+                                             double scale, double softcap, int64_t window) {
   check_qkv(op, q, k, v);
   TORCH_CHECK(k.size(2) >= q.size(2), op, ": k/v length (", k.size(2), ") must be at least the ",
               "query chunk length (", q.size(2), "): the chunk's own keys are the last ones");
   check_scale(op, scale);
+  check_softcap(op, softcap);
+  TORCH_CHECK(window >= 0, op, ": window must be 0 (no sliding window) or the number of keys a "
+              "query sees, itself included (>= 1), got ", window);
 }
 
 // ------------------------------------------------------------------------------ kv_compact_

@@ -91,6 +91,13 @@ inline void check_scale(const char* op, double scale) {
               "got ", scale);
 }
 
+// The logit soft-cap c of the attention operators (docs/operators.md, Model features): 0 for
+// none, else a positive finite number.
+inline void check_softcap(const char* op, double softcap) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be 0 (no "
+              "soft-capping) or a positive finite number, got ", softcap);
+}
+
 // A block layout for q [B, Hq, L, d] cut into M blocks: block_count int32 [B, Hq, M] and
 // block_index int32 [B, Hq, M, max_count], contiguous, on q's device. Shapes only; the values
 // are check_block_layout_values' (the CUDA kernel flags a bad row on the device, then calls it).

@@ -45,6 +45,8 @@ struct CpuKernels {
   float (*exp_row)(float* x, int64_t visible, int64_t n, float shift);
   void (*scale_row)(float* x, int64_t n, float factor);
   void (*add_scaled_row)(float* dst, const float* src, int64_t n, float factor);
+  // x[j] = cap * tanh(x[j] / cap): the logit soft-cap (docs/operators.md, Model features).
+  void (*softcap_row)(float* x, int64_t n, float cap);
   // For one row of `count` logits cut into blocks of block_size: each block's max m[J] and
   // s[J] = sum exp(logit - m[J]).
   void (*row_block_stats)(const float* logits, int64_t count, int64_t block_size, float* m,

@@ -193,6 +193,22 @@ struct Lanes {
     return p * (vfloat)exponent;  // a vector cast reinterprets the bits
   }
 
+  // tanh(x) within a few ulp (Cephes tanhf): an odd polynomial for |x| < 0.625, where
+  // 1 - exp(-2|x|) would cancel, else (1 - e) / (1 + e) with e = exp(-2|x|) <= 1, signed.
+  [[gnu::always_inline]] static vfloat tanh(vfloat x) {
+    const vfloat magnitude = x < 0.0f ? -x : x;
+    const vfloat z = x * x;
+    vfloat poly = vfloat{} - 5.70498872745e-3f;
+    poly = poly * z + 2.06390887954e-2f;
+    poly = poly * z - 5.37397155531e-2f;
+    poly = poly * z + 1.33314422036e-1f;
+    poly = poly * z - 3.33332819422e-1f;
+    const vfloat small = poly * z * x + x;
+    const vfloat e = exp_nonpositive(magnitude * -2.0f);
+    const vfloat large = (1.0f - e) / (1.0f + e);
+    return magnitude < 0.625f ? small : (x < 0.0f ? -large : large);
+  }
+
   // The lanes of x[0 .. min(size, kCount)); missing ones read as `fill`. The partial vector at
   // a row's end is built in memory out of line, so the full vectors stay in registers.
   [[gnu::always_inline]] static vfloat load(const float* x, int64_t size, float fill) {
@@ -310,6 +326,14 @@ void add_scaled_row(float* dst, const float* src, int64_t n, float factor) {
 }
 
 template <class Isa>
+void softcap_row(float* x, int64_t n, float cap) {
+  using L = Lanes<Isa::kVectorBytes>;
+  const float inverse = 1.0f / cap;
+  for (int64_t j = 0; j < n; j += L::kCount)
+    L::store(x + j, cap * L::tanh(L::load(x + j, n - j, 0.0f) * inverse), n - j);
+}
+
+template <class Isa>
 void row_block_stats(const float* logits, int64_t count, int64_t block_size, float* m,
                      float* s) {
   using L = Lanes<Isa::kVectorBytes>;
@@ -336,7 +360,8 @@ template <class Isa>
 constexpr CpuKernels kernels_for() {
   return {&qk_panels<Isa, float>, &qk_panels<Isa, double>, &add_pv<Isa, float>,
           &add_pv<Isa, double>,   &row_max<Isa>,           &exp_row<Isa>,
-          &scale_row<Isa>,        &add_scaled_row<Isa>,    &row_block_stats<Isa>};
+          &scale_row<Isa>,        &add_scaled_row<Isa>,    &softcap_row<Isa>,
+          &row_block_stats<Isa>};
 }
 
 }  // namespace

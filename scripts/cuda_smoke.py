@@ -3,10 +3,13 @@ reference, then feeds the kernels bad indices and checks they raise (and that a 
 works). Small on purpose: scripts/gpu_check.sh runs it under compute-sanitizer (memcheck,
 racecheck, synccheck, initcheck), where every kernel runs a hundred times slower.
 
-Two cases (docs/operators.md, Correctness bar): block size 128, L = 200 (not a multiple of
-the block), head dim 128, float16; block size 16, L = 200, head dim 64, bfloat16; both with GQA.
+Three cases (docs/operators.md, Correctness bar): block size 128, L = 200 (not a multiple of
+the block), head dim 128, float16; block size 16, L = 200, head dim 64, bfloat16; and Gemma's
+features (docs/operators.md, Model features): block size 64, L = 200, head dim 256, bfloat16,
+4 query heads on 1 KV head, logits soft-capped at 1.0, attention_with_scores through a sliding
+window of 50; all with GQA.
 
-    python scripts/cuda_smoke.py [--case fp16-d128-b128|bf16-d64-b16 ...]
+    python scripts/cuda_smoke.py [--case fp16-d128-b128|bf16-d64-b16|bf16-d256-b64-softcap ...]
     (exit code 1 when an operator disagrees or a bad input does not raise)
 """
 import argparse
@@ -16,9 +19,10 @@ import torch
 
 from cabattn import ops, reference
 
-CASES = {  # name: (dtype, head_dim, block_size, length, q_heads, kv_heads)
-    "fp16-d128-b128": (torch.float16, 128, 128, 200, 6, 2),
-    "bf16-d64-b16": (torch.bfloat16, 64, 16, 200, 4, 1),
+CASES = {  # name: (dtype, head_dim, block_size, length, q_heads, kv_heads, softcap, window)
+    "fp16-d128-b128": (torch.float16, 128, 128, 200, 6, 2, 0.0, 0),
+    "bf16-d64-b16": (torch.bfloat16, 64, 16, 200, 4, 1, 0.0, 0),
+    "bf16-d256-b64-softcap": (torch.bfloat16, 256, 64, 200, 4, 1, 1.0, 50),
 }
 
 
@@ -27,7 +31,7 @@ def relative_error(got, want):
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def run_case(dtype, dim, block, length, q_heads, kv_heads):
+def run_case(dtype, dim, block, length, q_heads, kv_heads, softcap, window):
     """Errors of every operator against the float64 reference (0/1 for the exact ones)."""
     dev, batch = "cuda", 2
     scale = reference.default_scale(dim)
@@ -43,8 +47,8 @@ def run_case(dtype, dim, block, length, q_heads, kv_heads):
         relative_error(qc, reference.coarsen(q.cpu(), block, ops.MAX_L2)),
         relative_error(kc, reference.coarsen(kd, block, ops.MEAN)))
 
-    sblk, gblk = ops.block_scores(q, k, block, scale)
-    want_s, want_g = reference.block_scores(qd, kd, block, scale)
+    sblk, gblk = ops.block_scores(q, k, block, scale, softcap)
+    want_s, want_g = reference.block_scores(qd, kd, block, scale, softcap)
     errors["block_scores"] = max(relative_error(sblk, want_s), relative_error(gblk, want_g))
 
     frc = ops.frc_scores(qc, kc, scale, 0.3)
@@ -65,16 +69,17 @@ def run_case(dtype, dim, block, length, q_heads, kv_heads):
     errors["select_blocks"] = float(not (torch.equal(count.cpu(), want_count)
                                          and torch.equal(index.cpu(), want_index)))
 
-    out, lse = ops.block_sparse_attention(q, k, v, count, index, block, scale)
+    out, lse = ops.block_sparse_attention(q, k, v, count, index, block, scale, softcap)
     want_out, want_lse = reference.block_sparse_attention(qd, kd, vd, count.cpu(), index.cpu(),
-                                                          block, scale)
+                                                          block, scale, softcap)
     errors["block_sparse_attention"] = max(relative_error(out, want_out),
                                            relative_error(lse, want_lse))
 
     chunk = 24
-    out, lse, mass = ops.attention_with_scores(q[:, :, -chunk:].contiguous(), k, v, scale)
+    out, lse, mass = ops.attention_with_scores(q[:, :, -chunk:].contiguous(), k, v, scale,
+                                               softcap, window)
     want_out, want_lse, want_mass = reference.attention_with_scores(
-        qd[:, :, -chunk:], kd, vd, scale)
+        qd[:, :, -chunk:], kd, vd, scale, softcap, window)
     errors["attention_with_scores"] = max(relative_error(out, want_out),
                                           relative_error(lse, want_lse),
                                           relative_error(mass, want_mass))
@@ -126,8 +131,8 @@ def main() -> int:
     failed = False
     for name in args.case:
         torch.manual_seed(0)
-        print(f"case {name}: dtype, head_dim, block_size, length, q_heads, kv_heads = "
-              f"{CASES[name]}")
+        print(f"case {name}: dtype, head_dim, block_size, length, q_heads, kv_heads, softcap, "
+              f"window = {CASES[name]}")
         for op, error in run_case(*CASES[name]).items():
             limit = limits.get(op, 2e-2)
             ok = error <= limit

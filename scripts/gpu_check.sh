@@ -12,9 +12,10 @@
 # operator against the reference on this card) and then both kernel paths on a random Llama of
 # realistic shape (scripts/compare_paths.py: 8 layers, 32/8 heads of 128, bf16, L 4096, every
 # method under both protocols, per-cell loss agreement), one log; run the operator tests
-# (tests/kernels/test_ops_*.py and test_cuda_graph.py, CUDA included); run
-# scripts/cuda_smoke.py (both of its cases: block 128, L 200, head dim 128, fp16; block 16,
-# L 200, head dim 64, bf16) under
+# (tests/kernels/test_ops_*.py and test_cuda_graph.py, CUDA included; then the CUDA cases of
+# test_model_features.py: soft-cap, sliding window, head dim 256; one log); run
+# scripts/cuda_smoke.py (its three cases: block 128, L 200, head dim 128, fp16; block 16,
+# L 200, head dim 64, bf16; block 64, L 200, head dim 256, bf16, soft-cap and window) under
 # compute-sanitizer memcheck, racecheck, synccheck and initcheck, the four at once; run the
 # kernel benchmark (bench/bench_kernels.py --device cuda) on two lengths and two sparsities, so
 # that FlexAttention compiles for four layouts only. OUTPUT_DIR gets summary.md (the table
@@ -88,12 +89,13 @@ step paths 120 bash -c "$PY -m cabattn.selfcheck --device cuda --force \
   --cache-dir '$OUT_DIR/cache' && $PY scripts/compare_paths.py --device cuda"
 rm -rf "$OUT_DIR/cache"
 
-step tests 150 "$PY" -m pytest -q -ra tests/kernels/test_ops_selection.py \
+step tests 150 bash -c "$PY -m pytest -q -ra tests/kernels/test_ops_selection.py \
   tests/kernels/test_ops_attention.py tests/kernels/test_ops_cuda.py \
-  tests/kernels/test_cuda_build.py tests/kernels/test_cuda_graph.py
+  tests/kernels/test_cuda_build.py tests/kernels/test_cuda_graph.py; first=\$?; \
+  $PY -m pytest -q -ra tests/kernels/test_model_features.py -k cuda; exit \$((first | \$?))"
 
 # The four sanitizer tools at once: each is bound by its own instrumentation on the CPU cores,
-# and one small smoke run per tool covers both cases.
+# and one small smoke run per tool covers the three cases.
 SANITIZE=(compute-sanitizer --error-exitcode 3 --print-limit 20)
 step memcheck 120 "${SANITIZE[@]}" --tool memcheck "$PY" scripts/cuda_smoke.py &
 step racecheck 150 "${SANITIZE[@]}" --tool racecheck --racecheck-report hazard \
@@ -116,7 +118,8 @@ step bench 150 "$PY" bench/bench_kernels.py --device cuda --lengths 4096 32768 \
   grep -E '^cabattn self-check|^  |^(mask|kv) |cells? (FAILED|within)' "$OUT_DIR/paths.log" \
     2>/dev/null | sed 's/^/    /'
   echo
-  grep -E '(passed|failed|error)' "$OUT_DIR/tests.log" 2>/dev/null | tail -1 | sed 's/^/tests: /'
+  grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT_DIR/tests.log" 2>/dev/null | tail -2 \
+    | sed 's/^/tests: /'
   echo
   echo "smoke (under memcheck):"
   grep -E '^case | (ok|FAIL)$' "$OUT_DIR/memcheck.log" 2>/dev/null | sed 's/^/    /'

@@ -97,6 +97,23 @@ def assert_within_reference_error(got, exact, reference, name="output", ulps=Non
     assert problem is None, f"{name}: {problem}"
 
 
+def assert_outputs_match_reference(got, call, inputs, device, names, ulps=None):
+    """Each output of a kernel (the tuple `got`, named by `names`) against call(*inputs) in
+    float64 and at the kernel's precision (reference_dtype; one reference run per precision);
+    ulps: {name: units of slack} for outputs that sum many terms."""
+    runs = {}
+
+    def run(precision):
+        if precision not in runs:
+            runs[precision] = call(*(t.to(precision) if t.is_floating_point() else t
+                                     for t in inputs))
+        return runs[precision]
+
+    for i, (out, want, name) in enumerate(zip(got, run(torch.float64), names)):
+        same = run(reference_dtype(inputs[0].dtype, out.dtype, device))[i].to(out.dtype)
+        assert_within_reference_error(out, want, same, name, (ulps or {}).get(name))
+
+
 @pytest.fixture
 def poison_uninitialized():
     """Fresh tensors from torch.empty (also those the C++ and CUDA kernels allocate through

@@ -22,9 +22,10 @@
 
 namespace {
 
+// The schema's arguments, the last the logit soft-cap (0: none, docs/operators.md).
 using Attention = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, const at::Tensor&,
-                                                     const at::Tensor&, int64_t, double);
+                                                     const at::Tensor&, int64_t, double, double);
 
 // Row I keeps block 0, then I, I-1, ... until `kept` blocks (or all of 0..I).
 std::tuple<at::Tensor, at::Tensor> sink_and_local_layout(int64_t batch, int64_t heads,
@@ -99,7 +100,7 @@ int main(int argc, char** argv) {
   auto [count, index] = sink_and_local_layout(batch, q_heads, blocks, kept);
   count = count.to(options.device());
   index = index.to(options.device());
-  auto [out, lse] = attention.call(q, k, v, count, index, block_size, scale);
+  auto [out, lse] = attention.call(q, k, v, count, index, block_size, scale, /*softcap=*/0.0);
   const double checksum = out.to(at::kDouble).sum().item<double>();
   const bool finite = out.isfinite().all().item<bool>() && lse.isfinite().all().item<bool>();
   std::printf("block_sparse_attention %s: B=%lld Hq=%lld Hkv=%lld L=%lld d=%lld bs=%lld "
@@ -113,7 +114,7 @@ int main(int argc, char** argv) {
     auto [all_count, all_index] = sink_and_local_layout(batch, q_heads, blocks, blocks);
     auto [dense_out, dense_lse] = attention.call(q, k, v, all_count.to(options.device()),
                                                  all_index.to(options.device()), block_size,
-                                                 scale);
+                                                 scale, /*softcap=*/0.0);
     const int64_t group = q_heads / kv_heads;
     auto expected = at::scaled_dot_product_attention(
         q.to(at::kDouble), k.to(at::kDouble).repeat_interleave(group, 1),

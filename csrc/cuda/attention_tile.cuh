@@ -11,6 +11,7 @@
 #pragma once
 
 #include "cuda_common.cuh"
+#include "flash_params.cuh"
 
 namespace cabattn {
 namespace cuda {
@@ -107,6 +108,16 @@ __device__ __forceinline__ void tile_scores(
   }
 }
 
+// The logit soft-cap on a thread's scores (log2 units, as tile_scores leaves them).
+template <int N>
+__device__ __forceinline__ void softcap_scores(float (&s)[4][N], float softcap_log2) {
+  const SoftcapLog2 softcap(softcap_log2);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) s[i][j] = softcap(s[i][j]);
+}
+
 // acc[i][t] += sum_key Ps[row_group + TR i][key] * Vs[key][col_group + TC t].
 template <typename T, int D, int TC>
 __device__ __forceinline__ void tile_accumulate_pv(
@@ -154,13 +165,16 @@ struct KeyRange {
 };
 
 // FlashAttention-2 style forward of one query tile over the keys `keys` yields, with the causal
-// rule key <= row + causal_offset. Writes out rows [row0, min(row0 + kRows, rows_end)) and their
-// lse (natural log; -inf and a zero output for a row that sees no key). OutT is T, or float for
-// a split-K partial that a merge combines.
-template <typename T, int D, int TC, typename Keys, typename OutT>
+// rule key <= row + causal_offset and, with kWindow, key > row + causal_offset - window. kSoftcap:
+// the logits are soft-capped (softcap_log2, QkvParams). Both are static switches, as
+// FlashAttention-2's Is_local and Is_softcap. Writes out rows [row0, min(row0 + kRows,
+// rows_end)) and their lse (natural log; -inf and a zero output for a row that sees no key).
+// OutT is T, or float for a split-K partial that a merge combines.
+template <typename T, int D, int TC, bool kSoftcap, bool kWindow, typename Keys, typename OutT>
 __device__ __forceinline__ void flash_forward_tile(
     const T* q, const T* k, const T* v, OutT* out, float* lse, int64_t row0, int64_t rows_end,
-    int64_t causal_offset, float scale_log2, const Keys& keys, char* smem) {
+    int64_t causal_offset, int64_t window, float scale_log2, float softcap_log2,
+    const Keys& keys, char* smem) {
   using G = TileGeometry<T, D, TC>;
   float* Qs = reinterpret_cast<float*>(smem);
   T* Ks = reinterpret_cast<T*>(smem + G::kQBytes);
@@ -193,6 +207,7 @@ __device__ __forceinline__ void flash_forward_tile(
 
     float s[4][G::kKeysPerThread];
     tile_scores<T, D, TC>(Qs, Ks, row_group, col_group, s);
+    if constexpr (kSoftcap) softcap_scores(s, softcap_log2);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t row = row0 + row_group + G::kTR * i;
@@ -200,7 +215,8 @@ __device__ __forceinline__ void flash_forward_tile(
 #pragma unroll
       for (int j = 0; j < G::kKeysPerThread; ++j) {
         const int64_t key = key_of[col_group + TC * j];
-        const bool visible = row < rows_end && key >= 0 && key <= row + causal_offset;
+        const bool visible = row < rows_end && key >= 0 && key <= row + causal_offset &&
+                             (!kWindow || key > row + causal_offset - window);
         s[i][j] = visible ? s[i][j] : -INFINITY;
         row_max = fmaxf(row_max, s[i][j]);
       }

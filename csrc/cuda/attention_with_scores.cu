@@ -1,14 +1,17 @@
 // CUDA kernels of cabattn::attention_with_scores: a chunk of Lq queries against Lk keys whose
-// last Lq are the chunk itself.
+// last Lq are the chunk itself, optionally through a sliding window and with soft-capped logits
+// (docs/operators.md, Model features; kWindow and kSoftcap are static switches).
 //   pass 1: FlashAttention-2 style forward per (key split, 64-query tile, query head, batch)
 //           -> out, lse. A short chunk (the kv protocol's c = 1..16) has one query tile per
 //           head, too few thread blocks to fill the GPU, so its keys are split across thread
 //           blocks (split-K, as in Flash-Decoding): each split writes float partials normalised
-//           over its own keys and merge_splits_kernel combines them exactly.
+//           over its own keys and merge_splits_kernel combines them exactly. With a window W a
+//           query tile reads only its W + 63 keys (its first row's window to its last row), so
+//           a long chunk costs O(Lq W), not O(Lq Lk).
 //   pass 2: per (batch, KV head, 64-key tile) recompute the logits of every query head of the
 //           group against that key tile, turn them into probabilities with pass 1's lse and sum
 //           them per key. Each key's mass is owned by one thread block: no atomics, and the sum
-//           is deterministic.
+//           is deterministic. With a window a key tile visits only the query rows that see it.
 #include "attention_tile.cuh"
 #include "flash_launch.cuh"
 
@@ -21,18 +24,23 @@ constexpr int kTC = 8;  // 64-row query tiles
 // A split of fewer key tiles costs more in its merge and its query load than it saves.
 constexpr int64_t kMinTilesPerSplit = 2;
 
-// QkvParams::length is the number of keys, Lk; q_len (Lq) counts the chunk's queries.
+// QkvParams::length is the number of keys, Lk; q_len (Lq) counts the chunk's queries. The
+// kernels take the window (query t sees keys Lk - Lq + t - window < j <= Lk - Lq + t; 0: none)
+// as an argument of its own: a field would grow these params past 128 bytes, and nvcc then
+// reads them through their address, which moved the plain kernels' registers (168 -> 128 at
+// head dim 64, with spills).
 struct ChunkParams : QkvParams {
   int64_t q_len;
   int64_t q_tiles;         // query tiles per (batch, head)
-  int64_t keys_per_split;  // a multiple of kTileKeys; >= Lk when the keys are not split
+  int64_t keys_per_split;  // a multiple of kTileKeys; >= a tile's keys when they are not split
 };
 
 // blockIdx.x = split * q_tiles + query tile. out, lse: [splits][batch][q_heads][q_len](x D).
-template <typename T, int D, typename OutT>
+template <typename T, int D, bool kSoftcap, bool kWindow, typename OutT>
 __global__ void __launch_bounds__(kTileThreads)
 chunk_forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                     OutT* __restrict__ out, float* __restrict__ lse, ChunkParams p) {
+                     OutT* __restrict__ out, float* __restrict__ lse, ChunkParams p,
+                     int64_t window) {
   using G = TileGeometry<T, D, kTC>;
   extern __shared__ __align__(16) char smem[];
   const int64_t batch = blockIdx.z, head = blockIdx.y, k_len = p.length;
@@ -43,13 +51,17 @@ chunk_forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
   const int64_t split_rows = int64_t(gridDim.z) * p.q_heads * p.q_len;
   const int64_t causal_offset = k_len - p.q_len;
   const int64_t last_row = min(row0 + G::kRows, p.q_len) - 1;
+  // The tile's keys start at its first row's window (at key 0 without one); splits cut them.
+  const int64_t tile_begin =
+      kWindow ? max(int64_t(0), row0 + causal_offset - window + 1) : int64_t(0);
   KeyRange keys;
-  keys.begin = split * p.keys_per_split;
+  keys.begin = tile_begin + split * p.keys_per_split;
   keys.end = min(min(k_len, last_row + causal_offset + 1), keys.begin + p.keys_per_split);
   const int64_t rows = split * split_rows + bh * p.q_len;
-  flash_forward_tile<T, D, kTC>(q + bh * p.q_len * D, k + kv_bh * k_len * D,
-                                v + kv_bh * k_len * D, out + rows * D, lse + rows, row0,
-                                p.q_len, causal_offset, p.scale_log2, keys, smem);
+  flash_forward_tile<T, D, kTC, kSoftcap, kWindow>(
+      q + bh * p.q_len * D, k + kv_bh * k_len * D, v + kv_bh * k_len * D, out + rows * D,
+      lse + rows, row0, p.q_len, causal_offset, window, p.scale_log2, p.softcap_log2, keys,
+      smem);
 }
 
 // One thread block per query row, a thread per head-dim column: lse = log sum_s exp(lse_s) and
@@ -91,10 +103,10 @@ constexpr size_t key_mass_smem_bytes() {
          size_t(G::kTR) * G::kKeys * sizeof(float);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kSoftcap, bool kWindow>
 __global__ void __launch_bounds__(kTileThreads)
 key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ lse,
-                float* __restrict__ mass, ChunkParams p) {
+                float* __restrict__ mass, ChunkParams p, int64_t window) {
   using G = TileGeometry<T, D, kTC>;
   extern __shared__ __align__(16) char smem[];
   float* Qs = reinterpret_cast<float*>(smem);
@@ -118,11 +130,14 @@ key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* _
 #pragma unroll
   for (int j = 0; j < G::kKeysPerThread; ++j) key_sum[j] = 0.f;
 
-  // Query row t sees key j iff j <= t + causal_offset: rows before first_row see none of ours.
+  // Query row t sees key j iff j <= t + causal_offset (and, with a window, j > t +
+  // causal_offset - window): rows before first_row, or from rows_end on, see none of ours.
   const int64_t first_row = max(int64_t(0), key0 - causal_offset);
+  const int64_t rows_end =
+      kWindow ? min(p.q_len, key0 + G::kKeys - 1 - causal_offset + window) : p.q_len;
   for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
     const int64_t bh = batch * p.q_heads + head;
-    for (int64_t row0 = first_row / G::kRows * G::kRows; row0 < p.q_len; row0 += G::kRows) {
+    for (int64_t row0 = first_row / G::kRows * G::kRows; row0 < rows_end; row0 += G::kRows) {
       __syncthreads();  // Ks is loaded; the previous query tile's readers are done
       load_query_tile<T, D, kTC>(Qs, q + bh * p.q_len * D, row0, p.q_len, p.scale_log2);
       if (threadIdx.x < G::kRows) {
@@ -133,6 +148,7 @@ key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* _
 
       float s[4][G::kKeysPerThread];
       tile_scores<T, D, kTC>(Qs, Ks, row_group, col_group, s);
+      if constexpr (kSoftcap) softcap_scores(s, p.softcap_log2);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = row_group + G::kTR * i;
@@ -142,6 +158,7 @@ key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* _
         for (int j = 0; j < G::kKeysPerThread; ++j) {
           const int64_t key = key0 + col_group + kTC * j;
           const bool visible = row < p.q_len && key < k_len && key <= row + causal_offset &&
+                               (!kWindow || key > row + causal_offset - window) &&
                                row_lse2 != -INFINITY;
           key_sum[j] += visible ? exp2f(s[i][j] - row_lse2) : 0.f;
         }
@@ -162,24 +179,28 @@ key_mass_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* _
 
 // Pass 1 into out and lse: OutT is T for the final output, float for the partials of a key
 // split (out, lse: [splits][batch][q_heads][q_len](x D)).
-template <typename T, int D, typename OutT>
+template <typename T, int D, bool kSoftcap, bool kWindow, typename OutT>
 void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, OutT* out,
-                    float* lse, int64_t splits, const ChunkParams& p, cudaStream_t stream) {
+                    float* lse, int64_t splits, const ChunkParams& p, int64_t window,
+                    cudaStream_t stream) {
   const size_t smem = flash_forward_smem_bytes<T, D, kTC>();
-  auto kernel = chunk_forward_kernel<T, D, OutT>;
+  auto kernel = chunk_forward_kernel<T, D, kSoftcap, kWindow, OutT>;
   set_dynamic_smem(kOp, kernel, smem);
   launch_kernel(kOp, kernel, dim3(p.q_tiles * splits, p.q_heads, p.batch), kTileThreads, smem,
-                stream, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out, lse, p);
+                stream, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out, lse, p, window);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kSoftcap, bool kWindow>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-            at::Tensor& lse, at::Tensor& mass, ChunkParams p) {
+            at::Tensor& lse, at::Tensor& mass, ChunkParams p, int64_t window) {
   using G = TileGeometry<T, D, kTC>;
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   p.q_tiles = (p.q_len + G::kRows - 1) / G::kRows;
-  const int64_t key_tiles = (int64_t(p.length) + G::kKeys - 1) / G::kKeys;
+  // The keys one query tile reads: all of them, or its first row's window up to its last row.
+  const int64_t tile_keys =
+      kWindow ? std::min<int64_t>(p.length, window + G::kRows - 1) : p.length;
+  const int64_t key_tiles = (tile_keys + G::kKeys - 1) / G::kKeys;
   int64_t splits = split_count(p.q_tiles * p.q_heads * p.batch, key_tiles);
   const int64_t tiles_per_split = (key_tiles + splits - 1) / splits;
   splits = (key_tiles + tiles_per_split - 1) / tiles_per_split;  // no split left empty
@@ -188,29 +209,33 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
               " queries are more than this kernel's grid holds");
 
   if (splits == 1) {
-    launch_forward<T, D>(q, k, v, out.data_ptr<T>(), lse.data_ptr<float>(), splits, p, stream);
+    launch_forward<T, D, kSoftcap, kWindow>(q, k, v, out.data_ptr<T>(), lse.data_ptr<float>(),
+                                            splits, p, window, stream);
   } else {
     const int64_t rows = p.batch * p.q_heads * p.q_len;
     auto part_out = at::empty({splits, rows, D}, q.options().dtype(at::kFloat));
     auto part_lse = at::empty({splits, rows}, q.options().dtype(at::kFloat));
-    launch_forward<T, D>(q, k, v, part_out.data_ptr<float>(), part_lse.data_ptr<float>(),
-                         splits, p, stream);
+    launch_forward<T, D, kSoftcap, kWindow>(q, k, v, part_out.data_ptr<float>(),
+                                            part_lse.data_ptr<float>(), splits, p, window,
+                                            stream);
     launch_kernel(kOp, merge_splits_kernel<T, D>, dim3(rows), dim3(D), 0, stream,
                   part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<T>(),
                   lse.data_ptr<float>(), static_cast<int>(splits), rows);
   }
 
-  const dim3 mass_grid(key_tiles, p.kv_heads, p.batch);
+  // Every key's mass is written, 0 for keys no query sees.
+  const dim3 mass_grid((int64_t(p.length) + G::kKeys - 1) / G::kKeys, p.kv_heads, p.batch);
   const size_t mass_smem = key_mass_smem_bytes<T, D>();
-  auto key_mass = key_mass_kernel<T, D>;
+  auto key_mass = key_mass_kernel<T, D, kSoftcap, kWindow>;
   set_dynamic_smem(kOp, key_mass, mass_smem);
   launch_kernel(kOp, key_mass, mass_grid, G::kThreads, mass_smem, stream, q.data_ptr<T>(),
-                k.data_ptr<T>(), lse.data_ptr<float>(), mass.data_ptr<float>(), p);
+                k.data_ptr<T>(), lse.data_ptr<float>(), mass.data_ptr<float>(), p, window);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  check_attention_with_scores_args(kOp, q, k, v, scale);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double softcap,
+    int64_t window) {
+  check_attention_with_scores_args(kOp, q, k, v, scale, softcap, window);
   check_cuda(kOp, "q", q);
   check_aligned16(kOp, "q", q);
   check_aligned16(kOp, "k", k);
@@ -225,11 +250,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_scores_cuda(
   }
   auto mass = at::empty({batch, k.size(1), k.size(2)}, q.options().dtype(at::kFloat));
 
-  ChunkParams p{qkv_params(kOp, q, k, v, scale)};
+  ChunkParams p{qkv_params(kOp, q, k, v, scale, softcap)};
   p.q_len = q_len;
   CABATTN_DISPATCH_ATTENTION_TYPES(q.scalar_type(), kOp, [&] {
     CABATTN_DISPATCH_HEAD_DIM(kOp, p.head_dim, [&] {
-      launch<scalar_t, kHeadDim>(q, k, v, out, lse, mass, p);
+      CABATTN_BOOL_SWITCH(softcap > 0, kSoftcap, [&] {
+        CABATTN_BOOL_SWITCH(window > 0, kWindow, [&] {
+          launch<scalar_t, kHeadDim, kSoftcap, kWindow>(q, k, v, out, lse, mass, p, window);
+        });
+      });
     });
   });
   return {out, lse, mass};

@@ -9,7 +9,8 @@
 // most kMaxWindow key blocks, so shared memory stops growing with the number of blocks. A row
 // of one window (I < kMaxWindow: L up to 8K at block size 16, 64K at 128) takes one QK^T pass;
 // a longer one takes two: the first folds its windows into lse_r, the second gathers Sblk and
-// Gblk window by window.
+// Gblk window by window. kSoftcap (a static switch) soft-caps the logits first (docs/
+// operators.md, Model features).
 #include "attention_tile.cuh"
 #include "flash_launch.cuh"
 #include "tensor_core.cuh"
@@ -51,7 +52,7 @@ __device__ __forceinline__ void merge_block_stats(float& m, float& s, float m_pa
   m = m_new;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kSoftcap>
 struct BlockScoresCta {
   using G = TileGeometry<T, D, kTC>;
   static_assert(G::kRows == 16 && G::kRows % kWarps == 0, "16-row chunks, 4 rows per warp");
@@ -109,6 +110,7 @@ struct BlockScoresCta {
 
       float s[4][G::kKeysPerThread];
       tile_scores<T, D, kTC>(Qs, Ks, threadIdx.x / kTC, threadIdx.x % kTC, s);
+      if constexpr (kSoftcap) softcap_scores(s, p.softcap_log2);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = threadIdx.x / kTC + G::kTR * i;
@@ -243,7 +245,7 @@ struct BlockScoresCta {
   }
 };
 
-template <typename T, int D>
+template <typename T, int D, bool kSoftcap>
 __global__ void __launch_bounds__(kTileThreads)
 block_scores_kernel(const T* __restrict__ q, const T* __restrict__ k, float* __restrict__ sblk,
                     float* __restrict__ gblk, ScoreParams p) {
@@ -253,16 +255,16 @@ block_scores_kernel(const T* __restrict__ q, const T* __restrict__ k, float* __r
   const int64_t batch = blockIdx.z, head = blockIdx.y, length = p.length;
   const int64_t bh = batch * p.q_heads + head;
   const int64_t kv_bh = batch * p.kv_heads + head / p.q_per_kv;
-  BlockScoresCta<T, D> cta(smem, q + bh * length * D, k + kv_bh * length * D, p, I);
+  BlockScoresCta<T, D, kSoftcap> cta(smem, q + bh * length * D, k + kv_bh * length * D, p, I);
   const int64_t out_row = (bh * p.num_blocks + I) * int64_t(p.num_blocks);
   cta.run(sblk + out_row, gblk + out_row);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kSoftcap>
 void launch(const at::Tensor& q, const at::Tensor& k, at::Tensor& sblk, at::Tensor& gblk,
             const ScoreParams& p) {
   const size_t smem = ScoreLayout<T, D>::bytes(p.window);
-  auto kernel = block_scores_kernel<T, D>;
+  auto kernel = block_scores_kernel<T, D, kSoftcap>;
   set_dynamic_smem(kOp, kernel, smem);
   const dim3 grid(p.num_blocks, p.q_heads, p.batch);
   launch_kernel(kOp, kernel, grid, kTileThreads, smem, at::cuda::getCurrentCUDAStream(),
@@ -271,8 +273,9 @@ void launch(const at::Tensor& q, const at::Tensor& k, at::Tensor& sblk, at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                     int64_t block_size, double scale) {
-  check_block_scores_args(kOp, q, k, block_size, scale);
+                                                     int64_t block_size, double scale,
+                                                     double softcap) {
+  check_block_scores_args(kOp, q, k, block_size, scale, softcap);
   check_cuda(kOp, "q", q);
   check_aligned16(kOp, "q", q);
   check_aligned16(kOp, "k", k);
@@ -284,16 +287,18 @@ std::tuple<at::Tensor, at::Tensor> block_scores_cuda(const at::Tensor& q, const 
   auto gblk = at::empty({q.size(0), q.size(1), blocks, blocks}, options);
   if (sblk.numel() == 0) return {sblk, gblk};
 
-  ScoreParams p{qkv_params(kOp, q, k, at::Tensor(), scale)};
+  ScoreParams p{qkv_params(kOp, q, k, at::Tensor(), scale, softcap)};
   p.block_size = static_cast<int>(block_size);
   p.num_blocks = static_cast<int>(blocks);
   p.window = static_cast<int>(std::min<int64_t>(blocks, kMaxWindow));
   if (uses_tensor_cores(q))  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
-    block_scores_tensor_core(q, k, block_size, scale, sblk, gblk);
+    block_scores_tensor_core(q, k, block_size, scale, softcap, sblk, gblk);
   else  // fp32: the CUDA-core kernels
   AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
     CABATTN_DISPATCH_HEAD_DIM(kOp, p.head_dim, [&] {
-      launch<scalar_t, kHeadDim>(q, k, sblk, gblk, p);
+      CABATTN_BOOL_SWITCH(softcap > 0, kSoftcap, [&] {
+        launch<scalar_t, kHeadDim, kSoftcap>(q, k, sblk, gblk, p);
+      });
     });
   }));
   return {sblk, gblk};

@@ -1,6 +1,7 @@
 // CUDA kernel of cabattn::block_sparse_attention: one thread block per (batch, query head,
 // query tile), the tile inside one query block, walking only the key blocks of that block's
-// CSR row (attention_tile.cuh does the FlashAttention-2 style work).
+// CSR row (attention_tile.cuh does the FlashAttention-2 style work); kSoftcap soft-caps the
+// logits (a static switch, docs/operators.md, Model features).
 #include "attention_tile.cuh"
 #include "flash_launch.cuh"
 #include "tensor_core.cuh"
@@ -35,7 +36,7 @@ check_layout_kernel(const int* __restrict__ block_count, const int* __restrict__
   if (wrong) atomicOr(bad, 1);
 }
 
-template <typename T, int D, int TC>
+template <typename T, int D, int TC, bool kSoftcap>
 __global__ void __launch_bounds__(kTileThreads)
 block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
                               const T* __restrict__ v, const int* __restrict__ block_count,
@@ -59,12 +60,13 @@ block_sparse_attention_kernel(const T* __restrict__ q, const T* __restrict__ k,
   keys.block_size = p.block_size;
   keys.num_blocks = p.num_blocks;
   keys.length = length;
-  flash_forward_tile<T, D, TC>(q + bh * length * D, k + kv_bh * length * D,
-                               v + kv_bh * length * D, out + bh * length * D, lse + bh * length,
-                               row0, length, /*causal_offset=*/0, p.scale_log2, keys, smem);
+  flash_forward_tile<T, D, TC, kSoftcap, /*kWindow=*/false>(
+      q + bh * length * D, k + kv_bh * length * D, v + kv_bh * length * D,
+      out + bh * length * D, lse + bh * length, row0, length, /*causal_offset=*/0,
+      /*window=*/0, p.scale_log2, p.softcap_log2, keys, smem);
 }
 
-template <typename T, int D, int TC>
+template <typename T, int D, int TC, bool kSoftcap>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const at::Tensor& block_count, const at::Tensor& block_index, at::Tensor& out,
             at::Tensor& lse, SparseParams p) {
@@ -72,7 +74,7 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   p.tiles_per_block = p.block_size / G::kRows;
   const dim3 grid(p.num_blocks * p.tiles_per_block, p.q_heads, p.batch);
   const size_t smem = flash_forward_smem_bytes<T, D, TC>();
-  auto kernel = block_sparse_attention_kernel<T, D, TC>;
+  auto kernel = block_sparse_attention_kernel<T, D, TC, kSoftcap>;
   set_dynamic_smem(kOp, kernel, smem);
   launch_kernel(kOp, kernel, grid, G::kThreads, smem, at::cuda::getCurrentCUDAStream(),
                 q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), block_count.data_ptr<int>(),
@@ -81,9 +83,9 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_count,
-    const at::Tensor& block_index, int64_t block_size, double scale) {
-  check_block_sparse_attention_args(kOp, q, k, v, block_count, block_index, block_size,
-                                    scale);
+    const at::Tensor& block_index, int64_t block_size, double scale, double softcap) {
+  check_block_sparse_attention_args(kOp, q, k, v, block_count, block_index, block_size, scale,
+                                    softcap);
   check_cuda(kOp, "q", q);
   check_aligned16(kOp, "q", q);
   check_aligned16(kOp, "k", k);
@@ -108,27 +110,32 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
                 block_index.data_ptr<int>(), rows, static_cast<int>(blocks),
                 static_cast<int>(block_index.size(3)), check.flag());
 
-  SparseParams p{qkv_params(kOp, q, k, v, scale)};
+  SparseParams p{qkv_params(kOp, q, k, v, scale, softcap)};
   p.block_size = static_cast<int>(block_size);
   p.num_blocks = static_cast<int>(blocks);
   p.max_count = static_cast<int>(block_index.size(3));
   p.tiles_per_block = 1;
 
   if (uses_tensor_cores(q))  // fp16/bf16: tensor cores; fp32 stays on the CUDA cores
-    block_sparse_attention_tensor_core(q, k, v, block_count, block_index, block_size, scale, out,
-                                       lse);
+    block_sparse_attention_tensor_core(q, k, v, block_count, block_index, block_size, scale,
+                                       softcap, out, lse);
   else  // fp32: the CUDA-core kernels
   AT_DISPATCH_SWITCH(q.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
     CABATTN_DISPATCH_HEAD_DIM(kOp, p.head_dim, [&] {
-      // The query tile must stay inside one query block: 16 rows for block_size 16, 32 for
-      // 32, 64 otherwise.
-      if (block_size == 16) {
-        launch<scalar_t, kHeadDim, 32>(q, k, v, block_count, block_index, out, lse, p);
-      } else if (block_size == 32) {
-        launch<scalar_t, kHeadDim, 16>(q, k, v, block_count, block_index, out, lse, p);
-      } else {
-        launch<scalar_t, kHeadDim, 8>(q, k, v, block_count, block_index, out, lse, p);
-      }
+      CABATTN_BOOL_SWITCH(softcap > 0, kSoftcap, [&] {
+        // The query tile must stay inside one query block: 16 rows for block_size 16, 32 for
+        // 32, 64 otherwise.
+        if (block_size == 16) {
+          launch<scalar_t, kHeadDim, 32, kSoftcap>(q, k, v, block_count, block_index, out, lse,
+                                                   p);
+        } else if (block_size == 32) {
+          launch<scalar_t, kHeadDim, 16, kSoftcap>(q, k, v, block_count, block_index, out, lse,
+                                                   p);
+        } else {
+          launch<scalar_t, kHeadDim, 8, kSoftcap>(q, k, v, block_count, block_index, out, lse,
+                                                  p);
+        }
+      });
     });
   }));
   check.raise_if_flagged(check_layout_on_host);

@@ -136,7 +136,8 @@ inline void set_dynamic_smem(const char* op, Kernel kernel, size_t bytes) {
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// head_dim 64 and 128 only; `kHeadDim` is the constant.
+// head_dim 64, 128 and 256 (Gemma 3) only; `kHeadDim` is the constant. Other head dims run on
+// the CPU kernels or the reference path (--kernels reference).
 #define CABATTN_DISPATCH_HEAD_DIM(OP, D, ...)                                             \
   [&] {                                                                                   \
     if ((D) == 64) {                                                                      \
@@ -145,9 +146,26 @@ inline void set_dynamic_smem(const char* op, Kernel kernel, size_t bytes) {
     } else if ((D) == 128) {                                                              \
       constexpr int kHeadDim = 128;                                                       \
       return __VA_ARGS__();                                                               \
+    } else if ((D) == 256) {                                                              \
+      constexpr int kHeadDim = 256;                                                       \
+      return __VA_ARGS__();                                                               \
     }                                                                                     \
     TORCH_CHECK(false, OP, ": head_dim ", (D), " is not supported by the CUDA kernel; "   \
-                "supported: 64, 128");                                                    \
+                "supported: 64, 128, 256 (any head dim: the CPU kernels, or the "          \
+                "reference path, --kernels reference)");                                  \
+  }()
+
+// FlashAttention-2's BOOL_SWITCH: CONST_NAME is the compile-time value of COND, so that an
+// instantiation without a feature (its Is_softcap, Is_local: here kSoftcap, kWindow) carries
+// none of that feature's code.
+#define CABATTN_BOOL_SWITCH(COND, CONST_NAME, ...)                                        \
+  [&] {                                                                                   \
+    if (COND) {                                                                           \
+      constexpr bool CONST_NAME = true;                                                   \
+      return __VA_ARGS__();                                                               \
+    }                                                                                     \
+    constexpr bool CONST_NAME = false;                                                    \
+    return __VA_ARGS__();                                                                 \
   }()
 
 template <typename T>

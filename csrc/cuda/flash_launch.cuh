@@ -25,22 +25,27 @@ namespace cuda {
     }                                                                                \
   }()
 
-// fp16 and bf16 (`scalar_t`), head dim 64 and 128 (`kHeadDim`), block size (`kWarps`).
-#define CABATTN_TENSOR_CORE_SWITCH(OP, TYPE, HEAD_DIM, BLOCK_SIZE, ...)                 \
+// fp16 and bf16 (`scalar_t`), head dim 64, 128 and 256 (`kHeadDim`), block size (`kWarps`),
+// soft-capping or not (`kSoftcap`).
+#define CABATTN_TENSOR_CORE_SWITCH(OP, TYPE, HEAD_DIM, BLOCK_SIZE, SOFTCAP, ...)          \
   AT_DISPATCH_SWITCH(TYPE, OP, AT_DISPATCH_CASE(at::kHalf, [&] {                        \
     CABATTN_DISPATCH_HEAD_DIM(OP, HEAD_DIM, [&] {                                       \
-      CABATTN_BLOCK_SIZE_SWITCH(OP, BLOCK_SIZE, __VA_ARGS__);                           \
+      CABATTN_BLOCK_SIZE_SWITCH(OP, BLOCK_SIZE, [&] {                                   \
+        CABATTN_BOOL_SWITCH((SOFTCAP) > 0, kSoftcap, __VA_ARGS__);                      \
+      });                                                                               \
     });                                                                                 \
   }) AT_DISPATCH_CASE(at::kBFloat16, [&] {                                              \
     CABATTN_DISPATCH_HEAD_DIM(OP, HEAD_DIM, [&] {                                       \
-      CABATTN_BLOCK_SIZE_SWITCH(OP, BLOCK_SIZE, __VA_ARGS__);                           \
+      CABATTN_BLOCK_SIZE_SWITCH(OP, BLOCK_SIZE, [&] {                                   \
+        CABATTN_BOOL_SWITCH((SOFTCAP) > 0, kSoftcap, __VA_ARGS__);                      \
+      });                                                                               \
     });                                                                                 \
   }))
 
-// Strides, shape and scale of checked q [B, Hq, Lq, d] and k, v [B, Hkv, L, d] (v may be
-// undefined): the QkvParams of every attention kernel.
+// Strides, shape, scale and soft-cap of checked q [B, Hq, Lq, d] and k, v [B, Hkv, L, d] (v
+// may be undefined): the QkvParams of every attention kernel.
 inline QkvParams qkv_params(const char* op, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, double scale) {
+                            const at::Tensor& v, double scale, double softcap) {
   TORCH_CHECK(k.size(2) <= std::numeric_limits<int>::max(), op, ": length ", k.size(2),
               " is more than the CUDA kernels' ", std::numeric_limits<int>::max(), " tokens");
   QkvParams p{};
@@ -56,15 +61,17 @@ inline QkvParams qkv_params(const char* op, const at::Tensor& q, const at::Tenso
   p.length = static_cast<int>(k.size(2));
   p.head_dim = static_cast<int>(q.size(3));
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.softcap_log2 = static_cast<float>(softcap) * kLog2e;
   return p;
 }
 
 // The tensor-core kernels' params: qkv_params, the pointers of q, k, v and the block size.
 inline FlashFwdParams flash_params(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                   const at::Tensor& v, int64_t block_size, double scale) {
+                                   const at::Tensor& v, int64_t block_size, double scale,
+                                   double softcap) {
   TORCH_CHECK(q.size(2) < (int64_t(1) << 30), op, ": length ", q.size(2),
               " is too long for the tensor-core kernel; at most 2^30 tokens");
-  FlashFwdParams p{qkv_params(op, q, k, v, scale)};
+  FlashFwdParams p{qkv_params(op, q, k, v, scale, softcap)};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   if (v.defined()) p.v = v.data_ptr();

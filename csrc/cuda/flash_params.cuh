@@ -3,9 +3,11 @@
 // which the per-kernel structs extend (FlashFwdParams here for the tensor-core kernels of
 // flash_tc.cuh; ScoreParams, SparseParams and ChunkParams in the CUDA-core kernels' sources).
 // Plain values and raw pointers, filled by the host launcher (qkv_params, flash_launch.cuh),
-// passed by value. No ATen here, so the emulated build includes it as it is.
+// passed by value; and SoftcapLog2, the device side of QkvParams::softcap_log2. No ATen here, so
+// the emulated build includes it as it is (after the emulation header).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace cabattn {
@@ -25,6 +27,20 @@ struct QkvParams {
   int length;
   int head_dim;
   float scale_log2;  // softmax scale * log2(e): scores live in log2 units
+  // The logit soft-cap (docs/operators.md, Model features) in those units, softcap * log2(e):
+  // a score x becomes softcap_log2 * tanh(x / softcap_log2). 0: none; the kernels then run
+  // their instantiation without it (CABATTN_BOOL_SWITCH, cuda_common.cuh).
+  float softcap_log2;
+};
+
+// The logit soft-cap on scores in log2 units (docs/operators.md, Model features):
+// x -> cap * tanh(x / cap) with cap = QkvParams::softcap_log2. tanhf (2 ulp), not
+// tanh.approx.f32, whose 2^-11 relative error would exceed the float32 correctness bar.
+struct SoftcapLog2 {
+  float cap, inverse;
+  __device__ __forceinline__ explicit SoftcapLog2(float cap_log2)
+      : cap(cap_log2), inverse(1.f / cap_log2) {}
+  __device__ __forceinline__ float operator()(float x) const { return cap * tanhf(x * inverse); }
 };
 
 struct FlashFwdParams : QkvParams {

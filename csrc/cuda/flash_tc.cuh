@@ -12,7 +12,9 @@
 //   - P is rounded to T pairs in registers and is directly the A operand of O += P V, whose V
 //     fragments come from ldmatrix.x4.trans (no shared-memory round trip for P);
 //   - only tiles that may hold a key past a row (the diagonal block, a partial tile, an
-//     out-of-range index) are masked; interior tiles skip the per-element test.
+//     out-of-range index) are masked; interior tiles skip the per-element test;
+//   - kSoftcap (a static switch, as FlashAttention-2's Is_softcap) soft-caps the scores before
+//     the mask (docs/operators.md, Model features); without it the kernel has none of that code.
 // Shared-memory rows are swizzled (16-byte chunk c of row r lives at chunk c ^ (r % 8)), so the
 // 8 row addresses of an ldmatrix phase hit 8 different bank groups.
 //
@@ -30,6 +32,8 @@ namespace cabattn {
 namespace cuda {
 
 // Kernel traits: element type, head dim and warps (= block_size / 16) fix everything else.
+// Head dim 256 (Gemma 3) takes tiles of 32 keys in every shape: double-buffered K and V then
+// need 96 KiB (4 warps; 128 KiB for 8), so two 4-warp blocks share an SM as at 64 and 128.
 template <typename T, int kHeadDim_, int kWarps_>
 struct FlashTcTraits {
   using Element = T;
@@ -41,8 +45,8 @@ struct FlashTcTraits {
   static constexpr int kMinBlocksPerSm = 8 / kWarps;
   static constexpr int kBlockM = 16 * kWarps;  // query rows = the query block
   // Keys per tile: 64, or 32 for the 1- and 2-warp blocks, which have fewer threads to load
-  // and share a tile among fewer warps.
-  static constexpr int kBlockN = kWarps >= 4 ? 64 : 32;
+  // and share a tile among fewer warps, and at head dim 256 (shared memory, above).
+  static constexpr int kBlockN = kWarps >= 4 && kHeadDim <= 128 ? 64 : 32;
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks of a row
   static constexpr int kKSteps = kHeadDim / 16;  // k-slices of Q K^T
   static constexpr int kSTiles = kBlockN / 8;    // n-tiles of S per warp
@@ -58,7 +62,7 @@ struct FlashTcTraits {
   static constexpr int kSlots = kBlockN / kSlotKeys;
   static constexpr size_t kScoresSmemBytes =
       size_t(kQElems + kStages * kTileElems) * sizeof(T) + size_t(kWarps) * kSlots * 2 * sizeof(float);
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "head dim 64, 128, 256");
   static_assert(kChunks >= 8, "the swizzle permutes 8 chunks");
   static_assert(kThreads % kChunks == 0 && (kBlockN * kChunks) % kThreads == 0,
                 "whole rows per loader pass");
@@ -89,6 +93,18 @@ __device__ __forceinline__ float updated_row_max(const float (&s)[kSTiles][4], i
 #pragma unroll
   for (int j = 0; j < kSTiles; ++j) row_max = fmaxf(row_max, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
   return fmaxf(m, quad_max(row_max) * scale_log2);
+}
+
+// The logit soft-cap on a warp's raw scores s = q . k: each becomes cap * tanh(s * scale_log2 /
+// cap) (SoftcapLog2), already in log2 units, so the caller scales by 1, not scale_log2, after.
+template <int kSTiles>
+__device__ __forceinline__ void softcap_scores(float (&s)[kSTiles][4], float scale_log2,
+                                               float softcap_log2) {
+  const SoftcapLog2 softcap(softcap_log2);
+#pragma unroll
+  for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = softcap(s[j][e] * scale_log2);
 }
 
 // The keys of one query block's CSR row: position pos (0 .. positions - 1) of the walk is key
@@ -144,22 +160,52 @@ struct LdmatrixLane {
   __device__ __forceinline__ LdmatrixLane() : row(threadIdx.x % 8), matrix(threadIdx.x % 32 / 8) {}
 };
 
-// The A fragments of this warp's 16 query rows of the swizzled Q tile, all k-slices.
+// The A operand of Q K^T: the m16n8k16 fragments of this warp's 16 query rows of the swizzled
+// Q tile, one per k-slice. Up to head dim 128 they stay in registers for the whole walk (loaded
+// once, 64 registers at 128); at 256 they would take 128 registers beside O's 128 accumulators
+// and ptxas spills, so each k-slice is read again from the Q tile where it is used (as
+// FlashAttention-2 reads Q from shared memory).
 template <typename Traits>
-__device__ __forceinline__ void load_q_fragments(uint32_t (&q_frag)[Traits::kKSteps][4],
-                                                 const typename Traits::Element* Qs, int warp) {
-  const LdmatrixLane ld;
+struct QFragments {
+  static constexpr bool kInRegisters = Traits::kHeadDim <= 128;
+  const typename Traits::Element* Qs;
+  int warp;
+  uint32_t frag[kInRegisters ? Traits::kKSteps : 1][4];
+
+  __device__ __forceinline__ QFragments(const typename Traits::Element* Qs, int warp)
+      : Qs(Qs), warp(warp) {}
+
+  // Once the Q tile has landed in shared memory.
+  __device__ __forceinline__ void load() {
+    if constexpr (kInRegisters) {
 #pragma unroll
-  for (int ks = 0; ks < Traits::kKSteps; ++ks)
-    ptx::ldmatrix_x4(q_frag[ks], Qs + swizzled<Traits::kHeadDim>(16 * warp + ld.row + 8 * (ld.matrix % 2),
-                                                                 2 * ks + ld.matrix / 2));
-}
+      for (int ks = 0; ks < Traits::kKSteps; ++ks) load_slice(frag[ks], ks);
+    }
+  }
+
+  // The fragment of k-slice ks (a compile-time index in the unrolled loops that call it).
+  __device__ __forceinline__ const uint32_t (&slice(int ks))[4] {
+    if constexpr (kInRegisters) {
+      return frag[ks];
+    } else {
+      load_slice(frag[0], ks);
+      return frag[0];
+    }
+  }
+
+ private:
+  __device__ __forceinline__ void load_slice(uint32_t (&f)[4], int ks) const {
+    const LdmatrixLane ld;
+    ptx::ldmatrix_x4(f, Qs + swizzled<Traits::kHeadDim>(16 * warp + ld.row + 8 * (ld.matrix % 2),
+                                                        2 * ks + ld.matrix / 2));
+  }
+};
 
 // s = Q K^T for this warp's 16 rows and the kBlockN keys of the swizzled K tile Kt:
 // s[j] is the m16n8 accumulator of keys 8j .. 8j+7.
 template <typename Traits>
 __device__ __forceinline__ void warp_scores(float (&s)[Traits::kSTiles][4],
-                                            const uint32_t (&q_frag)[Traits::kKSteps][4],
+                                            QFragments<Traits>& q_frag,
                                             const typename Traits::Element* Kt) {
   const LdmatrixLane ld;
 #pragma unroll
@@ -167,16 +213,18 @@ __device__ __forceinline__ void warp_scores(float (&s)[Traits::kSTiles][4],
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
 #pragma unroll
-  for (int ks = 0; ks < Traits::kKSteps; ++ks)
+  for (int ks = 0; ks < Traits::kKSteps; ++ks) {
+    const uint32_t(&a)[4] = q_frag.slice(ks);
 #pragma unroll
     for (int np = 0; np < Traits::kSTiles / 2; ++np) {
       uint32_t kb[4];
       ptx::ldmatrix_x4(kb, Kt + swizzled<Traits::kHeadDim>(16 * np + ld.row + 8 * (ld.matrix / 2),
                                                            2 * ks + ld.matrix % 2));
       const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-      ptx::mma_m16n8k16<typename Traits::Element>(s[2 * np], q_frag[ks], b0);
-      ptx::mma_m16n8k16<typename Traits::Element>(s[2 * np + 1], q_frag[ks], b1);
+      ptx::mma_m16n8k16<typename Traits::Element>(s[2 * np], a, b0);
+      ptx::mma_m16n8k16<typename Traits::Element>(s[2 * np + 1], a, b1);
     }
+  }
 }
 
 // -inf where key_at(column) is absent (< 0) or after the row: columns 8j + 2quad + e of rows
@@ -199,7 +247,7 @@ __device__ __forceinline__ void mask_scores(float (&s)[Traits::kSTiles][4], int 
 // `extern __shared__ ... smem[]` names the translation unit's emulated buffer.
 namespace {
 
-template <typename Traits>
+template <typename Traits, bool kSoftcap>
 __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
 block_sparse_attention_tc_kernel(const FlashFwdParams p) {
   using T = typename Traits::Element;
@@ -247,7 +295,7 @@ block_sparse_attention_tc_kernel(const FlashFwdParams p) {
   // This thread's rows of the query block (group and group + 8 of its warp's 16).
   const int row_lo = row0 + 16 * warp + group, row_hi = row_lo + 8;
   const int warp_last_row = row0 + 16 * warp + 15;
-  uint32_t q_frag[Traits::kKSteps][4];
+  QFragments<Traits> q_frag(Qs, warp);
   float o[Traits::kOTiles][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this thread's partial sums
 #pragma unroll
@@ -256,13 +304,15 @@ block_sparse_attention_tc_kernel(const FlashFwdParams p) {
     for (int e = 0; e < 4; ++e) o[t][e] = 0.f;
 
   const LdmatrixLane ld;
+  // The factor that takes a score to log2 units: scale_log2, or 1 once soft-capped.
+  const float score_scale = kSoftcap ? 1.f : p.scale_log2;
 
   for (int tile = 0; tile < tiles; ++tile) {
     if (tile + 1 < tiles) load_kv(tile + 1);
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // everything but the tile just issued has landed
     __syncthreads();
-    if (tile == 0) load_q_fragments<Traits>(q_frag, Qs, warp);
+    if (tile == 0) q_frag.load();
     const int pos0 = tile * kBlockN;
     const bool masked = !keys.interior(pos0, kBlockN);
     // A warp whose rows all precede the tile's first key has nothing to add (keys ascend).
@@ -272,13 +322,14 @@ block_sparse_attention_tc_kernel(const FlashFwdParams p) {
       const T* Vt = Vs + (tile % Traits::kStages) * Traits::kTileElems;
       float s[Traits::kSTiles][4];
       warp_scores<Traits>(s, q_frag, Kt);
+      if constexpr (kSoftcap) softcap_scores(s, p.scale_log2, p.softcap_log2);
       if (masked)
         mask_scores<Traits>(s, row_lo, row_hi, [&](int c) { return keys.key(pos0 + c); });
 
       // Online softmax, rows lo (h = 0: s[.][0..1]) and hi (h = 1: s[.][2..3]).
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float m_new = updated_row_max(s, h, m[h], p.scale_log2);
+        const float m_new = updated_row_max(s, h, m[h], score_scale);
         // A row that has seen no key keeps m = -inf; subtract 0 then so no inf - inf occurs.
         const float m_ref = m_new == -INFINITY ? 0.f : m_new;
         const float alpha = exp2f(m[h] - m_ref);
@@ -288,7 +339,7 @@ block_sparse_attention_tc_kernel(const FlashFwdParams p) {
         for (int j = 0; j < Traits::kSTiles; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pr = exp2f(fmaf(s[j][2 * h + e], p.scale_log2, -m_ref));
+            const float pr = exp2f(fmaf(s[j][2 * h + e], score_scale, -m_ref));
             s[j][2 * h + e] = pr;
             row_sum += pr;
           }
@@ -345,7 +396,7 @@ block_sparse_attention_tc_kernel(const FlashFwdParams p) {
 // second recomputes the scores and sums (Sblk[I, J]) and maxes (Gblk[I, J]) the probabilities
 // p = exp2(s - lse) over the rows and the keys of each key block J. Two walks keep the state
 // per row, never per (row, key block), so shared memory does not grow with the length.
-template <typename Traits>
+template <typename Traits, bool kSoftcap>
 __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
 block_scores_tc_kernel(const FlashFwdParams p) {
   using T = typename Traits::Element;
@@ -386,16 +437,18 @@ block_scores_tc_kernel(const FlashFwdParams p) {
 
   const int row_lo = row0 + 16 * warp + lane / 4, row_hi = row_lo + 8;
   const int warp_last_row = row0 + 16 * warp + 15;
-  uint32_t q_frag[Traits::kKSteps][4];
+  QFragments<Traits> q_frag(Qs, warp);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, lse2[2];
   float slot_sum = 0.f, slot_max = 0.f;  // thread `slot`'s running totals of its key block
+  // The factor that takes a score to log2 units: scale_log2, or 1 once soft-capped.
+  const float score_scale = kSoftcap ? 1.f : p.scale_log2;
 
   for (int step = 0; step < 2 * tiles; ++step) {
     if (step + 1 < 2 * tiles) load_k(step + 1);
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();
     __syncthreads();
-    if (step == 0) load_q_fragments<Traits>(q_frag, Qs, warp);
+    if (step == 0) q_frag.load();
     const bool first_walk = step < tiles;
     if (step == tiles) {  // every row's lse, log2 units; +inf past the end makes p = 0 there
 #pragma unroll
@@ -413,19 +466,20 @@ block_scores_tc_kernel(const FlashFwdParams p) {
     if (!(masked && key0 > warp_last_row)) {
       float s[Traits::kSTiles][4];
       warp_scores<Traits>(s, q_frag, Ks + step % Traits::kStages * Traits::kTileElems);
+      if constexpr (kSoftcap) softcap_scores(s, p.scale_log2, p.softcap_log2);
       if (masked)
         mask_scores<Traits>(s, row_lo, row_hi,
                             [&](int c) { return key0 + c < keys_end ? key0 + c : -1; });
       if (first_walk) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float m_new = updated_row_max(s, h, m[h], p.scale_log2);
+          const float m_new = updated_row_max(s, h, m[h], score_scale);
           const float m_ref = m_new == -INFINITY ? 0.f : m_new;
           float row_sum = 0.f;
 #pragma unroll
           for (int j = 0; j < Traits::kSTiles; ++j)
-            row_sum += exp2f(fmaf(s[j][2 * h], p.scale_log2, -m_ref)) +
-                       exp2f(fmaf(s[j][2 * h + 1], p.scale_log2, -m_ref));
+            row_sum += exp2f(fmaf(s[j][2 * h], score_scale, -m_ref)) +
+                       exp2f(fmaf(s[j][2 * h + 1], score_scale, -m_ref));
           l[h] = l[h] * exp2f(m[h] - m_ref) + row_sum;
           m[h] = m_new;
         }
@@ -434,7 +488,7 @@ block_scores_tc_kernel(const FlashFwdParams p) {
         for (int j = 0; j < Traits::kSTiles; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float prob = exp2f(fmaf(s[j][e], p.scale_log2, -lse2[e / 2]));
+            const float prob = exp2f(fmaf(s[j][e], score_scale, -lse2[e / 2]));
             part_sum[8 * j / kSlotKeys] += prob;
             part_max[8 * j / kSlotKeys] = fmaxf(part_max[8 * j / kSlotKeys], prob);
           }

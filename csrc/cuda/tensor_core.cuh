@@ -12,16 +12,19 @@ inline bool uses_tensor_cores(const at::Tensor& t) {
 }
 
 // block_sparse_attention for checked, contiguous, 16-byte-aligned CUDA q, k, v (fp16/bf16,
-// head dim 64/128) and layout; writes out and lse.
+// head dim 64/128/256) and layout, softcap 0 (none) or > 0; writes out and lse.
 void block_sparse_attention_tensor_core(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& v, const at::Tensor& block_count,
                                         const at::Tensor& block_index, int64_t block_size,
-                                        double scale, at::Tensor& out, at::Tensor& lse);
+                                        double scale, double softcap, at::Tensor& out,
+                                        at::Tensor& lse);
 
 // block_scores for checked, contiguous, 16-byte-aligned CUDA q, k (fp16/bf16, head dim
-// 64/128); writes Sblk (block_sum) and Gblk (block_max), [batch, q_heads, blocks, blocks].
+// 64/128/256), softcap 0 (none) or > 0; writes Sblk (block_sum) and Gblk (block_max),
+// [batch, q_heads, blocks, blocks].
 void block_scores_tensor_core(const at::Tensor& q, const at::Tensor& k, int64_t block_size,
-                              double scale, at::Tensor& block_sum, at::Tensor& block_max);
+                              double scale, double softcap, at::Tensor& block_sum,
+                              at::Tensor& block_max);
 
 }  // namespace cuda
 }  // namespace cabattn

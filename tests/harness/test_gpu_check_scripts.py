@@ -47,7 +47,7 @@ def test_the_gpu_check_script_parses():
 
 def test_the_self_check_needs_only_torch_and_transformers(tmp_path):
     out = _run("cabattn.selfcheck", "--device", "cpu", "--force", "--cache-dir", str(tmp_path))
-    assert "PASSED, 31 checks" in out, out
+    assert "PASSED, 39 checks" in out, out
 
 
 def test_both_paths_agree_at_the_tiny_shape_with_only_torch_and_transformers():

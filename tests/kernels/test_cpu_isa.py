@@ -41,24 +41,26 @@ def run_worker(isa, *args, check=True):
     return done
 
 
-def attention_case(dtype, ratio, length, block_size, dim, keep, seed):
+# softcap (0: none) and window (0: none) are the operators' last arguments (docs/operators.md,
+# Model features): the soft-cap runs the path's vector tanh, the window its row ranges.
+def attention_case(dtype, ratio, length, block_size, dim, keep, seed, softcap=0.0):
     q, k, v = qkv(1, 2 * ratio, 2, length, dim, dtype=dtype,
                   generator=torch.Generator().manual_seed(seed))
     count, index = random_layout(1, 2 * ratio, reference.num_blocks(length, block_size), keep,
                                  seed=seed)
-    return "block_sparse_attention", (q, k, v, count, index, block_size, dim ** -0.5)
+    return "block_sparse_attention", (q, k, v, count, index, block_size, dim ** -0.5, softcap)
 
 
-def scores_case(dtype, ratio, lq, lk, dim, seed):
+def scores_case(dtype, ratio, lq, lk, dim, seed, softcap=0.0, window=0):
     q, k, v = qkv(1, 2 * ratio, 2, lq, dim, dtype=dtype, k_length=lk,
                   generator=torch.Generator().manual_seed(seed))
-    return "attention_with_scores", (q, k, v, dim ** -0.5)
+    return "attention_with_scores", (q, k, v, dim ** -0.5, softcap, window)
 
 
-def block_scores_case(dtype, ratio, length, block_size, dim, seed):
+def block_scores_case(dtype, ratio, length, block_size, dim, seed, softcap=0.0):
     q, k, _ = qkv(1, 2 * ratio, 2, length, dim, dtype=dtype,
                   generator=torch.Generator().manual_seed(seed))
-    return "block_scores", (q, k, block_size, dim ** -0.5)
+    return "block_scores", (q, k, block_size, dim ** -0.5, softcap)
 
 
 # Every remainder of the tile heights (rows mod 6: 1 to 5; mod 3: 1, 2) and of the key-panel
@@ -80,6 +82,17 @@ CASES = [
     block_scores_case(torch.float32, 1, 1097, 64, 40, 12),  # 2 key chunks, a last tile of 73
     block_scores_case(torch.bfloat16, 1, 199, 128, 32, 13),  # 128 and 71
     block_scores_case(torch.float64, 3, 100, 32, 64, 14),
+    # Soft-capped logits (every remainder of a vector: 197 keys, head dims 40 and 256) and
+    # sliding windows: a decode step, a chunk whose window starts inside a key panel and spans
+    # two key chunks, a whole window (Lq = Lk), float64's plain loops.
+    attention_case(torch.float32, 3, 197, 16, 64, 5, 15, softcap=1.5),
+    attention_case(torch.bfloat16, 4, 150, 32, 256, 3, 16, softcap=0.7),
+    scores_case(torch.float32, 3, 1, 300, 64, 17, softcap=2.0, window=70),
+    scores_case(torch.float32, 3, 100, 700, 40, 18, window=419),
+    scores_case(torch.float16, 4, 90, 90, 256, 19, softcap=1.0, window=33),
+    scores_case(torch.float64, 3, 20, 50, 64, 20, softcap=0.5, window=7),
+    block_scores_case(torch.float32, 3, 197, 16, 64, 21, softcap=1.5),
+    block_scores_case(torch.float64, 1, 100, 32, 40, 22, softcap=0.5),
 ]
 NAMES = {"block_sparse_attention": ["out", "lse"], "attention_with_scores": ["out", "lse", "mass"],
          "block_scores": ["sblk", "gblk"]}

@@ -6,8 +6,8 @@ poisoned before every call so an unwritten element shows as NaN.
 """
 import pytest
 import torch
-from helpers import (assert_within_reference_error, dtypes_for, poison_uninitialized,  # noqa: F401
-                     qkv, random_layout, reference_dtype)
+from helpers import (assert_outputs_match_reference, assert_within_reference_error,
+                     dtypes_for, poison_uninitialized, qkv, random_layout)  # noqa: F401
 
 from cabattn import ops, reference
 from emulation import emulated, runs_cuda_kernels, xfail_if_emulated
@@ -26,19 +26,7 @@ ULPS = {"mass": 8}
 
 
 def assert_matches_reference(got, call, inputs, device, names):
-    """Each output of the kernel `got` against `call(*inputs)` in float64 and at the kernel's
-    precision (one reference per output dtype)."""
-    runs = {}
-
-    def run(precision):
-        if precision not in runs:
-            runs[precision] = call(*(t.to(precision) if t.is_floating_point() else t
-                                     for t in inputs))
-        return runs[precision]
-
-    for i, (out, want, name) in enumerate(zip(got, run(torch.float64), names)):
-        same = run(reference_dtype(inputs[0].dtype, out.dtype, device))[i].to(out.dtype)
-        assert_within_reference_error(out, want, same, name, ULPS.get(name))
+    assert_outputs_match_reference(got, call, inputs, device, names, ULPS)
 
 
 @pytest.mark.parametrize("ratio", [1, 3, 4])

@@ -1,5 +1,6 @@
 """Structural checks of the tensor-core kernels without a GPU (docs/operators.md): every
-fp16/bf16 instantiation in csrc/cuda/*_tc.cu, compiled for sm_90 as setup.py compiles it,
+fp16/bf16 instantiation in csrc/cuda/*_tc.cu (head dims 64, 128, 256, with and without the logit
+soft-cap), compiled for sm_90 as setup.py compiles it,
 runs its matrix products on the tensor cores (HMMA in the SASS, fed by ldmatrix and cp.async)
 and keeps everything in registers (ptxas: no spill stores or loads, no stack frame, no local
 memory instructions). bench/sass_report.py prints the same data with occupancy."""
@@ -16,9 +17,9 @@ spec = importlib.util.spec_from_file_location("sass_report",
 sass_report = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sass_report)
 
-# (dtype, head dim, warps) the launcher's static switches instantiate for each source.
-EXPECTED = {f"{dtype}-{d}-{w}" for dtype in ("fp16", "bf16") for d in (64, 128)
-            for w in (1, 2, 4, 8)}
+# (dtype, head dim, warps, softcap) the launcher's static switches instantiate for each source.
+EXPECTED = {f"{dtype}-{d}-{w}-{softcap}" for dtype in ("fp16", "bf16") for d in (64, 128, 256)
+            for w in (1, 2, 4, 8) for softcap in (False, True)}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,8 @@ def test_tensor_core_kernels_use_hmma_and_never_spill(kernels, source):
             found["-".join(map(str, traits))] = (kernel, usage)
     assert set(found) == EXPECTED, f"instantiations: {sorted(found)}"
     for name, (kernel, u) in found.items():
-        dtype, head_dim, warps = sass_report.traits_of(kernel)
-        keys = 64 if warps >= 4 else 32
+        dtype, head_dim, warps, softcap = sass_report.traits_of(kernel)
+        keys = sass_report.keys_per_tile(head_dim, warps)
         per_tile = PRODUCTS_PER_TILE[source] * (head_dim // 16) * (keys // 8)
         assert u["HMMA"] >= per_tile and u["HMMA"] % per_tile == 0, (name, u)
         assert u["LDSM"] > 0 and u["LDGSTS"] > 0, (name, u)

@@ -18,7 +18,7 @@ def test_the_emulated_cuda_kernels_pass_every_check():
     verdict = selfcheck.run_checks("emu")
     assert verdict.passed, verdict.failures
     checks = selfcheck.operator_checks() + selfcheck.model_checks()
-    assert verdict.checks == len(checks) == 31
+    assert verdict.checks == len(checks) == 39
     assert {c.operator for c in checks} == {
         "coarsen", "block_scores", "frc_scores", "select_blocks", "block_sparse_attention",
         "attention_with_scores", "kv_compact_", "model"}
@@ -57,7 +57,8 @@ def test_a_broken_operator_is_caught_and_named(monkeypatch, tmp_path):
                                "kernels emulated on the CPU")
     assert ("  block_sparse_attention q 2x4x200x64 k/v 2x4x200x64 block 16 one-block layout "
             "float32: out: largest error 1.000e-03 >") in message
-    assert sum(line.startswith("  block_sparse_attention") for line in lines) == 2
+    assert (sum(line.startswith("  block_sparse_attention") for line in lines)
+            == len(attention_checks) == 3)  # every float32 call, each named
     assert "--kernels reference" in message and 'kernels="reference"' in message
     # The failed verdict is cached too: asked again, it fails at once without running.
     monkeypatch.setattr(selfcheck, "run_checks", None)
