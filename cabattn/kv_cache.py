@@ -264,12 +264,13 @@ class EvictingLayer(CacheLayerMixin):
 
     def state(self, budget: int, scale: float, layer_idx: int, window_idx: int,
               seed: int, keys: Optional[torch.Tensor] = None,
-              recent_query_window: Optional[int] = None) -> KVState:
+              recent_query_window: Optional[int] = None, softcap: float = 0.0) -> KVState:
         """What a kv rule reads: views of the live entries, no copies (block_queries is None
         unless note_queries ran; mean-pooled ones are divided out here). `keys`: the live keys
         as attended when the buffer holds them un-rotated (positions="cache").
         recent_query_window: the rule's own window, when the layer keeps more recent queries
-        (a dense prefill captured for several methods): the newest that many."""
+        (a dense prefill captured for several methods): the newest that many. softcap: the
+        layer's logit soft-cap, for rules that compute its softmax (KVState.logits)."""
         block_queries = None
         if self.block_query_buffer is not None:
             block_queries = self.block_query_buffer[:, :, :self.blocks_seen]
@@ -285,7 +286,8 @@ class EvictingLayer(CacheLayerMixin):
                        mass=self.mass, block_queries=block_queries,
                        budget=budget, block_size=self.block_size, scale=scale,
                        layer_idx=layer_idx, window_idx=window_idx, seed=seed,
-                       recent_queries=recent_queries, lengths=self.length_tensor)
+                       recent_queries=recent_queries, lengths=self.length_tensor,
+                       softcap=softcap)
 
     def compact(self, keep: torch.Tensor) -> None:
         """Keeps entries keep [B, Hkv, n'] (sorted, unique, int64) of every head, in place."""

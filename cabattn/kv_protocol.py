@@ -56,7 +56,8 @@ from .checks import Option, positive_int
 from .grid import resolve_block_size
 from .kv_cache import KVEvictionCache
 from .methods import KVPages, Method, RaggedKeep
-from .protocol import CONTEXT_KWARG, Protocol, cache_keyword, check_max_new_tokens
+from .protocol import (CONTEXT_KWARG, Protocol, cache_keyword, check_max_new_tokens,
+                       layer_attention)
 from .reference import default_scale
 from .stats import ProtocolStats
 
@@ -125,16 +126,21 @@ class _WindowStream:
             if not ragged:  # a ragged cache's queries sit at their own heads' indices
                 query = self.rotate(query, cos[:, n - chunk:n], sin[:, n - chunk:n])
             key = self.rotate(key, cos[:, :n], sin[:, :n])
-        if protocol.method.kv_mode == "select":
-            return self.attend_selected(layer_idx, query, key, value, scale)
+        features = protocol.layers[layer_idx]
+        # a sliding-window layer attends within its window and keeps it (never ragged, never
+        # selecting pages): docs/protocols.md, models beyond Llama
+        if protocol.method.kv_mode == "select" and not features.window:
+            return self.attend_selected(layer_idx, query, key, value, scale, features.softcap)
         with timing("attention", query.device):
             if ragged:
-                out, mass, query = self.attend_ragged(layer_idx, query, key, value, scale)
+                out, mass, query = self.attend_ragged(layer_idx, query, key, value, scale,
+                                                      features.softcap)
             else:
                 # A full buffer view is contiguous; a partial one (prefill, last chunk) is
                 # copied.
                 out, _, mass = ops.attention_with_scores(query.contiguous(), key.contiguous(),
-                                                         value.contiguous(), scale)
+                                                         value.contiguous(), scale,
+                                                         features.softcap, features.window)
         with timing("selection", query.device):
             layer.add_mass(mass)
             if layer.block_query_pooling is not None:
@@ -144,8 +150,7 @@ class _WindowStream:
             if layer.recent_query_window is not None:
                 layer.note_recent_queries(query)
             if not ragged:
-                chunk, length = query.shape[2], layer.length
-                self.kept_pairs[layer_idx] += chunk * (length - chunk) + chunk * (chunk + 1) // 2
+                self.kept_pairs[layer_idx] += features.pairs(query.shape[2], layer.length)
             if self.evicting:
                 self.evict(layer_idx, key, scale)
         return out.transpose(1, 2), None
@@ -155,11 +160,17 @@ class _WindowStream:
         it holds more (keys: the live keys as attended), then counts what the cache holds."""
         protocol, layer = self.protocol, self.cache.layers[layer_idx]
         budget = protocol.layer_budgets[layer_idx]
-        if layer.over_budget(budget):
+        features = protocol.layers[layer_idx]
+        if layer.over_budget(budget) and features.window:  # the model's window, no rule
+            n = layer.length
+            newest = torch.arange(n - budget, n, device=keys.device)
+            layer.compact(newest.expand(*layer.positions.shape[:2], -1).contiguous())
+        elif layer.over_budget(budget):
             ragged = layer.head_lengths is not None
             keep = protocol.method.kv_keep(layer.state(
                 budget, scale, layer_idx, self.window_idx, protocol.seed, keys=keys,
-                recent_query_window=protocol.method.recent_query_window))
+                recent_query_window=protocol.method.recent_query_window,
+                softcap=features.softcap))
             if protocol.method.block_query_pooling == "max_l2" and not ragged:
                 # its rule pools the cached key blocks by max_l2 too (as in the mask
                 # protocol): their tie diagnostics, at every eviction
@@ -183,7 +194,7 @@ class _WindowStream:
             protocol.stats.add_cached_age(((newest - positions) * live).sum(),
                                           sum(map(sum, layer.head_lengths)))
 
-    def attend_ragged(self, layer_idx: int, query, key, value, scale: float):
+    def attend_ragged(self, layer_idx: int, query, key, value, scale: float, softcap: float):
         """The chunk's attention when the KV heads hold different numbers of entries: per
         batch row, one ops.attention_with_scores call per run of neighbouring KV heads of equal
         length, over their live entries (the chunk last). Returns (out [B, Hq, c, d], mass
@@ -214,7 +225,7 @@ class _WindowStream:
                     attended[row:row + 1, heads] = q
                 o, _, m = ops.attention_with_scores(
                     q.contiguous(), key[row:row + 1, first:last, :n].contiguous(),
-                    value[row:row + 1, first:last, :n].contiguous(), scale)
+                    value[row:row + 1, first:last, :n].contiguous(), scale, softcap)
                 out[row:row + 1, heads] = o
                 mass[row:row + 1, first:last, :n] = m
                 for g in range(first, last):
@@ -222,7 +233,8 @@ class _WindowStream:
                 first = last
         return out, mass, attended
 
-    def attend_selected(self, layer_idx: int, query, key, value, scale: float):
+    def attend_selected(self, layer_idx: int, query, key, value, scale: float,
+                        softcap: float):
         """kv_mode "select": the chunk attends to its own pages and the method's picks among
         the older ones (every older page while they fit the layer budget's ceil(K_l / B) - 1)."""
         protocol, layer = self.protocol, self.cache.layers[layer_idx]
@@ -245,7 +257,7 @@ class _WindowStream:
                 key, value = (_gather_per_query_head(x, index) for x in (key, value))
         with timing("attention", query.device):
             out, _, _ = ops.attention_with_scores(query.contiguous(), key.contiguous(),
-                                                  value.contiguous(), scale)
+                                                  value.contiguous(), scale, softcap)
         before_chunk = key.shape[2] - chunk  # keys each query sees besides the chunk's own
         self.kept_pairs[layer_idx] += chunk * before_chunk + chunk * (chunk + 1) // 2
         return out.transpose(1, 2), None
@@ -338,6 +350,14 @@ class StreamingProtocol(Protocol):
         if self._saved is not None:
             raise RuntimeError(f"this {type(self).__name__} is already active")
         model = self.model
+        # each layer's own window and soft-cap, read (and refused, naming the feature)
+        # before the model is changed
+        self.layers = layer_attention(model)
+        self.stats.note_layers(self.layers)
+        if self.rotary_emb is not None and any(f.window for f in self.layers):
+            raise ValueError("positions='cache' re-indexes a cache whose layers keep different "
+                             "windows of the model's sliding-window attention; use "
+                             "positions='absolute'")
         self._saved = (model.__dict__.get("forward"), model.config._attn_implementation)
         self._model_forward = model.forward
         self._cache_kwarg = cache_keyword(model)
@@ -456,8 +476,10 @@ class StreamingProtocol(Protocol):
             budget_length, self.sparsity, self.k_min)
         block_size = self.stats.block_size = resolve_block_size(self.block_size, budget_length)
         layers = self.model.config.num_hidden_layers
-        self.layer_budgets = [self.method.layer_budget(self.budget, layer, layers, budget_length)
-                              for layer in range(layers)]
+        # a sliding-window layer keeps the model's window; the method's budget is the others'
+        self.layer_budgets = [features.window or self.method.layer_budget(
+            self.budget, layer, layers, budget_length)
+            for layer, features in enumerate(self.layers)]
         window, pooling = self._tracking()
         self.cache = cache = KVEvictionCache(self._capacities(length, context), block_size,
                                              length, pooling, window, self.method.kv_mode)
@@ -528,7 +550,9 @@ class StreamingProtocol(Protocol):
             if per_kv_head is not None:  # query head h read KV head h // group
                 pairs += torch.tensor(per_kv_head, dtype=torch.float64).repeat_interleave(
                     heads // len(per_kv_head))
-            self.stats.add_pairs(layer_idx, pairs, causal)
+            # a sliding-window layer kept the model's own pairs: it counts against those
+            self.stats.add_pairs(layer_idx, pairs, pairs if self.layers[layer_idx].window
+                                 else causal)
 
     def check_pages(self, pages: torch.Tensor, heads_shape, n_pick: int, candidates: int,
                     layer_idx: int) -> None:

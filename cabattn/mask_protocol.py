@@ -23,7 +23,7 @@ from . import ops, ties
 from .checks import Option, boolean, choice
 from .grid import CAUSAL_SELECTIONS, causal_pairs, kept_pairs
 from .methods import MaskContext, Method
-from .protocol import CONTEXT_KWARG, Protocol, cached_greedy, sequence_length
+from .protocol import CONTEXT_KWARG, Protocol, cached_greedy, layer_attention, sequence_length
 from .sparse import layout_from_plan, make_grid
 from .stats import ProtocolStats
 
@@ -99,6 +99,10 @@ class MaskProtocol(Protocol):
         if not modules:
             raise ValueError(f"{type(self.model).__name__} has no attention modules that use "
                              "transformers' attention-function registry")
+        # each layer's own window and soft-cap, read (and refused, naming the feature)
+        # before the model is changed
+        self.layers = layer_attention(self.model)
+        self.stats.note_layers(self.layers)
         self._saved = self.model.config._attn_implementation
         self.num_layers = len(modules)
         for module in modules:
@@ -154,15 +158,24 @@ class MaskProtocol(Protocol):
                 f"the mask protocol scores one teacher-forced forward per window (queries = "
                 f"keys), got {length} queries against {key.shape[2]} cached keys; use "
                 "protocol='kv' for cached decoding")
-        if attention_mask is not None and not _is_plain_causal(attention_mask, length):
+        layer_idx = module.layer_idx
+        features = self.layers[layer_idx]
+        if attention_mask is not None and not _is_plain_causal(attention_mask, length,
+                                                               features.window):
             raise ValueError("the mask protocol scores unpadded windows; got an attention mask "
                              "that is not plain causal (padding?); pass input_ids without "
                              "padding or an attention_mask of ones")
         scale = module.scaling if scaling is None else scaling
-        layer_idx = module.layer_idx
         if layer_idx == 0:  # a new batch of windows: rows are windows_seen - batch + row
             self.windows_seen += query.shape[0]
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+        # the rows the method's layout serves: the context's under dense decoding
+        rows = length
+        if self._context is not None and self._context < length and self.decoding == "dense":
+            rows = self._context
+            self.stats.density_rows = "context"
+        if features.window and features.window < length:
+            return self._attend_window(layer_idx, q, k, v, scale, features, rows)
         budget_length = self._budget_length or length
         grid = make_grid(self.method, length, self.sparsity, self.block_size, self.k_min,
                          self.causal_selection, layer_idx, self.num_layers, budget_length)
@@ -170,21 +183,16 @@ class MaskProtocol(Protocol):
         self.stats.budget_tokens = self.method.token_budget(budget_length, self.sparsity,
                                                             self.k_min)
         ctx = MaskContext(q, k, grid, scale, layer_idx, self.windows_seen - query.shape[0],
-                          self.seed)
+                          self.seed, features.softcap)
         with torch.no_grad(), self.stats.timing("selection", q.device):
             plan = self.method.mask_plan(ctx)
             layout = layout_from_plan(plan, grid, q.shape[0], q.shape[1], q.device)
         with self.stats.timing("attention", q.device):
             out, _ = ops.block_sparse_attention(q, k, v, layout.block_count, layout.block_index,
-                                                grid.block_size, scale)
-        # the rows the method's layout serves: the context's under dense decoding
-        rows = length
-        if self._context is not None and self._context < length and self.decoding == "dense":
-            rows = self._context
-            with self.stats.timing("attention", q.device):
-                out[:, :, rows:] = ops.attention_with_scores(q[:, :, rows:].contiguous(), k, v,
-                                                             scale)[0]
-            self.stats.density_rows = "context"
+                                                grid.block_size, scale, features.softcap)
+            if rows < length:  # the continuation attends to every earlier key
+                out[:, :, rows:] = ops.attention_with_scores(
+                    q[:, :, rows:].contiguous(), k, v, scale, features.softcap)[0]
         kept = kept_pairs(layout.block_count, layout.block_index, grid, rows).sum(0)
         self.stats.add_pairs(layer_idx, kept, torch.full_like(kept, causal_pairs(rows)
                                                               * q.shape[0]))
@@ -205,6 +213,17 @@ class MaskProtocol(Protocol):
                                             dense.square().sum())
         return out.transpose(1, 2).contiguous(), None
 
+    def _attend_window(self, layer_idx, q, k, v, scale, features, rows):
+        """A layer with a sliding window keeps the model's own attention (docs/protocols.md,
+        models beyond Llama): every query attends to its window; the method's budget is the
+        full-attention layers'. Its pairs count as kept against the same pairs."""
+        with self.stats.timing("attention", q.device):
+            out = ops.attention_with_scores(q, k, v, scale, features.softcap, features.window)[0]
+        pairs = torch.full((q.shape[1],), float(features.pairs(rows, rows) * q.shape[0]),
+                           dtype=torch.float64)
+        self.stats.add_pairs(layer_idx, pairs, pairs)
+        return out.transpose(1, 2).contiguous(), None
+
     def _record_near_ties(self, q, k, plan, layout, grid) -> None:
         """cabattn.ties: tie-decided max_l2 representatives (for a method that pools by
         max_l2), the kept blocks whose score read one, and the margins of the last score
@@ -222,8 +241,11 @@ class MaskProtocol(Protocol):
             self.stats.add_margins(ties.row_margins(score, kept, grid.shift, picks > 0))
 
 
-def _is_plain_causal(mask: torch.Tensor, length: int) -> bool:
-    """True for a causal mask with nothing else masked (bool keep-mask or float 0/-inf)."""
+def _is_plain_causal(mask: torch.Tensor, length: int, window: int = 0) -> bool:
+    """True for a causal mask (within the layer's sliding window, when it has one) with
+    nothing else masked (bool keep-mask or float 0/-inf)."""
     keep = mask if mask.dtype == torch.bool else mask == 0
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    if window:
+        causal = causal.triu(1 - window)
     return bool((keep[..., -length:, -length:] == causal).all())

@@ -24,9 +24,11 @@ teacher-forced continuation and a generated one see the same attention.
 """
 import inspect
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
 import torch
+from transformers import AttentionInterface
 
 from .checks import positive_int, require
 from .grid import check_options
@@ -54,6 +56,84 @@ def sequence_length(args: tuple, kwargs: dict) -> int:
     inputs_embeds, by position or keyword)."""
     x = args[0] if args else kwargs.get("input_ids")
     return (x if x is not None else kwargs["inputs_embeds"]).shape[1]
+
+
+# Keyword arguments transformers passes to an attention function that change nothing it
+# computes: the scale arrives as `scaling` (read by every protocol), dropout must be 0 (a model
+# in eval mode), the rest is bookkeeping.
+NEUTRAL_KWARGS = frozenset({"scaling", "dropout", "position_ids", "use_cache", "cache_position",
+                            "output_attentions", "output_router_logits", "is_causal",
+                            "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+# What an attention function may be asked to do that the protocols cannot, in words.
+UNSUPPORTED_FEATURES = {"s_aux": "attention sinks (s_aux: a learned per-head logit added to "
+                                 "the softmax's denominator, as in GPT-OSS)"}
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's own attention computes besides softmax(scaling * q.k) over the causal
+    keys (docs/protocols.md, models beyond Llama), read from what transformers passes to the
+    attention function: a sliding window (`window`: the layer sees its last `window` keys,
+    itself included; 0: every earlier key) and logit soft-capping (`softcap`: scaled logits
+    become softcap * tanh(logit / softcap); 0: none). Everything else that would change the
+    attention is refused, naming it."""
+    window: int = 0
+    softcap: float = 0.0
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict, layer_idx: int) -> "LayerAttention":
+        if kwargs.get("dropout"):
+            raise ValueError(f"layer {layer_idx} runs attention dropout {kwargs['dropout']}; "
+                             "cabattn evaluates a model: call model.eval()")
+        refused = [name for name, value in kwargs.items()
+                   if name not in NEUTRAL_KWARGS and name not in ("sliding_window", "softcap")
+                   and not name.startswith("cabattn_") and value is not None
+                   and value is not False]
+        if refused:
+            features = "; ".join(UNSUPPORTED_FEATURES.get(name, f"{name}={kwargs[name]!r}")
+                                 for name in refused)
+            raise ValueError(f"layer {layer_idx}'s attention is asked for {features}, which "
+                             "cabattn's protocols cannot honour (they honour sliding windows "
+                             "and logit soft-capping); run this model without a cabattn "
+                             "protocol (method dense), or another model")
+        return cls(window=int(kwargs.get("sliding_window") or 0),
+                   softcap=float(kwargs.get("softcap") or 0.0))
+
+    def pairs(self, queries: int, keys: int) -> int:
+        """The (query, key) pairs this layer's own attention has when the last `queries` of
+        `keys` consecutive positions attend: query t sees min(t + 1, window) keys."""
+        window = self.window or keys
+        low, high = keys - queries + 1, keys  # the counts t + 1 of the first and last query
+        top = min(high, window)  # below the window a query sees t + 1 keys, above it window
+        below = (low + top) * (top - low + 1) // 2 if top >= low else 0
+        return below + max(0, high - max(low - 1, window)) * window
+
+
+_PROBED = {}
+
+
+def _probe(module, query, key, value, attention_mask, **kwargs):
+    _PROBED[module.layer_idx] = kwargs
+    return torch.zeros_like(query).transpose(1, 2), None
+
+
+AttentionInterface.register("cabattn_probe", _probe)
+
+
+def layer_attention(model) -> list:
+    """Each attention layer's LayerAttention, from the keyword arguments transformers passes
+    to the attention function in a forward of two tokens (which computes no attention);
+    ValueError naming a feature the protocols cannot honour, before any window is scored."""
+    device = next(model.parameters()).device
+    own = model.config._attn_implementation
+    _PROBED.clear()
+    model.set_attn_implementation("cabattn_probe")
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        model.set_attn_implementation(own)
+    return [LayerAttention.from_kwargs(_PROBED[layer], layer) for layer in sorted(_PROBED)]
 
 
 def cache_keyword(model) -> str:

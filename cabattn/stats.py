@@ -44,6 +44,11 @@ class ProtocolStats:
     # what a sequence's context and its continuation attended to (docs/protocols.md)
     context_attention: str = ""
     continuation_attention: str = ""
+    # the model's attention features each layer honoured (cabattn.protocol.LayerAttention):
+    # {layer: window} of the layers that keep the model's sliding window instead of the
+    # method's budget, and the logit soft-cap
+    model_windows: dict = field(default_factory=dict)
+    softcap: Optional[float] = None
     # prefill protocol: per layer, int64 [B, Hkv, K_l] sorted absolute positions each KV head
     # kept after the latest forward's compression (-1 past a head's own count)
     kept_positions: Optional[list] = None
@@ -64,6 +69,11 @@ class ProtocolStats:
     pooling_ties: list = field(default_factory=lambda: [0, 0])
     picks_near_ties: list = field(default_factory=lambda: [0, 0])
     margins: list = field(default_factory=list)
+
+    def note_layers(self, layers: list) -> None:
+        """The model's attention features the protocol honours, per layer (LayerAttention)."""
+        self.model_windows = {i: f.window for i, f in enumerate(layers) if f.window}
+        self.softcap = next((f.softcap for f in layers if f.softcap), None)
 
     def add_pairs(self, layer_idx: int, kept: torch.Tensor, causal: torch.Tensor) -> None:
         """Per-head kept and causal pair counts; summed on their device (no host read inside a
@@ -244,6 +254,8 @@ class ProtocolStats:
                 "kv_mode": self.kv_mode, "density_rows": self.density_rows,
                 "context_attention": self.context_attention,
                 "continuation_attention": self.continuation_attention,
+                "model_windows": {str(k): v for k, v in self.model_windows.items()} or None,
+                "softcap": self.softcap,
                 "selection_share": self.selection_share,
                 "attention_recall": self.attention_recall,
                 "attention_recall_min_layer": self.attention_recall_min_layer,
@@ -268,6 +280,7 @@ class DenseStats:
                 "selection_seconds": 0.0, "attention_seconds": None, "oracle_selection": False,
                 "oracle": None, "kv_mode": None, "density_rows": "all",
                 "context_attention": "dense", "continuation_attention": "dense",
+                "model_windows": None, "softcap": None,
                 "selection_share": None, "attention_recall": None,
                 "attention_recall_min_layer": None, "attention_output_error": None,
                 "attention_output_error_max_layer": None, "sink_retention": None,

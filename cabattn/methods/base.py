@@ -23,6 +23,13 @@ from .. import ops
 from ..grid import BlockGrid, token_budget
 
 
+def scaled_logits(raw: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
+    """scale * raw, soft-capped to softcap * tanh(. / softcap) when softcap > 0 (a layer's
+    logits as its softmax sees them: docs/protocols.md, models beyond Llama)."""
+    logits = raw * scale
+    return logits if not softcap else softcap * torch.tanh(logits / softcap)
+
+
 @dataclass
 class BlockPlan:
     """Per-row instructions for ops.select_blocks (see cabattn.reference.select_blocks).
@@ -69,11 +76,16 @@ class MaskContext:
     layer_idx: int = 0
     window_idx: int = 0
     seed: int = 42
+    softcap: float = 0.0  # the layer's logit soft-cap (0: none): rules softmax through logits()
 
     @cached_property
     def block_scores(self):
         """(Sblk, Gblk) of the dense softmax: oracle statistics, one QK^T pass."""
-        return ops.block_scores(self.q, self.k, self.grid.block_size, self.scale)
+        return ops.block_scores(self.q, self.k, self.grid.block_size, self.scale, self.softcap)
+
+    def logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw q.k products as the layer's softmax sees them: scaled, and soft-capped."""
+        return scaled_logits(raw, self.scale, self.softcap)
 
     def generator(self, row: int = 0) -> torch.Generator:
         """A CPU generator seeded by (seed, window, layer) for batch row `row`, for randomised
@@ -116,6 +128,11 @@ class KVState:
     seed: int = 42
     recent_queries: Optional[torch.Tensor] = None
     lengths: Optional[torch.Tensor] = None
+    softcap: float = 0.0  # the layer's logit soft-cap (0: none): rules softmax through logits()
+
+    def logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw q.k products as the layer's softmax sees them: scaled, and soft-capped."""
+        return scaled_logits(raw, self.scale, self.softcap)
 
     def head_lengths(self) -> torch.Tensor:
         """int64 [B, Hkv]: each KV head's live entries (lengths, or n for every head)."""

@@ -57,7 +57,7 @@ def window_attention(state: KVState) -> torch.Tensor:
     visible = positions[:, :, None, None, :] <= query_positions[:, None]
     if live is not None:
         visible &= live[:, :, None, None, :]
-    probs = torch.softmax((logits * state.scale).masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.softmax(state.logits(logits).masked_fill(~visible, float("-inf")), dim=-1)
     return probs.sum(3).mean(2)
 
 

@@ -39,7 +39,7 @@ class TOVA(Method):
         for g in range(hkv):  # one KV head's group at a time: P is [B, group, M, L]
             logits = ctx.q[:, g * group:(g + 1) * group, last].float() @ \
                 ctx.k[:, g:g + 1].float().transpose(-1, -2)
-            p = torch.softmax((logits * ctx.scale).masked_fill(future, float("-inf")), dim=-1)
+            p = torch.softmax(ctx.logits(logits).masked_fill(future, float("-inf")), dim=-1)
             # each head's mass per key block (summing over J commutes with the head mean)
             masses.append(torch.nn.functional.pad(p, (0, pad)).view(b, group, m, m, bs).sum(-1))
         mass = head_mean(torch.cat(masses, dim=1), hkv, self.per_head)  # [B, 1 or Hkv, M, M]
@@ -63,7 +63,7 @@ class TOVA(Method):
         newest = state.recent_queries[:, :, -1]  # [B, Hq, d]
         hq = newest.shape[1]
         logits = newest.float().view(b, hkv, hq // hkv, d) @ state.keys.float().transpose(-1, -2)
-        p = torch.softmax(logits * state.scale, dim=-1).view(b, hq, n)
+        p = torch.softmax(state.logits(logits), dim=-1).view(b, hq, n)
         score = head_mean(p, hkv, self.per_head)  # [B, 1 or Hkv, n]
         keep = score.topk(min(state.budget, n), dim=-1).indices.sort(dim=-1).values
         return keep.expand(b, hkv, -1).contiguous()

@@ -23,8 +23,8 @@ def test_output_error_equals_the_definition(monkeypatch):
     seen = []  # (q, k, v, scale, out) of every layer call, in order
     sparse_attention = ops.block_sparse_attention
 
-    def capture(q, k, v, count, index, block_size, scale):
-        out = sparse_attention(q, k, v, count, index, block_size, scale)
+    def capture(q, k, v, count, index, block_size, scale, softcap=0.0):
+        out = sparse_attention(q, k, v, count, index, block_size, scale, softcap)
         seen.append((q.clone(), k.clone(), v.clone(), scale, out[0].clone()))
         return out
     monkeypatch.setattr(ops, "block_sparse_attention", capture)
