@@ -1,4 +1,5 @@
-"""python -m eval.compare RESULTS.json --methods A B | --baseline A: paired comparisons.
+"""python -m eval.compare RESULTS.json --methods A B | --baseline A | --against OTHER.json:
+paired comparisons.
 
 For every dataset, context length L and sparsity s where both methods have a cell, the change
 of B's perplexity relative to A's (PPL_B / PPL_A - 1) on the same windows, with its paired 95%
@@ -11,8 +12,12 @@ Wilson intervals, the samples only one side got right, McNemar's exact p (a sign
 fractional scores), Holm over the task comparisons, and, for teacher-forced cells, the paired
 changes of the answer's and of the prompt's perplexity (would perplexity have said so?).
 --pool-datasets pools the tasks alike: one row per (L, s) over every task's samples.
-Writes <stem>_compare_A_B.md and .tex (or <stem>_compare_vs_A.* for --baseline) next to the
-results; --json prints the comparisons as a JSON list instead of the markdown table.
+--against OTHER.json compares each method of OTHER with the same method here, cell by cell on
+the same windows or samples (refused where they differ): the same data and model under another
+protocol or option (the answer decoded densely or sparsely, a question-aware compression).
+Writes <stem>_compare_A_B.md and .tex (<stem>_compare_vs_A.* for --baseline,
+<stem>_compare_against_OTHER.* for --against) next to the results; --json prints the
+comparisons as a JSON list instead of the markdown table.
 """
 import argparse
 import json
@@ -68,6 +73,18 @@ def method_pairs(results: dict, methods=None, baseline=None) -> list:
     return [tuple(methods)]
 
 
+def same_method_pairs(results: dict, other: dict, methods=None) -> list:
+    """[(M, M)] for the sparse methods both files hold (or `methods`, each in both)."""
+    def held(r):
+        return {p.method for p in points(r) + task_points(r)}
+    both = held(results) & held(other)
+    missing = [m for m in methods or [] if m not in both]
+    if missing:
+        raise ValueError(f"method(s) {', '.join(map(repr, missing))} not in both results; "
+                         f"methods in both: {', '.join(sorted(both))}")
+    return [(m, m) for m in (methods or sorted(both - {"dense"}))]
+
+
 def _pooled(pair_points: list) -> list:
     """The pairs of every dataset at one (L, s) as one pair, their windows side by side:
     [("ds1+ds2+...", L, s, R_A, R_B)] with R = {perplexity, windows} over all the windows."""
@@ -86,12 +103,22 @@ def _pooled(pair_points: list) -> list:
     return pooled
 
 
-def _holm_rows(pairs: list, cells_of, pooled, row_of, alpha: float) -> list:
+def _holm_rows(pairs: list, cells_of, pooled, row_of, alpha: float, other_cells_of=None,
+               labels=None) -> list:
     """row_of(A, B, name, L, s, R_A, R_B) for every pair's shared points (pooled(points) when
-    pooling), Holm-corrected over the whole list."""
+    pooling), Holm-corrected over the whole list. other_cells_of: B's cells come from another
+    results file (its cells must hold the same windows or samples: same_windows), and the
+    sides are named `labels` (A's, B's file) after their method."""
     rows = []
     for a, b in pairs:
-        pair_points = _pair_points(cells_of(a), cells_of(b), a == "dense", b == "dense")
+        b_cells = (other_cells_of or cells_of)(b)
+        pair_points = _pair_points(cells_of(a), b_cells, a == "dense",
+                                   b == "dense" and other_cells_of is None)
+        if other_cells_of is not None:  # one file's cells share their windows by construction
+            for point in pair_points:
+                same_windows(*point[3:], f"{point[0]} L={point[1]} s={point[2]:g}")
+        if labels:
+            a, b = f"{a} ({labels[0]})", f"{b} ({labels[1]})"
         rows += [row_of(a, b, *point) for point in (pooled(pair_points) if pooled
                                                      else pair_points)]
     adjusted, significant = holm([r["p_value"] for r in rows], alpha)
@@ -100,9 +127,34 @@ def _holm_rows(pairs: list, cells_of, pooled, row_of, alpha: float) -> list:
     return rows
 
 
-def comparisons(results: dict, pairs: list, alpha: float = ALPHA, pool: bool = False) -> list:
+def same_windows(ra: dict, rb: dict, where: str) -> None:
+    """ValueError unless two cells scored the same windows or samples (the pairing needs them):
+    the same byte counts window by window, or the same needle depths sample by sample."""
+    if "per_sample" in ra or "per_sample" in rb:
+        a, b = ([x.get("depth") for x in r.get("per_sample", [])] for r in (ra, rb))
+        what = "samples"
+    else:
+        a, b = (r.get("windows", {}).get("bytes") for r in (ra, rb))
+        what = "windows"
+    if a != b:
+        raise ValueError(f"{where}: the two cells did not score the same {what} (other "
+                         "data, model or max_windows), so they cannot be paired")
+
+
+def _other_cells(other: dict, cells, all_points_of):
+    """B's cells from another results file, or None when B is the same file."""
+    if other is None:
+        return None
+    points_b = all_points_of(other)
+    return lambda method: cells(points_b, method)
+
+
+def comparisons(results: dict, pairs: list, alpha: float = ALPHA, pool: bool = False,
+                other: dict = None, labels=None) -> list:
     """One dict per (A, B, dataset, L, s), Holm-corrected over the whole list; pool: one per
-    (A, B, L, s) over the windows of every dataset (paired window by window as before)."""
+    (A, B, L, s) over the windows of every dataset (paired window by window as before).
+    other: B's cells come from this results file (the same windows under another protocol
+    or option), the sides named by `labels`."""
     all_points = points(results)
     seed = results.get("config", {}).get("seed", 0)
 
@@ -115,7 +167,7 @@ def comparisons(results: dict, pairs: list, alpha: float = ALPHA, pool: bool = F
         return _pooled([p for p in pair_points if "windows" in p[3] and "windows" in p[4]])
 
     return _holm_rows(pairs, lambda method: _cells(all_points, method), pool and pooled,
-                      row_of, alpha)
+                      row_of, alpha, _other_cells(other, _cells, points), labels)
 
 
 def _task_cells(all_points: list, method: str) -> dict:
@@ -142,10 +194,11 @@ def _sample_windows(r: dict, nll: str, tokens: str) -> dict:
 
 
 def task_comparisons(results: dict, pairs: list, alpha: float = ALPHA,
-                     pool: bool = False) -> list:
+                     pool: bool = False, other: dict = None, labels=None) -> list:
     """One dict per (A, B, task, L, s) with task cells on both sides, Holm-corrected over the
     whole list: the paired accuracies (paired_scores) and, where both cells were scored
-    teacher-forced, the paired change of the answer's perplexity and of the prompt's."""
+    teacher-forced, the paired change of the answer's perplexity and of the prompt's. other,
+    labels: as comparisons'."""
     all_points = task_points(results)
     seed = results.get("config", {}).get("seed", 0)
 
@@ -171,7 +224,8 @@ def task_comparisons(results: dict, pairs: list, alpha: float = ALPHA,
         return row
 
     return _holm_rows(pairs, lambda method: _task_cells(all_points, method),
-                      pool and _pooled_samples, row_of, alpha)
+                      pool and _pooled_samples, row_of, alpha,
+                      _other_cells(other, _task_cells, task_points), labels)
 
 
 def _percent(x: float) -> str:
@@ -275,49 +329,6 @@ def write_tables(results_path: Path, rows: list, label: str, task_rows: list = (
     return paths
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="a results JSON written by python -m eval.run")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--methods", nargs=2, metavar=("A", "B"), help="compare B against A")
-    which.add_argument("--baseline", metavar="A", help="compare every other method against A")
-    parser.add_argument("--pool-datasets", action="store_true",
-                        help="one comparison per (L, s) over the windows of every dataset "
-                        "(more windows, so smaller differences resolve; the change is then "
-                        "over all their tokens), and over the samples of every task")
-    parser.add_argument("--json", action="store_true",
-                        help="print the comparisons as a JSON list (no table)")
-    args = parser.parse_args(argv)
-    path = Path(args.results)
-    try:
-        results = load_results(path)
-        pairs = method_pairs(results, args.methods, args.baseline)
-        rows = comparisons(results, pairs, pool=args.pool_datasets)
-        task_rows = task_comparisons(results, pairs, pool=args.pool_datasets)
-    except (CorruptFileError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not rows and not task_rows:
-        print("error: the two methods share no (dataset or task, L, s) with finished cells at "
-              "s > 0", file=sys.stderr)
-        return 2
-    label = (f"vs_{args.baseline}" if args.baseline else "_".join(args.methods)) \
-        + ("_pooled" if args.pool_datasets else "")
-    paths = write_tables(path, rows, label, task_rows)
-    if args.json:
-        print(json.dumps(rows + task_rows, indent=2))
-        return 0
-    for written in paths:
-        print(f"wrote {written}")
-    print()
-    print(markdown(rows, task_rows), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def best_and_runner_up(results: dict) -> list:
     """[(best, runner-up)] Points per dataset at the sparsity sweep's highest s: the two sparse
@@ -360,3 +371,64 @@ def headline(results: dict) -> list:
         lines.insert(0, "paired statistics, best vs runner-up at the highest sparsity "
                         "(python -m eval.compare RESULTS.json --baseline dense for all):")
     return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a results JSON written by python -m eval.run")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--methods", nargs="+", metavar="M",
+                       help="compare B against A (two methods); with --against, the methods to "
+                       "compare across the two files (default: every method both hold)")
+    which.add_argument("--baseline", metavar="A", help="compare every other method against A")
+    parser.add_argument("--against", metavar="OTHER.json",
+                        help="compare each method of OTHER.json with the same method here, on "
+                        "the same windows or samples (another protocol or option of the same "
+                        "data and model): change of OTHER's against this file's")
+    parser.add_argument("--pool-datasets", action="store_true",
+                        help="one comparison per (L, s) over the windows of every dataset "
+                        "(more windows, so smaller differences resolve; the change is then "
+                        "over all their tokens), and over the samples of every task")
+    parser.add_argument("--json", action="store_true",
+                        help="print the comparisons as a JSON list (no table)")
+    args = parser.parse_args(argv)
+    path = Path(args.results)
+    if args.against is None and args.baseline is None and (args.methods is None
+                                                           or len(args.methods) != 2):
+        parser.error("give --methods A B, --baseline A, or --against OTHER.json")
+    try:
+        results = load_results(path)
+        other = labels = None
+        if args.against:
+            other = load_results(args.against)
+            labels = (path.stem, Path(args.against).stem)
+            pairs = same_method_pairs(results, other, args.methods)
+        else:
+            pairs = method_pairs(results, args.methods, args.baseline)
+        rows = comparisons(results, pairs, pool=args.pool_datasets, other=other,
+                           labels=labels)
+        task_rows = task_comparisons(results, pairs, pool=args.pool_datasets, other=other,
+                                     labels=labels)
+    except (CorruptFileError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not rows and not task_rows:
+        print("error: the two sides share no (dataset or task, L, s) with finished cells at "
+              "s > 0", file=sys.stderr)
+        return 2
+    label = (f"against_{labels[1]}" if labels else f"vs_{args.baseline}" if args.baseline
+             else "_".join(args.methods)) + ("_pooled" if args.pool_datasets else "")
+    paths = write_tables(path, rows, label, task_rows)
+    if args.json:
+        print(json.dumps(rows + task_rows, indent=2))
+        return 0
+    for written in paths:
+        print(f"wrote {written}")
+    print()
+    print(markdown(rows, task_rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -245,3 +245,32 @@ def test_pooling_pools_the_tasks_samples(task_results_file, capsys):
     [row] = json.loads(capsys.readouterr().out)
     assert row["task"] == "niah_single+passkey" and row["samples"] == 40
     assert (row["a_only"], row["b_only"]) == (4, 24)
+
+
+def test_against_pairs_the_same_method_across_two_files(task_results_file, results_file,
+                                                        tmp_path, capsys):
+    """--against: each method of the other file against the same method here, sample by
+    sample (here h2o's needles under another option: all 20 found); files that did not score
+    the same samples or windows are refused, naming them."""
+    data = json.loads(task_results_file.read_text())
+    found = data["tasks"]["passkey"]["h2o"]["sparsity_sweep"]["0.9"]
+    for sample in found["per_sample"]:
+        sample["score"] = 1.0
+    other = tmp_path / "dense_decoding.json"
+    other.write_text(json.dumps(data))
+    assert compare.main([str(task_results_file), "--against", str(other), "--methods", "h2o",
+                         "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["a"], row["b"]) == ("h2o (tasks)", "h2o (dense_decoding)")
+    assert (row["accuracy_a"], row["accuracy_b"], row["a_only"], row["b_only"]) == (
+        0.4, 1.0, 0, 12)
+    assert compare.main([str(task_results_file), "--against", str(other)]) == 0
+    table = (task_results_file.parent / "tasks_compare_against_dense_decoding.md").read_text()
+    assert "cab_v4 (tasks) | cab_v4 (dense_decoding)" in table
+    for sample in found["per_sample"]:
+        sample["depth"] += 0.01  # other samples
+    other.write_text(json.dumps(data))
+    assert compare.main([str(task_results_file), "--against", str(other)]) == 2
+    assert "did not score the same samples" in capsys.readouterr().err
+    assert compare.main([str(results_file), "--against", str(other)]) == 2
+    assert "methods in both" not in capsys.readouterr().err  # no shared cells: said so
