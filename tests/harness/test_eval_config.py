@@ -220,3 +220,23 @@ def test_help_is_built_from_the_registries():
         assert f" {name}" in text
         for param, (default, doc) in cls.parameters().items():
             assert f"{param} = {default!r}: {doc}" in text
+
+
+def test_this_rounds_configs_validate_as_documented():
+    """configs/prefill.yaml, protocols.yaml and models.yaml: every experiment validates (no
+    model loaded) and runs what its comment says."""
+    prefill = cfg.load_config(cfg.CONFIG_DIR / "prefill.yaml")
+    protocols = cfg.load_config(cfg.CONFIG_DIR / "protocols.yaml")
+    models = cfg.load_config(cfg.CONFIG_DIR / "models.yaml")
+    for run in prefill + protocols + models:
+        cfg.validate(run, check_model=False)
+    assert {run.protocol for run in prefill} == {"prefill"}
+    assert [run.tasks.question_aware for run in prefill if run.tasks.names] == [
+        False, True, False, True]
+    assert {run.context_lengths()[0] for run in prefill} == {1024, 2048}
+    assert [(run.protocol, run.continuation) for run in protocols] == [
+        ("mask", 128), ("kv", 128), ("kv", None)]
+    assert {run.model.name for run in models} == {"gemma3-270m"}
+    assert {run.protocol for run in models} == {"mask", "kv", "prefill"}
+    long = models[-1]
+    assert long.context_lengths() == [8192, 16384] and long.datasets == ["pd-books"]
