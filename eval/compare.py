@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from .report import load_results, points
-from .results import CorruptFileError
+from .results import CorruptFileError, scored_alike
 from .statistics import ALPHA, compare_cells, holm, paired_scores, smallest_sign_flip_p
 from .tasks.report import task_points
 
@@ -209,12 +209,8 @@ def task_comparisons(results: dict, pairs: list, alpha: float = ALPHA,
         for name, nll, tokens in (("answer", "answer_nll", "answer_tokens"),
                                   ("prompt", "window_nll", "window_predictions")):
             change = None
-            # the prompt's perplexity compares only windows scored from the same position
-            # (a prefill-protocol cell scores from its context's end on)
-            same_span = all(x.get("window_first", 0) == y.get("window_first", 0)
-                            for x, y in zip(ra["per_sample"], rb["per_sample"]))
             if all(nll in x for x in ra["per_sample"] + rb["per_sample"]) and (
-                    name == "answer" or same_span):
+                    name == "answer" or scored_alike(ra, rb)):
                 change = compare_cells(_sample_windows(ra, nll, tokens),
                                        _sample_windows(rb, nll, tokens), seed,
                                        f"{task} L={L} s={s:g} ({a}, {b})")

@@ -278,6 +278,16 @@ def delta_vs_dense(perplexity, dense_perplexity):
     return perplexity / dense_perplexity - 1
 
 
+def scored_alike(result: dict, other: dict) -> bool:
+    """Whether two cells' perplexities cover the same predictions: a task cell under a protocol
+    that compresses its context once scores its prompt from the context's end on
+    (per_sample window_first), its dense cell from the first token, and the two are then not
+    comparable. Perplexity cells score their windows alike by construction."""
+    def firsts(r):
+        return [x.get("window_first", 0) for x in (r or {}).get("per_sample", [])]
+    return firsts(result) == firsts(other)
+
+
 def assemble(cells: list, outcomes: dict, config_record: dict, seeds: int = 1) -> dict:
     """The seed-compatible results dict from the planned cells (eval.runner.Cell) and the
     outcome R of each computation (RunSpec -> R); cells without an outcome are left out. A
@@ -296,7 +306,8 @@ def assemble(cells: list, outcomes: dict, config_record: dict, seeds: int = 1) -
         record.update(method=cell.method, sparsity=cell.sparsity,
                       context_length=cell.spec.context_length, method_run=cell.spec.method,
                       sparsity_run=cell.spec.sparsity, dense_perplexity=dense_ppl,
-                      delta_vs_dense=delta_vs_dense(record.get("perplexity"), dense_ppl))
+                      delta_vs_dense=delta_vs_dense(record.get("perplexity"), dense_ppl)
+                      if scored_alike(outcome, dense) else None)
         if cell.spec.method != "dense":  # its paired interval and p (docs/statistics.md)
             record.update(versus_dense(outcome, dense, seed=config_record.get("seed", 0)))
         (results.setdefault(cell.dataset, {}).setdefault(cell.method, {})

@@ -59,7 +59,10 @@ def accuracy_tables(results: dict) -> list:
         first = mine[0].result
         caption = (f"{first.get('scoring', '').replace('_', '-')}, {first['samples']} samples, "
                    f"{protocol} protocol; accuracy [95% interval], PPL = change of the prompt's "
-                   "perplexity vs dense")
+                   "perplexity vs dense" + (
+                       "" if any(p.result.get("delta_vs_dense") is not None for p in mine)
+                       else " (none: the cells score the prompt from the compressed context's "
+                            "end on, dense from its first token)"))
         rows = []
         for method in dict.fromkeys(p.method for p in mine):
             by_point = {(p.context_length, p.sparsity): p for p in mine if p.method == method}

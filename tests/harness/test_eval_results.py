@@ -105,3 +105,25 @@ def test_a_hand_edited_cell_that_is_still_json_is_corrupt(edit, message, tmp_pat
     with pytest.raises(CorruptFileError) as err:
         store.get(_key())
     assert str(path) in str(err.value) and message in str(err.value), err.value
+
+
+def test_a_prefill_task_cell_gets_no_prompt_change_against_a_dense_cell_scored_otherwise():
+    """Under a protocol that compresses the context once, a task cell scores its prompt from
+    the context's end on (window_first) and its dense cell from the first token: their
+    perplexities are of other tokens, so assemble gives no change against dense."""
+    from eval.runner import Cell
+    from eval.tasks.samples import TaskSpec
+
+    def outcome(firsts, perplexity):
+        return {"kind": "task", "perplexity": perplexity,
+                "per_sample": [{"score": 1.0, "window_first": f} for f in firsts]}
+
+    dense_spec = TaskSpec("passkey", 1024, "dense", 0.0)
+    sparse_spec = TaskSpec("passkey", 1024, "h2o", 0.5)
+    cells = [Cell("passkey", "h2o", "sparsity_sweep", "0.5", 0.5, sparse_spec)]
+    for firsts, expected in (([0, 0], 0.25), ([700, 650], None)):
+        outcomes = {dense_spec: outcome([0, 0], 8.0), sparse_spec: outcome(firsts, 10.0)}
+        record = results.assemble(cells, outcomes, {})["results"]["passkey"]["h2o"][
+            "sparsity_sweep"]["0.5"]
+        assert record["delta_vs_dense"] == expected
+    assert results.scored_alike({"perplexity": 3.0}, {"perplexity": 4.0})  # windows: alike
