@@ -236,7 +236,7 @@ def test_this_rounds_configs_validate_as_documented():
     assert {run.context_lengths()[0] for run in prefill} == {1024, 2048}
     assert [(run.protocol, run.continuation) for run in protocols] == [
         ("mask", 128), ("kv", 128), ("kv", None)]
-    assert {run.model.name for run in models} == {"gemma3-270m"}
-    assert {run.protocol for run in models} == {"mask", "kv", "prefill"}
+    assert [run.model.name for run in models] == ["smollm2-135m"] + ["gemma3-270m"] * 3
+    assert {run.protocol for run in models} == {"mask", "prefill"}
     long = models[-1]
     assert long.context_lengths() == [8192, 16384] and long.datasets == ["pd-books"]
