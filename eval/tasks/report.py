@@ -60,7 +60,8 @@ def accuracy_tables(results: dict) -> list:
         caption = (f"{first.get('scoring', '').replace('_', '-')}, {first['samples']} samples, "
                    f"{protocol} protocol; accuracy [95% interval], PPL = change of the prompt's "
                    "perplexity vs dense" + (
-                       "" if any(p.result.get("delta_vs_dense") is not None for p in mine)
+                       "" if any(p.result.get("delta_vs_dense") is not None
+                                 for p in mine if p.result.get("method_run") != "dense")
                        else " (none: the cells score the prompt from the compressed context's "
                             "end on, dense from its first token)"))
         rows = []
@@ -129,7 +130,7 @@ def accuracy_vs_perplexity(results: dict, stem: Path) -> list:
     import matplotlib.pyplot as plt
 
     pts = [p for p in task_points(results) if p.result.get("delta_vs_dense") is not None]
-    tasks = list(dict.fromkeys(p.task for p in pts))
+    tasks = list(dict.fromkeys(p.task for p in pts if p.result.get("method_run") != "dense"))
     if not tasks:
         return []
     methods = list(dict.fromkeys(p.method for p in pts))

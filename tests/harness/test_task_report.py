@@ -41,3 +41,18 @@ def test_report_writes_the_task_outputs(tmp_path):
     written = {p.name for p in make_report(path)}
     assert {"run_tasks.md", "run_heatmap_passkey.png", "run_heatmap_passkey.pdf",
             "run_accuracy_vs_ppl.png", "run_accuracy_vs_ppl.pdf"} <= written
+
+
+def test_a_table_without_prompt_changes_says_why_and_draws_no_accuracy_figure(tmp_path):
+    """Prefill-protocol task cells score their prompt from the compressed context's end on,
+    so they carry no change against dense: the caption says so, no figure is drawn."""
+    run = results()
+    for sweep in run["tasks"]["passkey"]["h2o"].values():
+        for r in sweep.values():
+            r["delta_vs_dense"] = None
+    assert "(none: the cells score the prompt" in accuracy_table_markdown(run)
+    assert "(none:" not in accuracy_table_markdown(results())
+    path = tmp_path / "run.json"
+    write_json_atomic(path, run)
+    written = {p.name for p in make_report(path)}
+    assert "run_tasks.md" in written and "run_accuracy_vs_ppl.png" not in written
