@@ -477,6 +477,8 @@ def across_perplexity(docs: list, letters: list, page: Path, anchors: dict) -> s
     methods = list(dict.fromkeys(k[3] for f in found for k in f))
     keys = sorted({k for f in found for k in f}, key=lambda k: (
         datasets.index(k[0]), k[1], k[2], methods.index(k[3])))
+    if not keys:
+        return ""
     head = ["dataset", "L", "s", "method"]
     for letter in letters:
         head += [f"{letter}: PPL", f"{letter}: change vs its dense", f"{letter}: rank"]
@@ -500,9 +502,11 @@ def across_perplexity(docs: list, letters: list, page: Path, anchors: dict) -> s
     return table(head, rows, notes=[
         "Each file's change is against its own dense cell at the same dataset and L, with its "
         "paired 95% interval (docs/statistics.md); rank: 1 is the lowest perplexity among the "
-        "sparse methods at that dataset, L and s in that file. Files are not paired with each "
-        "other (another model tokenises the text into other windows), so compare their "
-        "changes and ranks, each with its own interval."])
+        "sparse methods at that dataset, L and s in that file. The page does not pair the "
+        "files: where two scored the same windows (one model and data under two protocols or "
+        "options), python -m eval.compare A.json --against B.json pairs each method's cells; "
+        "another model tokenises the text into other windows, so compare the changes and "
+        "ranks, each with its own interval."])
 
 
 def ranking_agreement(docs: list, letters: list) -> str:
@@ -588,8 +592,10 @@ def across_html(docs: list, page: Path, anchors: dict) -> str:
     parts = [legend, section("across-settings", "Settings that differ", table(
         ["setting"] + letters, [[k, *values] for k, values in diff]) if diff else
         _paragraph("The files' settings are the same (run bookkeeping aside)."), level=3)]
-    parts.append(section("across-perplexity", "Perplexity, the same method and point in "
-                         "each file", across_perplexity(docs, letters, page, anchors)))
+    perplexity = across_perplexity(docs, letters, page, anchors)
+    if perplexity:
+        parts.append(section("across-perplexity", "Perplexity, the same method and point in "
+                             "each file", perplexity))
     agreement = ranking_agreement(docs, letters)
     if agreement:
         parts.append(section("across-ranking", "Does the ranking hold?", agreement))

@@ -266,6 +266,9 @@ def test_a_tasks_only_run_has_its_tasks_and_no_empty_table(tmp_path):
     assert [r[0].text for r in tasks.rows] == ["dense", "h2o", "cab_v4", "cab_v3"]
     compare = tables_in(parsed, r"file0-compare")
     assert compare[0].head[0] == "task" and len(compare[0].rows) == 6  # 3 methods x 2 s
+    parsed, _ = page_of(tmp_path, document, document, names=["one", "two"])
+    assert not tables_in(parsed, r"across-perplexity") and tables_in(parsed, r"across-tasks")
+    assert all(t.rows for t in parsed.tables)
 
 
 @pytest.mark.parametrize("content, problem", [
