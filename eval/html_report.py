@@ -469,14 +469,20 @@ def _ranks(found: dict) -> dict:
             for rank, (_, key) in enumerate(sorted(group), start=1)}
 
 
+def _keys_in_order(found: list) -> list:
+    """The (dataset or task, L, s, method) keys of every file, datasets and methods in the
+    order the files first name them, then by L and s."""
+    names = list(dict.fromkeys(k[0] for f in found for k in f))
+    methods = list(dict.fromkeys(k[3] for f in found for k in f))
+    return sorted({k for f in found for k in f}, key=lambda k: (
+        names.index(k[0]), k[1], k[2], methods.index(k[3])))
+
+
 def across_perplexity(docs: list, letters: list, page: Path, anchors: dict) -> str:
     found = [_points_by_key(d.results) for d in docs]
     every_point = [points(d.results) for d in docs]
     ranks = [_ranks(f) for f in found]
-    datasets = list(dict.fromkeys(k[0] for f in found for k in f))
-    methods = list(dict.fromkeys(k[3] for f in found for k in f))
-    keys = sorted({k for f in found for k in f}, key=lambda k: (
-        datasets.index(k[0]), k[1], k[2], methods.index(k[3])))
+    keys = _keys_in_order(found)
     if not keys:
         return ""
     head = ["dataset", "L", "s", "method"]
@@ -552,10 +558,7 @@ def _task_accuracies(results: dict) -> dict:
 
 def across_tasks(docs: list, letters: list, page: Path, anchors: dict) -> str:
     found = [_task_accuracies(d.results) for d in docs]
-    tasks = list(dict.fromkeys(k[0] for f in found for k in f))
-    methods = list(dict.fromkeys(k[3] for f in found for k in f))
-    keys = sorted({k for f in found for k in f}, key=lambda k: (
-        tasks.index(k[0]), k[1], k[2], methods.index(k[3])))
+    keys = _keys_in_order(found)
     if not keys:
         return ""
     head = ["task", "L", "s", "method"]
