@@ -224,11 +224,14 @@ def try_cell(config: ExperimentConfig, loaded, windows, spec: RunSpec,
 
 def time_forward(loaded, input_ids, device: str) -> float:
     """Seconds of one dense forward of a window [1, L] after a short warm-up (the first calls
-    set up kernels and threads): the rate a run's size estimate is made from."""
+    set up kernels and threads): the rate a run's size estimate is made from. Scored as a cell
+    scores it (eval.logits.predictions), so its memory is a cell's: a 16K window of a 262k
+    vocabulary would otherwise hold 17 GB of logits just to be timed."""
     ids = input_ids.to(device)
+    defer = logits.can_defer(loaded.model)
     with torch.inference_mode():
-        loaded.model(ids[:, :16])
+        logits.predictions(loaded.model, ids[:, :16], defer=defer)
         start = time.perf_counter()
-        loaded.model(ids)
+        logits.predictions(loaded.model, ids, defer=defer)
         env.synchronize(device)
     return time.perf_counter() - start

@@ -75,3 +75,21 @@ def test_predictions_start_where_a_protocol_returns_them(model):
         assert scores.first == 79 and scores.nll.shape == (1, 16)
         with pytest.raises(ValueError, match="from position 79 on"):
             logits.predictions(model, ids, first=10, context_length=80)
+
+
+def test_the_size_estimate_times_a_window_as_a_cell_scores_it(model, monkeypatch):
+    """The run's size estimate (eval.cell.time_forward) applies the output layer in slices as
+    a cell does: timing a 16K window of a 262k vocabulary must not hold its 17 GB of logits."""
+    from types import SimpleNamespace
+
+    from eval.cell import time_forward
+    monkeypatch.setattr(logits, "LARGE_LOGITS", 0)
+    monkeypatch.setattr(logits, "CHUNK", 16)
+    widest = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: widest.append(out.shape[1]))
+    ids = torch.randint(0, 300, (1, 90), generator=torch.Generator().manual_seed(3))
+    try:
+        assert time_forward(SimpleNamespace(model=model), ids, "cpu") > 0
+    finally:
+        hook.remove()
+    assert widest and max(widest[2:]) <= 16  # after can_defer's own check of 8 tokens
