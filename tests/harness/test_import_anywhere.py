@@ -68,8 +68,10 @@ def test_the_readme_example_runs_from_a_script_outside_the_checkout(tmp_path, ti
     after = subprocess.run([str(python), str(script)], cwd=elsewhere, env=env,
                            capture_output=True, text=True, timeout=600)
     assert after.returncode == 0, after.stderr[-3000:]
-    perplexity, density = map(float, after.stdout.split())
+    mask_line, prefill_line = after.stdout.strip().splitlines()
+    perplexity, density = map(float, mask_line.split())
     assert perplexity > 1 and 0 < density < 1  # a sparse method ran: part of the pairs kept
+    assert float(prefill_line.split()[0]) > 1 and "torch.Size" in prefill_line  # kept positions
     where = subprocess.run([str(python), "-c", "import cabattn, eval.models; "
                             "print(cabattn.__file__); print(eval.models.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
