@@ -56,8 +56,8 @@ from .checks import Option, positive_int
 from .grid import resolve_block_size
 from .kv_cache import KVEvictionCache
 from .methods import KVPages, Method, RaggedKeep
-from .protocol import (CONTEXT_KWARG, Protocol, cache_keyword, check_max_new_tokens,
-                       layer_attention)
+from .protocol import (CONTEXT_KWARG, LayerAttention, Protocol, cache_keyword,
+                       check_max_new_tokens)
 from .reference import default_scale
 from .stats import ProtocolStats
 
@@ -130,7 +130,7 @@ class _WindowStream:
         # a sliding-window layer attends within its window and keeps it (never ragged, never
         # selecting pages): docs/protocols.md, models beyond Llama
         if protocol.method.kv_mode == "select" and not features.window:
-            return self.attend_selected(layer_idx, query, key, value, scale, features.softcap)
+            return self.attend_selected(layer_idx, query, key, value, scale, features)
         with timing("attention", query.device):
             if ragged:
                 out, mass, query = self.attend_ragged(layer_idx, query, key, value, scale,
@@ -234,7 +234,7 @@ class _WindowStream:
         return out, mass, attended
 
     def attend_selected(self, layer_idx: int, query, key, value, scale: float,
-                        softcap: float):
+                        features: LayerAttention):
         """kv_mode "select": the chunk attends to its own pages and the method's picks among
         the older ones (every older page while they fit the layer budget's ceil(K_l / B) - 1)."""
         protocol, layer = self.protocol, self.cache.layers[layer_idx]
@@ -257,9 +257,9 @@ class _WindowStream:
                 key, value = (_gather_per_query_head(x, index) for x in (key, value))
         with timing("attention", query.device):
             out, _, _ = ops.attention_with_scores(query.contiguous(), key.contiguous(),
-                                                  value.contiguous(), scale, softcap)
-        before_chunk = key.shape[2] - chunk  # keys each query sees besides the chunk's own
-        self.kept_pairs[layer_idx] += chunk * before_chunk + chunk * (chunk + 1) // 2
+                                                  value.contiguous(), scale, features.softcap)
+        # the chunk's queries against the picked keys they saw (the chunk's own causally)
+        self.kept_pairs[layer_idx] += features.pairs(chunk, key.shape[2])
         return out.transpose(1, 2), None
 
 
@@ -350,10 +350,7 @@ class StreamingProtocol(Protocol):
         if self._saved is not None:
             raise RuntimeError(f"this {type(self).__name__} is already active")
         model = self.model
-        # each layer's own window and soft-cap, read (and refused, naming the feature)
-        # before the model is changed
-        self.layers = layer_attention(model)
-        self.stats.note_layers(self.layers)
+        self.read_layers()
         if self.rotary_emb is not None and any(f.window for f in self.layers):
             raise ValueError("positions='cache' re-indexes a cache whose layers keep different "
                              "windows of the model's sliding-window attention; use "

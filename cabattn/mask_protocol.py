@@ -23,7 +23,7 @@ from . import ops, ties
 from .checks import Option, boolean, choice
 from .grid import CAUSAL_SELECTIONS, causal_pairs, kept_pairs
 from .methods import MaskContext, Method
-from .protocol import CONTEXT_KWARG, Protocol, cached_greedy, layer_attention, sequence_length
+from .protocol import CONTEXT_KWARG, Protocol, cached_greedy, sequence_length
 from .sparse import layout_from_plan, make_grid
 from .stats import ProtocolStats
 
@@ -99,10 +99,7 @@ class MaskProtocol(Protocol):
         if not modules:
             raise ValueError(f"{type(self.model).__name__} has no attention modules that use "
                              "transformers' attention-function registry")
-        # each layer's own window and soft-cap, read (and refused, naming the feature)
-        # before the model is changed
-        self.layers = layer_attention(self.model)
-        self.stats.note_layers(self.layers)
+        self.read_layers()
         self._saved = self.model.config._attn_implementation
         self.num_layers = len(modules)
         for module in modules:

@@ -205,6 +205,13 @@ class Protocol:
         self.stats = ProtocolStats(protocol=self.name, options=dict(options),
                                    params=method.config, k_min=k_min, **(record or {}))
 
+    def read_layers(self) -> None:
+        """self.layers: each layer's own window and soft-cap (layer_attention), read and noted
+        in the record before the protocol changes the model; a feature it cannot honour is
+        refused here, naming it."""
+        self.layers = layer_attention(self.model)
+        self.stats.note_layers(self.layers)
+
     @classmethod
     def default_context(cls, length: int) -> Optional[int]:
         """The split of a `length`-token sequence when no context_length is given (None: no
